@@ -1,0 +1,72 @@
+"""Seeded, stratified train/val/test splits, with few-shot ``per_class`` selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from transferkit.errors import DataError
+
+
+@dataclass
+class Splits:
+    """Index arrays into a LabelledImages."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def _per_class_counts(labels: np.ndarray, total: int, classes: np.ndarray) -> dict[int, int]:
+    """Split ``total`` over classes in proportion to their size (largest remainders)."""
+    sizes = np.array([(labels == c).sum() for c in classes], dtype=float)
+    exact = sizes / sizes.sum() * total
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts))[: total - counts.sum()]:
+        counts[i] += 1
+    return {int(c): int(n) for c, n in zip(classes, counts)}
+
+
+def split_dataset(labels: np.ndarray, classes: list[str], seed: int, test_size: float, per_class: int | None = None,
+                  val_per_class: int | None = None, val_fraction: float = 0.1) -> Splits:
+    """Stratified split: the test set first, then validation, then (up to ``per_class``) training examples.
+
+    Args:
+        labels: integer label per example.
+        classes: class names (for messages).
+        seed: the split depends on it alone.
+        test_size: a count (>= 1) or a fraction of all examples.
+        per_class: keep this many training examples per class (few-shot); all remaining when None.
+        val_per_class: validation examples per class; else ``val_fraction`` of the non-test examples.
+        val_fraction: used when ``val_per_class`` is None.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise DataError(f"the data has {len(present)} class(es); classification needs at least 2")
+    n_test = int(test_size) if test_size >= 1 else int(round(test_size * len(labels)))
+    if n_test >= len(labels):
+        raise DataError(f"data.test_size={test_size} asks for {n_test} test examples but there are only {len(labels)}")
+    test_counts = _per_class_counts(labels, n_test, present)
+    train, val, test = [], [], []
+    for c in present:
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        t = test_counts[int(c)]
+        test.append(idx[:t])
+        rest = idx[t:]
+        n_val = val_per_class if val_per_class is not None else max(1, int(round(val_fraction * len(rest))))
+        n_train = per_class if per_class is not None else len(rest) - n_val
+        if n_val + n_train > len(rest) or n_train < 1:
+            raise DataError(
+                f"class '{classes[int(c)]}' has {len(idx)} examples: {t} go to test, leaving {len(rest)} for "
+                f"{n_val} validation + {n_train if per_class is not None else 'at least 1'} training. Lower "
+                "data.per_class / data.val_per_class / data.test_size, or add examples to this class."
+            )
+        val.append(rest[:n_val])
+        train.append(rest[n_val:n_val + n_train])
+    return Splits(np.sort(np.concatenate(train)), np.sort(np.concatenate(val)), np.sort(np.concatenate(test)))

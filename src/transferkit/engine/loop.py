@@ -1,0 +1,307 @@
+"""The training loop: explicit, on Accelerate, resumable to the same result.
+
+Read it top to bottom in ``fit``. Determinism under resume comes from three things: the order of examples in
+an epoch depends only on (seed, epoch); a checkpoint stores the model, optimizer, schedule, RNG state and the
+position in the epoch; and resuming skips already-seen batches by index, without loading them (loading would
+draw augmentation randomness and change what follows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from transferkit.engine.objective import ClassificationObjective
+from transferkit.engine.schedule import lr_factor
+from transferkit.errors import TrainingError
+from transferkit.evaluate.metrics import classification_metrics
+from transferkit.io import safe_torch_load, torch_save, write_text
+from transferkit.recipe import TrainConfig
+from transferkit.strategies.base import TrainPlan, set_train_mode
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    """An ``accelerate.Accelerator``: the GPU when there is one, bf16/fp16 autocast when it supports it."""
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        if torch.cuda.is_available():
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+@dataclass
+class JobPaths:
+    """Where one training job keeps its checkpoint and log lines."""
+
+    checkpoint: Path  # checkpoints/<job>/last.pt
+    metrics_log: Path  # metrics.jsonl (shared by the run; lines carry the job name)
+    job: str
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    train_s: float = 0.0
+    resumed_from_step: int | None = None
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
+    """This process's example order in ``epoch``: a permutation fixed by (seed, epoch), padded and sharded."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = math.ceil(n / world)
+    order = np.concatenate([order, order[: per_rank * world - n]])  # every rank takes the same number
+    return order[rank::world]
+
+
+def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=[b.tolist() for b in batch_indices], num_workers=num_workers)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device | str = "cpu",
+                   num_workers: int = 0, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for a whole dataset, in order, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not _show_progress()):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int, num_classes: int,
+                   device: torch.device | str = "cpu", desc: str | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1, loss and confusion matrix of ``model`` on ``dataset``."""
+    logits, labels = predict_logits(model, dataset, batch_size, device, desc=desc)
+    return classification_metrics(logits, labels, num_classes)
+
+
+def _show_progress() -> bool:
+    return os.environ.get("TRANSFERKIT_PROGRESS", "1") != "0"
+
+
+def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = dict(model.named_parameters())
+    groups = []
+    for g in plan.groups:
+        wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
+        decay = [params[n] for n in g.params if params[n].ndim > 1]
+        no_decay = [params[n] for n in g.params if params[n].ndim <= 1]  # biases and norms are not decayed
+        groups += [{"params": decay, "lr": g.lr, "initial_lr": g.lr, "weight_decay": wd, "name": g.name},
+                   {"params": no_decay, "lr": g.lr, "initial_lr": g.lr, "weight_decay": 0.0, "name": g.name}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups)
+
+
+def _log(paths: JobPaths | None, main: bool, record: dict[str, Any]) -> None:
+    if paths is None or not main:
+        return
+    with paths.metrics_log.open("a") as f:
+        f.write(json.dumps({"job": paths.job, **record}) + "\n")
+
+
+def _drop_log_lines_after(paths: JobPaths, step: int) -> None:
+    """On resume, forget log lines this job wrote after its checkpoint (they will be written again)."""
+    if not paths.metrics_log.exists():
+        return
+    kept = []
+    for line in paths.metrics_log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("job") == paths.job and rec.get("step", 0) > step:
+            continue
+        kept.append(line)
+    write_text(paths.metrics_log, "".join(x + "\n" for x in kept))
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    cfg: TrainConfig,
+    plan: TrainPlan,
+    *,
+    num_classes: int,
+    seed: int,
+    accelerator: Any,
+    paths: JobPaths | None = None,
+    resume: bool = False,
+    objective: nn.Module | None = None,
+    num_workers: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``model`` by ``plan`` and ``cfg``; keep the weights of the best validation epoch.
+
+    Args:
+        model: the module to train (the whole target, or only its head when features are cached).
+        train_set: yields (input, label).
+        val_set: used each epoch for the monitored metric and early stopping (never the test set).
+        cfg: epochs, batch size, optimizer, schedule...
+        plan: parameter groups and frozen modules (``requires_grad`` must already be set by ``apply_plan``).
+        num_classes: for the metrics.
+        seed: fixes data order; the caller seeds model initialisation.
+        accelerator: from ``make_accelerator``; DDP when launched by torchrun.
+        paths: checkpoint and log locations; None trains without checkpoints.
+        resume: continue from ``paths.checkpoint`` when it exists.
+        objective: returns {"loss", "logits"}; cross-entropy by default.
+        num_workers: DataLoader worker processes.
+        on_step: called with the global step after each optimizer step (tests use it to interrupt).
+    """
+    objective = objective or ClassificationObjective(cfg.label_smoothing)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_rank_batch = max(1, cfg.batch_size // world)
+    micro_batches = len(_batches(epoch_order(len(train_set), seed, 0, rank, world), per_rank_batch))
+    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    optimizer = _build_optimizer(model, plan, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+    higher_better = cfg.monitor != "val_loss"
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best_value": None,
+                             "best_epoch": 0, "best_val": {}, "bad_epochs": 0}
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    resumed_from = None
+    if resume and paths is not None and paths.checkpoint.exists():
+        ckpt = safe_torch_load(paths.checkpoint)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        best_state = ckpt["best_state"]
+        state = json.loads(ckpt["state"])
+        resumed_from = state["step"]
+        if main:
+            _drop_log_lines_after(paths, state["step"])
+    accelerator.wait_for_everyone()
+
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    def save_checkpoint() -> None:
+        if paths is None or not main:
+            return
+        torch_save(paths.checkpoint, {
+            "model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "best_state": best_state,
+            "state": json.dumps(state),
+        })
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=paths.job if paths else "train", leave=False,
+               disable=not (main and _show_progress()))
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        set_train_mode(accelerator.unwrap_model(wrapped), plan)
+        batches = _batches(epoch_order(len(train_set), seed, epoch, rank, world), per_rank_batch)
+        start = state["batch"]
+        running, seen = torch.zeros((), device=device), 0
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, (x, y) in enumerate(_loader(train_set, batches[start:], num_workers), start=start):
+            group.append((x, y))
+            if len(group) < cfg.grad_accum and i + 1 < len(batches):
+                continue
+            # one optimizer step over the micro-batches in `group` (the last group of an epoch may be shorter)
+            for j, (gx, gy) in enumerate(group):
+                sync = j + 1 == len(group)
+                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _nullcontext()
+                with ctx, accelerator.autocast():
+                    out = objective(wrapped, gx.to(device), gy.to(device))
+                    loss = out["loss"] / len(group)
+                accelerator.backward(loss)
+                running += loss.detach()
+            group = []
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] = i + 1
+            seen += 1
+            bar.update(1)
+            checkpoint_now = bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
+            # a checkpoint step is also a log step, so no partial loss sum is ever lost to an interruption
+            if state["step"] % cfg.log_every == 0 or state["batch"] == len(batches) or checkpoint_now:
+                mean_loss = (running / seen).item()
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"the training loss became {mean_loss} in epoch {epoch + 1} before step {state['step']}. "
+                        f"Lower the learning rate (train.lr={cfg.lr:g} now), set train.max_grad_norm (e.g. 1.0), "
+                        "or check the inputs for NaN values."
+                    )
+                _log(paths, main, {"epoch": epoch + 1, "step": state["step"], "loss": mean_loss,
+                                   "lr": optimizer.param_groups[-1]["lr"]})
+                state.setdefault("epoch_loss", []).append([mean_loss, seen])
+                running, seen = torch.zeros((), device=device), 0
+            if on_step is not None:
+                on_step(state["step"])
+            if checkpoint_now and state["batch"] < len(batches):
+                save_checkpoint()
+
+        # end of epoch: validate, keep the best weights, maybe stop early, checkpoint
+        val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch * 2, num_classes, device)
+        parts = state.pop("epoch_loss", [])
+        train_loss = sum(l * n for l, n in parts) / max(1, sum(n for _, n in parts))
+        record = {"epoch": epoch + 1, "step": state["step"], "train_loss": train_loss, "val_loss": val["loss"],
+                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                  "lr": optimizer.param_groups[-1]["lr"], "time_s": time.perf_counter() - t0}
+        state["history"].append(record)
+        _log(paths, main, {"event": "epoch", **record})
+        value = val[cfg.monitor.removeprefix("val_")]
+        improved = state["best_value"] is None or (value > state["best_value"] if higher_better
+                                                   else value < state["best_value"])
+        if improved:
+            state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0,
+                         best_val={k: v for k, v in val.items() if k != "confusion"})
+            best_state = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(wrapped).state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"], state["batch"] = epoch + 1, 0
+        stop = cfg.early_stopping_patience is not None and state["bad_epochs"] >= cfg.early_stopping_patience
+        if stop:
+            state["epoch"] = cfg.epochs
+        save_checkpoint()
+        bar.set_postfix(val=f"{value:.3f}")
+    bar.close()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(wrapped)
+    accelerator.free_memory()
+    return FitResult(best_state, state["best_epoch"], state["best_val"], state["history"], state["step"],
+                     time.perf_counter() - t0, resumed_from)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

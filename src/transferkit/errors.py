@@ -1,0 +1,59 @@
+"""Errors that name the problem and the fix.
+
+Every transferkit error is also the matching builtin (``ValueError``, ``FileNotFoundError``...), so code
+that catches builtins keeps working, and every message says what was wrong and what to do instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TransferKitError(Exception):
+    """Base of every error transferkit raises on purpose."""
+
+
+class RecipeError(TransferKitError, ValueError):
+    """A recipe (YAML or overrides) is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class UnknownNameError(TransferKitError, KeyError):
+    """A name (source, strategy, dataset...) is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class SourceError(TransferKitError, ValueError):
+    """A source model cannot be loaded."""
+
+
+class UnsafeCheckpointError(SourceError):
+    """A checkpoint holds pickled code; it is refused instead of executed."""
+
+
+class DataError(TransferKitError, ValueError):
+    """Training or prediction data is unusable."""
+
+
+class DataNotFoundError(TransferKitError, FileNotFoundError):
+    """A data file or folder does not exist."""
+
+
+class RunDirError(TransferKitError, FileExistsError):
+    """The output directory already holds a different run."""
+
+
+class TrainingError(TransferKitError, RuntimeError):
+    """Training diverged (NaN/inf loss) or cannot continue."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean 'x'?' for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""

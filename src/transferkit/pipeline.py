@@ -1,0 +1,295 @@
+"""The pipeline a recipe describes, as plain functions: read it top to bottom in ``run_recipe``.
+
+``load_source`` -> ``prepare_data`` -> for each strategy: ``build_target`` -> ``train`` -> ``evaluate``
+-> select by validation -> save the model, ``metrics.json``, ``transfer_report.json``, ``report.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from transferkit import __version__
+from transferkit.data import ImageDataset, LabelledImages, Splits, build_transform, read_dataset, split_dataset
+from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
+from transferkit.errors import RunDirError
+from transferkit.io import read_json, safe_torch_load, torch_save, write_json, write_text
+from transferkit.models.vision import VisionModel, save_model
+from transferkit.recipe import DataConfig, Recipe, TrainConfig, dump_recipe, load_recipe
+from transferkit.sources import load_source
+from transferkit.strategies import get_strategy
+from transferkit.strategies.base import apply_plan
+from transferkit.transfer import build_target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class PreparedData:
+    """The dataset, its split, and the target's preprocessing."""
+
+    images: LabelledImages
+    splits: Splits
+    preprocess: dict[str, Any]
+    cfg: DataConfig
+
+    @property
+    def classes(self) -> list[str]:
+        return self.images.classes
+
+    def dataset(self, split: str, train: bool = False) -> ImageDataset:
+        idx = getattr(self.splits, split)
+        augment = self.cfg.augment if train and self.cfg.augment.enabled else None
+        return ImageDataset([self.images.items[i] for i in idx], self.images.labels[idx],
+                            build_transform(self.preprocess, augment), self.preprocess["input_size"][0],
+                            memoize=augment is None)
+
+    def summary(self) -> dict[str, Any]:
+        return {"dataset": self.cfg.dataset, "classes": self.classes, "num_classes": len(self.classes),
+                "splits": self.splits.sizes(), "per_class": self.cfg.per_class,
+                "image_size": self.preprocess["input_size"][-1], "skipped": self.images.skipped,
+                "skipped_count": len(self.images.skipped)}
+
+
+def prepare_data(cfg: DataConfig, source_preprocess: dict[str, Any], seed: int) -> PreparedData:
+    """Read the dataset, split it (seeded, stratified) and take the preprocessing from the source."""
+    images = read_dataset(cfg.dataset, strict=cfg.strict)
+    splits = split_dataset(images.labels, images.classes, seed, cfg.test_size, cfg.per_class, cfg.val_per_class,
+                           cfg.val_fraction)
+    preprocess = dict(source_preprocess)
+    if cfg.image_size:
+        preprocess["input_size"] = [preprocess["input_size"][0], cfg.image_size, cfg.image_size]
+    return PreparedData(images, splits, preprocess, cfg)
+
+
+@torch.no_grad()
+def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 64, device: Any = "cpu",
+                     desc: str = "features") -> torch.Tensor:
+    """Backbone features of every example, in order, in eval mode (what a frozen backbone sees)."""
+    backbone.eval().to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = [backbone(x.to(device)).float().cpu() for x, _ in tqdm(loader, desc=desc, leave=False,
+                                                                    disable=not _progress())]
+    return torch.cat(out)
+
+
+def _progress() -> bool:
+    import os
+
+    return os.environ.get("TRANSFERKIT_PROGRESS", "1") != "0"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training one model
+
+
+@dataclass
+class Trained:
+    model: VisionModel
+    result: dict[str, Any]
+
+
+def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int = 0, accelerator: Any = None,
+          paths: JobPaths | None = None, resume: bool = False,
+          features: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place by ``cfg.strategy``; returns the fit summary (history, best epoch, timings).
+
+    For strategies that cache features (``linear_probe``), only the head is trained, on ``features`` (computed
+    here when not given); this is the same computation as training through a frozen backbone in eval mode.
+    """
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    strategy, options = get_strategy(cfg.strategy)
+    plan = strategy.plan(model, options, cfg.lr)
+    apply_plan(model, plan)
+    timing: dict[str, float] = {}
+    if plan.cached_features:
+        t = time.perf_counter()
+        features = features or feature_cache(model, data, accelerator.device)
+        timing["features_s"] = time.perf_counter() - t
+        head_plan = _head_only(plan)
+        n = len(data.classes)
+        result = fit(model.head, _features_dataset(features, data, "train"), _features_dataset(features, data, "val"),
+                     cfg, head_plan, num_classes=n, seed=seed, accelerator=accelerator, paths=paths, resume=resume)
+        model.head.load_state_dict(result.best_state)
+    else:
+        result = fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan,
+                     num_classes=len(data.classes), seed=seed, accelerator=accelerator, paths=paths, resume=resume,
+                     num_workers=data.cfg.num_workers)
+        model.load_state_dict(result.best_state)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    timing["train_s"] = result.train_s
+    return {"strategy": strategy_name(cfg), "from_scratch": strategy.from_scratch, "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history), "steps": result.steps, "history": result.history,
+            "val": result.best_val, "timing": timing, "resumed_from_step": result.resumed_from_step,
+            "trainable_params": sum(model.get_parameter(n).numel() for n in plan.trainable()),
+            "total_params": sum(p.numel() for p in model.parameters()), "cached_features": plan.cached_features}
+
+
+def strategy_name(cfg: TrainConfig) -> str:
+    return cfg.strategy_name
+
+
+def _head_only(plan: Any) -> Any:
+    """The plan re-rooted at the head module: parameter names without the ``head.`` prefix."""
+    from transferkit.strategies.base import ParamGroup, TrainPlan
+
+    groups = [ParamGroup(g.name, [p.removeprefix("head.") for p in g.params], g.lr, g.weight_decay) for g in plan.groups]
+    return TrainPlan(groups)
+
+
+def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, split: str) -> TensorDataset:
+    return TensorDataset(features[split], torch.as_tensor(data.images.labels[getattr(data.splits, split)]))
+
+
+def feature_cache(model: VisionModel, data: PreparedData, device: Any = "cpu",
+                  cache_file: Path | None = None) -> dict[str, torch.Tensor]:
+    """Backbone features of train/val/test, computed once (and read back from ``cache_file`` when it exists)."""
+    if cache_file is not None and cache_file.exists():
+        return safe_torch_load(cache_file)
+    feats = {s: compute_features(model.backbone, data.dataset(s), device=device, desc=f"features {s}")
+             for s in ("train", "val", "test")}
+    if cache_file is not None:
+        torch_save(cache_file, feats)
+    return feats
+
+
+def evaluate(model: VisionModel, dataset: Dataset, num_classes: int | None = None, batch_size: int = 64,
+             device: Any = "cpu") -> dict[str, Any]:
+    """Accuracy, macro-F1, loss and confusion matrix of a model on a dataset."""
+    model.to(device)
+    return evaluate_model(model, dataset, batch_size, num_classes or len(model.labels or []), device, desc="test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory
+
+
+def _recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse to write over a different run; ``--resume`` continues the same run, ``--overwrite`` replaces it."""
+    run_file = out / "run.json"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if main:
+                shutil.rmtree(out)
+        elif resume and run_file.exists():
+            if read_json(run_file).get("recipe_hash") != _recipe_hash(recipe):
+                raise RunDirError(f"'{out}' holds a run of a different recipe; --resume continues only the same "
+                                  "recipe. Use another --out, or --overwrite to replace it.")
+        elif resume:
+            raise RunDirError(f"'{out}' is not a transferkit run directory (no run.json): nothing to resume. "
+                              "Use another --out, or --overwrite to replace its contents.")
+        else:
+            what = "a run" if run_file.exists() else "files"
+            raise RunDirError(f"'{out}' already holds {what}. Pass --resume to continue it, --overwrite to replace "
+                              "it, or choose another --out.")
+
+
+def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resume: bool = False,
+               overwrite: bool = False, overrides: list[str] | None = None) -> Path:
+    """Run a whole recipe and write its run directory; returns the directory."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    out = Path(out or Path("runs") / recipe.name)
+    t_start = time.perf_counter()
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    main = accelerator.is_main_process
+    prepare_run_dir(out, recipe, resume, overwrite, main)
+    accelerator.wait_for_everyone()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", dump_recipe(recipe))
+        write_json(out / "run.json", {"recipe_hash": _recipe_hash(recipe), "transferkit_version": __version__,
+                                      "status": "running", "world_size": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    log = print if main else (lambda *a, **k: None)
+
+    t = time.perf_counter()
+    source = load_source(recipe.source)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    data = prepare_data(recipe.data, source.preprocess, recipe.seed)
+    data_s = time.perf_counter() - t
+    log(f"source {recipe.source.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
+        f"{len(data.classes)} classes | skipped {len(data.images.skipped)} unreadable")
+
+    results: dict[str, Any] = {}
+    features: dict[str, torch.Tensor] | None = None
+    report: dict[str, Any] | None = None
+    for name, cfg in recipe.trainings():
+        job_dir = out / "checkpoints" / name
+        done_file = job_dir / "result.json"
+        if resume and done_file.exists():
+            results[name] = read_json(done_file)
+            log(f"[{name}] already trained: test accuracy {results[name]['test']['accuracy']:.4f}")
+            continue
+        strategy, _ = get_strategy(cfg.strategy)
+        target = build_target(source, data.classes, pretrained=not strategy.from_scratch, seed=recipe.seed)
+        target.preprocess = data.preprocess
+        if name == recipe.train.strategy_name:
+            report = target.report
+        target.to(accelerator.device)
+        plan_caches = strategy.plan(target, get_strategy(cfg.strategy)[1], cfg.lr).cached_features
+        if plan_caches and features is None:
+            t = time.perf_counter()
+            features = feature_cache(target, data, accelerator.device, out / "cache" / "features.pt" if main else None)
+            features_s = time.perf_counter() - t
+        # every rank reads the checkpoint on resume; only the main process writes (fit checks)
+        paths = JobPaths(job_dir / "last.pt", out / "metrics.jsonl", name)
+        job = train(target, data, cfg, seed=recipe.seed, accelerator=accelerator, paths=paths, resume=resume,
+                    features=features)
+        if plan_caches:
+            job["timing"]["features_s"] = features_s
+        t = time.perf_counter()
+        if plan_caches:
+            test_set: Dataset = TensorDataset(features["test"], torch.as_tensor(data.images.labels[data.splits.test]))
+            test = evaluate_model(target.head, test_set, 256, len(data.classes), accelerator.device)
+        else:
+            test = evaluate(target, data.dataset("test"), len(data.classes), device=accelerator.device)
+        job["timing"]["test_s"] = time.perf_counter() - t
+        job["test"] = test
+        results[name] = job
+        if main:
+            save_model(target.cpu(), out / "models" / name, extra={"strategy": job["strategy"], "run": recipe.name})
+            write_json(done_file, job)
+        accelerator.wait_for_everyone()
+        log(f"[{name}] test accuracy {test['accuracy']:.4f} | macro-F1 {test['macro_f1']:.4f} | "
+            f"val accuracy {job['val'].get('accuracy', float('nan')):.4f} | train {job['timing']['train_s']:.1f}s")
+
+    monitor = recipe.train.monitor.removeprefix("val_")
+    pick = max if monitor != "loss" else min
+    selected = pick(results, key=lambda n: results[n]["val"].get(monitor, float("-inf")))
+    metrics = {"run": recipe.name, "source": recipe.source.name, "selected": selected,
+               "selected_by": recipe.train.monitor, "transferkit_version": __version__, "data": data.summary(),
+               "models": results, "timings": {"load_source_s": load_s, "data_s": data_s,
+                                              "total_s": time.perf_counter() - t_start}}
+    if main:
+        if report is None:
+            report = build_target(source, data.classes, seed=recipe.seed).report
+        write_json(out / "transfer_report.json", report)
+        shutil.copytree(out / "models" / selected, out / ".model.new", dirs_exist_ok=True)
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        (out / ".model.new").rename(out / "model")
+        write_json(out / "metrics.json", metrics)
+        from transferkit.evaluate.report import write_report
+
+        write_report(out)
+        write_json(out / "run.json", {**read_json(out / "run.json"), "status": "done"})
+    accelerator.wait_for_everyone()
+    return out

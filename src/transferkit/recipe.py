@@ -1,0 +1,264 @@
+"""The recipe: one YAML file that describes a whole run, validated in one pass.
+
+``load_recipe`` reads YAML, applies ``key.path=value`` overrides and validates everything at once: every
+problem is reported with its key path, the bad value and the valid choices, not only the first one.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from transferkit.errors import RecipeError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(_Strict):
+    """Where the pretrained weights come from.
+
+    ``name`` is ``timm:NAME``, ``hf:NAME_OR_FOLDER``, ``torchvision:NAME``, a path to a weights file or a
+    transferkit model folder, or a built-in name (``transferkit ls``).
+    """
+
+    name: str
+    pretrained: bool = True
+    weights: str | None = Field(default=None, description="local weights file for a timm/torchvision architecture")
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentation; off by default (no flips: digits and text do not survive them)."""
+
+    random_resized_crop: tuple[float, float] | None = Field(default=None, description="scale range, e.g. [0.8, 1.0]")
+    hflip: bool = False
+    rotation: float = Field(default=0.0, ge=0, le=180)
+    translate: float = Field(default=0.0, ge=0, le=0.5)
+    color_jitter: float = Field(default=0.0, ge=0, le=1)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.random_resized_crop or self.hflip or self.rotation or self.translate or self.color_jitter)
+
+
+class DataConfig(_Strict):
+    """Which data, how it is split and prepared."""
+
+    dataset: str = Field(description="built-in name (transferkit ls), an image folder, or a CSV manifest path,label")
+    per_class: int | None = Field(default=None, ge=1, description="labelled training examples kept per class")
+    val_per_class: int | None = Field(default=None, ge=1, description="validation examples per class")
+    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="used when val_per_class is not set")
+    test_size: float = Field(default=0.2, gt=0, description="held-out test examples: a count (>=1) or a fraction")
+    image_size: int | None = Field(default=None, ge=8, description="default: the source's own input size")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    strict: bool = Field(default=False, description="error on a corrupt image instead of skipping it")
+    num_workers: int = Field(default=0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """How the target is trained. ``strategy`` is a name or ``{name: ..., option: value}``."""
+
+    strategy: str | dict[str, Any] = "full"
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0, description="learning rate of the head (strategies scale the backbone's)")
+    weight_decay: float = Field(default=0.01, ge=0)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    grad_accum: int = Field(default=1, ge=1)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
+    early_stopping_patience: int | None = Field(default=None, ge=1, description="epochs without improvement")
+    checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
+    log_every: int = Field(default=10, ge=1)
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy if isinstance(self.strategy, str) else str(self.strategy.get("name", ""))
+
+    @property
+    def strategy_options(self) -> dict[str, Any]:
+        return {} if isinstance(self.strategy, str) else {k: v for k, v in self.strategy.items() if k != "name"}
+
+
+class CompareEntry(_Strict):
+    """A baseline trained in the same run with the same budget: a strategy plus optional train overrides."""
+
+    strategy: str | dict[str, Any]
+    label: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        return self.strategy if isinstance(self.strategy, str) else str(self.strategy.get("name", ""))
+
+
+class Recipe(_Strict):
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    source: SourceSpec
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compare: list[CompareEntry] = Field(default_factory=list)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("compare", mode="before")
+    @classmethod
+    def _compare_from_strings(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"strategy": e} if isinstance(e, str) else e for e in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        names = [self.train.strategy_name] + [c.name for c in self.compare]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"trained models need distinct names; {dup} appear twice (give compare entries a label)")
+        return self
+
+    def trainings(self) -> list[tuple[str, TrainConfig]]:
+        """The models this run trains: the main one first, then the comparisons, each with its TrainConfig."""
+        out = [(self.train.strategy_name, self.train)]
+        for c in self.compare:
+            cfg = self.train.model_dump()
+            cfg.update(c.overrides)
+            cfg["strategy"] = c.strategy
+            out.append((c.name, TrainConfig(**cfg)))
+        return out
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the sub-model at ``path`` (for 'did you mean')."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = None
+        for c in candidates:
+            for inner in (c, *getattr(c, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    nxt = inner
+        if nxt is None:
+            return []
+        current = nxt
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "(recipe)"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(Recipe, loc[:-1])
+        return f"{key}: unknown key.{did_you_mean(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}."
+    if err["type"] == "missing":
+        return f"{key}: required key is missing."
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {err.get('input')!r})"
+
+
+def _semantic_problems(recipe: Recipe) -> list[str]:
+    """Checks that need the registries: source, strategy and dataset names."""
+    from transferkit.data import check_dataset_spec
+    from transferkit.sources import check_source_spec
+    from transferkit.strategies import check_strategy
+
+    problems = []
+    problems += [f"source.name: {p}" for p in check_source_spec(recipe.source)]
+    problems += [f"data.dataset: {p}" for p in check_dataset_spec(recipe.data.dataset)]
+    problems += [f"train.strategy: {p}" for p in check_strategy(recipe.train.strategy)]
+    for i, c in enumerate(recipe.compare):
+        problems += [f"compare.{i}.strategy: {p}" for p in check_strategy(c.strategy)]
+        try:
+            TrainConfig(**{**recipe.train.model_dump(), **c.overrides})
+        except ValidationError as e:
+            problems += [f"compare.{i}.overrides." + _format_error(err) for err in e.errors()]
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=0.01'`` -> (['train', 'lr'], 0.01); values are parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' is not of the form key.path=value (e.g. train.epochs=5)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], (dict, list)):
+                    node[part] = {"name": node[part]}  # e.g. source: NAME, then source.pretrained=false
+            node = node[part]
+        if isinstance(node, list):
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe '{p}' is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), not {type(raw).__name__}")
+    return raw
+
+
+def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
+    """Validate a recipe dict; returns (recipe or None, every problem found)."""
+    try:
+        recipe = Recipe(**raw)
+    except ValidationError as e:
+        return None, [_format_error(err) for err in e.errors()]
+    return recipe, _semantic_problems(recipe)
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError listing every problem."""
+    raw = source if isinstance(source, dict) else read_yaml(source)
+    raw = apply_overrides(raw, overrides or [])
+    recipe, problems = validate_recipe(raw)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise RecipeError(f"the recipe has {len(problems)} problem(s):\n{listing}", problems)
+    assert recipe is not None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,103 @@
+"""Where weights come from. ``load_source`` is the one door every source goes through.
+
+A source is named the same way everywhere (recipe, CLI, Python):
+
+- ``timm:NAME`` — a timm architecture; pretrained weights fetched by timm (network), or a local ``weights`` file;
+- ``torchvision:NAME`` — a torchvision architecture and its default weights;
+- ``hf:NAME_OR_FOLDER`` — a Hugging Face transformers vision encoder;
+- a path: a transferkit model folder (``model.json``), its ``model.safetensors``, or a Hugging Face folder;
+- a built-in name for weights shipped by an installed package (``transferkit ls``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import SourceError, UnknownNameError, did_you_mean
+from transferkit.models.vision import Backbone, VisionModel, build_backbone, load_model
+from transferkit.recipe import SourceSpec
+from transferkit.registry import Registry
+
+BUILTIN_SOURCES: Registry[Callable[[bool], VisionModel]] = Registry("source")
+PREFIXES = ("timm", "torchvision", "hf")
+
+
+def _as_spec(spec: str | SourceSpec | dict[str, Any]) -> SourceSpec:
+    if isinstance(spec, SourceSpec):
+        return spec
+    if isinstance(spec, str):
+        return SourceSpec(name=spec)
+    return SourceSpec(**spec)
+
+
+def _from_backbone(bb: Backbone, arch: dict[str, Any], source_labels: list[str] | None) -> VisionModel:
+    arch = {**arch, "kwargs": {**arch.get("kwargs", {}), **bb.arch_kwargs}}
+    head = bb.head if bb.head is not None else __import__("torch").nn.Identity()
+    return VisionModel(bb.module, head, arch, bb.preprocess, source_labels, bb.num_features, bb.groups)
+
+
+def _imagenet_labels(num_classes: int | None) -> list[str] | None:
+    if num_classes != 1000:
+        return None
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0] for i in range(1000)]
+
+
+def load_source(spec: str | SourceSpec | dict[str, Any]) -> VisionModel:
+    """Load a source model: its backbone, its own classifier (if any) and its preprocessing.
+
+    Args:
+        spec: a source name (see the module docstring), or ``{name, pretrained, weights}``.
+
+    Returns:
+        A ``VisionModel`` whose ``origin`` maps each tensor to the source tensor it came from.
+    """
+    spec = _as_spec(spec)
+    name = spec.name
+    prefix, _, rest = name.partition(":")
+    if prefix in PREFIXES and rest:
+        arch = {"family": prefix, "name": rest, "kwargs": {}}
+        bb = build_backbone(arch, pretrained=spec.pretrained, weights=spec.weights)
+        num_out = getattr(bb.head, "out_features", None)
+        model = _from_backbone(bb, arch, _imagenet_labels(num_out) if spec.pretrained else None)
+        model.origin = {k: f"{name}:{k}" for k in model.state_dict()} if (spec.pretrained or spec.weights) else {}
+        return model
+    if name in BUILTIN_SOURCES:
+        return BUILTIN_SOURCES.get(name)(spec.pretrained)
+    path = Path(name).expanduser()
+    if path.exists():
+        if (path / "model.json").is_file() or (path.is_file() and (path.parent / "model.json").is_file()):
+            model = load_model(path)
+            model.origin = {k: f"{path}:{k}" for k in model.state_dict()}
+            return model
+        if path.is_dir() and (path / "config.json").is_file():
+            return load_source(SourceSpec(name=f"hf:{path}", pretrained=spec.pretrained))
+        raise SourceError(
+            f"'{path}' holds weights but not their architecture. Name the architecture and point at the file: "
+            f"source: {{name: 'timm:ARCH', weights: '{path}'}} (or save it with transferkit to get a model folder)."
+        )
+    raise UnknownNameError(
+        f"unknown source '{name}'.{did_you_mean(name, BUILTIN_SOURCES)} A source is timm:NAME, torchvision:NAME, "
+        f"hf:NAME_OR_FOLDER, an existing path, or a built-in: {', '.join(BUILTIN_SOURCES)}."
+    )
+
+
+def check_source_spec(spec: SourceSpec) -> list[str]:
+    """Problems with a source name that can be seen without loading it."""
+    prefix, sep, rest = spec.name.partition(":")
+    if sep and prefix in PREFIXES:
+        return [] if rest else [f"'{spec.name}' names no model after '{prefix}:'"]
+    if spec.name in BUILTIN_SOURCES or Path(spec.name).expanduser().exists():
+        return []
+    return [
+        f"unknown source '{spec.name}'.{did_you_mean(spec.name, BUILTIN_SOURCES)} Use timm:NAME, torchvision:NAME, "
+        f"hf:NAME_OR_FOLDER, an existing path, or a built-in: {', '.join(BUILTIN_SOURCES)}."
+    ]
+
+
+# Built-in sources register themselves on import.
+from transferkit.sources import efficientnet_lite  # noqa: E402,F401

@@ -1,0 +1,47 @@
+"""Strategies: which weights are trained, and how fast.
+
+A strategy is a config dataclass (validated in ``__post_init__``) plus ``plan(model, cfg, train) -> TrainPlan``.
+The plan names the parameter groups with their learning rates, the modules held frozen (in eval mode), and
+whether the loop trains only the head on cached backbone features. Freezing happens before anything is wrapped
+for distributed training, never inside a wrapped model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transferkit.errors import RecipeError, UnknownNameError
+from transferkit.registry import Registry
+from transferkit.strategies.base import Strategy, TrainPlan
+
+STRATEGIES: Registry[Strategy] = Registry("strategy")
+
+
+def get_strategy(spec: str | dict[str, Any]) -> tuple[Strategy, Any]:
+    """The registered strategy and its validated config, from a name or ``{name: ..., option: value}``."""
+    name = spec if isinstance(spec, str) else spec.get("name", "")
+    options = {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
+    strategy = STRATEGIES.get(name)
+    fields = {f.name for f in dataclasses.fields(strategy.config)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise RecipeError(f"strategy '{name}' has no option(s) {unknown}; valid options: "
+                          f"{', '.join(sorted(fields)) or 'none'}")
+    try:
+        return strategy, strategy.config(**options)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"strategy '{name}': {e}") from e
+
+
+def check_strategy(spec: str | dict[str, Any]) -> list[str]:
+    try:
+        get_strategy(spec)
+    except (UnknownNameError, RecipeError) as e:
+        return [str(e)]
+    return []
+
+
+from transferkit.strategies import basic  # noqa: E402,F401  (registers linear_probe, full, scratch)
+
+__all__ = ["STRATEGIES", "Strategy", "TrainPlan", "check_strategy", "get_strategy"]
