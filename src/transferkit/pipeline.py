@@ -173,6 +173,15 @@ def evaluate(model: VisionModel, dataset: Dataset, num_classes: int | None = Non
     return evaluate_model(model, dataset, batch_size, num_classes or len(model.labels or []), device, desc="test")
 
 
+def _fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every tensor of a model, in name order (equal weights <=> equal fingerprints)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run directory
 
@@ -218,7 +227,9 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", dump_recipe(recipe))
         write_json(out / "run.json", {"recipe_hash": _recipe_hash(recipe), "transferkit_version": __version__,
-                                      "status": "running", "world_size": accelerator.num_processes})
+                                      "status": "running", "world_size": accelerator.num_processes,
+                                      "distributed_type": str(accelerator.distributed_type.value),
+                                      "device": str(accelerator.device)})
     accelerator.wait_for_everyone()
     log = print if main else (lambda *a, **k: None)
 
@@ -267,6 +278,11 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             test = evaluate(target, data.dataset("test"), len(data.classes), device=accelerator.device)
         job["timing"]["test_s"] = time.perf_counter() - t
         job["test"] = test
+        job["weights_sha256"] = _fingerprint(target)
+        if accelerator.num_processes > 1:  # every process must end with the same weights: record the evidence
+            from accelerate.utils import gather_object
+
+            job["rank_weights_sha256"] = gather_object([job["weights_sha256"]])
         results[name] = job
         if main:
             save_model(target.cpu(), out / "models" / name, extra={"strategy": job["strategy"], "run": recipe.name})

@@ -110,6 +110,20 @@ def _show_progress() -> bool:
     return os.environ.get("TRANSFERKIT_PROGRESS", "1") != "0"
 
 
+def average_buffers(model: nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over processes.
+
+    DDP keeps gradients, hence weights, in sync, but each process updates its running statistics on its own
+    shard; without this the processes would end an epoch with different models (as timm's ``distribute_bn``).
+    """
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(dist.get_world_size())
+
+
 def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = dict(model.named_parameters())
     groups = []
@@ -273,7 +287,9 @@ def fit(
             if checkpoint_now and state["batch"] < len(batches):
                 save_checkpoint()
 
-        # end of epoch: validate, keep the best weights, maybe stop early, checkpoint
+        # end of epoch: agree on BatchNorm statistics, validate, keep the best weights, maybe stop early, checkpoint
+        if world > 1:
+            average_buffers(accelerator.unwrap_model(wrapped))
         val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch * 2, num_classes, device)
         parts = state.pop("epoch_loss", [])
         train_loss = sum(l * n for l, n in parts) / max(1, sum(n for _, n in parts))
