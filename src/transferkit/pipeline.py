@@ -30,7 +30,6 @@ from transferkit.strategies import get_strategy
 from transferkit.strategies.base import apply_plan
 from transferkit.transfer import build_target
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -146,7 +145,8 @@ def _head_only(plan: Any) -> Any:
     """The plan re-rooted at the head module: parameter names without the ``head.`` prefix."""
     from transferkit.strategies.base import ParamGroup, TrainPlan
 
-    groups = [ParamGroup(g.name, [p.removeprefix("head.") for p in g.params], g.lr, g.weight_decay) for g in plan.groups]
+    groups = [ParamGroup(g.name, [p.removeprefix("head.") for p in g.params], g.lr, g.weight_decay)
+              for g in plan.groups]
     return TrainPlan(groups)
 
 
@@ -307,7 +307,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             shutil.rmtree(out / "model")
         (out / ".model.new").rename(out / "model")
         write_json(out / "metrics.json", metrics)
-        from transferkit.evaluate.report import write_report
+        from transferkit.evaluation.report import write_report
 
         write_report(out)
         write_json(out / "run.json", {**read_json(out / "run.json"), "status": "done"})

@@ -40,7 +40,8 @@ class Predictor:
         k = min(top_k, probs.shape[1])
         values, idx = probs.topk(k, dim=1)
         return [{"file": str(item) if isinstance(item, (str, Path)) else f"<image {i}>",
-                 "top": [{"label": self.labels[j], "probability": float(v)} for v, j in zip(vals.tolist(), ids.tolist())]}
+                 "top": [{"label": self.labels[j], "probability": float(v)}
+                         for v, j in zip(vals.tolist(), ids.tolist())]}
                 for i, (item, vals, ids) in enumerate(zip(images, values, idx))]
 
 

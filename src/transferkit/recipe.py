@@ -275,7 +275,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe '{p}' is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), not {type(raw).__name__}")
+        raise RecipeError(f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), "
+                          f"not {type(raw).__name__}")
     return raw
 
 

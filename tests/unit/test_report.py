@@ -1,4 +1,4 @@
-"""Tests of the HTML run report (``transferkit.evaluate.report.write_report``)."""
+"""Tests of the HTML run report (``transferkit.evaluation.report.write_report``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from transferkit.evaluate.report import write_report
+from transferkit.evaluation.report import write_report
 
 PNG_RE = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 

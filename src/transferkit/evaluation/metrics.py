@@ -34,6 +34,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
         "accuracy": float((preds == labels).double().mean()),
         "macro_f1": macro_f1(cm),
         "loss": float(F.cross_entropy(logits.float(), labels.long())),
-        "n": int(len(labels)),
+        "n": len(labels),
         "confusion": cm.tolist(),
     }
