@@ -433,31 +433,24 @@ def _transfer_section(transfer: Mapping[str, Any]) -> str:
 
 
 def _figure_png(fig: Any) -> str:
-    """Save ``fig`` as PNG, close it, and return the base64 text."""
-    import matplotlib.pyplot as plt
-
+    """Render ``fig`` to PNG and return the base64 text."""
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
+def _subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """A standalone ``Figure`` (drawn by Agg on save) and its axes: no pyplot, so no global backend change and
+    nothing left open in a notebook that calls this."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _learning_curves_png(series: Mapping[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]]) -> str:
     """Two panels: train loss per epoch and validation accuracy per epoch, one line per model."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(11, 4))
     for name, (loss, acc) in series.items():
         label = _mpl_text(name)
         if loss:
@@ -481,10 +474,9 @@ def _learning_curves_png(series: Mapping[str, tuple[list[tuple[float, float]], l
 
 def _confusion_png(rows: list[list[float]], labels: list[str], model: str) -> str:
     """Heatmap of the confusion matrix with class labels on both axes and the count in each cell."""
-    plt = _pyplot()
     n = len(rows)
     side = min(max(4.5, 0.55 * n + 2.5), 24.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    fig, ax = _subplots(figsize=(side + 1.0, side))
     image = ax.imshow(rows, cmap="Blues", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ticks = list(range(n))
