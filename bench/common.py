@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,21 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "gpu": torch.cuda.is_available(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "loadavg": list(load) if load else None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **code_version()}
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether ``src/`` had uncommitted changes when the benchmark started."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "--short", "HEAD") or None,
+            "src_uncommitted_changes": bool(git("status", "--porcelain", "--", "src"))}
 
 
 def median(xs: list[float]) -> float:
@@ -55,5 +70,8 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
     cells = [[fmt(v) for v in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -7,10 +7,11 @@ loading is the same cheap path for both), batch size 32, ``make_accelerator("no"
 
 Each round trains a fresh copy of the same initial model for ``--steps`` optimizer steps with each loop; the order
 inside a round alternates (plain, fit / fit, plain) and the reported number is the median over rounds of the
-ratio transferkit / plain (steps per second; 1.0 = no overhead). Three timings per side:
+ratio transferkit / plain (steps per second; 1.0 = no overhead). Four timings per side:
 
-- steady: from the end of the first step to the end of the last, per step (``fit``'s ``on_step`` and the plain
-  loop record a timestamp after every optimizer step). This is the per-step cost of the loop itself.
+- median step: the median time between consecutive optimizer steps (``fit``'s ``on_step`` and the plain loop
+  record a timestamp after every step). The per-step cost of the loop itself, robust to bursts of another job.
+- steady: from the end of the first step to the end of the last, per step (the mean of the same intervals).
 - call: the whole call: optimizer construction, ``accelerator.prepare``, all steps and, for ``fit``, its end-of-epoch
   bookkeeping and its validation pass (on a deliberately tiny val set, ``--val-size`` examples).
 - call-val: ``fit``'s call time minus its validation pass, timed separately right after (same model, same set).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import os
 import tempfile
@@ -42,19 +44,19 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import torch
+import torch.nn.functional as F
+from common import machine, median, table, write_result
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from common import machine, median, table, write_result  # noqa: E402
-from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator  # noqa: E402
-from transferkit.pipeline import PreparedData, prepare_data  # noqa: E402
-from transferkit.recipe import DataConfig, TrainConfig  # noqa: E402
-from transferkit.sources import load_source  # noqa: E402
-from transferkit.strategies import get_strategy  # noqa: E402
-from transferkit.strategies.base import TrainPlan, apply_plan  # noqa: E402
-from transferkit.transfer import build_target  # noqa: E402
+from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
+from transferkit.pipeline import PreparedData, prepare_data
+from transferkit.recipe import DataConfig, TrainConfig
+from transferkit.sources import load_source
+from transferkit.strategies import get_strategy
+from transferkit.strategies.base import TrainPlan, apply_plan
+from transferkit.transfer import build_target
 
 
 def materialise(data: PreparedData, split: str, n: int) -> TensorDataset:
@@ -108,7 +110,9 @@ def timed(fn: Callable[[list[float]], float]) -> dict[str, float]:
     loss = fn(stamps)
     call_s = time.perf_counter() - t0
     steps = len(stamps)
+    step_s = [b - a for a, b in itertools.pairwise(stamps)]
     return {"steps": steps, "call_s": call_s, "steady_s_per_step": (stamps[-1] - stamps[0]) / (steps - 1),
+            "median_step_s": median(step_s), "step_s": step_s,
             "first_step_s": stamps[0] - t0, "after_last_step_s": t0 + call_s - stamps[-1], "loss": loss}
 
 
@@ -124,7 +128,10 @@ def main() -> None:
     ap.add_argument("--no-paths", action="store_true", help="skip the side that trains fit with log + checkpoint")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: stable under a concurrent job; 0 = torch's default)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after measuring, run fit (with paths) once under cProfile and print where it spends time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/engine_overhead[-TAG].json")
     args = ap.parse_args()
 
     if args.threads:
@@ -174,6 +181,7 @@ def main() -> None:
         for name in names[1:]:
             rec[name]["call_minus_val_s"] = rec[name]["call_s"] - rec["val_pass_s"]
             rec[name]["ratio_steady"] = rec["plain"]["steady_s_per_step"] / rec[name]["steady_s_per_step"]
+            rec[name]["ratio_median_step"] = rec["plain"]["median_step_s"] / rec[name]["median_step_s"]
             rec[name]["ratio_call"] = rec["plain"]["call_s"] / rec[name]["call_s"]
             rec[name]["ratio_call_minus_val"] = rec["plain"]["call_s"] / rec[name]["call_minus_val_s"]
         rounds.append(rec)
@@ -190,12 +198,12 @@ def main() -> None:
              "after_last_step_s": median([rec[name]["after_last_step_s"] for rec in rounds]),
              "final_loss": median([rec[name]["loss"] for rec in rounds])}
         if name != "plain":
-            for k in ("ratio_steady", "ratio_call", "ratio_call_minus_val"):
+            for k in ("ratio_median_step", "ratio_steady", "ratio_call", "ratio_call_minus_val"):
                 s[k] = median([rec[name][k] for rec in rounds])
         summary[name] = s
-        rows.append([name, steady, call, s["first_step_s"], s["after_last_step_s"],
+        rows.append([name, steady, call, s["first_step_s"], s["after_last_step_s"], s.get("ratio_median_step", 1.0),
                      s.get("ratio_steady", 1.0), s.get("ratio_call", 1.0), s.get("ratio_call_minus_val", 1.0)])
-    headers = ["loop", "steady steps/s", "call steps/s", "1st step s", "after last step s",
+    headers = ["loop", "steady steps/s", "call steps/s", "1st step s", "after last step s", "ratio median step",
                "ratio steady", "ratio call", "ratio call-val"]
     val_pass = median([rec["val_pass_s"] for rec in rounds])
     print()
@@ -203,12 +211,27 @@ def main() -> None:
     print(f"\nmedians over {args.rounds} interleaved rounds of {args.steps} steps (batch {args.batch_size}, "
           f"{args.image_size}px); ratio = transferkit / plain steps/s (goal >= 0.95); "
           f"fit's validation pass on {args.val_size} examples: {val_pass:.3f} s")
-    path = write_result("engine_overhead", {
+    path = write_result("engine_overhead" + (f"-{args.tag}" if args.tag else ""), {
         "benchmark": "engine_overhead", "args": vars(args), "machine": info, "val_pass_s": val_pass,
         "goal": {"ratio": 0.95, "met_steady": summary["fit"]["ratio_steady"] >= 0.95,
                  "met_call_minus_val": summary["fit"]["ratio_call_minus_val"] >= 0.95},
         "summary": summary, "rounds": rounds})
     print(f"wrote {path}")
+    if args.profile:
+        profile_fit(side("fit+paths", train_set))
+
+
+def profile_fit(run: Callable[[list[float]], float]) -> None:
+    """cProfile one ``fit`` call; print the loop's own costs (not the model's forward/backward)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(run, [])
+    stats = pstats.Stats(prof).sort_stats("cumulative")
+    print("\nfit under cProfile (cumulative s; forward/backward are the model's compute, the rest is loop cost):")
+    stats.print_stats(r"loop\.py|objective|accelerate/(accelerator|optimizer)|lr_scheduler|gc\.collect|"
+                      r"serialization\.py:\d+\(save\)|io\.py|dataloader\.py:\d+\(__next__\)|tqdm", 30)
 
 
 if __name__ == "__main__":

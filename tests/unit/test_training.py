@@ -95,14 +95,17 @@ def _fit_full(data, tmp_path, resume: bool, stop_at: int | None = None):
                accelerator=make_accelerator("no"), paths=paths, resume=resume, on_step=on_step)
 
 
-def test_resume_after_interruption_gives_the_same_result(tmp_path):
-    # augmentation and dropout both draw random numbers: resume must restore exactly where they were
+@pytest.mark.parametrize(("stop_at", "checkpoint_step"), [(5, 4), (6, 5)])
+def test_resume_after_interruption_gives_the_same_result(tmp_path, stop_at, checkpoint_step):
+    # augmentation and dropout both draw random numbers: resume must restore exactly where they were.
+    # 5 steps per epoch, a checkpoint every 2 steps and at each epoch end: stopping at step 5 resumes from the
+    # mid-epoch checkpoint of step 4, stopping at step 6 from the end of epoch 1 (best weights = current ones)
     data = small_mnist(rotation=15, translate=0.1)
     reference = _fit_full(data, tmp_path / "a", resume=False)
     with pytest.raises(_Interrupt):
-        _fit_full(data, tmp_path / "b", resume=False, stop_at=5)  # mid-epoch 2 (5 steps/epoch); checkpoint at 4
+        _fit_full(data, tmp_path / "b", resume=False, stop_at=stop_at)
     resumed = _fit_full(data, tmp_path / "b", resume=True)
-    assert resumed.resumed_from_step == 4
+    assert resumed.resumed_from_step == checkpoint_step
     assert resumed.history == [{**h, "time_s": r["time_s"]} for h, r in zip(reference.history, resumed.history)]
     for k, v in reference.best_state.items():
         assert torch.equal(v, resumed.best_state[k]), k
