@@ -21,7 +21,7 @@ Both sides start from unmemoised datasets, so each image is decoded and resized 
 (cached, frozen / frozen, cached) over ``--rounds`` rounds; medians are reported.
 
 Diagnostics (``--no-diagnostics`` skips them): a third side, ``cached@64``, is the cached probe with features
-computed at batch 32 instead of ``compute_features``' default 64 (on this CPU a 96 px batch of 64 is slower per
+computed at batch 64 instead of ``compute_features``' default 32 (on this CPU a 96 px batch of 64 is slower per
 image than one of 32); and ``gc.collect()``, which ``fit`` runs once per call through ``accelerator.free_memory()``,
 is timed on its own after each round.
 
@@ -89,7 +89,7 @@ def frozen_side(source: VisionModel, data: PreparedData, cfg: TrainConfig, seed:
     target = build_target(source, data.classes, seed=seed)
     target.preprocess = data.preprocess
     strategy, options = get_strategy("linear_probe")
-    plan = dataclasses.replace(strategy.plan(target, options, cfg.lr), cached_features=False)
+    plan = dataclasses.replace(strategy.plan(target, options, cfg), cached_features=False)
     apply_plan(target, plan)  # head trainable, backbone frozen; fit holds plan.frozen_modules (backbone) in eval
     t0 = time.perf_counter()
     result = fit(target, data.dataset("train"), data.dataset("val"), cfg, plan, num_classes=len(data.classes),
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: stable under a concurrent job; 0 = torch's default)")
     ap.add_argument("--no-diagnostics", action="store_true",
-                    help="skip the extra cached side with features computed at batch 32")
+                    help="skip the extra cached side with features computed at batch 64")
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/linear_probe[-TAG].json")
     args = ap.parse_args()
     if args.threads:
@@ -191,7 +191,7 @@ def main() -> None:
         d = {k: med("cached@64", k) for k in ("features_s", "head_fit_s", "train_s")}
         s["diagnostics"]["cached_features_at_batch_32"] = d
         s["diagnostics"]["speedup_train_features_at_64"] = median([r["speedup_train_features_at_64"] for r in rounds])
-        rows.append(["diagnostic: cached, features at batch 32", passes["cached"], d["features_s"], d["head_fit_s"],
+        rows.append(["diagnostic: cached, features at batch 64", passes["cached"], d["features_s"], d["head_fit_s"],
                      d["train_s"], s["diagnostics"]["speedup_train_features_at_64"], "-", "-", "-"])
     headers = ["side", "backbone passes (train+val)", "features s", "head fit s", "train s", "speedup (train)",
                "test s", "total s", "test acc %"]

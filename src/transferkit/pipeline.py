@@ -21,13 +21,16 @@ from tqdm.auto import tqdm
 from transferkit import __version__
 from transferkit.data import ImageDataset, LabelledImages, Splits, build_transform, read_dataset, split_dataset
 from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
-from transferkit.errors import RunDirError
-from transferkit.io import read_json, safe_torch_load, torch_save, write_json, write_text
+from transferkit.engine.objective import ClassificationObjective
+from transferkit.errors import RecipeError, RunDirError
+from transferkit.io import load_state_dict, read_json, safe_torch_load, save_tensors, torch_save, write_json, write_text
 from transferkit.models.vision import VisionModel, save_model
 from transferkit.recipe import DataConfig, Recipe, TrainConfig, dump_recipe, load_recipe
 from transferkit.sources import load_source
 from transferkit.strategies import get_strategy
 from transferkit.strategies.base import ParamGroup, TrainPlan, apply_plan
+from transferkit.strategies.catalogue import describe_plans
+from transferkit.strategies.regularizers import build_penalties, regularizer_config
 from transferkit.transfer import build_target
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,48 +100,111 @@ def _progress() -> bool:
 # Training one model
 
 
-@dataclass
-class Trained:
-    model: VisionModel
-    result: dict[str, Any]
-
-
 def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int = 0, accelerator: Any = None,
-          paths: JobPaths | None = None, resume: bool = False,
-          features: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place by ``cfg.strategy``; returns the fit summary (history, best epoch, timings).
+          paths: JobPaths | None = None, resume: bool = False, features: dict[str, torch.Tensor] | None = None,
+          reference: dict[str, torch.Tensor] | None = None, on_step: Any = None) -> dict[str, Any]:
+    """Train ``model`` in place by ``cfg.strategy``, stage by stage; returns the summary (history, timings...).
 
-    For strategies that cache features (``linear_probe``), only the head is trained, on ``features`` (computed
-    here when not given); this is the same computation as training through a frozen backbone in eval mode.
+    Args:
+        model: the target (from ``build_target``).
+        data: from ``prepare_data``.
+        cfg: the training configuration.
+        seed: fixes data order, dropout and augmentation (stage ``i`` uses ``seed + i``).
+        accelerator: from ``make_accelerator``; made here when None.
+        paths: checkpoint and log locations; each stage checkpoints next to ``paths.checkpoint``.
+        resume: continue from the checkpoints: finished stages are skipped, the interrupted one resumes.
+        features: cached backbone features by split (computed here when a stage needs them and none are given).
+        reference: the starting weights ``w0`` for regularisers, by parameter name; pass the source's own tensors
+            to avoid a copy (default: a copy of the model's weights at the start).
+        on_step: called with the step number after each optimizer step (tests use it to interrupt).
+
+    Stages that cache features (``linear_probe``, the probe of ``lp_ft``) train only the head, on features
+    computed once: the same computation as training through a frozen backbone in eval mode.
     """
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     strategy, options = get_strategy(cfg.strategy)
-    plan = strategy.plan(model, options, cfg.lr)
-    apply_plan(model, plan)
-    timing: dict[str, float] = {}
-    if plan.cached_features:
-        t = time.perf_counter()
-        features = features or feature_cache(model, data, accelerator.device)
-        timing["features_s"] = time.perf_counter() - t
-        head_plan = _head_only(plan)
-        n = len(data.classes)
-        result = fit(model.head, _features_dataset(features, data, "train"), _features_dataset(features, data, "val"),
-                     cfg, head_plan, num_classes=n, seed=seed, accelerator=accelerator, paths=paths, resume=resume)
-        model.head.load_state_dict(result.best_state)
-    else:
-        result = fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan,
-                     num_classes=len(data.classes), seed=seed, accelerator=accelerator, paths=paths, resume=resume,
-                     num_workers=data.cfg.num_workers)
-        model.load_state_dict(result.best_state)
+    plans = plan_stages(strategy, options, model, cfg)
+    extra = [(regularizer_config(cfg.regularizer)[0], _options(cfg.regularizer))] if cfg.regularizer else []
+    if reference is None and (extra or any(p.regularizers for p in plans)):
+        reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    timing: dict[str, float] = {"train_s": 0.0}
+    history: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    epochs_before = 0
+    for i, plan in enumerate(plans):
+        stage_cfg = cfg.model_copy(update={"epochs": plan.epochs or cfg.epochs})
+        stage_paths = _stage_paths(paths, i, plan, len(plans))
+        done = stage_paths.checkpoint.with_suffix(".done.json") if stage_paths else None
+        if resume and done is not None and done.exists():  # a finished stage: take its weights, go on
+            model.load_state_dict(load_state_dict(done.with_suffix(".safetensors")))
+            summary = read_json(done)
+        else:
+            apply_plan(model, plan)
+            penalties = build_penalties(plan.regularizers + extra, reference or {})
+            if plan.cached_features:
+                t = time.perf_counter()
+                features = features or feature_cache(model, data, accelerator.device, splits=("train", "val"))
+                timing["features_s"] = timing.get("features_s", 0.0) + time.perf_counter() - t
+                head_refs = {k.removeprefix("head."): v for k, v in (reference or {}).items() if k.startswith("head.")}
+                objective = ClassificationObjective(cfg.label_smoothing, build_penalties(plan.regularizers + extra,
+                                                                                           head_refs))
+                result = fit(model.head, _features_dataset(features, data, "train"),
+                             _features_dataset(features, data, "val"), stage_cfg, _head_only(plan),
+                             num_classes=len(data.classes), seed=seed + i, accelerator=accelerator, paths=stage_paths,
+                             resume=resume, objective=objective, on_step=on_step)
+                model.head.load_state_dict(result.best_state)
+            else:
+                result = fit(model, data.dataset("train", train=True), data.dataset("val"), stage_cfg, plan,
+                             num_classes=len(data.classes), seed=seed + i, accelerator=accelerator, paths=stage_paths,
+                             resume=resume, objective=ClassificationObjective(cfg.label_smoothing, penalties),
+                             num_workers=data.cfg.num_workers, on_step=on_step)
+                model.load_state_dict(result.best_state)
+            summary = {"stage": plan.name, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                       "steps": result.steps, "history": result.history, "val": result.best_val,
+                       "train_s": result.train_s, "resumed_from_step": result.resumed_from_step,
+                       "trainable_params": sum(model.get_parameter(n).numel() for n in plan.trainable())}
+            if done is not None and accelerator.is_main_process:
+                save_tensors(done.with_suffix(".safetensors"), model.state_dict())
+                write_json(done, summary)
+            accelerator.wait_for_everyone()
+        timing["train_s"] += summary["train_s"]
+        history += [{**h, "epoch": h["epoch"] + epochs_before, "stage": summary["stage"]} for h in summary["history"]]
+        epochs_before += summary["epochs_run"]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    timing["train_s"] = result.train_s
-    return {"strategy": cfg.strategy_name, "from_scratch": strategy.from_scratch, "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history), "steps": result.steps, "history": result.history,
-            "val": result.best_val, "timing": timing, "resumed_from_step": result.resumed_from_step,
-            "trainable_params": sum(model.get_parameter(n).numel() for n in plan.trainable()),
-            "total_params": sum(p.numel() for p in model.parameters()), "cached_features": plan.cached_features}
+    return {"strategy": cfg.strategy_name, "from_scratch": strategy.from_scratch,
+            "best_epoch": summary["best_epoch"] + epochs_before - summary["epochs_run"],
+            "epochs_run": epochs_before, "history": history, "val": summary["val"], "timing": timing,
+            "resumed_from_step": summary["resumed_from_step"], "stages": describe_plans(plans),
+            "trainable_params": max(_trainable_count(model, p) for p in plans),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "cached_features": plans[-1].cached_features}
+
+
+def plan_stages(strategy: Any, options: Any, model: VisionModel, cfg: TrainConfig) -> list[TrainPlan]:
+    """The strategy's plan as a list of stages; a plan that cannot fit this model is a recipe error."""
+    try:
+        plan = strategy.plan(model, options, cfg)
+    except ValueError as e:
+        raise RecipeError(f"train.strategy {cfg.strategy_name!r}: {e}") from e
+    return plan if isinstance(plan, list) else [plan]
+
+
+def _options(spec: str | dict[str, Any]) -> dict[str, Any]:
+    return {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
+
+
+def _trainable_count(model: nn.Module, plan: TrainPlan) -> int:
+    return sum(model.get_parameter(n).numel() for n in plan.trainable())
+
+
+def _stage_paths(paths: JobPaths | None, index: int, plan: TrainPlan, stages: int) -> JobPaths | None:
+    """One checkpoint per stage (``stage1-ft.pt``); a single-stage strategy keeps ``last.pt``."""
+    if paths is None or stages == 1:
+        return paths
+    return JobPaths(paths.checkpoint.with_name(f"stage{index}-{plan.name}.pt"), paths.metrics_log,
+                    f"{paths.job}/{plan.name}")
 
 
 def _head_only(plan: TrainPlan) -> TrainPlan:
@@ -152,13 +218,13 @@ def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, spl
     return TensorDataset(features[split], torch.as_tensor(data.images.labels[getattr(data.splits, split)]))
 
 
-def feature_cache(model: VisionModel, data: PreparedData, device: Any = "cpu",
-                  cache_file: Path | None = None) -> dict[str, torch.Tensor]:
-    """Backbone features of train/val/test, computed once (and read back from ``cache_file`` when it exists)."""
+def feature_cache(model: VisionModel, data: PreparedData, device: Any = "cpu", cache_file: Path | None = None,
+                  splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, torch.Tensor]:
+    """Backbone features of the splits, computed once (and read back from ``cache_file`` when it exists)."""
     if cache_file is not None and cache_file.exists():
         return safe_torch_load(cache_file)
     feats = {s: compute_features(model.backbone, data.dataset(s), device=device, desc=f"features {s}")
-             for s in ("train", "val", "test")}
+             for s in splits}
     if cache_file is not None:
         torch_save(cache_file, feats)
     return feats
@@ -257,19 +323,21 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         if name == recipe.train.strategy_name:
             report = target.report
         target.to(accelerator.device)
-        plan_caches = strategy.plan(target, options, cfg.lr).cached_features
+        plans = plan_stages(strategy, options, target, cfg)
+        plan_caches = any(p.cached_features for p in plans)
         if plan_caches and features is None:
             t = time.perf_counter()
             features = feature_cache(target, data, accelerator.device, out / "cache" / "features.pt" if main else None)
             features_s = time.perf_counter() - t
         # every rank reads the checkpoint on resume; only the main process writes (fit checks)
         paths = JobPaths(job_dir / "last.pt", out / "metrics.jsonl", name)
+        reference = source.state_dict() if not strategy.from_scratch else None  # w0 for regularisers: no copy
         job = train(target, data, cfg, seed=recipe.seed, accelerator=accelerator, paths=paths, resume=resume,
-                    features=features)
+                    features=features, reference=reference)
         if plan_caches:
             job["timing"]["features_s"] = features_s
         t = time.perf_counter()
-        if plan_caches:
+        if plans[-1].cached_features:  # only the head changed: the test set's cached features serve
             test_set: Dataset = TensorDataset(features["test"], torch.as_tensor(data.images.labels[data.splits.test]))
             test = evaluate_model(target.head, test_set, 256, len(data.classes), accelerator.device)
         else:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from transferkit.errors import RecipeError, did_you_mean
+from transferkit.errors import RecipeError, UnknownNameError, did_you_mean
 
 
 class _Strict(BaseModel):
@@ -74,6 +74,8 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     max_grad_norm: float | None = Field(default=None, gt=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    regularizer: str | dict[str, Any] | None = Field(default=None, description="a penalty added to any strategy, "
+                                                     "e.g. {name: l2sp, alpha: 0.01} (transferkit ls)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
     early_stopping_patience: int | None = Field(default=None, ge=1, description="epochs without improvement")
@@ -200,6 +202,14 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     strategy = section("train").get("strategy", "full")
     if isinstance(strategy, (str, dict)):
         problems += [f"train.strategy: {p}" for p in check_strategy(strategy)]
+    regularizer = section("train").get("regularizer")
+    if isinstance(regularizer, (str, dict)):
+        from transferkit.strategies.regularizers import regularizer_config
+
+        try:
+            regularizer_config(regularizer)
+        except (UnknownNameError, RecipeError) as e:
+            problems.append(f"train.regularizer: {e}")
     compare = raw.get("compare")
     for i, c in enumerate(compare if isinstance(compare, list) else []):
         c = {"strategy": c} if isinstance(c, str) else c

@@ -47,14 +47,16 @@ def test_linear_probe_on_cached_features_equals_frozen_backbone_training(data):
 def test_full_strategy_learning_rates():
     model = build_target(tiny_source(), ["a", "b"])
     strategy, options = get_strategy({"name": "full", "backbone_lr": 1e-4})
-    plan = strategy.plan(model, options, 1e-2)
+    plan = strategy.plan(model, options, TrainConfig(lr=1e-2))
     lrs = {g.name: g.lr for g in plan.groups}
     assert lrs == {"backbone": 1e-4, "head": 1e-2}
     assert plan.trainable() == {n for n, _ in model.named_parameters()}
     strategy, options = get_strategy("full")
-    assert {g.name: g.lr for g in strategy.plan(model, options, 1e-2).groups}["backbone"] == pytest.approx(1e-3)
+    lrs = {g.name: g.lr for g in strategy.plan(model, options, TrainConfig(lr=1e-2)).groups}
+    assert lrs["backbone"] == pytest.approx(1e-3)
     strategy, options = get_strategy("scratch")
-    assert strategy.from_scratch and {g.lr for g in strategy.plan(model, options, 1e-2).groups} == {1e-2}
+    assert strategy.from_scratch
+    assert {g.lr for g in strategy.plan(model, options, TrainConfig(lr=1e-2)).groups} == {1e-2}
 
 
 def test_strategy_options_are_validated():
@@ -83,7 +85,7 @@ def _fit_full(data, tmp_path, resume: bool, stop_at: int | None = None):
     cfg = TrainConfig(strategy="full", epochs=3, batch_size=8, lr=0.01, checkpoint_every=2, log_every=1)
     model = build_target(source, data.classes, seed=0)
     strategy, options = get_strategy("full")
-    plan = strategy.plan(model, options, cfg.lr)
+    plan = strategy.plan(model, options, cfg)
     apply_plan(model, plan)
 
     def on_step(step: int) -> None:

@@ -65,8 +65,12 @@ class VisionModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with ``return_features`` also the pooled features (through ``forward``, so DDP sees the call)."""
+        features = self.features(x)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits
 
     def reset_head(self, num_outputs: int, labels: list[str] | None = None, dropout: float = 0.0) -> nn.Module:
         """Replace the head with a fresh linear classifier for ``num_outputs`` classes."""

@@ -1,4 +1,4 @@
-"""The Strategy contract and the TrainPlan it produces."""
+"""The Strategy contract and the TrainPlan (one per stage) it produces."""
 
 from __future__ import annotations
 
@@ -20,31 +20,41 @@ class ParamGroup:
 
 @dataclass
 class TrainPlan:
-    """What the loop trains.
+    """What the loop trains in one stage.
 
     Attributes:
         groups: parameter groups with their learning rates; parameters in no group are frozen.
         frozen_modules: names of modules held in eval mode while training (frozen BatchNorm statistics).
         cached_features: train only the head, on backbone features computed once.
         from_scratch: the target starts from random weights instead of the source's.
+        name: the stage's name (staged strategies: ``lp``, ``ft``, ``unfreeze3``...).
+        epochs: epochs of this stage; None = the whole ``train.epochs``.
+        regularizers: (name, options) of penalties added to the loss (see ``strategies.regularizers``).
     """
 
     groups: list[ParamGroup]
     frozen_modules: list[str] = field(default_factory=list)
     cached_features: bool = False
     from_scratch: bool = False
+    name: str = "main"
+    epochs: int | None = None
+    regularizers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def trainable(self) -> set[str]:
         return {p for g in self.groups for p in g.params}
 
 
 class Strategy(Protocol):
-    """A registered strategy: a config dataclass and a function from (model, config, train config) to a plan."""
+    """A registered strategy: a config dataclass and a function from (model, config, train config) to plans.
+
+    ``plan`` returns one TrainPlan, or a list of them for a staged strategy (each stage rebuilds the optimizer
+    and the distributed wrapper; ``requires_grad`` is never flipped inside a wrapped model).
+    """
 
     config: type
     from_scratch: bool
 
-    def plan(self, model: nn.Module, cfg: Any, lr: float) -> TrainPlan: ...
+    def plan(self, model: nn.Module, cfg: Any, train: Any) -> TrainPlan | list[TrainPlan]: ...
 
 
 def apply_plan(model: nn.Module, plan: TrainPlan) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transferkit.models.vision import VisionModel
+from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 
 
-def _head_params(model: VisionModel) -> list[str]:
+def head_params(model: VisionModel) -> list[str]:
     return [f"head.{n}" for n, _ in model.head.named_parameters()]
 
 
-def _backbone_params(model: VisionModel) -> list[str]:
+def backbone_params(model: VisionModel) -> list[str]:
     return [f"backbone.{n}" for n, _ in model.backbone.named_parameters()]
 
 
@@ -28,8 +29,8 @@ class LinearProbe:
     from_scratch = False
 
     @staticmethod
-    def plan(model: VisionModel, cfg: LinearProbeConfig, lr: float) -> TrainPlan:
-        return TrainPlan([ParamGroup("head", _head_params(model), lr)], frozen_modules=["backbone"],
+    def plan(model: VisionModel, cfg: LinearProbeConfig, train: TrainConfig) -> TrainPlan:
+        return TrainPlan([ParamGroup("head", head_params(model), train.lr)], frozen_modules=["backbone"],
                          cached_features=True)
 
 
@@ -52,10 +53,14 @@ class FullConfig:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
 
 
-def _full_plan(model: VisionModel, cfg: FullConfig, lr: float) -> TrainPlan:
+def full_groups(model: VisionModel, cfg: FullConfig, lr: float) -> list[ParamGroup]:
+    """Backbone at ``backbone_lr`` (or ``backbone_lr_scale * lr``), head at ``lr``."""
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else lr * cfg.backbone_lr_scale
-    return TrainPlan([ParamGroup("backbone", _backbone_params(model), backbone_lr),
-                      ParamGroup("head", _head_params(model), lr)])
+    return [ParamGroup("backbone", backbone_params(model), backbone_lr), ParamGroup("head", head_params(model), lr)]
+
+
+def _full_plan(model: VisionModel, cfg: FullConfig, train: TrainConfig) -> TrainPlan:
+    return TrainPlan(full_groups(model, cfg, train.lr))
 
 
 @STRATEGIES.register("full", help="fine-tune every weight; the head and backbone have separate learning rates")

@@ -1,0 +1,228 @@
+"""The strategy catalogue: parameter selection, learning rates against timm, stages, penalties by hand."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import small_mnist, tiny_source
+from torch import nn
+
+from transferkit.engine.loop import make_accelerator
+from transferkit.engine.objective import ClassificationObjective
+from transferkit.errors import RecipeError
+from transferkit.pipeline import plan_stages, train
+from transferkit.recipe import TrainConfig, validate_recipe
+from transferkit.sources import load_source
+from transferkit.strategies import STRATEGIES, get_strategy
+from transferkit.strategies.base import apply_plan, set_train_mode
+from transferkit.strategies.regularizers import BSS, L2SP, regularizer_config
+from transferkit.transfer import build_target
+
+
+def _plans(name: str | dict, model=None, **train):
+    model = model or build_target(tiny_source(), ["a", "b", "c"])
+    strategy, options = get_strategy(name)
+    return model, plan_stages(strategy, options, model, TrainConfig(**{"lr": 0.01, **train}))
+
+
+def test_catalogue_is_registered():
+    assert {"freeze", "gradual_unfreeze", "llrd", "discriminative", "lp_ft", "bitfit", "l2sp", "bss"} <= set(STRATEGIES)
+
+
+# ------------------------------------------------------------------------------------------------ penalties by hand
+
+
+def test_l2sp_penalty_against_hand_computed_value():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        model[0].bias.copy_(torch.tensor([0.5, -0.5]))
+        model[1].weight.copy_(torch.tensor([[2.0, -1.0]]))
+        model[1].bias.copy_(torch.tensor([3.0]))
+    # transferred: layer 0 (w0 given); new: layer 1 (no reference) and 0.bias (reference has another shape)
+    reference = {"0.weight": torch.tensor([[1.0, 1.0], [1.0, 1.0]]), "0.bias": torch.zeros(3)}
+    penalty = L2SP(reference, alpha=0.1, beta=0.01)(model)
+    # alpha/2 * ((0)^2 + 1^2 + 2^2 + 3^2) + beta/2 * (0.25 + 0.25 + 4 + 1 + 9)
+    assert penalty.item() == pytest.approx(0.05 * 14 + 0.005 * 14.5)
+    penalty.backward()
+    assert torch.allclose(model[0].weight.grad, 0.1 * torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert torch.allclose(model[1].bias.grad, torch.tensor([0.01 * 3.0]))
+
+
+def test_l2sp_skips_frozen_parameters():
+    model = nn.Linear(2, 2)
+    model.weight.requires_grad_(False)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([1.0, 2.0]))
+    assert L2SP({}, alpha=1.0, beta=2.0)(model).item() == pytest.approx(1.0 * 5.0)
+
+
+def test_bss_penalty_is_the_smallest_squared_singular_values():
+    features = torch.diag(torch.tensor([3.0, 2.0, 0.5]))  # singular values 3, 2, 0.5
+    assert BSS(k=1, weight=0.1)(nn.Identity(), features).item() == pytest.approx(0.1 * 0.25)
+    assert BSS(k=2, weight=1.0)(nn.Identity(), features).item() == pytest.approx(4.0 + 0.25)
+    rotated = torch.linalg.qr(torch.randn(3, 3))[0] @ features  # invariant to an orthogonal change of basis
+    assert BSS(k=1, weight=1.0)(nn.Identity(), rotated).item() == pytest.approx(0.25, rel=1e-4)
+
+
+def test_objective_adds_penalties_and_reports_parts():
+    model = build_target(tiny_source(), ["a", "b"])
+    objective = ClassificationObjective(penalties=[BSS(1, 1.0), L2SP({}, 0.0, 1e-3)])
+    out = objective(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
+    assert set(out) == {"loss", "logits", "ce", "bss", "l2sp"}
+    assert out["loss"].item() == pytest.approx((out["ce"] + out["bss"] + out["l2sp"]).item(), rel=1e-6)
+
+
+def test_regularizer_options_are_validated():
+    with pytest.raises(RecipeError, match="valid options: alpha, beta"):
+        regularizer_config({"name": "l2sp", "gamma": 1})
+    with pytest.raises(RecipeError, match="alpha and beta must be >= 0"):
+        regularizer_config({"name": "l2sp", "alpha": -1})
+    _, problems = validate_recipe({"source": "efficientnet_lite0", "data": {"dataset": "mnist5k"},
+                                   "train": {"regularizer": "l2p"}})
+    assert any(p.startswith("train.regularizer: unknown regularizer 'l2p'") and "Did you mean 'l2sp'" in p
+               for p in problems)
+
+
+# ----------------------------------------------------------------------------------------------- parameter choice
+
+
+def test_llrd_matches_timm_layer_decay():
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    ours = load_source("efficientnet_lite0")  # the source keeps its ImageNet classifier as the head
+    _, (plan,) = _plans({"name": "llrd", "decay": 0.7}, model=ours, lr=1.0)
+    our_scale = {p: g.lr for g in plan.groups for p in g.params}
+    reference = timm.create_model("tf_efficientnet_lite0")
+    timm_scale = {}
+    named = {id(p): n for n, p in reference.named_parameters()}
+    for group in param_groups_layer_decay(reference, layer_decay=0.7):
+        for p in group["params"]:
+            timm_scale[named[id(p)]] = group["lr_scale"]
+    assert len(timm_scale) == len(our_scale)
+    for name, scale in timm_scale.items():
+        ours_name = name.replace("classifier.", "head.") if name.startswith("classifier.") else f"backbone.{name}"
+        assert our_scale[ours_name] == pytest.approx(scale), name
+    assert min(timm_scale.values()) == pytest.approx(0.7**17)
+
+
+def test_freeze_first_groups_and_patterns():
+    model, (plan,) = _plans({"name": "freeze", "groups": 2})
+    groups = model.layer_groups()
+    frozen = set(groups[0][1]) | set(groups[1][1])
+    assert plan.trainable() == {n for n, _ in model.named_parameters()} - frozen
+    # BatchNorm statistics of the whole backbone frozen by default (train_bn: false), explicitly listed
+    assert "backbone.bn1" in plan.frozen_modules and all(m.startswith("backbone.") for m in plan.frozen_modules)
+    _, (plan,) = _plans({"name": "freeze", "patterns": [r"^backbone\.blocks\.0\."], "train_bn": True}, model=model)
+    assert not any(p.startswith("backbone.blocks.0.") for p in plan.trainable())
+    assert "backbone.bn1" not in plan.frozen_modules and "backbone.blocks.0.0.bn1" in plan.frozen_modules
+    with pytest.raises(RecipeError, match="matches no parameter"):
+        _plans({"name": "freeze", "patterns": ["^nothing"]}, model=model)
+    with pytest.raises(RecipeError, match="needs `groups: K`"):
+        get_strategy("freeze")
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_training():
+    model, (plan,) = _plans({"name": "freeze", "groups": 1})
+    apply_plan(model, plan)
+    set_train_mode(model, plan)
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(before, model.backbone.bn1.running_mean)
+    assert not model.backbone.bn1.training and model.head.training
+
+
+def test_bitfit_trains_biases_and_head_only():
+    model, (plan,) = _plans("bitfit")
+    trainable = plan.trainable()
+    assert trainable and all(n.endswith("bias") or n.startswith("head.") for n in trainable)
+    assert {"head.weight", "head.bias"} <= trainable
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(model.get_parameter(n).numel() for n in trainable) < 0.05 * total
+
+
+def test_gradual_unfreeze_stages_unfreeze_from_the_top():
+    model, plans = _plans({"name": "gradual_unfreeze", "every": 2}, epochs=7)
+    groups = [g for g, _ in model.layer_groups()]
+    assert [p.epochs for p in plans] == [2, 2, 2, 1]
+    assert [sorted(g.name for g in p.groups) for p in plans[:2]] == [["head"], sorted(["head", groups[-2]])]
+    trainable = [p.trainable() for p in plans]
+    assert all(a < b for a, b in itertools.pairwise(trainable))  # each stage trains strictly more
+
+
+def test_lp_ft_is_a_probe_then_fine_tuning():
+    model, (lp, ft) = _plans("lp_ft", epochs=6)
+    assert lp.cached_features and lp.epochs == 2 and lp.trainable() == {"head.weight", "head.bias"}
+    assert not ft.cached_features and ft.epochs == 4
+    assert ft.trainable() == {n for n, _ in model.named_parameters()}
+    assert [g.lr for g in ft.groups] == pytest.approx([0.001, 0.001])
+    with pytest.raises(RecipeError, match="leaves no epoch for fine-tuning"):
+        _plans({"name": "lp_ft", "lp_epochs": 3}, epochs=3)
+
+
+def test_l2sp_strategy_replaces_weight_decay():
+    _, (plan,) = _plans({"name": "l2sp", "alpha": 0.1})
+    assert all(g.weight_decay == 0.0 for g in plan.groups)
+    assert plan.regularizers == [("l2sp", {"alpha": 0.1, "beta": 0.01})]
+
+
+# ------------------------------------------------------------------------------------------------ staged training
+
+
+@pytest.fixture(scope="module")
+def data():
+    return small_mnist()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _train(data, tmp_path, strategy, resume=False, stop_at=None, **train_kw):
+    from transferkit.engine.loop import JobPaths
+
+    model = build_target(tiny_source(), data.classes, seed=0)
+    cfg = TrainConfig(strategy=strategy, batch_size=8, lr=0.02, checkpoint_every=2, log_every=1,
+                      **{"epochs": 4, **train_kw})
+    calls = {"n": 0}
+
+    def on_step(step: int) -> None:
+        calls["n"] += 1
+        if stop_at is not None and calls["n"] == stop_at:
+            raise _Interrupt
+
+    paths = JobPaths(tmp_path / "ckpt" / "last.pt", tmp_path / "metrics.jsonl", "job")
+    result = train(model, data, cfg, seed=0, accelerator=make_accelerator("no"), paths=paths, resume=resume,
+                   on_step=on_step)
+    return model, result
+
+
+@pytest.mark.parametrize(("strategy", "stop_at"), [
+    ("lp_ft", 3),  # in the probe stage
+    ("lp_ft", 12),  # in the fine-tuning stage (the probe has 5 steps per epoch, 1 epoch)
+    ({"name": "gradual_unfreeze", "every": 1}, 13),  # in the third stage
+])
+def test_staged_strategies_resume_to_the_same_result(data, tmp_path, strategy, stop_at):
+    reference, ref = _train(data, tmp_path / "a", strategy)
+    with pytest.raises(_Interrupt):
+        _train(data, tmp_path / "b", strategy, stop_at=stop_at)
+    resumed, res = _train(data, tmp_path / "b", strategy, resume=True)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]  # noqa: E731
+    assert strip(ref["history"]) == strip(res["history"])
+    assert ref["val"] == res["val"]
+
+
+def test_lp_ft_with_l2sp_combines_selection_and_penalty(data):
+    model = build_target(tiny_source(), data.classes, seed=0)
+    cfg = TrainConfig(strategy="lp_ft", epochs=3, batch_size=8, regularizer={"name": "l2sp", "alpha": 0.5})
+    result = train(model, data, cfg, accelerator=make_accelerator("no"))
+    assert [s["stage"] for s in result["stages"]] == ["lp", "ft"]
+    assert [h["stage"] for h in result["history"]] == ["lp", "ft", "ft"]
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert math.isfinite(result["val"]["loss"])
