@@ -130,7 +130,7 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
     timing: dict[str, float] = {"train_s": 0.0}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    epochs_before = 0
+    epochs_before, trainable = 0, 0
     for i, plan in enumerate(plans):
         stage_cfg = cfg.model_copy(update={"epochs": plan.epochs or cfg.epochs})
         stage_paths = _stage_paths(paths, i, plan, len(plans))
@@ -168,8 +168,12 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
                 write_json(done, summary)
             accelerator.wait_for_everyone()
         timing["train_s"] += summary["train_s"]
+        trainable = max(trainable, summary["trainable_params"])
         history += [{**h, "epoch": h["epoch"] + epochs_before, "stage": summary["stage"]} for h in summary["history"]]
         epochs_before += summary["epochs_run"]
+    finish = getattr(strategy, "finish", None)
+    if finish is not None:  # e.g. LoRA's merge into plain weights
+        finish(model, options)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -177,7 +181,7 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
             "best_epoch": summary["best_epoch"] + epochs_before - summary["epochs_run"],
             "epochs_run": epochs_before, "history": history, "val": summary["val"], "timing": timing,
             "resumed_from_step": summary["resumed_from_step"], "stages": describe_plans(plans),
-            "trainable_params": max(_trainable_count(model, p) for p in plans),
+            "trainable_params": trainable,
             "total_params": sum(p.numel() for p in model.parameters()),
             "cached_features": plans[-1].cached_features}
 
@@ -193,10 +197,6 @@ def plan_stages(strategy: Any, options: Any, model: VisionModel, cfg: TrainConfi
 
 def _options(spec: str | dict[str, Any]) -> dict[str, Any]:
     return {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
-
-
-def _trainable_count(model: nn.Module, plan: TrainPlan) -> int:
-    return sum(model.get_parameter(n).numel() for n in plan.trainable())
 
 
 def _stage_paths(paths: JobPaths | None, index: int, plan: TrainPlan, stages: int) -> JobPaths | None:

@@ -21,7 +21,7 @@ RECIPE = {
     "data": {"dataset": "mnist5k", "per_class": 4, "val_per_class": 2, "test_size": 40, "image_size": 32},
     "train": {"strategy": "full", "epochs": 2, "batch_size": 8, "lr": 0.01, "log_every": 1},
     "compare": ["linear_probe", "l2sp", {"strategy": {"name": "gradual_unfreeze", "every": 1}},
-                {"strategy": {"name": "lp_ft", "lp_epochs": 1}}],
+                {"strategy": {"name": "lp_ft", "lp_epochs": 1}}, {"strategy": {"name": "lora", "r": 2}}],
 }
 
 
@@ -41,7 +41,7 @@ def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
     run = read_json(out / "run.json")
     assert run["world_size"] == 2 and run["distributed_type"] == "MULTI_CPU" and run["status"] == "done"
     metrics = read_json(out / "metrics.json")
-    assert set(metrics["models"]) == {"full", "linear_probe", "l2sp", "gradual_unfreeze", "lp_ft"}
+    assert set(metrics["models"]) == {"full", "linear_probe", "l2sp", "gradual_unfreeze", "lp_ft", "lora"}
     for name, m in metrics["models"].items():
         prints = m["rank_weights_sha256"]
         assert len(prints) == 2 and prints[0] == prints[1] == m["weights_sha256"], name

@@ -226,3 +226,48 @@ def test_lp_ft_with_l2sp_combines_selection_and_penalty(data):
     assert [h["stage"] for h in result["history"]] == ["lp", "ft", "ft"]
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
     assert math.isfinite(result["val"]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_adapters_and_head_and_reloads_the_same(data, tmp_path):
+    from transferkit.models.vision import load_model, save_model
+
+    model = build_target(tiny_source(), data.classes, seed=0)
+    frozen_before = model.backbone.conv_stem.weight.detach().clone()
+    result = train(model, data, TrainConfig(strategy={"name": "lora", "r": 4}, epochs=2, batch_size=8, lr=0.02),
+                   accelerator=make_accelerator("no"))
+    names = [n for n, _ in model.named_parameters()]
+    lora = [n for n in names if ".lora_" in n]
+    assert lora and all(".conv_pw" in n for n in lora)  # the EfficientNet default: 1x1 convolutions
+    assert result["trainable_params"] == sum(model.get_parameter(n).numel() for n in lora) + 10 * 256 + 10
+    assert torch.equal(model.backbone.conv_stem.weight, frozen_before)
+    assert any(model.get_parameter(n).abs().sum() > 0 for n in lora if "lora_B" in n)  # B starts at 0: it trained
+    x = torch.randn(3, 3, 32, 32)
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.adapter["r"] == 4
+    assert torch.allclose(again(x), model.eval()(x), atol=1e-6)  # the head and adapters came back together
+
+
+def test_lora_merge_gives_plain_weights_with_the_same_outputs(data):
+    from transferkit.strategies.lora import merge_lora
+
+    model = build_target(tiny_source(), data.classes, seed=0)
+    train(model, data, TrainConfig(strategy={"name": "lora", "r": 2}, epochs=1, batch_size=8, lr=0.05),
+          accelerator=make_accelerator("no"))
+    x = torch.randn(2, 3, 32, 32)
+    before = model.eval()(x)
+    merge_lora(model)
+    assert model.adapter is None and not any(".lora_" in n for n, _ in model.named_parameters())
+    assert torch.allclose(model(x), before, atol=1e-5)
+    merged = build_target(tiny_source(), data.classes, seed=0)
+    train(merged, data, TrainConfig(strategy={"name": "lora", "r": 2, "merge": True}, epochs=1, batch_size=8,
+                                    lr=0.05), accelerator=make_accelerator("no"))
+    assert merged.adapter is None and set(merged.state_dict()) == set(model.state_dict())
+
+
+def test_lora_bad_target_modules_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="match no layer of the backbone"):
+        _plans({"name": "lora", "target_modules": ["nothing_here"]})

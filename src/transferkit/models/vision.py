@@ -61,6 +61,7 @@ class VisionModel(nn.Module):
         self.labels = labels
         self.num_features = num_features
         self.groups = groups or []
+        self.adapter: dict[str, Any] | None = None  # e.g. LoRA adapters injected in the backbone
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -256,6 +257,7 @@ def save_model(model: VisionModel, folder: str | Path, extra: dict[str, Any] | N
         "labels": model.labels,
         "preprocess": model.preprocess,
         "groups": model.groups,
+        "adapter": model.adapter,
         **(extra or {}),
     }
     state = model.state_dict()
@@ -283,6 +285,10 @@ def load_model(folder: str | Path) -> VisionModel:
     model = VisionModel(backbone.module, nn.Identity(), meta["arch"], meta["preprocess"], meta["labels"],
                         meta["num_features"], [tuple(g) for g in meta.get("groups", [])])
     model.reset_head(head_spec["num_classes"], meta["labels"], head_spec.get("dropout", 0.0))
+    if meta.get("adapter"):
+        from transferkit.strategies.lora import inject_lora
+
+        inject_lora(model, {k: v for k, v in meta["adapter"].items() if k != "type"})
     state = load_state_dict(folder / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
