@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import shutil
 import time
@@ -102,7 +103,8 @@ def _progress() -> bool:
 
 def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int = 0, accelerator: Any = None,
           paths: JobPaths | None = None, resume: bool = False, features: dict[str, torch.Tensor] | None = None,
-          reference: dict[str, torch.Tensor] | None = None, on_step: Any = None) -> dict[str, Any]:
+          reference: dict[str, torch.Tensor] | None = None, source: VisionModel | None = None,
+          on_step: Any = None) -> dict[str, Any]:
     """Train ``model`` in place by ``cfg.strategy``, stage by stage; returns the summary (history, timings...).
 
     Args:
@@ -116,6 +118,7 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
         features: cached backbone features by split (computed here when a stage needs them and none are given).
         reference: the starting weights ``w0`` for regularisers, by parameter name; pass the source's own tensors
             to avoid a copy (default: a copy of the model's weights at the start).
+        source: the source model, used frozen by ``delta`` (default: a copy of the model at the start).
         on_step: called with the step number after each optimizer step (tests use it to interrupt).
 
     Stages that cache features (``linear_probe``, the probe of ``lp_ft``) train only the head, on features
@@ -125,8 +128,11 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
     strategy, options = get_strategy(cfg.strategy)
     plans = plan_stages(strategy, options, model, cfg)
     extra = [(regularizer_config(cfg.regularizer)[0], _options(cfg.regularizer))] if cfg.regularizer else []
-    if reference is None and (extra or any(p.regularizers for p in plans)):
+    specs = [name for p in plans for name, _ in p.regularizers] + [name for name, _ in extra]
+    if reference is None and specs:
         reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if source is None and "delta" in specs:
+        source = copy.deepcopy(model)
     timing: dict[str, float] = {"train_s": 0.0}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -140,14 +146,14 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
             summary = read_json(done)
         else:
             apply_plan(model, plan)
-            penalties = build_penalties(plan.regularizers + extra, reference or {})
             if plan.cached_features:
                 t = time.perf_counter()
                 features = features or feature_cache(model, data, accelerator.device, splits=("train", "val"))
                 timing["features_s"] = timing.get("features_s", 0.0) + time.perf_counter() - t
                 head_refs = {k.removeprefix("head."): v for k, v in (reference or {}).items() if k.startswith("head.")}
-                objective = ClassificationObjective(cfg.label_smoothing, build_penalties(plan.regularizers + extra,
-                                                                                           head_refs))
+                # the backbone is frozen here: penalties on feature maps (delta) have nothing to act on
+                specs_here = [r for r in plan.regularizers + extra if r[0] != "delta"]
+                objective = ClassificationObjective(cfg.label_smoothing, build_penalties(specs_here, head_refs))
                 result = fit(model.head, _features_dataset(features, data, "train"),
                              _features_dataset(features, data, "val"), stage_cfg, _head_only(plan),
                              num_classes=len(data.classes), seed=seed + i, accelerator=accelerator, paths=stage_paths,
@@ -156,7 +162,8 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
             else:
                 result = fit(model, data.dataset("train", train=True), data.dataset("val"), stage_cfg, plan,
                              num_classes=len(data.classes), seed=seed + i, accelerator=accelerator, paths=stage_paths,
-                             resume=resume, objective=ClassificationObjective(cfg.label_smoothing, penalties),
+                             resume=resume, objective=ClassificationObjective(cfg.label_smoothing, build_penalties(
+                                 plan.regularizers + extra, reference or {}, source.backbone if source else None)),
                              num_workers=data.cfg.num_workers, on_step=on_step)
                 model.load_state_dict(result.best_state)
             summary = {"stage": plan.name, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
@@ -333,7 +340,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         paths = JobPaths(job_dir / "last.pt", out / "metrics.jsonl", name)
         reference = source.state_dict() if not strategy.from_scratch else None  # w0 for regularisers: no copy
         job = train(target, data, cfg, seed=recipe.seed, accelerator=accelerator, paths=paths, resume=resume,
-                    features=features, reference=reference)
+                    features=features, reference=reference, source=source)
         if plan_caches:
             job["timing"]["features_s"] = features_s
         t = time.perf_counter()

@@ -271,3 +271,60 @@ def test_lora_merge_gives_plain_weights_with_the_same_outputs(data):
 def test_lora_bad_target_modules_is_a_recipe_error():
     with pytest.raises(RecipeError, match="match no layer of the backbone"):
         _plans({"name": "lora", "target_modules": ["nothing_here"]})
+
+
+# ------------------------------------------------------------------------------------------------------------ DELTA
+
+
+def _conv_model(w: list[float]):
+    from transferkit.models.vision import VisionModel
+
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(w).view(2, 1, 1, 1))
+    backbone = nn.Sequential()
+    backbone.add_module("blocks", nn.Sequential(conv))
+    backbone.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
+    model = VisionModel(backbone, nn.Identity(), {"family": "none", "name": "test"}, {}, None, 2)
+    model.reset_head(2, ["a", "b"])
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    return model
+
+
+def test_delta_penalty_against_hand_computed_value():
+    from transferkit.strategies.regularizers import Delta, default_delta_layers
+
+    source, target = _conv_model([1.0, 2.0]), _conv_model([1.0, 3.0])
+    assert default_delta_layers(source.backbone) == ["blocks.0"]
+    reference = {n: p for n, p in source.named_parameters() if n.startswith("backbone.")}
+    delta = Delta(source.backbone, ["blocks.0"], reference, alpha=0.2, beta=0.1)
+    x = torch.ones(1, 1, 2, 2)
+    delta.prepare(target)  # as the objective does before its forward: hooks catch the target's maps
+    target(x)
+    value = delta(target, inputs=x)
+    # channel 0: 1 vs 1 -> 0; channel 1: 3 vs 2 -> 1 per pixel; head (new): 1 + 4 = 5
+    assert value.item() == pytest.approx(0.2 / 2 * 1.0 + 0.1 / 2 * 5.0)
+    assert not any(p.requires_grad for p in source.backbone.parameters()) and not source.backbone.training
+
+
+def test_delta_attention_weights_important_channels_more():
+    from transferkit.strategies.regularizers import Delta
+
+    source = _conv_model([1.0, 2.0])
+    delta = Delta(source.backbone, ["blocks.0"], {}, alpha=1.0, beta=0.0, attention=True)
+    x, y = torch.ones(4, 1, 2, 2), torch.tensor([1, 1, 1, 1])
+    weights = delta._channel_attention(source.head, x, y)["blocks.0"]
+    # class 1 is read from channel 1 (head weight 2): removing channel 1 hurts, removing channel 0 helps
+    assert weights[1] > weights[0] and weights.sum().item() == pytest.approx(2.0)
+
+
+def test_delta_strategy_trains_and_leaves_the_source_untouched(data):
+    source = tiny_source()
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    model = build_target(source, data.classes, seed=0)
+    result = train(model, data, TrainConfig(strategy={"name": "delta", "alpha": 0.1}, epochs=1, batch_size=8),
+                   accelerator=make_accelerator("no"), source=source, reference=source.state_dict())
+    assert math.isfinite(result["val"]["loss"])
+    assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
+    assert not torch.equal(model.backbone.conv_stem.weight, source.backbone.conv_stem.weight)

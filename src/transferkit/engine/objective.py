@@ -25,6 +25,9 @@ class ClassificationObjective(nn.Module):
         self.penalties = list(penalties)  # not registered: they hold references to source weights, never copies
 
     def forward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        for p in self.penalties:
+            if hasattr(p, "prepare"):
+                p.prepare(model)
         features = None
         if any(p.needs_features for p in self.penalties):
             if isinstance(getattr(model, "module", model), VisionModel):
@@ -36,7 +39,7 @@ class ClassificationObjective(nn.Module):
         ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         out = {"loss": ce, "logits": logits, "ce": ce}
         for p in self.penalties:
-            value = p(model, features)
+            value = p(model, features, inputs=inputs, targets=targets)
             out[type(p).__name__.lower()] = value
             out["loss"] = out["loss"] + value
         return out

@@ -17,7 +17,7 @@ from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 from transferkit.strategies.basic import FullConfig, full_groups, head_params
-from transferkit.strategies.regularizers import BSSConfig, L2SPConfig
+from transferkit.strategies.regularizers import BSSConfig, DeltaConfig, L2SPConfig
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -276,6 +276,21 @@ def bss_plan(model: VisionModel, cfg: BSSStrategyConfig, train: TrainConfig) -> 
     return TrainPlan(groups, regularizers=[("bss", {"k": cfg.k, "weight": cfg.weight})])
 
 
+@dataclass
+class DeltaStrategyConfig(DeltaConfig):
+    """``full`` fine-tuning with the DELTA feature-map penalty (see DeltaConfig)."""
+
+    backbone_lr_scale: float = 0.1
+
+
+def delta_plan(model: VisionModel, cfg: DeltaStrategyConfig, train: TrainConfig) -> TrainPlan:
+    groups = full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), train.lr)
+    options = {"alpha": cfg.alpha, "beta": cfg.beta, "layers": cfg.layers, "attention": cfg.attention}
+    return TrainPlan(groups, regularizers=[("delta", options)])
+
+
+STRATEGIES.register("delta", help="full fine-tuning with feature maps kept near the source's (DELTA, Li et al. 2019)")(
+    type("DeltaStrategy", (), {"config": DeltaStrategyConfig, "from_scratch": False, "plan": staticmethod(delta_plan)}))
 STRATEGIES.register("l2sp", help="full fine-tuning kept near the source weights (L2-SP, Li et al. 2018)")(
     type("L2SPStrategy", (), {"config": L2SPStrategyConfig, "from_scratch": False, "plan": staticmethod(l2sp_plan)}))
 STRATEGIES.register("bss", help="full fine-tuning with batch spectral shrinkage (Chen et al. 2019)")(

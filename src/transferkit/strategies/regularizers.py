@@ -59,7 +59,7 @@ class L2SP(nn.Module):
         self.alpha = alpha
         self.beta = beta
 
-    def forward(self, model: nn.Module, features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, model: nn.Module, features: torch.Tensor | None = None, **batch: Any) -> torch.Tensor:
         transferred, new = [], []
         for name, w in unwrap(model).named_parameters():
             if not w.requires_grad:
@@ -103,7 +103,7 @@ class BSS(nn.Module):
         self.k = k
         self.weight = weight
 
-    def forward(self, model: nn.Module, features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, model: nn.Module, features: torch.Tensor | None = None, **batch: Any) -> torch.Tensor:
         if features is None:
             raise ValueError("BSS needs the batch features")
         singular = torch.linalg.svdvals(features.float())  # descending
@@ -111,12 +111,146 @@ class BSS(nn.Module):
         return self.weight * singular[-k:].pow(2).sum()
 
 
-# name -> (config dataclass, builder(config, reference) -> penalty module)
-REGULARIZERS: Registry[tuple[type, Callable[[Any, dict[str, torch.Tensor]], nn.Module]]] = Registry("regularizer")
+@dataclass
+class DeltaConfig:
+    """DELTA (Li et al. 2019): keep the target's feature maps near the frozen source's on the same inputs,
+    ``alpha/2 * sum_layers sum_channels w_c * mean ||FM_c(w, x) - FM_c(w0, x)||^2``, plus ``beta/2 ||w||^2`` on the
+    new head. With ``attention``, the channel weights ``w_c`` are a softmax over how much the loss grows when the
+    channel is removed from the source network (measured once, on the first batch); otherwise all ``w_c = 1``.
+
+    Attributes:
+        alpha: weight of the feature-map distance.
+        beta: plain L2 on weights without a source counterpart.
+        layers: backbone module names whose outputs are compared; default: the outputs of the layer groups'
+            last modules (for timm models, each stage).
+        attention: weight channels by their importance to the source network (costs one forward pass per
+            channel, once).
+    """
+
+    alpha: float = 0.01
+    beta: float = 0.01
+    layers: list[str] | None = None
+    attention: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"delta alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+
+
+class Delta(nn.Module):
+    """The DELTA penalty.
+
+    Args:
+        source: the frozen source backbone (a reference: never trained, in eval mode, outside DDP, no gradients).
+        layers: backbone module names to compare.
+        reference: starting weights by name (for the ``beta`` term on new weights).
+        alpha: see DeltaConfig.
+        beta: see DeltaConfig.
+        attention: see DeltaConfig.
+    """
+
+    needs_features = False
+
+    def __init__(self, source: nn.Module, layers: list[str], reference: dict[str, torch.Tensor], alpha: float,
+                 beta: float, attention: bool = False):
+        super().__init__()
+        object.__setattr__(self, "source", source)  # not a submodule: not moved, saved or wrapped with the model
+        source.eval().requires_grad_(False)
+        self.layers = layers
+        self.alpha, self.beta, self.attention = alpha, beta, attention
+        self.new_weights = L2SP(reference, 0.0, beta)
+        self.weights: dict[str, torch.Tensor] | None = None
+        self._hooked: nn.Module | None = None
+        self._maps: dict[str, torch.Tensor] = {}
+
+    def _hook(self, backbone: nn.Module, store: dict[str, torch.Tensor]) -> list[Any]:
+        handles = []
+        for name in self.layers:
+            try:
+                module = backbone.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(f"delta layer '{name}' is not a module of the backbone") from e
+            handles.append(module.register_forward_hook(lambda m, i, o, n=name: store.__setitem__(n, o)))
+        return handles
+
+    @torch.no_grad()
+    def _source_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        store: dict[str, torch.Tensor] = {}
+        handles = self._hook(self.source, store)
+        try:
+            self.source(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return store
+
+    @torch.no_grad()
+    def _channel_attention(self, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Softmax over channels of the loss increase when a channel of the source is zeroed (Li et al. 2019)."""
+        import torch.nn.functional as F
+
+        base = F.cross_entropy(head(self.source(x)), y)
+        weights = {}
+        for name in self.layers:
+            module = self.source.get_submodule(name)
+            channels = self._source_maps(x[:1])[name].shape[1]
+            increase = torch.zeros(channels)
+            for c in range(channels):
+                def drop(m: nn.Module, i: Any, o: torch.Tensor, c: int = c) -> torch.Tensor:
+                    o = o.clone()
+                    o[:, c] = 0
+                    return o
+
+                h = module.register_forward_hook(drop)
+                try:
+                    increase[c] = F.cross_entropy(head(self.source(x)), y) - base
+                finally:
+                    h.remove()
+            weights[name] = torch.softmax(increase, dim=0) * channels  # mean weight 1, like the unweighted form
+        return weights
+
+    def prepare(self, model: nn.Module) -> None:
+        """Before the objective's forward: hooks on the trained backbone catch its feature maps during it."""
+        target = unwrap(model)
+        if self._hooked is not target:
+            self._hook(target.backbone, self._maps)
+            self._hooked = target
+
+    def forward(self, model: nn.Module, features: torch.Tensor | None = None, *, inputs: torch.Tensor,
+                targets: torch.Tensor | None = None, **batch: Any) -> torch.Tensor:
+        target = unwrap(model)
+        if self.weights is None:
+            self.weights = (self._channel_attention(target.head, inputs, targets) if self.attention and
+                            targets is not None else {})
+        if next(self.source.parameters()).device != inputs.device:
+            self.source.to(inputs.device)
+        source_maps = self._source_maps(inputs)
+        total = inputs.new_zeros(())
+        for name in self.layers:
+            diff = (self._maps[name] - source_maps[name]).pow(2)
+            per_channel = diff.flatten(2).mean(-1).mean(0) if diff.ndim > 2 else diff.mean(0)
+            w = self.weights.get(name)
+            total = total + (per_channel * w.to(per_channel.device) if w is not None else per_channel).sum()
+        return self.alpha / 2 * total + self.new_weights(model)
+
+
+def default_delta_layers(backbone: nn.Module) -> list[str]:
+    """The output of each stage: timm's ``blocks.N`` (else the backbone's top-level children)."""
+    names = [n for n, _ in backbone.named_children()]
+    if "blocks" in names:
+        return [f"blocks.{i}" for i in range(len(backbone.get_submodule("blocks")))]
+    return [n for n, m in backbone.named_children() if any(True for _ in m.parameters())]
+
+
+# name -> (config dataclass, builder(config, reference, source backbone) -> penalty module)
+REGULARIZERS: Registry[tuple[type, Callable[..., nn.Module]]] = Registry("regularizer")
 REGULARIZERS.register("l2sp", help="pull transferred weights towards the source (Li et al. 2018)")(
-    (L2SPConfig, lambda c, ref: L2SP(ref, c.alpha, c.beta)))
+    (L2SPConfig, lambda c, ref, src: L2SP(ref, c.alpha, c.beta)))
 REGULARIZERS.register("bss", help="shrink the smallest singular values of batch features (Chen et al. 2019)")(
-    (BSSConfig, lambda c, ref: BSS(c.k, c.weight)))
+    (BSSConfig, lambda c, ref, src: BSS(c.k, c.weight)))
+REGULARIZERS.register("delta", help="keep feature maps near the frozen source's (Li et al. 2019)")(
+    (DeltaConfig, lambda c, ref, src: Delta(src, c.layers or default_delta_layers(src), ref, c.alpha, c.beta,
+                                            c.attention)))
 
 
 def regularizer_config(spec: str | dict[str, Any]) -> tuple[str, Any]:
@@ -135,9 +269,13 @@ def regularizer_config(spec: str | dict[str, Any]) -> tuple[str, Any]:
         raise RecipeError(f"regularizer '{name}': {e}") from e
 
 
-def build_penalties(specs: list[tuple[str, dict[str, Any]]], reference: dict[str, torch.Tensor]) -> list[nn.Module]:
+def build_penalties(specs: list[tuple[str, dict[str, Any]]], reference: dict[str, torch.Tensor],
+                    source: nn.Module | None = None) -> list[nn.Module]:
+    """Penalty modules for ``specs``; ``source`` is the frozen source backbone (needed by ``delta``)."""
     out = []
     for name, options in specs:
         _, cfg = regularizer_config({"name": name, **options})
-        out.append(REGULARIZERS.get(name)[1](cfg, reference))
+        if name == "delta" and source is None:
+            raise ValueError("delta needs the source network: pass train(..., source=...) or use transferkit run")
+        out.append(REGULARIZERS.get(name)[1](cfg, reference, source))
     return out
