@@ -72,6 +72,33 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from transferkit.rank.candidates import SCORE_NAMES, rank_candidates
+    from transferkit.recipe import DataConfig
+
+    data = DataConfig(dataset=args.data, per_class=args.per_class, image_size=args.image_size)
+    specs = [json.loads(c) if c.lstrip().startswith("{") else c for c in args.candidates]
+    rows = rank_candidates(data, specs, max_examples=args.max_examples, score=args.score, seed=args.seed)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        names = list(SCORE_NAMES)
+        short = {n: n.replace("_shrinkage", "_shr") + ("*" if n == args.score else "") for n in names}
+        width = max(len("candidate"), *(len(r["candidate"]) for r in rows))
+        print(f"{'rank':<4}  {'candidate':<{width}}" + "".join(f"  {short[n]:>10}" for n in names) + "  time (s)")
+        print("-" * (4 + 2 + width + 12 * len(names) + 10))
+        for r in rows:
+            cells = "".join(f"  {r['scores'][n]:>10.4f}" if n in r["scores"] else f"  {'-':>10}" for n in names)
+            if r["status"] != "ok":
+                cells = f"  {'failed':>10}" + " " * 12 * (len(names) - 1)
+            print(f"{r['rank']:<4}  {r['candidate']:<{width}}{cells}  {r['times']['total_s']:>8.2f}")
+        for r in rows:
+            if r["status"] != "ok":
+                print(f"failed: {r['error']}")
+        print(f"sorted by {args.score} (higher is better); '-': no usable source classifier head (--json says why)")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferkit", description="Transfer learning on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list sources, strategies and datasets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_ls)
+    p = sub.add_parser("rank", help="rank candidate sources for a dataset: one forward pass each, then scores")
+    p.add_argument("--data", required=True, help="a built-in dataset, an image folder or a CSV manifest")
+    p.add_argument("--candidates", nargs="+", required=True, metavar="SPEC",
+                   help='source specs, as in a recipe: a name, or JSON such as \'{"name": "efficientnet_lite0", '
+                        '"pretrained": false}\'')
+    p.add_argument("--max-examples", type=int, help="score on at most N training examples (stratified)")
+    p.add_argument("--per-class", type=int, help="training examples per class, as data.per_class in a recipe")
+    p.add_argument("--image-size", type=int, help="input size (default: each source's own)")
+    p.add_argument("--score", default="logme", choices=["logme", "leep", "nce", "hscore", "hscore_shrinkage"],
+                   help="the score to sort by (default logme)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the split and the choice of examples (default 0)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_rank)
     return parser
 
 
