@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
@@ -29,6 +30,7 @@ from transferkit.models.vision import VisionModel, save_model
 from transferkit.recipe import DataConfig, Recipe, TrainConfig, dump_recipe, load_recipe
 from transferkit.sources import load_source
 from transferkit.strategies import get_strategy
+from transferkit.strategies.auto import resolve_auto
 from transferkit.strategies.base import ParamGroup, TrainPlan, apply_plan
 from transferkit.strategies.catalogue import describe_plans
 from transferkit.strategies.regularizers import build_penalties, regularizer_config
@@ -125,7 +127,9 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
     computed once: the same computation as training through a frozen backbone in eval mode.
     """
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    strategy, options = get_strategy(cfg.strategy)
+    cfg, strategy, options, auto_reason = resolve_strategy(cfg, model, data)
+    if auto_reason and accelerator.is_main_process:
+        print(auto_reason)
     plans = plan_stages(strategy, options, model, cfg)
     extra = [(regularizer_config(cfg.regularizer)[0], _options(cfg.regularizer))] if cfg.regularizer else []
     specs = [name for p in plans for name, _ in p.regularizers] + [name for name, _ in extra]
@@ -190,7 +194,20 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
             "resumed_from_step": summary["resumed_from_step"], "stages": describe_plans(plans),
             "trainable_params": trainable,
             "total_params": sum(p.numel() for p in model.parameters()),
-            "cached_features": plans[-1].cached_features}
+            "cached_features": plans[-1].cached_features, **({"auto": auto_reason} if auto_reason else {})}
+
+
+def resolve_strategy(cfg: TrainConfig, model: VisionModel,
+                     data: PreparedData) -> tuple[TrainConfig, Any, Any, str | None]:
+    """The strategy and its options; ``auto`` is replaced by the strategy its rule picks for this data and model."""
+    strategy, options = get_strategy(cfg.strategy)
+    if cfg.strategy_name != "auto":
+        return cfg, strategy, options, None
+    per_class = int(np.bincount(data.images.labels[data.splits.train]).min())
+    chosen, reason = resolve_auto(options, model, per_class)
+    cfg = cfg.model_copy(update={"strategy": chosen})
+    strategy, options = get_strategy(chosen)
+    return cfg, strategy, options, reason
 
 
 def plan_stages(strategy: Any, options: Any, model: VisionModel, cfg: TrainConfig) -> list[TrainPlan]:
@@ -324,13 +341,14 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             results[name] = read_json(done_file)
             log(f"[{name}] already trained: test accuracy {results[name]['test']['accuracy']:.4f}")
             continue
-        strategy, options = get_strategy(cfg.strategy)
+        strategy, _ = get_strategy(cfg.strategy)
         target = build_target(source, data.classes, pretrained=not strategy.from_scratch, seed=recipe.seed)
         target.preprocess = data.preprocess
         if name == recipe.train.strategy_name:
             report = target.report
         target.to(accelerator.device)
-        plans = plan_stages(strategy, options, target, cfg)
+        resolved_cfg, resolved, resolved_options, _ = resolve_strategy(cfg, target, data)
+        plans = plan_stages(resolved, resolved_options, target, resolved_cfg)
         plan_caches = any(p.cached_features for p in plans)
         if plan_caches and features is None:
             t = time.perf_counter()

@@ -43,6 +43,6 @@ def check_strategy(spec: str | dict[str, Any]) -> list[str]:
 
 
 # registering: linear_probe, full, scratch; freeze, gradual_unfreeze, llrd, lp_ft, bitfit, l2sp, bss
-from transferkit.strategies import basic, catalogue, lora  # noqa: E402, F401
+from transferkit.strategies import auto, basic, catalogue, lora  # noqa: E402, F401
 
 __all__ = ["STRATEGIES", "Strategy", "TrainPlan", "check_strategy", "get_strategy"]
