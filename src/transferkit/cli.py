@@ -99,6 +99,27 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from transferkit.transfer.api import format_report, save_transfer, transfer
+
+    rules = None
+    if args.rules:
+        from pathlib import Path
+
+        import yaml
+
+        text = Path(args.rules).read_text() if Path(args.rules).is_file() else args.rules
+        rules = yaml.safe_load(text)  # YAML is a superset of JSON: a file or an inline list of {from, to}
+    model, report = transfer(args.source, args.target, rules=rules, strict=args.strict,
+                             labels=args.labels.split(",") if args.labels else None,
+                             extra_blocks="identity" if args.identity_blocks else "fresh",
+                             target_kwargs={"in_chans": args.in_chans} if args.in_chans else None)
+    save_transfer(model, report, args.out, overwrite=args.overwrite)
+    print(format_report(report), end="")
+    print(f"saved: {args.out} (model.safetensors, model.json, transfer_report.json, transfer_report.txt)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferkit", description="Transfer learning on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fixes the split and the choice of examples (default 0)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_rank)
+
+    p = sub.add_parser("transfer", help="move a source's weights into a target of another structure, with a report")
+    p.add_argument("source", help="a source name, model folder or weights file (.safetensors/.pt)")
+    p.add_argument("target", help="the target architecture, e.g. timm:resnet34 (built with random weights)")
+    p.add_argument("--out", required=True, help="folder for the model and transfer_report.json/.txt")
+    p.add_argument("--rules", help='rename rules: a YAML/JSON file or inline, e.g. \'[{"from": "^features", '
+                                   '"to": "blocks"}]\'')
+    p.add_argument("--strict", action="store_true", help="an ambiguous structural pairing is an error")
+    p.add_argument("--labels", help="comma-separated target classes: a new head, rows kept for shared labels")
+    p.add_argument("--in-chans", type=int, help="input channels of the target (e.g. 1 for grey images)")
+    p.add_argument("--identity-blocks", action="store_true", help="extra target blocks start as the identity")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.set_defaults(func=_cmd_transfer)
     return parser
 
 

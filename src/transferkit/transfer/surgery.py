@@ -1,0 +1,369 @@
+"""Surgery: change a network's head, input channels, image size, depth or width while keeping what it knows.
+
+Each function is a small pure operation on tensors or modules. The function-preserving ones (``input channels``
+on a grey image, ``deeper`` with identity blocks, ``wider``) are tested to give the source's outputs to float
+tolerance before any training; the others (``narrower``, ``shallower``, a head from labels) keep as much as can be
+kept and say so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferkit.errors import TransferKitError
+
+
+class SurgeryError(TransferKitError, ValueError):
+    """A surgery cannot be applied to the given shapes or modules."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head
+
+
+def _label_key(label: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(label)).strip().lower()
+
+
+def head_from_labels(source_weight: torch.Tensor, source_bias: torch.Tensor | None, source_labels: Sequence[str],
+                     target_weight: torch.Tensor, target_bias: torch.Tensor | None,
+                     target_labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+    """A new head whose rows for classes the source also knows (same label name) start from the source's rows.
+
+    Labels are compared case-insensitively with spaces, ``_`` and ``-`` equated, so ImageNet's ``daisy`` is the
+    target's ``Daisy``. Rows of the other classes keep the target's fresh initialisation.
+
+    Args:
+        source_weight: source classifier weight, ``(num_source_classes, features)``.
+        source_bias: its bias, or None.
+        source_labels: source class names, in output order.
+        target_weight: the new (fresh) head weight, ``(num_target_classes, features)``.
+        target_bias: its bias, or None.
+        target_labels: target class names, in output order.
+
+    Returns:
+        (weight, bias, pairs) where pairs lists (target row, source row) copied.
+    """
+    if source_weight.shape[1:] != target_weight.shape[1:]:
+        raise SurgeryError(f"head rows differ in width: source {tuple(source_weight.shape)} vs target "
+                           f"{tuple(target_weight.shape)}; the features feeding the heads must have the same size")
+    if len(source_labels) != source_weight.shape[0] or len(target_labels) != target_weight.shape[0]:
+        raise SurgeryError(f"labels do not match head rows: source {len(source_labels)} labels for "
+                           f"{source_weight.shape[0]} rows, target {len(target_labels)} for {target_weight.shape[0]}")
+    index: dict[str, int] = {}
+    for i, label in enumerate(source_labels):
+        index.setdefault(_label_key(label), i)  # ImageNet repeats a few names ('crane'): the first one wins
+    weight, bias = target_weight.clone(), None if target_bias is None else target_bias.clone()
+    pairs = []
+    for t, label in enumerate(target_labels):
+        s = index.get(_label_key(label))
+        if s is None:
+            continue
+        weight[t] = source_weight[s]
+        if bias is not None and source_bias is not None:
+            bias[t] = source_bias[s]
+        pairs.append((t, s))
+    return weight, bias, pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input channels
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, str]:
+    """The first convolution's weight for ``in_chans`` input channels.
+
+    ``3 -> 1`` sums over the colour channels: a grey image ``g`` fed to the 1-channel model gives exactly what the
+    3-channel model gives on ``g`` repeated to RGB. ``C -> N`` repeats the kernels cyclically and scales by
+    ``C / N`` so the response to a constant-across-channels image is unchanged (exactly when N is a multiple of C).
+
+    Args:
+        weight: ``(out, C, *kernel)``.
+        in_chans: the target's number of input channels.
+
+    Returns:
+        (new weight, transform description for the report).
+    """
+    c = weight.shape[1]
+    if in_chans == c:
+        return weight.clone(), "copied"
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True), f"summed over {c} input channels"
+    reps = math.ceil(in_chans / c)
+    tiled = weight.repeat(1, reps, *([1] * (weight.dim() - 2)))[:, :in_chans]
+    return tiled * (c / in_chans), f"input channels {c}->{in_chans}: repeated, scaled by {c}/{in_chans}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image size (ViT position embeddings)
+
+
+def prefix_tokens(num_tokens: int, max_prefix: int = 8) -> int:
+    """How many leading tokens (class, distillation, registers) precede a square grid of ``num_tokens``."""
+    for p in range(max_prefix + 1):
+        side = math.isqrt(num_tokens - p) if num_tokens > p else 0
+        if side and side * side == num_tokens - p:
+            return p
+    raise SurgeryError(f"{num_tokens} position embeddings are not a square grid plus up to {max_prefix} tokens")
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int | None = None
+                     ) -> torch.Tensor:
+    """Resize ViT position embeddings ``(1, prefix + H*W, D)`` to a new grid: bicubic on the 2-D grid.
+
+    The class token (and any other prefix token) is kept as it is: it has no position in the image.
+
+    Args:
+        pos_embed: the source embeddings.
+        new_grid: (height, width) in patches of the target.
+        num_prefix_tokens: leading non-grid tokens; inferred (largest square grid) when None.
+    """
+    n = pos_embed.shape[1]
+    p = prefix_tokens(n) if num_prefix_tokens is None else num_prefix_tokens
+    side = math.isqrt(n - p)
+    if side * side != n - p:
+        raise SurgeryError(f"position embeddings of {n} tokens minus {p} prefix tokens are not a square grid")
+    prefix, grid = pos_embed[:, :p], pos_embed[:, p:]
+    if (side, side) == tuple(new_grid):
+        return pos_embed.clone()
+    d = grid.shape[-1]
+    grid = grid.reshape(1, side, side, d).permute(0, 3, 1, 2).float()
+    # align_corners=False with antialiasing: timm's resample_abs_pos_embed convention, so a model resized here
+    # equals one resized by timm (antialiasing matters when the grid shrinks: no aliasing of fine position detail)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Depth
+
+
+def select_layers(num_source: int, num_target: int, how: str = "every_other") -> list[int]:
+    """Which source blocks a shallower target takes, one index per target block.
+
+    Args:
+        num_source: blocks in the source.
+        num_target: blocks in the target (at most ``num_source``).
+        how: ``every_other`` (0, 2, 4...: DistilBERT's student initialisation), ``uniform`` (evenly spread,
+            first and last kept), ``first`` or ``last``.
+    """
+    if num_target > num_source:
+        raise SurgeryError(f"a shallower target takes a subset: {num_target} target blocks > {num_source} source "
+                           "blocks (use a deeper transfer: matching blocks + identity blocks)")
+    if how == "every_other":
+        idx = list(range(0, num_source, 2))[:num_target]
+        if len(idx) < num_target:
+            raise SurgeryError(f"every other of {num_source} source blocks gives {len(idx)}, not {num_target}; "
+                               "use how='uniform'")
+        return idx
+    if how == "uniform":
+        if num_target == 1:
+            return [0]
+        return [round(i * (num_source - 1) / (num_target - 1)) for i in range(num_target)]
+    if how == "first":
+        return list(range(num_target))
+    if how == "last":
+        return list(range(num_source - num_target, num_source))
+    raise SurgeryError(f"unknown layer selection '{how}'; valid: every_other, uniform, first, last")
+
+
+def take_blocks(state: dict[str, torch.Tensor], prefix: str, indices: Sequence[int]) -> dict[str, str]:
+    """Rename source block ``prefix.{indices[k]}.`` to target block ``prefix.{k}.``: {target name: source name}.
+
+    Args:
+        state: the source state_dict.
+        prefix: the container of the blocks, e.g. ``encoder.layer`` or ``blocks``.
+        indices: from ``select_layers``.
+    """
+    rx = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+    by_block: dict[int, list[tuple[str, str]]] = {}
+    for name in state:
+        m = rx.match(name)
+        if m:
+            by_block.setdefault(int(m.group(1)), []).append((name, m.group(2)))
+    missing = [i for i in indices if i not in by_block]
+    if missing:
+        raise SurgeryError(f"source has no block(s) {missing} under '{prefix}' (it has {sorted(by_block)})")
+    return {f"{prefix}.{k}.{rest}": name for k, i in enumerate(indices) for name, rest in by_block[i]}
+
+
+def can_be_identity(block: nn.Module) -> bool:
+    """False for blocks whose input and output differ in shape (a projection shortcut, or no shortcut at all)."""
+    if getattr(block, "downsample", None) is not None:
+        return False
+    return getattr(block, "has_skip", True) is not False
+
+
+def identity_init_block(block: nn.Module) -> list[str]:
+    """Make a residual block compute the identity (net2net-deeper): zero the last layer of each residual branch.
+
+    ``x + f(x)`` with the last scale of ``f`` at zero is ``x``; the layers before it keep their (random or copied)
+    weights so the block can still learn. The last layer is found as: timm ViT blocks: ``attn.proj`` and
+    ``mlp.fc2`` (two branches); otherwise the last normalisation layer (BatchNorm/LayerNorm/GroupNorm scale and
+    shift), else the last Linear/Conv, in module order, outside any ``downsample``/``shortcut`` path.
+
+    Returns:
+        the names (inside ``block``) of the modules zeroed.
+
+    Raises:
+        SurgeryError: the block has no identity shortcut, so no choice of weights makes it the identity.
+    """
+    if not can_be_identity(block):
+        raise SurgeryError(f"{type(block).__name__} changes the shape of its input (projection shortcut or no skip): "
+                           "it cannot be initialised as the identity")
+    mods = dict(block.named_modules())
+    if "attn.proj" in mods and "mlp.fc2" in mods:
+        last = ["attn.proj", "mlp.fc2"]
+    else:
+        inner = [(n, m) for n, m in block.named_modules() if n and not re.search(r"(^|\.)(downsample|shortcut)", n)]
+        norms = [n for n, m in inner if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))]
+        layers = [n for n, m in inner if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not norms and not layers:
+            raise SurgeryError(f"{type(block).__name__} has no layer to zero")
+        last = [norms[-1] if norms else layers[-1]]
+    with torch.no_grad():
+        for n in last:
+            for p in (getattr(mods[n], "weight", None), getattr(mods[n], "bias", None)):
+                if p is not None:
+                    p.zero_()
+    return last
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Width
+
+
+def _channel_pair(layer: nn.Module, next_layer: nn.Module) -> None:
+    ok = (nn.Linear, nn.Conv2d)
+    if not isinstance(layer, ok) or not isinstance(next_layer, ok):
+        raise SurgeryError(f"width surgery works on Linear/Conv2d pairs, not {type(layer).__name__} -> "
+                           f"{type(next_layer).__name__}")
+    if getattr(layer, "groups", 1) != 1 or getattr(next_layer, "groups", 1) != 1:
+        raise SurgeryError("width surgery on grouped/depthwise convolutions is not supported")
+    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    nin = next_layer.in_features if isinstance(next_layer, nn.Linear) else next_layer.in_channels
+    if out != nin:
+        raise SurgeryError(f"layer gives {out} channels but the next layer takes {nin}")
+
+
+def _rebuild(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        new = nn.Conv2d(weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+                        layer.dilation, bias=bias is not None, padding_mode=layer.padding_mode)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def _select_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise SurgeryError(f"width surgery handles BatchNorm between the layers, not {type(norm).__name__}")
+    new = type(norm)(len(idx), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                     track_running_stats=norm.track_running_stats)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(norm, name, None)
+            if src is not None:
+                getattr(new, name).copy_(src[idx])
+        if norm.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return new
+
+
+def wider(layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.Module | None = None,
+          generator: torch.Generator | None = None, noise: float = 0.0
+          ) -> tuple[nn.Module, nn.Module, nn.Module | None, list[int]]:
+    """Net2net-wider: widen ``layer``'s output to ``new_width`` channels without changing the function.
+
+    New channel j copies an existing channel g(j) (chosen at random); the next layer's input weights for every
+    copy of a channel are divided by the number of copies, so the sum it computes is unchanged (Chen et al.,
+    2016). Element-wise activations and a BatchNorm between the two layers commute with the copy.
+
+    Args:
+        layer: Linear or Conv2d whose outputs are widened.
+        next_layer: the Linear or Conv2d consuming them.
+        new_width: channels after widening (at least the current number).
+        norm: an optional BatchNorm between the two (its channels are copied the same way).
+        generator: for the choice of copied channels.
+        noise: relative noise added to the copies' outgoing weights to break symmetry (0 keeps the function exact).
+
+    Returns:
+        (new layer, new next layer, new norm or None, mapping g as a list: new channel -> old channel).
+    """
+    _channel_pair(layer, next_layer)
+    old = layer.weight.shape[0]
+    if new_width < old:
+        raise SurgeryError(f"wider needs new_width >= {old}, got {new_width}; use narrower")
+    extra = torch.randint(0, old, (new_width - old,), generator=generator)
+    g = torch.cat([torch.arange(old), extra])
+    counts = torch.bincount(g, minlength=old).to(layer.weight.dtype)
+    w1 = layer.weight.detach()[g]
+    b1 = None if layer.bias is None else layer.bias.detach()[g]
+    w2 = next_layer.weight.detach()[:, g] / counts[g].view(1, -1, *([1] * (next_layer.weight.dim() - 2)))
+    if noise:
+        w2 = w2 + noise * w2.std() * torch.randn(w2.shape, generator=generator)
+    new_norm = _select_norm(norm, g) if norm is not None else None
+    nb = None if next_layer.bias is None else next_layer.bias.detach()
+    return _rebuild(layer, w1, b1), _rebuild(next_layer, w2, nb), new_norm, g.tolist()
+
+
+def channel_importance(layer: nn.Module) -> torch.Tensor:
+    """L2 norm of each output channel's weights: the cheap importance used to choose what a narrower net keeps."""
+    return layer.weight.detach().flatten(1).norm(dim=1)
+
+
+def narrower(layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.Module | None = None
+             ) -> tuple[nn.Module, nn.Module, nn.Module | None, list[int]]:
+    """Narrow ``layer``'s output to ``new_width`` channels, keeping the channels of largest weight norm.
+
+    Not function-preserving in general (what the dropped channels contributed is lost); exactly preserving when
+    the dropped channels are dead (zero weights). Kept channels stay in their original order.
+
+    Returns:
+        (new layer, new next layer, new norm or None, kept channel indices).
+    """
+    _channel_pair(layer, next_layer)
+    old = layer.weight.shape[0]
+    if not 0 < new_width <= old:
+        raise SurgeryError(f"narrower needs 0 < new_width <= {old}, got {new_width}; use wider")
+    importance = channel_importance(layer)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        # a channel whose BatchNorm scale is ~0 contributes ~nothing, whatever its conv weights
+        importance = importance * norm.weight.detach().abs()
+    keep = torch.sort(torch.topk(importance, new_width, sorted=False).indices).values
+    w1 = layer.weight.detach()[keep]
+    b1 = None if layer.bias is None else layer.bias.detach()[keep]
+    w2 = next_layer.weight.detach()[:, keep]
+    nb = None if next_layer.bias is None else next_layer.bias.detach()
+    new_norm = _select_norm(norm, keep) if norm is not None else None
+    return _rebuild(layer, w1, b1), _rebuild(next_layer, w2, nb), new_norm, keep.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single tensors whose shapes differ (used by the transfer when a matched pair needs adapting)
+
+
+def slice_or_tile(tensor: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, str]:
+    """Fit ``tensor`` to ``shape`` (same number of dimensions): leading slice where smaller, cyclic tiling where
+    larger. An initialisation, not function-preserving: used only when the caller asks for ``resize``."""
+    if tensor.dim() != len(shape):
+        raise SurgeryError(f"cannot fit {tuple(tensor.shape)} to {tuple(shape)}: different number of dimensions")
+    out = tensor
+    for d, n in enumerate(shape):
+        idx = torch.arange(n) % tensor.shape[d]
+        out = out.index_select(d, idx)
+    smaller = any(n < s for n, s in zip(shape, tensor.shape))
+    larger = any(n > s for n, s in zip(shape, tensor.shape))
+    how = "sliced and tiled" if smaller and larger else "sliced" if smaller else "tiled"
+    return out.clone(), f"{how} {tuple(tensor.shape)}->{tuple(shape)}"
