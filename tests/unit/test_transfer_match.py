@@ -302,6 +302,7 @@ def test_efficientnet_lite0_to_one_channel_target_equals_rgb_on_grey(wheel_path,
     # the same through a spec target, which can be saved as a transferkit model
     spec_model, spec_report = transfer(wheel_path, "timm:tf_efficientnet_lite0", target_kwargs={"in_chans": 1})
     assert spec_report["summary"]["coverage"] == 1.0
+    assert spec_model.preprocess["input_size"] == [1, 224, 224] and spec_model.preprocess["mean"] == [0.5]
     with torch.no_grad():
         assert torch.allclose(spec_model.eval()(grey), ours, atol=1e-5)
 
@@ -335,3 +336,29 @@ def test_resnet18_to_resnet34_by_names_and_identity_blocks_preserve_the_function
         rep2["ambiguities"]
     with pytest.raises(TransferError, match="ambiguous pairing"):
         transfer(source, "timm:resnet34", methods=["structure"], strict=True)
+
+
+def test_cli_rules_and_a_new_head(tmp_path):
+    import timm
+
+    from transferkit.cli import main
+
+    torch.manual_seed(0)
+    src = timm.create_model("test_efficientnet")
+    renamed = {k.replace("blocks.", "features.", 1): v for k, v in src.state_dict().items()}
+    torch.save(renamed, tmp_path / "src.pt")
+    out = tmp_path / "run"
+    rules = '[{"from": "^features\\\\.", "to": "blocks."}]'
+    assert main(["transfer", str(tmp_path / "src.pt"), "timm:test_efficientnet", "--out", str(out), "--rules", rules,
+                 "--labels", "a,b", "--strict"]) == 0
+    report = json.loads((out / "transfer_report.json").read_text())
+    n_blocks = sum(k.startswith("features.") and not k.endswith("num_batches_tracked") for k in renamed)
+    assert report["summary"]["matched_by"] == {"names": 75 - 2 - n_blocks, "rules": n_blocks, "structure": 0}
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert rows["head.weight"]["reason"] == ("new head for 2 classes; the source head has no class names to share "
+                                             "rows by")
+    assert rows["backbone.blocks.0.0.conv.weight"]["from"] == "features.0.0.conv.weight"
+    bad = '[{"from": "^stages\\\\.", "to": "blocks."}]'
+    assert main(["transfer", str(tmp_path / "src.pt"), "timm:test_efficientnet", "--out", str(tmp_path / "x"),
+                 "--rules", bad]) == 2
+    assert not (tmp_path / "x").exists()

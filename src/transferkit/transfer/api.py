@@ -129,6 +129,15 @@ def build_target_model(target: Any, kwargs: Mapping[str, Any] | None = None) -> 
     if prefix in PREFIXES and rest:
         arch = {"family": prefix, "name": rest, "kwargs": dict(kwargs or {})}
         model = _from_backbone(build_backbone(arch, pretrained=False), arch, None)
+        chans = int(arch["kwargs"].get("in_chans", 0))
+        if chans and chans != len(model.preprocess.get("mean", [])):
+            # timm's data config still says 3 channels; the data pipeline reads input_size[0] (grey images for 1)
+            # and normalises per channel, so the statistics follow the summed/repeated first convolution
+            pre = model.preprocess
+            pre["input_size"] = [chans, *pre["input_size"][1:]]
+            for key in ("mean", "std"):
+                vals = list(pre[key])
+                pre[key] = [sum(vals) / len(vals)] if chans == 1 else [vals[i % len(vals)] for i in range(chans)]
     else:
         if kwargs:
             raise TransferError(f"architecture arguments {dict(kwargs)} apply to family:NAME targets, not '{name}'")
@@ -306,6 +315,7 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
             moved: dict[str, tuple[torch.Tensor, str, int]], head_fresh: dict[str, str], identity: dict[str, str],
             labels: Sequence[str] | None, strict: bool, rules: Sequence[Mapping[str, str]] | None) -> dict[str, Any]:
     params = {n for n, _ in model.named_parameters()}
+    head = set(_head_names(model))
     rows = []
     for name, tensor in state.items():
         row: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "numel": tensor.numel()}
@@ -323,10 +333,11 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
                 row["reason"] = BOOKKEEPING
             elif name in identity:
                 row["reason"] = identity[name]
-            elif name in head_fresh:
-                row["reason"] = (f"new head for {len(labels) if labels is not None else tensor.shape[0]} classes; the "
-                                 f"source head '{head_fresh[name]}' {tuple(src.state[head_fresh[name]].shape)} shares "
-                                 "no class (no labels in common)")
+            elif name in head_fresh or name in head:
+                n = len(labels) if labels is not None else tensor.shape[0]
+                was = f" '{head_fresh[name]}' {tuple(src.state[head_fresh[name]].shape)}" if name in head_fresh else ""
+                why = "shares no class name with the target" if src.labels else "has no class names to share rows by"
+                row["reason"] = f"new head for {n} classes; the source head{was} {why}"
             else:
                 row["reason"] = "no matching source tensor"
         rows.append(row)
