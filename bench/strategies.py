@@ -56,6 +56,8 @@ def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int) -
     m = json.loads((out / "metrics.json").read_text())["models"][strategy]
     return {"strategy": strategy, "shots": shots, "seed": seed, "test_accuracy": m["test"]["accuracy"],
             "val_accuracy": m["val"]["accuracy"], "train_s": sum(m["timing"].values()), "process_s": wall,
+            # CPU seconds the run consumed: unlike wall time, barely changed by other jobs on the machine
+            "cpu_s": usage.ru_utime + usage.ru_stime,
             "peak_rss_mb": usage.ru_maxrss / 1024, "trainable_params": m["trainable_params"],
             "total_params": m["total_params"], "best_epoch": m["best_epoch"]}
 
