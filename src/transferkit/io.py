@@ -72,10 +72,19 @@ def pickle_globals(path: Path) -> list[str]:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pt/.pth/.bin`` file (a ``state_dict``/``model`` key is unwrapped)."""
+    """Tensors of a ``.safetensors`` or ``.pt/.pth/.bin`` file (a ``state_dict``/``model`` key is unwrapped).
+
+    ``.onnx``, ``.h5``/``.hdf5`` and ``.keras`` files are read by ``transferkit.sources.foreign`` (initializers and
+    Keras weights, converted to PyTorch names and layouts).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"weights file '{path}' does not exist")
+    # other frameworks' files: their own readers (imported here: onnx and h5py are needed only for these files)
+    if path.suffix in (".onnx", ".h5", ".hdf5", ".keras"):
+        from transferkit.sources.foreign import read_foreign_weights
+
+        return read_foreign_weights(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
