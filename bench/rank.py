@@ -1,0 +1,272 @@
+"""Ranking candidate sources vs fine-tuning them all: do the scores order them as fine-tuning does, at what cost?
+
+Target: the demo recipe's data (``src/transferkit/recipes/demo.yaml``): MNIST-5k, 20 labelled images per class,
+20 validation images per class, 1000 test images, 96 px. The split is the recipe's (seed 0) for every run, so
+ranking and fine-tuning see the same examples; the fine-tuning seeds (0, 1, 2) change the new head's
+initialisation, the data order and the augmentation.
+
+Candidates that can be had offline:
+
+- ``efficientnet_lite0``: EfficientNet-Lite0, ImageNet weights (1280-d features, 1000-class head);
+- ``lite0[:blocks.4]`` and ``lite0[:blocks.2]``: the same network truncated after block 4 (112-d, stride 16) and
+  after block 2 (40-d, stride 8), global-average-pooled, no classifier head (so no LEEP/NCE);
+- ``efficientnet_lite0 (random init)``: the architecture with random weights (seeded; its random 1000-class head
+  gives LEEP/NCE values too);
+- ``digits0-4``: EfficientNet-Lite0 (ImageNet) fine-tuned by ``run_recipe`` (strategy ``full``) on MNIST digits
+  0-4 only, drawn from the MNIST-5k images that the target split does not use (no overlap with the target's
+  train, validation or test images); its 5-class head gives LEEP/NCE. A strongly related source, built here.
+
+For each candidate: every score from ``rank_candidates`` (all 200 training examples, one forward pass), and the
+test accuracy after fine-tuning with the recipe's default strategy (``full``, the recipe's optimizer settings,
+``--epochs`` epochs) for each seed. Then, per score, Pearson and weighted Kendall's tau (``correlation``)
+between the scores and the mean fine-tuned accuracies (goal: tau >= 0.6), and the cost ratio: the wall time of
+fine-tuning every candidate once (training incl. per-epoch validation + test evaluation, the median over seeds)
+over that of ranking them all (one ``rank_candidates`` call, data read included; the median of ``--rank-repeats``
+calls) (goal >= 50x). Building the digits0-4 source is a one-off cost outside both sides, reported apart.
+
+Run: ``python bench/rank.py`` (writes bench/results/rank.json). One torch (and BLAS) thread by default: stable
+while another job shares the machine (see docs/benchmarks.md). ``--quick`` checks the code path in a few minutes
+(1 seed, 1 epoch, a small source run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
+
+import numpy as np
+import torch
+from common import machine, median, table, write_result
+from PIL import Image
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from transferkit.data import read_dataset
+from transferkit.demo import demo_recipe_path
+from transferkit.models.vision import VisionModel
+from transferkit.pipeline import PreparedData, evaluate, prepare_data, run_recipe, train
+from transferkit.rank import Candidate, correlation, rank_candidates
+from transferkit.rank.candidates import SCORE_NAMES
+from transferkit.recipe import Recipe, TrainConfig, load_recipe
+from transferkit.sources import load_source
+from transferkit.transfer import build_target
+
+# ----------------------------------------------------------------------------------------------------------------
+# Candidates
+
+
+class TruncatedEfficientNet(nn.Module):
+    """A timm EfficientNet cut after ``blocks[after]``, global-average-pooled: the earlier layers' features.
+
+    Parameter names stay those of the whole network (``conv_stem``, ``bn1``, ``blocks.i...``), so the source's
+    ``origin`` carries over.
+    """
+
+    def __init__(self, net: nn.Module, after: int):
+        super().__init__()
+        self.conv_stem, self.bn1 = net.conv_stem, net.bn1
+        self.blocks = nn.Sequential(*list(net.blocks)[: after + 1])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(self.bn1(self.conv_stem(x)))).flatten(1)
+
+
+def truncated_lite0(after: int) -> VisionModel:
+    """EfficientNet-Lite0 (ImageNet) truncated after ``blocks[after]``, without a classifier head."""
+    source = load_source("efficientnet_lite0")
+    backbone = TruncatedEfficientNet(source.backbone, after)
+    width = backbone.blocks[-1][-1].conv_pwl.out_channels
+    model = VisionModel(backbone, nn.Identity(), {**source.arch, "truncated_after_block": after},
+                        dict(source.preprocess), None, width)
+    names = {f"backbone.{n}" for n in backbone.state_dict()}
+    model.origin = {k: v for k, v in source.origin.items() if k in names}
+    return model
+
+
+def digits_source_folder(root: Path, exclude: np.ndarray, per_class: int, seed: int) -> Path:
+    """MNIST-5k digits 0-4 not in ``exclude``, ``per_class`` of each, written as an image folder (PNG)."""
+    images = read_dataset("mnist5k")
+    rng = np.random.default_rng(seed)
+    keep = np.setdiff1d(np.arange(len(images)), exclude)
+    for digit in range(5):
+        idx = rng.permutation(keep[images.labels[keep] == digit])[:per_class]
+        (root / str(digit)).mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            Image.fromarray(images.items[i]).save(root / str(digit) / f"{i}.png")
+    return root
+
+
+def build_digits_source(work: Path, target: PreparedData, quick: bool) -> tuple[Path, dict[str, Any]]:
+    """Fine-tune EfficientNet-Lite0 (ImageNet) on digits 0-4 with ``run_recipe`` (strategy full); the model folder."""
+    used = np.concatenate([target.splits.train, target.splits.val, target.splits.test])
+    per_class, val, test, epochs = (30, 5, 5, 1) if quick else (100, 10, 10, 8)
+    folder = digits_source_folder(work / "digits0-4", used, per_class, seed=0)
+    recipe = Recipe(name="digits0-4", seed=0, source="efficientnet_lite0",
+                    data={"dataset": str(folder), "per_class": per_class - val - test, "val_per_class": val,
+                          "test_size": 5 * test, "image_size": 96, "augment": {"rotation": 10, "translate": 0.1}},
+                    train={"strategy": "full", "epochs": epochs, "batch_size": 32, "lr": 0.003})
+    t = time.perf_counter()
+    run = run_recipe(recipe, out=work / "digits0-4-run")
+    seconds = time.perf_counter() - t
+    metrics = json.loads((run / "metrics.json").read_text())
+    model = metrics["models"][metrics["selected"]]
+    info = {"train_images": 5 * (per_class - val - test), "epochs": epochs, "seconds": seconds,
+            "source_test_accuracy": model["test"]["accuracy"], "source_test_size": 5 * test}
+    return run / "model", info
+
+
+def candidates(digits_model: Path) -> list[Candidate]:
+    random_spec = {"name": "efficientnet_lite0", "pretrained": False}
+    return [
+        Candidate("efficientnet_lite0", lambda: load_source("efficientnet_lite0"), "efficientnet_lite0"),
+        Candidate("lite0[:blocks.4]", lambda: truncated_lite0(4), "efficientnet_lite0 truncated after blocks.4"),
+        Candidate("lite0[:blocks.2]", lambda: truncated_lite0(2), "efficientnet_lite0 truncated after blocks.2"),
+        Candidate("efficientnet_lite0 (random init)", lambda: load_source(random_spec), random_spec),
+        Candidate("digits0-4", lambda: load_source(str(digits_model)), "efficientnet_lite0 fine-tuned on digits 0-4"),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning one candidate
+
+
+def finetune(cand: Candidate, base: PreparedData, cfg: TrainConfig, seed: int) -> dict[str, Any]:
+    """``build_target`` + ``train`` (the recipe's strategy) + test evaluation; the source loaded as when ranked."""
+    torch.manual_seed(0)  # the random-init candidate gets the weights it was ranked with (rank_candidates seeds 0)
+    source = cand.load()
+    pp = dict(source.preprocess)
+    pp["input_size"] = [pp["input_size"][0], base.cfg.image_size, base.cfg.image_size]
+    data = dataclasses.replace(base, preprocess=pp)  # the same split, the candidate's preprocessing
+    target = build_target(source, data.classes, seed=seed)
+    target.preprocess = data.preprocess
+    t0 = time.perf_counter()
+    result = train(target, data, cfg, seed=seed)
+    t1 = time.perf_counter()
+    test = evaluate(target, data.dataset("test"), len(data.classes))
+    t2 = time.perf_counter()
+    return {"seed": seed, "test_accuracy": test["accuracy"], "val_accuracy": result["val"].get("accuracy"),
+            "best_epoch": result["best_epoch"], "train_s": t1 - t0, "test_s": t2 - t1, "total_s": t2 - t0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs (default 15, the demo recipe's)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    ap.add_argument("--strategy", help="train with this strategy instead of the recipe's (diagnostic: linear_probe)")
+    ap.add_argument("--rank-repeats", type=int, default=3, help="rank_candidates calls timed (median)")
+    ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (0: leave torch's default)")
+    ap.add_argument("--quick", action="store_true", help="code-path check: 1 seed, 1 epoch, a small source run")
+    ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/rank[-TAG].json")
+    args = ap.parse_args()
+    if args.quick:
+        args.epochs, args.seeds, args.rank_repeats = 1, [0], 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        result = run(args)
+    path = write_result("rank" + (f"-{args.tag}" if args.tag else ""), result)
+    print(f"\nresult: {path}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    info = machine()
+    recipe = load_recipe(demo_recipe_path())
+    cfg = recipe.train.model_copy(update={"epochs": args.epochs, **({"strategy": args.strategy} if args.strategy
+                                                                      else {})})
+    source = load_source(recipe.source)
+    base = prepare_data(recipe.data, source.preprocess, recipe.seed)
+    print(f"target {recipe.data.dataset}: {base.splits.sizes()}, {recipe.data.image_size} px; fine-tuning "
+          f"'{cfg.strategy_name}' {cfg.epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seeds {args.seeds}; "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="tk-rank-bench-") as tmp:
+        digits_model, digits_info = build_digits_source(Path(tmp), base, args.quick)
+        print(f"digits0-4 source: {digits_info['train_images']} images, {digits_info['epochs']} epochs, "
+              f"{digits_info['seconds']:.1f} s, its own test accuracy {digits_info['source_test_accuracy']:.3f}",
+              flush=True)
+        cands = candidates(digits_model)
+
+        # ranking: the whole call (data read, every candidate's load, forward pass and scores), repeated
+        rank_walls, ranked = [], []
+        for _ in range(args.rank_repeats):
+            t = time.perf_counter()
+            ranked = rank_candidates(recipe.data, cands, seed=recipe.seed)
+            rank_walls.append(time.perf_counter() - t)
+        for r in ranked:
+            assert r["status"] == "ok", r["error"]
+        print(f"ranking all {len(cands)} candidates: {median(rank_walls):.2f} s (median of {len(rank_walls)})",
+              flush=True)
+
+        # fine-tuning: seeds in the outer loop, so that a slow spell of the machine hits every candidate alike
+        runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cands}
+        for seed in args.seeds:
+            for c in cands:
+                res = finetune(c, base, cfg, seed)
+                runs[c.name].append(res)
+                print(f"  seed {seed} {c.name:<34} test acc {res['test_accuracy']:.4f}  "
+                      f"{res['total_s']:.1f} s", flush=True)
+
+    by_name = {r["candidate"]: r for r in ranked}
+    rows_out = []
+    for c in cands:
+        accs = [x["test_accuracy"] for x in runs[c.name]]
+        r = by_name[c.name]
+        rows_out.append({
+            "candidate": c.name, "spec": c.spec, "num_features": r["num_features"], "scores": r["scores"],
+            "score_times": r["times"], "rank_by_logme": r["rank"], "test_accuracy": accs,
+            "test_accuracy_mean": float(np.mean(accs)),
+            "test_accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+            "finetune_s_median": median([x["total_s"] for x in runs[c.name]]), "runs": runs[c.name]})
+
+    corr = {}
+    for score in SCORE_NAMES:
+        have = [row for row in rows_out if score in row["scores"]]
+        if len(have) >= 2:
+            corr[score] = {**correlation([row["scores"][score] for row in have],
+                                         [row["test_accuracy_mean"] for row in have]), "n": len(have)}
+    finetune_all = sum(row["finetune_s_median"] for row in rows_out)
+    rank_all = median(rank_walls)
+    per_candidate_rank = {row["candidate"]: by_name[row["candidate"]]["times"]["total_s"] for row in rows_out}
+    result = {
+        "machine": info, "args": vars(args),
+        "target": {"data": recipe.data.model_dump(), "splits": base.splits.sizes()},
+        "train": cfg.model_dump(), "digits_source": digits_info, "candidates": rows_out, "correlation": corr,
+        "rank_all_s": rank_all, "rank_walls_s": rank_walls, "rank_per_candidate_s": per_candidate_rank,
+        "finetune_all_s": finetune_all, "cost_ratio": finetune_all / rank_all,
+        "cost_ratio_without_data_read": finetune_all / sum(per_candidate_rank.values()),
+        "bench_total_s": time.perf_counter() - t_start,
+    }
+
+    headers = ["candidate", "D", *SCORE_NAMES, "rank s", "test acc (mean ± sd)", "fine-tune s"]
+    rows = [[row["candidate"], row["num_features"],
+             *[row["scores"].get(s, "-") for s in SCORE_NAMES],
+             per_candidate_rank[row["candidate"]],
+             f"{row['test_accuracy_mean']:.4f} ± {row['test_accuracy_sd']:.4f}", row["finetune_s_median"]]
+            for row in sorted(rows_out, key=lambda x: -x["test_accuracy_mean"])]
+    print()
+    print(table(headers, rows))
+    print()
+    print(table(["score", "n", "pearson", "weighted Kendall tau"],
+                [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr.items()]))
+    print(f"\ncost: ranking all {rank_all:.2f} s vs fine-tuning all (once each) {finetune_all:.1f} s -> "
+          f"{result['cost_ratio']:.1f}x ({result['cost_ratio_without_data_read']:.1f}x without the data read); "
+          f"bench total {result['bench_total_s'] / 60:.1f} min")
+    return result
+
+
+if __name__ == "__main__":
+    main()
