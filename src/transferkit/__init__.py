@@ -27,6 +27,8 @@ _API = {
     "evaluate": "transferkit.pipeline",
     "run_recipe": "transferkit.pipeline",
     "load_run": "transferkit.predict",
+    "rank_candidates": "transferkit.rank",
+    "transfer": "transferkit.transfer.api",
     "save_model": "transferkit.models.vision",
     "load_model": "transferkit.models.vision",
     "load_recipe": "transferkit.recipe",

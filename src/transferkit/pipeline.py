@@ -24,10 +24,10 @@ from transferkit import __version__
 from transferkit.data import ImageDataset, LabelledImages, Splits, build_transform, read_dataset, split_dataset
 from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
 from transferkit.engine.objective import ClassificationObjective
-from transferkit.errors import RecipeError, RunDirError
+from transferkit.errors import RecipeError, RunDirError, SourceError
 from transferkit.io import load_state_dict, read_json, safe_torch_load, save_tensors, torch_save, write_json, write_text
 from transferkit.models.vision import VisionModel, save_model
-from transferkit.recipe import DataConfig, Recipe, TrainConfig, dump_recipe, load_recipe
+from transferkit.recipe import DataConfig, Recipe, SourceSpec, TrainConfig, dump_recipe, load_recipe
 from transferkit.sources import load_source
 from transferkit.strategies import get_strategy
 from transferkit.strategies.auto import resolve_auto
@@ -301,6 +301,33 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
                               "it, or choose another --out.")
 
 
+def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool, log: Any) -> SourceSpec:
+    """Rank the recipe's candidate sources (one forward pass each) and return the winner's spec.
+
+    Writes ``rank.json``; on ``--resume`` the winner is read back from it instead of ranking again. Every process
+    ranks (the result is deterministic); only the main one writes.
+    """
+    from transferkit.rank import rank_candidates
+
+    assert recipe.rank is not None
+    rank_file = out / "rank.json"
+    if resume and rank_file.exists():
+        rows = read_json(rank_file)["rows"]
+    else:
+        rows = rank_candidates(recipe.data, [c.model_dump() for c in recipe.rank.candidates],
+                               recipe.rank.max_examples, recipe.rank.score, seed=recipe.seed)
+        if main:
+            write_json(rank_file, {"score": recipe.rank.score, "rows": rows})
+    if rows[0]["status"] != "ok":
+        reasons = "; ".join(str(r.get("error")) for r in rows)
+        raise SourceError(f"no candidate source could be ranked: {reasons}")
+    for r in rows:
+        value = r["scores"].get(recipe.rank.score)
+        log(f"rank {r['rank']}: {r['candidate']}  {recipe.rank.score}="
+            f"{value if value is None else round(value, 4)}  {r['status']}")
+    return SourceSpec(**rows[0]["spec"]) if isinstance(rows[0]["spec"], dict) else SourceSpec(name=rows[0]["spec"])
+
+
 def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resume: bool = False,
                overwrite: bool = False, overrides: list[str] | None = None) -> Path:
     """Run a whole recipe and write its run directory; returns the directory."""
@@ -322,13 +349,14 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     log = print if main else (lambda *a, **k: None)
 
     t = time.perf_counter()
+    source_spec = recipe.source if recipe.rank is None else rank_step(recipe, out, resume, main, log)
     torch.manual_seed(recipe.seed)  # a source without pretrained weights is initialised reproducibly
-    source = load_source(recipe.source)
+    source = load_source(source_spec)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     data = prepare_data(recipe.data, source.preprocess, recipe.seed)
     data_s = time.perf_counter() - t
-    log(f"source {recipe.source.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
+    log(f"source {source_spec.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
         f"{len(data.classes)} classes | skipped {len(data.images.skipped)} unreadable")
 
     results: dict[str, Any] = {}
@@ -385,7 +413,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     monitor = recipe.train.monitor.removeprefix("val_")
     pick = max if monitor != "loss" else min
     selected = pick(results, key=lambda n: results[n]["val"].get(monitor, float("-inf")))
-    metrics = {"run": recipe.name, "source": recipe.source.name, "selected": selected,
+    metrics = {"run": recipe.name, "source": source_spec.name, "selected": selected,
                "selected_by": recipe.train.monitor, "transferkit_version": __version__, "data": data.summary(),
                "models": results, "timings": {"load_source_s": load_s, "data_s": data_s,
                                               "total_s": time.perf_counter() - t_start}}

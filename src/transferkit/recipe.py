@@ -105,12 +105,26 @@ class CompareEntry(_Strict):
         return self.strategy if isinstance(self.strategy, str) else str(self.strategy.get("name", ""))
 
 
+class RankConfig(_Strict):
+    """Rank candidate sources before training; the best one becomes the run's source."""
+
+    candidates: list[SourceSpec] = Field(min_length=1)
+    score: str = Field(default="logme", description="logme | leep | nce | hscore | hscore_shrinkage")
+    max_examples: int | None = Field(default=None, ge=1)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _candidates_from_strings(cls, v: Any) -> Any:
+        return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
+
+
 class Recipe(_Strict):
-    """A whole run."""
+    """A whole run. With ``rank:``, ``source`` may be left out: the best-ranked candidate is used."""
 
     name: str = "run"
     seed: int = 0
-    source: SourceSpec
+    source: SourceSpec | None = None
+    rank: RankConfig | None = None
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
@@ -126,6 +140,12 @@ class Recipe(_Strict):
         if isinstance(v, list):
             return [{"strategy": e} if isinstance(e, str) else e for e in v]
         return v
+
+    @model_validator(mode="after")
+    def _source_or_rank(self) -> Recipe:
+        if self.source is None and self.rank is None:
+            raise ValueError("give a source (source: NAME) or candidates to rank (rank: {candidates: [...]})")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
@@ -196,6 +216,17 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     source_name = source if isinstance(source, str) else section("source").get("name")
     if isinstance(source_name, str):
         problems += [f"source.name: {p}" for p in check_source_spec(SourceSpec(name=source_name))]
+    rank = section("rank")
+    for i, c in enumerate(rank.get("candidates") or [] if isinstance(rank.get("candidates"), list) else []):
+        name = c if isinstance(c, str) else c.get("name") if isinstance(c, dict) else None
+        if isinstance(name, str):
+            problems += [f"rank.candidates.{i}: {p}" for p in check_source_spec(SourceSpec(name=name))]
+    if isinstance(rank.get("score"), str):
+        from transferkit.rank.candidates import SCORES
+
+        if rank["score"] not in SCORES:
+            problems.append(f"rank.score: unknown score {rank['score']!r}.{did_you_mean(rank['score'], SCORES)} "
+                            f"Valid choices: {', '.join(SCORES)}.")
     dataset = section("data").get("dataset")
     if isinstance(dataset, str):
         problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]

@@ -167,3 +167,33 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, run_dir: Path):
         assert a["models"]["full"][key] == b["models"]["full"][key], key
     strip = [{k: v for k, v in h.items() if k != "time_s"} for h in a["models"]["full"]["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "time_s"} for h in b["models"]["full"]["history"]]
+
+
+def test_rank_step_picks_the_source_and_resume_reuses_it(tmp_path: Path):
+    """A recipe with `rank:` and no `source:`: the best-ranked candidate trains; rank.json records the ranking."""
+    recipe = {k: v for k, v in TINY_RECIPE.items() if k != "source"}
+    recipe.update(compare=[], train={**TINY_RECIPE["train"], "strategy": "linear_probe", "epochs": 1},
+                  rank={"candidates": [{"name": "timm:test_efficientnet", "pretrained": False},
+                                       {"name": "timm:test_resnet", "pretrained": False}]})
+    path = _write_recipe(tmp_path, recipe)
+    out = tmp_path / "ranked"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    ranking = read_json(out / "rank.json")
+    assert ranking["score"] == "logme" and len(ranking["rows"]) == 2
+    assert [r["rank"] for r in ranking["rows"]] == [1, 2]
+    assert ranking["rows"][0]["scores"]["logme"] >= ranking["rows"][1]["scores"]["logme"]
+    winner = ranking["rows"][0]["spec"]["name"]
+    assert read_json(out / "metrics.json")["source"] == winner
+    assert read_json(out / "model" / "model.json")["arch"]["name"] == winner.split(":", 1)[1]
+
+
+def test_recipe_needs_a_source_or_candidates(tmp_path: Path, capsys):
+    recipe = {k: v for k, v in TINY_RECIPE.items() if k != "source"}
+    recipe["rank"] = {"candidates": ["efficientnet_lite"], "score": "logm"}
+    assert main(["validate", str(_write_recipe(tmp_path, recipe))]) == 1
+    err = capsys.readouterr().err
+    assert "rank.candidates.0: unknown source 'efficientnet_lite'" in err
+    assert "rank.score: unknown score 'logm'. Did you mean 'logme'?" in err
+    del recipe["rank"]
+    assert main(["validate", str(_write_recipe(tmp_path, recipe))]) == 1
+    assert "give a source (source: NAME) or candidates to rank" in capsys.readouterr().err
