@@ -55,11 +55,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     from transferkit.data import DATASETS
     from transferkit.sources import BUILTIN_SOURCES, PREFIXES
     from transferkit.strategies import STRATEGIES
+    from transferkit.strategies.regularizers import REGULARIZERS
 
     sections = {
         "sources (built-in; also " + ", ".join(f"{p}:NAME" for p in PREFIXES) + ", or a path)":
             BUILTIN_SOURCES.describe(),
         "strategies": STRATEGIES.describe(),
+        "regularizers (train.regularizer; combine with any strategy)": REGULARIZERS.describe(),
         "datasets (built-in; also an image folder or a CSV manifest path,label)": DATASETS.describe(),
     }
     if args.json:
