@@ -148,7 +148,7 @@ def main() -> None:
 
     initial = build_target(source, data.classes, seed=args.seed)
     strategy, options = get_strategy("full")
-    plan = strategy.plan(initial, options, args.lr)
+    plan = strategy.plan(initial, options, TrainConfig(lr=args.lr))
     apply_plan(initial, plan)
     cfg = TrainConfig(strategy="full", epochs=1, batch_size=args.batch_size, lr=args.lr, mixed_precision="no")
     accelerator = make_accelerator("no")

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--strategies", nargs="+", default=ALL)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help="suffix of the result file (strategies-TAG.json)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     result = {"machine": machine(), "args": vars(args), "options": OPTIONS, "rows": rows}
-    path = write_result("strategies", result)
+    path = write_result(f"strategies-{args.tag}" if args.tag else "strategies", result)
     print(table(rows))
     print(f"wrote {path}")
 
