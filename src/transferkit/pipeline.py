@@ -350,6 +350,8 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
 
     t = time.perf_counter()
     source_spec = recipe.source if recipe.rank is None else rank_step(recipe, out, resume, main, log)
+    if source_spec is None:
+        raise RecipeError("the recipe names no source: give source: NAME, or rank: {candidates: [...]}")
     torch.manual_seed(recipe.seed)  # a source without pretrained weights is initialised reproducibly
     source = load_source(source_spec)
     load_s = time.perf_counter() - t

@@ -142,12 +142,6 @@ class Recipe(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _source_or_rank(self) -> Recipe:
-        if self.source is None and self.rank is None:
-            raise ValueError("give a source (source: NAME) or candidates to rank (rank: {candidates: [...]})")
-        return self
-
-    @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
         names = [self.train.strategy_name] + [c.name for c in self.compare]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -212,6 +206,8 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
         return value if isinstance(value, dict) else {}
 
     problems = []
+    if raw.get("source") is None and raw.get("rank") is None:
+        problems.append("source: required key is missing (or give rank: {candidates: [...]} to choose the source).")
     source = raw.get("source")
     source_name = source if isinstance(source, str) else section("source").get("name")
     if isinstance(source_name, str):

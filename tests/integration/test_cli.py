@@ -196,4 +196,4 @@ def test_recipe_needs_a_source_or_candidates(tmp_path: Path, capsys):
     assert "rank.score: unknown score 'logm'. Did you mean 'logme'?" in err
     del recipe["rank"]
     assert main(["validate", str(_write_recipe(tmp_path, recipe))]) == 1
-    assert "give a source (source: NAME) or candidates to rank" in capsys.readouterr().err
+    assert "source: required key is missing (or give rank: {candidates: [...]}" in capsys.readouterr().err

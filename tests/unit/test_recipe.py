@@ -77,7 +77,7 @@ def test_structural_problems_are_all_reported_with_key_paths_and_fixes() -> None
     trian = _problem(problems, "trian")
     assert "unknown key" in trian
     assert "Did you mean 'train'?" in trian
-    assert "Valid keys here: name, seed, source, data, train, compare." in trian
+    assert "Valid keys here: name, seed, source, rank, data, train, compare." in trian
 
     per_clas = _problem(problems, "data.per_clas")
     assert "unknown key" in per_clas
@@ -136,7 +136,9 @@ def test_unknown_source_is_reported() -> None:
 def test_missing_required_keys_are_reported() -> None:
     recipe, problems = validate_recipe({"name": "x"})
     assert recipe is None
-    assert sorted(problems) == ["data: required key is missing.", "source: required key is missing."]
+    assert sorted(problems) == ["data: required key is missing.",
+                                "source: required key is missing (or give rank: {candidates: [...]} to choose the "
+                                "source)."]
 
 
 def test_nested_unknown_key_in_augment_and_compare_suggests_the_right_level() -> None:
