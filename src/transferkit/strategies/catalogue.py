@@ -6,6 +6,7 @@ fine-tunings ``l2sp`` and ``bss`` (``full`` + a penalty). Staged strategies retu
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,23 +258,11 @@ class L2SPStrategyConfig(L2SPConfig):
     backbone_lr_scale: float = 0.1
 
 
-def l2sp_plan(model: VisionModel, cfg: L2SPStrategyConfig, train: TrainConfig) -> TrainPlan:
-    groups = full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), train.lr)
-    for g in groups:
-        g.weight_decay = 0.0  # L2-SP replaces weight decay (which would pull towards 0, not towards the source)
-    return TrainPlan(groups, regularizers=[("l2sp", {"alpha": cfg.alpha, "beta": cfg.beta})])
-
-
 @dataclass
 class BSSStrategyConfig(BSSConfig):
     """``full`` fine-tuning with batch spectral shrinkage (see BSSConfig)."""
 
     backbone_lr_scale: float = 0.1
-
-
-def bss_plan(model: VisionModel, cfg: BSSStrategyConfig, train: TrainConfig) -> TrainPlan:
-    groups = full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), train.lr)
-    return TrainPlan(groups, regularizers=[("bss", {"k": cfg.k, "weight": cfg.weight})])
 
 
 @dataclass
@@ -283,18 +272,30 @@ class DeltaStrategyConfig(DeltaConfig):
     backbone_lr_scale: float = 0.1
 
 
-def delta_plan(model: VisionModel, cfg: DeltaStrategyConfig, train: TrainConfig) -> TrainPlan:
-    groups = full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), train.lr)
-    options = {"alpha": cfg.alpha, "beta": cfg.beta, "layers": cfg.layers, "attention": cfg.attention}
-    return TrainPlan(groups, regularizers=[("delta", options)])
+def regularised_full(regularizer: str, regularizer_config: type, no_weight_decay: bool = False) -> Any:
+    """The plan of ``full`` fine-tuning plus one penalty, whose options are the config's regulariser fields."""
+
+    def plan(model: VisionModel, cfg: Any, train: TrainConfig) -> TrainPlan:
+        groups = full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), train.lr)
+        if no_weight_decay:
+            for g in groups:
+                g.weight_decay = 0.0
+        options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(regularizer_config)}
+        return TrainPlan(groups, regularizers=[(regularizer, options)])
+
+    return plan
 
 
-STRATEGIES.register("delta", help="full fine-tuning with feature maps kept near the source's (DELTA, Li et al. 2019)")(
-    type("DeltaStrategy", (), {"config": DeltaStrategyConfig, "from_scratch": False, "plan": staticmethod(delta_plan)}))
-STRATEGIES.register("l2sp", help="full fine-tuning kept near the source weights (L2-SP, Li et al. 2018)")(
-    type("L2SPStrategy", (), {"config": L2SPStrategyConfig, "from_scratch": False, "plan": staticmethod(l2sp_plan)}))
-STRATEGIES.register("bss", help="full fine-tuning with batch spectral shrinkage (Chen et al. 2019)")(
-    type("BSSStrategy", (), {"config": BSSStrategyConfig, "from_scratch": False, "plan": staticmethod(bss_plan)}))
+for _name, _config, _base, _no_wd, _help in (
+    # L2-SP replaces weight decay, which would pull towards 0 instead of towards the source
+    ("l2sp", L2SPStrategyConfig, L2SPConfig, True, "full fine-tuning kept near the source weights (L2-SP, Li et al. "
+     "2018)"),
+    ("delta", DeltaStrategyConfig, DeltaConfig, False, "full fine-tuning with feature maps kept near the source's "
+     "(DELTA, Li et al. 2019)"),
+    ("bss", BSSStrategyConfig, BSSConfig, False, "full fine-tuning with batch spectral shrinkage (Chen et al. 2019)"),
+):
+    STRATEGIES.register(_name, help=_help)(type(f"{_name}_strategy", (), {
+        "config": _config, "from_scratch": False, "plan": staticmethod(regularised_full(_name, _base, _no_wd))}))
 
 
 def describe_plans(plans: list[TrainPlan]) -> list[dict[str, Any]]:
