@@ -336,16 +336,20 @@ def test_delta_strategy_trains_and_leaves_the_source_untouched(data):
 def test_auto_rule():
     from transferkit.strategies.auto import AutoConfig, choose_strategy
 
-    assert choose_strategy(20, 3_400_000)[0] == "full"
-    name, reason = choose_strategy(2, 3_400_000)
-    assert name == "linear_probe" and "2 labelled example(s) in the smallest class (< 5)" in reason
-    assert choose_strategy(100, 400_000_000)[0] == "lora"
-    assert choose_strategy(4, 3_400_000, AutoConfig(probe_below=3))[0] == "full"
+    assert choose_strategy(20, 3_400_000, 17)[0] == "full"
+    spec, reason = choose_strategy(5, 3_400_000, 17)
+    assert spec == {"name": "freeze", "groups": 6}
+    assert "5 labelled example(s) in the smallest class (< 10): freeze the first 6 of 17 layer groups" in reason
+    assert choose_strategy(100, 400_000_000, 17)[0] == "lora"
+    assert choose_strategy(5, 3_400_000, 17, AutoConfig(freeze_below=3))[0] == "full"
 
 
 def test_auto_resolves_from_the_data_and_says_why(data, capsys):
-    model = build_target(tiny_source(), data.classes, seed=0)  # 4 examples per class -> linear_probe
+    model = build_target(tiny_source(), data.classes, seed=0)  # 4 examples per class -> freeze
     result = train(model, data, TrainConfig(strategy="auto", epochs=1, batch_size=8),
                    accelerator=make_accelerator("no"))
-    assert result["strategy"] == "linear_probe" and result["cached_features"]
-    assert "auto: 4 labelled example(s)" in result["auto"] and result["auto"] in capsys.readouterr().out
+    groups = len(model.layer_groups()) - 1
+    assert result["strategy"] == "freeze" and not result["cached_features"]
+    assert f"auto: 4 labelled example(s) in the smallest class (< 10): freeze the first {-(-groups // 3)} of" in \
+        result["auto"]
+    assert result["auto"] in capsys.readouterr().out

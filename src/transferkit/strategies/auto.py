@@ -4,14 +4,19 @@ The rule (printed in the run and recorded in metrics.json, and written down in t
 
 1. a backbone over ``lora_above`` parameters (default 300 M) -> ``lora``: the adapters keep the optimizer's memory
    small (two Adam moments for a few million parameters instead of hundreds of millions);
-2. fewer than ``probe_below`` labelled examples in the smallest class (default 5) -> ``linear_probe``: too few
-   examples to move millions of weights, while the source's features are already good;
-3. otherwise -> ``full``: fine-tuning every weight, the head faster than the backbone, was the best strategy of
-   the comparison table (docs/benchmarks.md) at 20 examples per class.
+2. fewer than ``freeze_below`` labelled examples in the smallest class (default 10) -> ``freeze`` the first third
+   of the backbone's layer groups with every BatchNorm's statistics frozen: the best strategy of the comparison
+   table (docs/benchmarks.md) at 5 examples per class (0.815 test accuracy, against 0.695 for the linear probe and
+   0.572 for full fine-tuning, whose BatchNorm statistics drift on 50 images);
+3. otherwise -> ``full``: fine-tuning every weight, the head faster than the backbone, the best strategy of that
+   table at 20 examples per class (best validation accuracy, 0.927 test).
+
+The table has one seed per setting so far; the thresholds move when it grows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,34 +30,38 @@ class AutoConfig:
     """Thresholds of the rule (see the module docstring).
 
     Attributes:
-        probe_below: below this many examples in the smallest class, ``linear_probe``.
+        freeze_below: below this many examples in the smallest class, ``freeze`` (first third of the groups).
         lora_above: above this many backbone parameters, ``lora``.
     """
 
-    probe_below: int = 5
+    freeze_below: int = 10
     lora_above: int = 300_000_000
 
     def __post_init__(self) -> None:
-        if self.probe_below < 1 or self.lora_above < 1:
-            raise ValueError("probe_below and lora_above must be >= 1")
+        if self.freeze_below < 1 or self.lora_above < 1:
+            raise ValueError("freeze_below and lora_above must be >= 1")
 
 
-def choose_strategy(per_class: int, backbone_params: int, cfg: AutoConfig | None = None) -> tuple[str, str]:
-    """The strategy the rule picks, and why (one readable sentence)."""
+def choose_strategy(per_class: int, backbone_params: int, backbone_groups: int,
+                    cfg: AutoConfig | None = None) -> tuple[str | dict[str, Any], str]:
+    """The strategy the rule picks (a name or ``{name, options}``), and why (one readable sentence)."""
     cfg = cfg or AutoConfig()
     if backbone_params > cfg.lora_above:
         return "lora", (f"auto: the backbone has {backbone_params / 1e6:.0f} M parameters (> {cfg.lora_above / 1e6:.0f}"
                         " M): lora keeps the trained part and the optimizer state small")
-    if per_class < cfg.probe_below:
-        return "linear_probe", (f"auto: {per_class} labelled example(s) in the smallest class (< {cfg.probe_below}): "
-                                "linear_probe trains only the head on the source's features")
+    if per_class < cfg.freeze_below:
+        groups = math.ceil(backbone_groups / 3)
+        return {"name": "freeze", "groups": groups}, (
+            f"auto: {per_class} labelled example(s) in the smallest class (< {cfg.freeze_below}): freeze the first "
+            f"{groups} of {backbone_groups} layer groups and every BatchNorm's statistics, train the rest")
     return "full", (f"auto: {per_class} labelled examples per class and {backbone_params / 1e6:.1f} M backbone "
                     "parameters: full fine-tuning (the head faster than the backbone)")
 
 
-def resolve_auto(options: AutoConfig, model: nn.Module, per_class: int) -> tuple[str, str]:
+def resolve_auto(options: AutoConfig, model: nn.Module, per_class: int) -> tuple[str | dict[str, Any], str]:
     backbone = getattr(model, "backbone", model)
-    return choose_strategy(per_class, sum(p.numel() for p in backbone.parameters()), options)
+    groups = len([g for g, _ in model.layer_groups() if g != "head"]) if hasattr(model, "layer_groups") else 1
+    return choose_strategy(per_class, sum(p.numel() for p in backbone.parameters()), max(1, groups), options)
 
 
 class Auto:
