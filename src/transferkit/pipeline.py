@@ -25,7 +25,16 @@ from transferkit.data import ImageDataset, LabelledImages, Splits, build_transfo
 from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.errors import RecipeError, RunDirError, SourceError
-from transferkit.io import load_state_dict, read_json, safe_torch_load, save_tensors, torch_save, write_json, write_text
+from transferkit.io import (
+    load_state_dict,
+    read_json,
+    replace_dir,
+    safe_torch_load,
+    save_tensors,
+    torch_save,
+    write_json,
+    write_text,
+)
 from transferkit.models.vision import VisionModel, save_model
 from transferkit.recipe import DataConfig, Recipe, SourceSpec, TrainConfig, dump_recipe, load_recipe
 from transferkit.sources import load_source
@@ -363,6 +372,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
 
     results: dict[str, Any] = {}
     features: dict[str, torch.Tensor] | None = None
+    features_s = 0.0  # counted once, by the job that computed the cached features
     report: dict[str, Any] | None = None
     for name, cfg in recipe.trainings():
         job_dir = out / "checkpoints" / name
@@ -390,7 +400,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         job = train(target, data, cfg, seed=recipe.seed, accelerator=accelerator, paths=paths, resume=resume,
                     features=features, reference=reference, source=source)
         if plan_caches:
-            job["timing"]["features_s"] = features_s
+            job["timing"]["features_s"], features_s = features_s, 0.0
         t = time.perf_counter()
         if plans[-1].cached_features:  # only the head changed: the test set's cached features serve
             test_set: Dataset = TensorDataset(features["test"], torch.as_tensor(data.images.labels[data.splits.test]))
@@ -423,10 +433,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         if report is None:
             report = build_target(source, data.classes, seed=recipe.seed).report
         write_json(out / "transfer_report.json", report)
-        shutil.copytree(out / "models" / selected, out / ".model.new", dirs_exist_ok=True)
-        if (out / "model").exists():
-            shutil.rmtree(out / "model")
-        (out / ".model.new").rename(out / "model")
+        replace_dir(out / "model", lambda tmp: shutil.copytree(out / "models" / selected, tmp, dirs_exist_ok=True))
         write_json(out / "metrics.json", metrics)
         from transferkit.evaluation.report import write_report
 

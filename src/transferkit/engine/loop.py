@@ -8,6 +8,7 @@ draw augmentation randomness and change what follows).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -254,7 +255,7 @@ def fit(
             # one optimizer step over the micro-batches in `group` (the last group of an epoch may be shorter)
             for j, (gx, gy) in enumerate(group):
                 sync = j + 1 == len(group)
-                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _nullcontext()
+                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
                     out = objective(wrapped, gx.to(device), gy.to(device))
                     loss = out["loss"] / len(group)
@@ -323,10 +324,3 @@ def fit(
     return FitResult(best_state, state["best_epoch"], state["best_val"], state["history"], state["step"],
                      time.perf_counter() - t0, resumed_from)
 
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
