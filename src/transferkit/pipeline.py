@@ -252,12 +252,18 @@ def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, spl
 
 
 def feature_cache(model: VisionModel, data: PreparedData, device: Any = "cpu", cache_file: Path | None = None,
-                  splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, torch.Tensor]:
-    """Backbone features of the splits, computed once (and read back from ``cache_file`` when it exists)."""
+                  splits: tuple[str, ...] = ("train", "val", "test"),
+                  known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Backbone features of the splits, computed once (and read back from ``cache_file`` when it exists).
+
+    ``known`` holds splits already computed by the same backbone (the ``rank:`` step's forward pass over the
+    training split), which are not computed again.
+    """
     if cache_file is not None and cache_file.exists():
         return safe_torch_load(cache_file)
-    feats = {s: compute_features(model.backbone, data.dataset(s), device=device, desc=f"features {s}")
-             for s in splits}
+    feats = dict(known or {})
+    feats.update({s: compute_features(model.backbone, data.dataset(s), device=device, desc=f"features {s}")
+                  for s in splits if s not in feats})
     if cache_file is not None:
         torch_save(cache_file, feats)
     return feats
@@ -310,8 +316,10 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
                               "it, or choose another --out.")
 
 
-def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool, log: Any) -> SourceSpec:
-    """Rank the recipe's candidate sources (one forward pass each) and return the winner's spec.
+def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool,
+              log: Any) -> tuple[SourceSpec, dict[str, torch.Tensor] | None]:
+    """Rank the recipe's candidate sources (one forward pass each); the winner's spec and, when the ranking saw
+    the whole training split, the winner's training features (a later linear probe reuses them).
 
     Writes ``rank.json``; on ``--resume`` the winner is read back from it instead of ranking again. Every process
     ranks (the result is deterministic); only the main one writes.
@@ -324,9 +332,10 @@ def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool, log: Any) -> 
         rows = read_json(rank_file)["rows"]
     else:
         rows = rank_candidates(recipe.data, [c.model_dump() for c in recipe.rank.candidates],
-                               recipe.rank.max_examples, recipe.rank.score, seed=recipe.seed)
+                               recipe.rank.max_examples, recipe.rank.score, seed=recipe.seed, return_features=True)
         if main:
-            write_json(rank_file, {"score": recipe.rank.score, "rows": rows})
+            kept = [{k: v for k, v in r.items() if k not in ("features", "example_positions")} for r in rows]
+            write_json(rank_file, {"score": recipe.rank.score, "rows": kept})
     if rows[0]["status"] != "ok":
         reasons = "; ".join(str(r.get("error")) for r in rows)
         raise SourceError(f"no candidate source could be ranked: {reasons}")
@@ -334,7 +343,9 @@ def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool, log: Any) -> 
         value = r["scores"].get(recipe.rank.score)
         log(f"rank {r['rank']}: {r['candidate']}  {recipe.rank.score}="
             f"{value if value is None else round(value, 4)}  {r['status']}")
-    return SourceSpec(**rows[0]["spec"]) if isinstance(rows[0]["spec"], dict) else SourceSpec(name=rows[0]["spec"])
+    spec = SourceSpec(**rows[0]["spec"]) if isinstance(rows[0]["spec"], dict) else SourceSpec(name=rows[0]["spec"])
+    whole_split = recipe.rank.max_examples is None and rows[0].get("features") is not None
+    return spec, (rows[0]["features"] if whole_split else None)
 
 
 def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resume: bool = False,
@@ -358,7 +369,8 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     log = print if main else (lambda *a, **k: None)
 
     t = time.perf_counter()
-    source_spec = recipe.source if recipe.rank is None else rank_step(recipe, out, resume, main, log)
+    source_spec, known_features = (recipe.source, None) if recipe.rank is None else \
+        rank_step(recipe, out, resume, main, log)
     if source_spec is None:
         raise RecipeError("the recipe names no source: give source: NAME, or rank: {candidates: [...]}")
     torch.manual_seed(recipe.seed)  # a source without pretrained weights is initialised reproducibly
@@ -392,7 +404,8 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         plan_caches = any(p.cached_features for p in plans)
         if plan_caches and features is None:
             t = time.perf_counter()
-            features = feature_cache(target, data, accelerator.device, out / "cache" / "features.pt" if main else None)
+            features = feature_cache(target, data, accelerator.device, out / "cache" / "features.pt" if main else None,
+                                     known=known_features)
             features_s = time.perf_counter() - t
         # every rank reads the checkpoint on resume; only the main process writes (fit checks)
         paths = JobPaths(job_dir / "last.pt", out / "metrics.jsonl", name)

@@ -169,8 +169,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, run_dir: Path):
     assert strip == [{k: v for k, v in h.items() if k != "time_s"} for h in b["models"]["full"]["history"]]
 
 
-def test_rank_step_picks_the_source_and_resume_reuses_it(tmp_path: Path):
-    """A recipe with `rank:` and no `source:`: the best-ranked candidate trains; rank.json records the ranking."""
+def test_rank_step_picks_the_source_and_resume_reuses_it(tmp_path: Path, monkeypatch):
+    """A recipe with `rank:` and no `source:`: the best-ranked candidate trains; rank.json records the ranking;
+    the linear probe reuses the ranking's forward pass over the training split."""
+    import transferkit.pipeline as pipeline
+
+    calls = []
+    real = pipeline.compute_features
+    monkeypatch.setattr(pipeline, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     recipe = {k: v for k, v in TINY_RECIPE.items() if k != "source"}
     recipe.update(compare=[], train={**TINY_RECIPE["train"], "strategy": "linear_probe", "epochs": 1},
                   rank={"candidates": [{"name": "timm:test_efficientnet", "pretrained": False},
@@ -185,6 +191,8 @@ def test_rank_step_picks_the_source_and_resume_reuses_it(tmp_path: Path):
     winner = ranking["rows"][0]["spec"]["name"]
     assert read_json(out / "metrics.json")["source"] == winner
     assert read_json(out / "model" / "model.json")["arch"]["name"] == winner.split(":", 1)[1]
+    # 2 candidates ranked on the training split, then only val and test for the probe: 4 forward passes, not 5
+    assert len(calls) == 4
 
 
 def test_recipe_needs_a_source_or_candidates(tmp_path: Path, capsys):
