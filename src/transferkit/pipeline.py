@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from transferkit import __version__
 from transferkit.data import ImageDataset, LabelledImages, Splits, build_transform, read_dataset, split_dataset
-from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
+from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator, show_progress
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.errors import RecipeError, RunDirError, SourceError
 from transferkit.io import (
@@ -98,14 +98,8 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
     backbone.eval().to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = [backbone(x.to(device)).float().cpu() for x, _ in tqdm(loader, desc=desc, leave=False,
-                                                                    disable=not _progress())]
+                                                                    disable=not show_progress())]
     return torch.cat(out)
-
-
-def _progress() -> bool:
-    import os
-
-    return os.environ.get("TRANSFERKIT_PROGRESS", "1") != "0"
 
 
 # ----------------------------------------------------------------------------------------------------------------

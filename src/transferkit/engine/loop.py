@@ -93,7 +93,7 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG untouched
     logits, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not _show_progress()):
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not show_progress()):
         logits.append(model(x.to(device)).float().cpu())
         labels.append(y)
     model.train(was_training)
@@ -107,7 +107,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int, num_clas
     return classification_metrics(logits, labels, num_classes)
 
 
-def _show_progress() -> bool:
+def show_progress() -> bool:
+    """Progress bars on, unless TRANSFERKIT_PROGRESS=0 (tests, benchmarks, logs)."""
     return os.environ.get("TRANSFERKIT_PROGRESS", "1") != "0"
 
 
@@ -240,7 +241,7 @@ def fit(
 
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=paths.job if paths else "train", leave=False,
-               disable=not (main and _show_progress()))
+               disable=not (main and show_progress()))
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         set_train_mode(accelerator.unwrap_model(wrapped), plan)
