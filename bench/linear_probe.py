@@ -47,7 +47,7 @@ from torch.utils.data import TensorDataset
 
 import transferkit
 from transferkit.engine.loop import evaluate_model, fit, make_accelerator
-from transferkit.models.vision import VisionModel
+from transferkit.models.vision import SourceModel
 from transferkit.pipeline import PreparedData, compute_features, evaluate, prepare_data, train
 from transferkit.recipe import TrainConfig, load_recipe
 from transferkit.sources import load_source
@@ -58,7 +58,7 @@ from transferkit.transfer import build_target
 DEMO = Path(transferkit.__file__).parent / "recipes" / "demo.yaml"
 
 
-def cached_side(source: VisionModel, data: PreparedData, cfg: TrainConfig, seed: int, accelerator: Any,
+def cached_side(source: SourceModel, data: PreparedData, cfg: TrainConfig, seed: int, accelerator: Any,
                 feature_batch: int = 32, with_test: bool = True) -> dict:
     """transferkit's linear probe: features once, then the head on them.
 
@@ -84,7 +84,7 @@ def cached_side(source: VisionModel, data: PreparedData, cfg: TrainConfig, seed:
     return out
 
 
-def frozen_side(source: VisionModel, data: PreparedData, cfg: TrainConfig, seed: int, accelerator: Any) -> dict:
+def frozen_side(source: SourceModel, data: PreparedData, cfg: TrainConfig, seed: int, accelerator: Any) -> dict:
     """The same probe through the frozen backbone: a full forward pass every step and every validation."""
     target = build_target(source, data.classes, seed=seed)
     target.preprocess = data.preprocess
@@ -103,7 +103,7 @@ def frozen_side(source: VisionModel, data: PreparedData, cfg: TrainConfig, seed:
 
 
 @torch.no_grad()
-def warm_up(source: VisionModel, data: PreparedData) -> None:
+def warm_up(source: SourceModel, data: PreparedData) -> None:
     """First-call costs (allocator, oneDNN kernels per batch shape) paid before either side is timed."""
     model = build_target(source, data.classes).eval()
     size = data.preprocess["input_size"][-1]

@@ -52,7 +52,7 @@ from torch import nn
 
 from transferkit.data import read_dataset
 from transferkit.demo import demo_recipe_path
-from transferkit.models.vision import VisionModel
+from transferkit.models.vision import SourceModel
 from transferkit.pipeline import PreparedData, evaluate, prepare_data, run_recipe, train
 from transferkit.rank import Candidate, correlation, rank_candidates
 from transferkit.rank.candidates import SCORE_NAMES
@@ -81,12 +81,12 @@ class TruncatedEfficientNet(nn.Module):
         return self.pool(self.blocks(self.bn1(self.conv_stem(x)))).flatten(1)
 
 
-def truncated_lite0(after: int) -> VisionModel:
+def truncated_lite0(after: int) -> SourceModel:
     """EfficientNet-Lite0 (ImageNet) truncated after ``blocks[after]``, without a classifier head."""
     source = load_source("efficientnet_lite0")
     backbone = TruncatedEfficientNet(source.backbone, after)
     width = backbone.blocks[-1][-1].conv_pwl.out_channels
-    model = VisionModel(backbone, nn.Identity(), {**source.arch, "truncated_after_block": after},
+    model = SourceModel(backbone, nn.Identity(), {**source.arch, "truncated_after_block": after},
                         dict(source.preprocess), None, width)
     names = {f"backbone.{n}" for n in backbone.state_dict()}
     model.origin = {k: v for k, v in source.origin.items() if k in names}

@@ -35,7 +35,7 @@ from transferkit.io import (
     write_json,
     write_text,
 )
-from transferkit.models.vision import VisionModel, save_model
+from transferkit.models.vision import SourceModel, save_model
 from transferkit.recipe import DataConfig, Recipe, SourceSpec, TrainConfig, dump_recipe, load_recipe
 from transferkit.sources import load_source
 from transferkit.strategies import get_strategy
@@ -106,9 +106,9 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
 # Training one model
 
 
-def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int = 0, accelerator: Any = None,
+def train(model: SourceModel, data: PreparedData, cfg: TrainConfig, *, seed: int = 0, accelerator: Any = None,
           paths: JobPaths | None = None, resume: bool = False, features: dict[str, torch.Tensor] | None = None,
-          reference: dict[str, torch.Tensor] | None = None, source: VisionModel | None = None,
+          reference: dict[str, torch.Tensor] | None = None, source: SourceModel | None = None,
           on_step: Any = None) -> dict[str, Any]:
     """Train ``model`` in place by ``cfg.strategy``, stage by stage; returns the summary (history, timings...).
 
@@ -200,7 +200,7 @@ def train(model: VisionModel, data: PreparedData, cfg: TrainConfig, *, seed: int
             "cached_features": plans[-1].cached_features, **({"auto": auto_reason} if auto_reason else {})}
 
 
-def resolve_strategy(cfg: TrainConfig, model: VisionModel,
+def resolve_strategy(cfg: TrainConfig, model: SourceModel,
                      data: PreparedData) -> tuple[TrainConfig, Any, Any, str | None]:
     """The strategy and its options; ``auto`` is replaced by the strategy its rule picks for this data and model."""
     strategy, options = get_strategy(cfg.strategy)
@@ -213,7 +213,7 @@ def resolve_strategy(cfg: TrainConfig, model: VisionModel,
     return cfg, strategy, options, reason
 
 
-def plan_stages(strategy: Any, options: Any, model: VisionModel, cfg: TrainConfig) -> list[TrainPlan]:
+def plan_stages(strategy: Any, options: Any, model: SourceModel, cfg: TrainConfig) -> list[TrainPlan]:
     """The strategy's plan as a list of stages; a plan that cannot fit this model is a recipe error."""
     try:
         plan = strategy.plan(model, options, cfg)
@@ -245,7 +245,7 @@ def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, spl
     return TensorDataset(features[split], torch.as_tensor(data.images.labels[getattr(data.splits, split)]))
 
 
-def feature_cache(model: VisionModel, data: PreparedData, device: Any = "cpu", cache_file: Path | None = None,
+def feature_cache(model: SourceModel, data: PreparedData, device: Any = "cpu", cache_file: Path | None = None,
                   splits: tuple[str, ...] = ("train", "val", "test"),
                   known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Backbone features of the splits, computed once (and read back from ``cache_file`` when it exists).
@@ -263,7 +263,7 @@ def feature_cache(model: VisionModel, data: PreparedData, device: Any = "cpu", c
     return feats
 
 
-def evaluate(model: VisionModel, dataset: Dataset, num_classes: int | None = None, batch_size: int = 32,
+def evaluate(model: SourceModel, dataset: Dataset, num_classes: int | None = None, batch_size: int = 32,
              device: Any = "cpu") -> dict[str, Any]:
     """Accuracy, macro-F1, loss and confusion matrix of a model on a dataset."""
     model.to(device)

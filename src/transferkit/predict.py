@@ -10,13 +10,13 @@ import torch
 
 from transferkit.data import build_transform, load_image
 from transferkit.errors import DataNotFoundError
-from transferkit.models.vision import VisionModel, load_model
+from transferkit.models.vision import SourceModel, load_model
 
 
 class Predictor:
     """A loaded model with its preprocessing and labels."""
 
-    def __init__(self, model: VisionModel):
+    def __init__(self, model: SourceModel):
         self.model = model.eval()
         self.transform = build_transform(model.preprocess)
         self.labels = model.labels or [str(i) for i in range(model.head_spec()["num_classes"])]

@@ -277,7 +277,7 @@ def test_lora_bad_target_modules_is_a_recipe_error():
 
 
 def _conv_model(w: list[float]):
-    from transferkit.models.vision import VisionModel
+    from transferkit.models.vision import SourceModel
 
     conv = nn.Conv2d(1, 2, 1, bias=False)
     with torch.no_grad():
@@ -285,7 +285,7 @@ def _conv_model(w: list[float]):
     backbone = nn.Sequential()
     backbone.add_module("blocks", nn.Sequential(conv))
     backbone.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
-    model = VisionModel(backbone, nn.Identity(), {"family": "none", "name": "test"}, {}, None, 2)
+    model = SourceModel(backbone, nn.Identity(), {"family": "none", "name": "test"}, {}, None, 2)
     model.reset_head(2, ["a", "b"])
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferkit.models.vision import VisionModel
+from transferkit.models.vision import SourceModel
 
 
 class ClassificationObjective(nn.Module):
@@ -30,7 +30,7 @@ class ClassificationObjective(nn.Module):
                 p.prepare(model)
         features = None
         if any(p.needs_features for p in self.penalties):
-            if isinstance(getattr(model, "module", model), VisionModel):
+            if isinstance(getattr(model, "module", model), SourceModel):
                 logits, features = model(inputs, return_features=True)
             else:  # the head alone, on cached features: the inputs are the features
                 logits, features = model(inputs), inputs

@@ -38,7 +38,7 @@ class Backbone:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments needed to rebuild it
 
 
-class VisionModel(nn.Module):
+class SourceModel(nn.Module):
     """Images -> ``backbone`` -> pooled features -> ``head`` -> logits.
 
     Args:
@@ -245,7 +245,7 @@ def build_backbone(arch: dict[str, Any], pretrained: bool = False, weights: str 
 # Saving and loading a model folder: model.safetensors + model.json.
 
 
-def save_model(model: VisionModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_model(model: SourceModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model.json`` (swapped in whole: never half-written)."""
     meta = {
         "format": MODEL_FORMAT,
@@ -269,7 +269,7 @@ def save_model(model: VisionModel, folder: str | Path, extra: dict[str, Any] | N
     return replace_dir(Path(folder), fill)
 
 
-def load_model(folder: str | Path) -> VisionModel:
+def load_model(folder: str | Path) -> SourceModel:
     """Rebuild a saved model from its folder alone (no recipe, no network)."""
     folder = Path(folder)
     if folder.is_file():
@@ -282,7 +282,7 @@ def load_model(folder: str | Path) -> VisionModel:
         raise SourceError(f"'{meta_path}' has format {meta.get('format')!r}; this transferkit reads {MODEL_FORMAT}")
     backbone = build_backbone(meta["arch"], pretrained=False)
     head_spec = meta["head"]
-    model = VisionModel(backbone.module, nn.Identity(), meta["arch"], meta["preprocess"], meta["labels"],
+    model = SourceModel(backbone.module, nn.Identity(), meta["arch"], meta["preprocess"], meta["labels"],
                         meta["num_features"], [tuple(g) for g in meta.get("groups", [])])
     model.reset_head(head_spec["num_classes"], meta["labels"], head_spec.get("dropout", 0.0))
     if meta.get("adapter"):

@@ -64,7 +64,7 @@ class Candidate:
 
     Args:
         name: shown in the ranking.
-        load: returns the ``VisionModel`` (backbone, head, preprocess), e.g. ``lambda: load_source(spec)``.
+        load: returns the ``SourceModel`` (backbone, head, preprocess), e.g. ``lambda: load_source(spec)``.
         spec: a JSON-able description kept in the result (the source spec, or what was built).
     """
 

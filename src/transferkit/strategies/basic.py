@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transferkit.models.vision import VisionModel
+from transferkit.models.vision import SourceModel
 from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 
 
-def head_params(model: VisionModel) -> list[str]:
+def head_params(model: SourceModel) -> list[str]:
     return [f"head.{n}" for n, _ in model.head.named_parameters()]
 
 
-def backbone_params(model: VisionModel) -> list[str]:
+def backbone_params(model: SourceModel) -> list[str]:
     return [f"backbone.{n}" for n, _ in model.backbone.named_parameters()]
 
 
@@ -29,7 +29,7 @@ class LinearProbe:
     from_scratch = False
 
     @staticmethod
-    def plan(model: VisionModel, cfg: LinearProbeConfig, train: TrainConfig) -> TrainPlan:
+    def plan(model: SourceModel, cfg: LinearProbeConfig, train: TrainConfig) -> TrainPlan:
         return TrainPlan([ParamGroup("head", head_params(model), train.lr)], frozen_modules=["backbone"],
                          cached_features=True)
 
@@ -53,13 +53,13 @@ class FullConfig:
             raise ValueError(f"backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
 
 
-def full_groups(model: VisionModel, cfg: FullConfig, lr: float) -> list[ParamGroup]:
+def full_groups(model: SourceModel, cfg: FullConfig, lr: float) -> list[ParamGroup]:
     """Backbone at ``backbone_lr`` (or ``backbone_lr_scale * lr``), head at ``lr``."""
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else lr * cfg.backbone_lr_scale
     return [ParamGroup("backbone", backbone_params(model), backbone_lr), ParamGroup("head", head_params(model), lr)]
 
 
-def _full_plan(model: VisionModel, cfg: FullConfig, train: TrainConfig) -> TrainPlan:
+def _full_plan(model: SourceModel, cfg: FullConfig, train: TrainConfig) -> TrainPlan:
     return TrainPlan(full_groups(model, cfg, train.lr))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from transferkit.models.vision import VisionModel
+from transferkit.models.vision import SourceModel
 from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
@@ -39,7 +39,7 @@ def _modules_all_frozen(model: nn.Module, trainable: set[str]) -> list[str]:
     return out
 
 
-def _frozen_bn(model: VisionModel, trainable: set[str], train_bn: bool) -> list[str]:
+def _frozen_bn(model: SourceModel, trainable: set[str], train_bn: bool) -> list[str]:
     """BatchNorm modules held in eval mode: all in the backbone unless ``train_bn``, else those in frozen parts."""
     return _bn_modules(model, "backbone.") if not train_bn else _modules_all_frozen(model, trainable)
 
@@ -80,7 +80,7 @@ class FreezeConfig:
             raise ValueError("freeze needs `groups: K` (the first K layer groups) or `patterns: [REGEX, ...]`")
 
 
-def freeze_plan(model: VisionModel, cfg: FreezeConfig, train: TrainConfig) -> TrainPlan:
+def freeze_plan(model: SourceModel, cfg: FreezeConfig, train: TrainConfig) -> TrainPlan:
     groups = model.layer_groups()
     backbone_groups = [g for g in groups if g[0] != "head"]
     if cfg.groups >= len(backbone_groups) + 1:
@@ -128,7 +128,7 @@ class GradualUnfreezeConfig:
             raise ValueError(f"every and groups_per_stage must be >= 1, got {self.every}, {self.groups_per_stage}")
 
 
-def gradual_unfreeze_plan(model: VisionModel, cfg: GradualUnfreezeConfig, train: TrainConfig) -> list[TrainPlan]:
+def gradual_unfreeze_plan(model: SourceModel, cfg: GradualUnfreezeConfig, train: TrainConfig) -> list[TrainPlan]:
     groups = model.layer_groups()  # input -> output; the head last
     stages: list[TrainPlan] = []
     epochs_left, unfrozen = train.epochs, 1
@@ -169,7 +169,7 @@ class LLRDConfig:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
 
-def llrd_plan(model: VisionModel, cfg: LLRDConfig, train: TrainConfig) -> TrainPlan:
+def llrd_plan(model: SourceModel, cfg: LLRDConfig, train: TrainConfig) -> TrainPlan:
     groups = [(name, params) for name, params in model.layer_groups() if params]
     last = len(groups) - 1
     return TrainPlan([ParamGroup(name, params, train.lr * cfg.decay ** (last - i))
@@ -205,7 +205,7 @@ class LpFtConfig:
             raise ValueError("ft_lr_scale and backbone_lr_scale must be > 0")
 
 
-def lp_ft_plan(model: VisionModel, cfg: LpFtConfig, train: TrainConfig) -> list[TrainPlan]:
+def lp_ft_plan(model: SourceModel, cfg: LpFtConfig, train: TrainConfig) -> list[TrainPlan]:
     lp_epochs = cfg.lp_epochs or max(1, train.epochs // 3)
     if lp_epochs >= train.epochs:
         raise ValueError(f"lp_epochs={lp_epochs} leaves no epoch for fine-tuning (train.epochs={train.epochs})")
@@ -235,7 +235,7 @@ class BitFitConfig:
     backbone_lr_scale: float = 1.0
 
 
-def bitfit_plan(model: VisionModel, cfg: BitFitConfig, train: TrainConfig) -> TrainPlan:
+def bitfit_plan(model: SourceModel, cfg: BitFitConfig, train: TrainConfig) -> TrainPlan:
     biases = [f"backbone.{n}" for n, _ in model.backbone.named_parameters() if n.endswith("bias")]
     if not biases:
         raise ValueError("bitfit: the backbone has no bias parameters to train")
@@ -275,7 +275,7 @@ class DeltaStrategyConfig(DeltaConfig):
 def regularised_full(regularizer: str, regularizer_config: type, no_weight_decay: bool = False) -> Any:
     """The plan of ``full`` fine-tuning plus one penalty, whose options are the config's regulariser fields."""
 
-    def plan(model: VisionModel, cfg: Any, train: TrainConfig) -> TrainPlan:
+    def plan(model: SourceModel, cfg: Any, train: TrainConfig) -> TrainPlan:
         groups = full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), train.lr)
         if no_weight_decay:
             for g in groups:

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from transferkit.models.vision import VisionModel
+from transferkit.models.vision import SourceModel
 from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
@@ -58,7 +58,7 @@ class LoRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def default_targets(model: VisionModel) -> str | list[str]:
+def default_targets(model: SourceModel) -> str | list[str]:
     names = [n for n, _ in model.backbone.named_modules()]
     if any(n.endswith(("conv_pw", "conv_pwl")) for n in names):
         return DEFAULT_TARGETS["efficientnet"]
@@ -67,7 +67,7 @@ def default_targets(model: VisionModel) -> str | list[str]:
     return [n for n, m in model.backbone.named_modules() if isinstance(m, nn.Linear)]
 
 
-def inject_lora(model: VisionModel, spec: dict[str, Any]) -> None:
+def inject_lora(model: SourceModel, spec: dict[str, Any]) -> None:
     """Add LoRA adapters to ``model.backbone`` in place (peft's LoraModel) and record them in ``model.adapter``."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
@@ -81,7 +81,7 @@ def inject_lora(model: VisionModel, spec: dict[str, Any]) -> None:
     model.adapter = {"type": "lora", **spec}
 
 
-def merge_lora(model: VisionModel) -> None:
+def merge_lora(model: SourceModel) -> None:
     """Fold every adapter into its base layer and put the plain layer back: same outputs, no adapter left."""
     from peft.tuners.lora import LoraLayer
 
@@ -94,7 +94,7 @@ def merge_lora(model: VisionModel) -> None:
     model.adapter = None
 
 
-def lora_plan(model: VisionModel, cfg: LoRAConfig, train: TrainConfig) -> TrainPlan:
+def lora_plan(model: SourceModel, cfg: LoRAConfig, train: TrainConfig) -> TrainPlan:
     if getattr(model, "adapter", None) is None:  # resuming a stage or a second call: inject once
         targets = cfg.target_modules if cfg.target_modules is not None else default_targets(model)
         inject_lora(model, {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": targets})
@@ -105,7 +105,7 @@ def lora_plan(model: VisionModel, cfg: LoRAConfig, train: TrainConfig) -> TrainP
                                      if isinstance(m, nn.modules.batchnorm._BatchNorm)])
 
 
-def lora_finish(model: VisionModel, cfg: LoRAConfig) -> None:
+def lora_finish(model: SourceModel, cfg: LoRAConfig) -> None:
     if cfg.merge:
         merge_lora(model)
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from transferkit.models.vision import VisionModel, build_backbone
+from transferkit.models.vision import SourceModel, build_backbone
 
 
-def build_target(source: VisionModel, labels: list[str], pretrained: bool = True, seed: int = 0,
-                 head_dropout: float = 0.0) -> VisionModel:
+def build_target(source: SourceModel, labels: list[str], pretrained: bool = True, seed: int = 0,
+                 head_dropout: float = 0.0) -> SourceModel:
     """The source backbone with a new linear head for ``labels``.
 
     Args:
@@ -30,7 +30,7 @@ def build_target(source: VisionModel, labels: list[str], pretrained: bool = True
         target.origin = dict(source.origin)
     else:
         bb = build_backbone(source.arch, pretrained=False)
-        target = VisionModel(bb.module, torch.nn.Identity(), source.arch, dict(source.preprocess), None,
+        target = SourceModel(bb.module, torch.nn.Identity(), source.arch, dict(source.preprocess), None,
                              source.num_features, source.groups)
         target.origin = {}
     source_head = source.head_spec() if any(isinstance(m, torch.nn.Linear) for m in source.head.modules()) else None
@@ -40,12 +40,12 @@ def build_target(source: VisionModel, labels: list[str], pretrained: bool = True
     return target
 
 
-def _source_name(source: VisionModel) -> str:
+def _source_name(source: SourceModel) -> str:
     first = next(iter(source.origin.values()), "")
     return first.rsplit(":", 1)[0] if first else f"{source.arch['family']}:{source.arch['name']}"
 
 
-def transfer_report(target: VisionModel, source_name: str, source_head: dict[str, Any] | None,
+def transfer_report(target: SourceModel, source_name: str, source_head: dict[str, Any] | None,
                     pretrained: bool) -> dict[str, Any]:
     """Every target tensor: transferred (from which source tensor, how) or fresh (and why)."""
     rows = []

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import RunDirError
-from transferkit.models.vision import VisionModel, build_backbone, save_model
+from transferkit.models.vision import SourceModel, build_backbone, save_model
 from transferkit.transfer.match import METHODS, TransferError, match_state_dicts, natural_key, normalize
 from transferkit.transfer.surgery import (
     SurgeryError,
@@ -47,7 +47,7 @@ class _Source:
         self.order = order
 
 
-def _state_groups(model: VisionModel) -> dict[str, str]:
+def _state_groups(model: SourceModel) -> dict[str, str]:
     """Every state_dict entry (buffers included) -> its layer group, named by the members' common module path."""
     module_group: dict[str, str] = {}
     for gname, members in model.layer_groups():
@@ -69,7 +69,7 @@ def _state_groups(model: VisionModel) -> dict[str, str]:
 
 
 def _head_names(model: nn.Module) -> list[str]:
-    if isinstance(model, VisionModel):
+    if isinstance(model, SourceModel):
         return [f"head.{n}" for n in model.head.state_dict()]
     if hasattr(model, "get_classifier"):
         classifier = model.get_classifier()
@@ -104,7 +104,7 @@ def read_source(source: Any) -> _Source:
         label = spec if isinstance(spec, str) else spec.name if isinstance(spec, SourceSpec) else spec.get("name")
     else:
         label = None
-    if isinstance(source, VisionModel):
+    if isinstance(source, SourceModel):
         return _Source(source.state_dict(), str(label or f"{source.arch['family']}:{source.arch['name']}"),
                        _state_groups(source), source.labels, _head_names(source))
     if isinstance(source, nn.Module):
@@ -232,12 +232,12 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
 
     Args:
         source: a source spec (``efficientnet_lite0``, ``timm:resnet18``, a model folder), a weights file
-            (``.safetensors``/``.pt``: only tensors are needed), a ``VisionModel``/``nn.Module`` or a state_dict.
+            (``.safetensors``/``.pt``: only tensors are needed), a ``SourceModel``/``nn.Module`` or a state_dict.
         target: a spec built with random weights (``timm:resnet34``) or an ``nn.Module`` (changed in place).
         rules: regex renames, ``[{"from": r"^features\\.(\\d+)", "to": r"blocks.\\1"}]``.
         strict: an ambiguous structural pairing is an error instead of a reported choice.
         methods: matching passes to run (``names``, ``rules``, ``structure``).
-        labels: target class names; a ``VisionModel`` target gets a new head for them, whose rows start from the
+        labels: target class names; a ``SourceModel`` target gets a new head for them, whose rows start from the
             source head's for labels both share.
         extra_blocks: ``fresh`` (random) or ``identity``: target blocks that received nothing are initialised to
             compute the identity (net2net-deeper), so a deeper target computes what the source computes.
@@ -259,12 +259,12 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
     torch.manual_seed(seed)
     model = build_target_model(target, target_kwargs)
     if labels is not None:
-        if not isinstance(model, VisionModel):
-            raise TransferError("labels need a VisionModel target (a spec such as timm:NAME), to give it a new head")
+        if not isinstance(model, SourceModel):
+            raise TransferError("labels need a SourceModel target (a spec such as timm:NAME), to give it a new head")
         model.reset_head(len(labels), list(labels))
     state = model.state_dict()
     adapter = _Adapter(model, state, src, list(labels) if labels is not None else None, resize)
-    tgt_groups = _state_groups(model) if isinstance(model, VisionModel) and src.groups else None
+    tgt_groups = _state_groups(model) if isinstance(model, SourceModel) and src.groups else None
     result = match_state_dicts(src.state, state, rules=rules, methods=methods, source_groups=src.groups,
                                target_groups=tgt_groups, adaptable=adapter.adaptable, strict=strict)
 
@@ -410,8 +410,8 @@ def save_transfer(model: nn.Module, report: Mapping[str, Any], out: str | Path, 
     from transferkit.io import write_json, write_text
 
     out = Path(out)
-    if not isinstance(model, VisionModel):
-        raise TransferError("only a VisionModel target (built from a spec) can be saved as a transferkit model")
+    if not isinstance(model, SourceModel):
+        raise TransferError("only a SourceModel target (built from a spec) can be saved as a transferkit model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunDirError(f"'{out}' is not empty; choose another --out or pass --overwrite")
     save_model(model, out, extra={"transfer": {"source": report["source"], **report["summary"]}})
