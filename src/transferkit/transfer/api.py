@@ -1,23 +1,32 @@
 """``transfer``: move every weight a source has into a target of another structure, and say what moved.
 
-The flow, top to bottom: read the source tensors; build the target; match (names, rules, structure: see
-``match.py``); adapt each matched pair whose shapes differ (``surgery.py``); copy; optionally initialise the
-target's extra blocks as identities; write the report. Nothing is half-applied: every pair is adapted and checked
-before the first tensor is copied into the target.
+The flow, top to bottom: read the source tensors; build the target; optionally keep a subset of the source's
+blocks (a shallower target); match (names, rules, structure: see ``match.py``); adapt each matched pair whose
+shapes differ (``surgery.py``); copy; optionally initialise the target's extra blocks as identities; write the
+report. Nothing is half-applied: every pair is adapted and checked before the first tensor is copied into the
+target. Same-shape pairs are not cloned: the copy into the target reads the source tensor itself, so a transfer
+needs no memory beyond the two models and the (usually small) tensors that surgery reshapes.
+
+``transfer`` works on any ``nn.Module`` (timm, transformers, hand-written), on transferkit specs
+(``timm:resnet34``) and on a builder (a callable returning the target, called after seeding); ``transfer_step``
+is the recipe's ``transfer:`` step on top of it (see ``config.TransferConfig``).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from transferkit.errors import RunDirError
+from transferkit.errors import RecipeError, RunDirError
 from transferkit.models.vision import SourceModel, build_backbone, save_model
+from transferkit.transfer.config import TransferConfig
 from transferkit.transfer.match import METHODS, TransferError, match_state_dicts, natural_key, normalize
 from transferkit.transfer.surgery import (
     SurgeryError,
@@ -27,6 +36,7 @@ from transferkit.transfer.surgery import (
     identity_init_block,
     prefix_tokens,
     resize_pos_embed,
+    select_layers,
     slice_or_tile,
 )
 
@@ -39,12 +49,22 @@ BOOKKEEPING = "BatchNorm step counter: bookkeeping, not learned; starts at 0"
 
 
 class _Source:
-    """The source as the matcher sees it: tensors, optional layer groups and labels, a name for the report."""
+    """The source as the matcher sees it: tensors, optional layer groups and labels, a name for the report.
+
+    ``original`` maps a renamed tensor to its name in the source (after ``source_blocks`` renumbered the blocks);
+    ``dropped`` lists the source tensors left out before matching (blocks a shallower target does not take).
+    """
 
     def __init__(self, state: dict[str, torch.Tensor], name: str, groups: dict[str, str] | None = None,
                  labels: list[str] | None = None, head: Sequence[str] = (), order: str = "as stored"):
         self.state, self.name, self.groups, self.labels, self.head = state, name, groups, labels, list(head)
         self.order = order
+        self.original: dict[str, str] = {}
+        self.dropped: list[str] = []
+
+    def orig(self, name: str | None) -> str | None:
+        """The tensor's name in the source as given."""
+        return None if name is None else self.original.get(name, name)
 
 
 def _state_groups(model: SourceModel) -> dict[str, str]:
@@ -68,7 +88,12 @@ def _state_groups(model: SourceModel) -> dict[str, str]:
     return out
 
 
+HEAD_ATTRIBUTES = ("classifier", "score")  # transformers' *ForSequenceClassification heads
+
+
 def _head_names(model: nn.Module) -> list[str]:
+    """The state_dict names of the model's classifier: transferkit's ``head``, timm's ``get_classifier()``, or a
+    transformers ``classifier``/``score`` module."""
     if isinstance(model, SourceModel):
         return [f"head.{n}" for n in model.head.state_dict()]
     if hasattr(model, "get_classifier"):
@@ -76,7 +101,17 @@ def _head_names(model: nn.Module) -> list[str]:
         for mname, mod in model.named_modules():
             if mod is classifier and mname:
                 return [f"{mname}.{n}" for n in mod.state_dict()]
+    for attr in HEAD_ATTRIBUTES:
+        mod = getattr(model, attr, None)
+        if isinstance(mod, nn.Module):
+            return [f"{attr}.{n}" for n in mod.state_dict()]
     return []
+
+
+def source_label(source: SourceModel) -> str:
+    """The source's name for a report: where its weights came from (``efficientnet_lite0``), else its arch."""
+    first = next(iter((getattr(source, "origin", None) or {}).values()), "")
+    return first.rsplit(":", 1)[0] if first else f"{source.arch['family']}:{source.arch['name']}"
 
 
 def read_source(source: Any) -> _Source:
@@ -105,45 +140,150 @@ def read_source(source: Any) -> _Source:
     else:
         label = None
     if isinstance(source, SourceModel):
-        return _Source(source.state_dict(), str(label or f"{source.arch['family']}:{source.arch['name']}"),
-                       _state_groups(source), source.labels, _head_names(source))
+        return _Source(source.state_dict(), str(label or source_label(source)), _state_groups(source), source.labels,
+                       _head_names(source))
     if isinstance(source, nn.Module):
         return _Source(source.state_dict(), type(source).__name__, None, None, _head_names(source))
     raise TransferError(f"cannot use a {type(source).__name__} as a transfer source: give a source name, a weights "
                         "file, a model folder, an nn.Module or a state_dict")
 
 
+def model_from_arch(arch: Mapping[str, Any]) -> SourceModel:
+    """A ``SourceModel`` with random weights for ``arch`` (``{family, name, kwargs}``), its preprocess made to follow
+    the architecture arguments that change the input (``in_chans``, ``img_size``).
+
+    Raises:
+        TransferError: the architecture does not take one of the keyword arguments.
+    """
+    from transferkit.sources import _from_backbone
+
+    arch = {"family": arch["family"], "name": arch["name"], "kwargs": dict(arch.get("kwargs") or {})}
+    try:
+        model = _from_backbone(build_backbone(arch, pretrained=False), arch, None)
+    except TypeError as e:  # timm passes unknown keyword arguments down to the model class
+        raise TransferError(f"cannot build {arch['family']}:{arch['name']} with {arch['kwargs']}: {e}. Drop the "
+                            "architecture arguments this model does not take (img_size is for ViT-style models)"
+                            ) from e
+    pre, kw = model.preprocess, arch["kwargs"]
+    chans = int(kw.get("in_chans", 0))
+    if chans and "mean" in pre and chans != len(pre["mean"]):
+        # timm's data config still says 3 channels; the data pipeline reads input_size[0] (grey images for 1)
+        # and normalises per channel, so the statistics follow the summed/repeated first convolution
+        pre["input_size"] = [chans, *pre["input_size"][1:]]
+        for key in ("mean", "std"):
+            vals = list(pre[key])
+            pre[key] = [sum(vals) / len(vals)] if chans == 1 else [vals[i % len(vals)] for i in range(chans)]
+    if kw.get("img_size") and "input_size" in pre:
+        size = kw["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        pre["input_size"] = [pre["input_size"][0], int(h), int(w)]  # timm's data config keeps the default size
+    model.origin = {}
+    return model
+
+
 def build_target_model(target: Any, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """The target: a module as given (changed in place), or built with random weights from a spec.
+    """The target: a module as given (changed in place), a builder's module, or one built from a spec.
 
     Args:
-        target: an ``nn.Module``, or a spec as ``load_source`` takes (``timm:NAME``...), built without weights.
-        kwargs: architecture keyword arguments for a spec (e.g. ``{"in_chans": 1}`` for a grey-image timm model).
+        target: an ``nn.Module``; a callable returning one (a builder, e.g. ``lambda: BertForSequenceClassification
+            (config)``: called here, after the caller seeded torch); or a spec as ``load_source`` takes
+            (``timm:NAME``...), built without weights.
+        kwargs: architecture keyword arguments for a ``family:NAME`` spec (``{"in_chans": 1}`` for grey images,
+            ``{"img_size": 96}`` for a ViT at another size).
     """
     if isinstance(target, nn.Module):
         return target
-    from transferkit.sources import PREFIXES, _from_backbone, load_source
+    if callable(target):
+        if kwargs:
+            raise TransferError(f"architecture arguments {dict(kwargs)} apply to family:NAME targets; a builder "
+                                "takes its own arguments (functools.partial)")
+        model = target()
+        if not isinstance(model, nn.Module):
+            raise TransferError(f"the target builder returned a {type(model).__name__}, not an nn.Module")
+        return model
+    from transferkit.sources import PREFIXES, load_source
 
     name = str(target)
     prefix, _, rest = name.partition(":")
     if prefix in PREFIXES and rest:
-        arch = {"family": prefix, "name": rest, "kwargs": dict(kwargs or {})}
-        model = _from_backbone(build_backbone(arch, pretrained=False), arch, None)
-        chans = int(arch["kwargs"].get("in_chans", 0))
-        if chans and chans != len(model.preprocess.get("mean", [])):
-            # timm's data config still says 3 channels; the data pipeline reads input_size[0] (grey images for 1)
-            # and normalises per channel, so the statistics follow the summed/repeated first convolution
-            pre = model.preprocess
-            pre["input_size"] = [chans, *pre["input_size"][1:]]
-            for key in ("mean", "std"):
-                vals = list(pre[key])
-                pre[key] = [sum(vals) / len(vals)] if chans == 1 else [vals[i % len(vals)] for i in range(chans)]
-    else:
-        if kwargs:
-            raise TransferError(f"architecture arguments {dict(kwargs)} apply to family:NAME targets, not '{name}'")
-        model = load_source({"name": name, "pretrained": False})
+        return model_from_arch({"family": prefix, "name": rest, "kwargs": dict(kwargs or {})})
+    if kwargs:
+        raise TransferError(f"architecture arguments {dict(kwargs)} apply to family:NAME targets, not '{name}'")
+    model = load_source({"name": name, "pretrained": False})
     model.origin = {}
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A shallower target: a chosen subset of the source's blocks
+
+
+def block_stack(names: Sequence[str]) -> tuple[str, list[int]] | None:
+    """The model's stack of repeated blocks: the name prefix before ``.N.`` with the most distinct ``N``.
+
+    ``encoder.layer`` for BERT, ``blocks`` for a ViT, ``""`` for an ``nn.Sequential`` of blocks. None when no
+    name has a numbered part.
+
+    Raises:
+        TransferError: two unrelated stacks have the same, largest number of blocks (say which to use is
+            not possible from names alone).
+    """
+    stacks: dict[str, set[int]] = {}
+    for n in names:
+        for m in re.finditer(r"(?:^|\.)(\d+)(?=\.)", n):
+            stacks.setdefault(n[:m.start()], set()).add(int(m.group(1)))
+    if not stacks:
+        return None
+    ranked = sorted(stacks, key=lambda p: (-len(stacks[p]), len(p)))
+    best = ranked[0]
+    # a tie with a stack nested in the best one (EfficientNet's blocks.1 inside blocks) is no ambiguity: the outer
+    # stack wins; two separate stacks (ResNet's layer1, layer2) are
+    rivals = [p for p in ranked[1:] if len(stacks[p]) == len(stacks[best]) and not p.startswith(f"{best}.")]
+    if rivals:
+        raise TransferError(f"the blocks to choose from are ambiguous: '{best}' and '{rivals[0]}' both hold "
+                            f"{len(stacks[best])} numbered blocks. source_blocks works on a model with one stack of "
+                            "repeated blocks (BERT's encoder.layer, a ViT's blocks); rename with rules instead.")
+    return best, sorted(stacks[best])
+
+
+def _take_source_blocks(src: _Source, target_names: Sequence[str], how: str | Sequence[int]) -> dict[str, Any]:
+    """Keep the source blocks a shallower target takes and renumber them 0..k-1 (in place); returns the record."""
+    s_stack, t_stack = block_stack(list(src.state)), block_stack(list(target_names))
+    if s_stack is None or t_stack is None:
+        side = "source" if s_stack is None else "target"
+        raise TransferError(f"source_blocks needs numbered blocks on both sides; the {side} has none")
+    (s_prefix, s_idx), (t_prefix, t_idx) = s_stack, t_stack
+    if isinstance(how, str):
+        try:
+            taken = [s_idx[i] for i in select_layers(len(s_idx), len(t_idx), how)]
+        except SurgeryError as e:
+            raise TransferError(f"source_blocks={how!r}: {e}") from e
+    else:
+        taken = [int(i) for i in how]
+        bad = [i for i in taken if i not in s_idx]
+        if bad or len(taken) != len(t_idx):
+            raise TransferError(f"source_blocks {taken}: the source stack '{s_prefix}' has blocks {s_idx} and the "
+                                f"target stack '{t_prefix}' has {len(t_idx)}; give {len(t_idx)} of the source's "
+                                f"blocks" + (f" ({bad} do not exist)" if bad else ""))
+    new_index = {i: k for k, i in enumerate(taken)}
+    rx = re.compile(rf"^{re.escape(s_prefix + '.') if s_prefix else ''}(\d+)\.(.+)$")
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in src.state.items():
+        m = rx.match(name)
+        if m is None:
+            state[name] = tensor
+        elif int(m.group(1)) in new_index:
+            new = f"{s_prefix + '.' if s_prefix else ''}{new_index[int(m.group(1))]}.{m.group(2)}"
+            state[new] = tensor
+            src.original[new] = name
+        else:
+            src.dropped.append(name)
+    # a renamed block must not collide with an untouched name (it cannot: every name of the stack is renamed)
+    if src.groups:
+        src.groups = {n: src.groups.get(src.orig(n), "(ungrouped)") for n in state}
+    src.state = state
+    return {"source_stack": s_prefix, "target_stack": t_prefix, "source_blocks": len(s_idx),
+            "target_blocks": len(t_idx), "taken": taken, "how": how if isinstance(how, str) else "explicit"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,7 +323,8 @@ class _Adapter:
         dst = self.state[tname]
         ss, ts = tuple(src.shape), tuple(dst.shape)
         if ss == ts:
-            return src.clone(), "copied", dst.numel()
+            # no clone: the copy into the target reads the source tensor (a transfer holds no third copy)
+            return src, "copied", dst.numel()
         if not self.adaptable(sname, ss, tname, ts):
             return None
         if tname == self.first_conv and ss[0] == ts[0] and ss[2:] == ts[2:]:
@@ -198,7 +339,7 @@ class _Adapter:
             return out, f"interpolated (bicubic) {ss[1] - p}->{ts[1] - p} grid tokens, {p} prefix token(s) kept", \
                 out.numel()
         if len(ts) == 2 and ss == ts[::-1]:
-            return src.t().clone(), "transposed", dst.numel()
+            return src.t(), "transposed", dst.numel()  # a view, read by the copy
         if tname in self.head and self.head_by_labels and ss[1:] == ts[1:]:
             rows_src, rows_dst = src.reshape(ss[0], -1), dst.reshape(ts[0], -1)
             w, _, pairs = head_from_labels(rows_src, None, self.source.labels or [], rows_dst, None, self.labels or [])
@@ -224,16 +365,18 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | None = None, strict: bool = False,
-             methods: Sequence[str] = METHODS, labels: Sequence[str] | None = None, extra_blocks: str = "fresh",
-             resize: bool = False, target_kwargs: Mapping[str, Any] | None = None, seed: int = 0
-             ) -> tuple[nn.Module, dict[str, Any]]:
+def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Sequence[Mapping[str, str]] | None = None,
+             strict: bool = False, methods: Sequence[str] = METHODS, labels: Sequence[str] | None = None,
+             extra_blocks: str = "fresh", source_blocks: str | Sequence[int] | None = None, resize: bool = False,
+             target_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     """Move every source weight that fits into the target; return the target and the transfer report.
 
     Args:
-        source: a source spec (``efficientnet_lite0``, ``timm:resnet18``, a model folder), a weights file
-            (``.safetensors``/``.pt``: only tensors are needed), a ``SourceModel``/``nn.Module`` or a state_dict.
-        target: a spec built with random weights (``timm:resnet34``) or an ``nn.Module`` (changed in place).
+        source: a source spec (``efficientnet_lite0``, ``timm:resnet18``, a model folder, a Hugging Face folder), a
+            weights file (``.safetensors``/``.pt``: only tensors are needed), any ``nn.Module`` (a ``SourceModel``,
+            a timm or transformers model) or a state_dict.
+        target: a spec built with random weights (``timm:resnet34``), any ``nn.Module`` (changed in place), or a
+            builder: a callable returning the module, called after seeding (so ``seed`` fixes its fresh weights).
         rules: regex renames, ``[{"from": r"^features\\.(\\d+)", "to": r"blocks.\\1"}]``.
         strict: an ambiguous structural pairing is an error instead of a reported choice.
         methods: matching passes to run (``names``, ``rules``, ``structure``).
@@ -241,6 +384,10 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
             source head's for labels both share.
         extra_blocks: ``fresh`` (random) or ``identity``: target blocks that received nothing are initialised to
             compute the identity (net2net-deeper), so a deeper target computes what the source computes.
+        source_blocks: for a shallower target, which source blocks it takes, before matching: ``every_other``
+            (0, 2, 4...: DistilBERT's student), ``uniform``, ``first``, ``last`` (see ``surgery.select_layers``) or
+            explicit source block indices. The stacks are found by name (``block_stack``: ``encoder.layer``,
+            ``blocks``); the chosen blocks are renumbered 0..k-1 and the others left out (listed as unused).
         resize: pair same-role tensors of other shapes by slicing/tiling (an initialisation, not exact).
         target_kwargs: architecture arguments for a spec target (``{"in_chans": 1}``).
         seed: seeds the target's random initialisation.
@@ -250,7 +397,8 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
         and a row per target tensor (``from``, ``transform``, ``match`` or, when fresh, ``reason``).
 
     Raises:
-        TransferError: nothing in common, an ambiguity under ``strict``, or a named pair that cannot be adapted.
+        TransferError: nothing in common, an ambiguity under ``strict``, a named pair that cannot be adapted, or
+            source blocks that cannot be chosen.
         RecipeError: a bad or useless rename rule.
     """
     if extra_blocks not in ("fresh", "identity"):
@@ -263,6 +411,7 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
             raise TransferError("labels need a SourceModel target (a spec such as timm:NAME), to give it a new head")
         model.reset_head(len(labels), list(labels))
     state = model.state_dict()
+    blocks = _take_source_blocks(src, list(state), source_blocks) if source_blocks is not None else None
     adapter = _Adapter(model, state, src, list(labels) if labels is not None else None, resize)
     tgt_groups = _state_groups(model) if isinstance(model, SourceModel) and src.groups else None
     result = match_state_dicts(src.state, state, rules=rules, methods=methods, source_groups=src.groups,
@@ -271,6 +420,7 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
     # adapt every pair before touching the target: an impossible pair leaves the target as it was
     moved: dict[str, tuple[torch.Tensor, str, int]] = {}
     head_fresh: dict[str, str] = {}
+    target_storage = {t.untyped_storage().data_ptr() for t in state.values()}
     for tname, (sname, _method) in result.pairs.items():
         src_t = src.state[sname]
         done = adapter.adapt(sname, src_t, tname)
@@ -279,10 +429,13 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
             continue
         if done is None:
             raise TransferError(
-                f"target '{tname}' {tuple(state[tname].shape)} cannot be initialised from source '{sname}' "
+                f"target '{tname}' {tuple(state[tname].shape)} cannot be initialised from source '{src.orig(sname)}' "
                 f"{tuple(src_t.shape)}: no surgery turns one shape into the other. Exclude it with methods, rename "
                 "with rules, or pass resize=True to slice/tile it."
             )
+        if done[0].untyped_storage().data_ptr() in target_storage:
+            # the source shares memory with the target (a model into itself, tensors permuted): copy first
+            done = (done[0].clone(), *done[1:])
         moved[tname] = done
     try:
         with torch.no_grad():
@@ -304,25 +457,95 @@ def transfer(source: Any, target: Any, *, rules: Sequence[Mapping[str, str]] | N
                 identity[n] = f"extra block '{bname}', initialised as the identity (net2net-deeper: zeroed " \
                               f"{', '.join(zeroed)})"
 
-    report = _report(model, state, src, result, moved, head_fresh, identity, labels, strict, rules)
+    applied = {t: (how, carried) for t, (_, how, carried) in moved.items()}
+    del moved  # the adapted tensors: their values now live in the target
+    report = _report(model, state, src, result, applied, head_fresh, identity, labels, strict, rules, blocks)
     if hasattr(model, "origin"):
-        model.origin = {t: f"{src.name}:{result.pairs[t][0]}" for t in moved}
+        model.origin = {t: f"{src.name}:{src.orig(result.pairs[t][0])}" for t in applied}
     model.report = report
     return model, report
 
 
+def transfer_step(source: SourceModel, cfg: TransferConfig | Mapping[str, Any], labels: Sequence[str] | None,
+                  seed: int = 0, pretrained: bool = True) -> SourceModel:
+    """The recipe's ``transfer:`` step: the target ``cfg`` describes, initialised from ``source``, ready to train.
+
+    The target is ``cfg.target`` (default: the source's own architecture) built with ``cfg``'s architecture
+    arguments (``in_chans``, ``img_size``, ``kwargs``), given a new head for ``labels``, and filled by
+    ``transfer`` with ``cfg``'s matching options. Its ``preprocess`` follows the target (1 channel for
+    ``in_chans: 1``), so a pipeline should prepare its data from the target (see ``docs`` of ``run_recipe``).
+
+    Args:
+        source: the loaded source (``load_source``).
+        cfg: the recipe's ``transfer`` section (a ``TransferConfig`` or its dict).
+        labels: target class names, in output order; None keeps the target's own classifier (only the input
+            format is wanted, e.g. to prepare data before the classes are known).
+        seed: seeds the target's fresh weights (new head, extra blocks), as ``build_target`` does.
+        pretrained: False builds the same target from random weights, with no transfer (the ``scratch`` baseline).
+
+    Returns:
+        The target; ``target.report`` is the transfer report (``transfer_report.json``).
+    """
+    if not isinstance(cfg, TransferConfig):
+        try:
+            cfg = TransferConfig.model_validate(dict(cfg))
+        except ValidationError as e:
+            problems = [f"transfer.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise RecipeError("invalid transfer step:\n  " + "\n  ".join(problems), problems) from e
+    if cfg.target is None:  # the source's architecture, changed by the arguments: rebuilt from its arch record
+        arch = {**source.arch, "kwargs": {**source.arch.get("kwargs", {}), **cfg.arch_kwargs()}}
+        target: Any = lambda: model_from_arch(arch)  # noqa: E731  (a builder: transfer seeds, then calls it)
+        kwargs = None
+    else:
+        target, kwargs = cfg.target, cfg.arch_kwargs() or None
+    if not pretrained:
+        from transferkit.transfer import transfer_report
+
+        torch.manual_seed(seed)
+        model = build_target_model(target, kwargs)
+        if labels is not None:
+            model.reset_head(len(labels), list(labels))
+        model.report = transfer_report(model, source_name=source_label(source), source_head=None, pretrained=False)
+    else:
+        model, _ = transfer(source, target, rules=cfg.rules or None, strict=cfg.strict, methods=cfg.methods,
+                            labels=labels, extra_blocks=cfg.extra_blocks, source_blocks=cfg.source_blocks,
+                            resize=cfg.resize, target_kwargs=kwargs, seed=seed)
+    if not isinstance(model, SourceModel):
+        raise TransferError(f"transfer.target '{cfg.target}' did not give a transferkit model; use timm:NAME, "
+                            "torchvision:NAME, hf:NAME or a model folder")
+    if getattr(model, "processor", None) is None:
+        model.processor = getattr(source, "processor", None)  # a tokenizer follows the weights
+    return model
+
+
+def _head_reason(name: str, tensor: torch.Tensor, src: _Source, head_fresh: dict[str, str],
+                 labels: Sequence[str] | None) -> str:
+    """Why a classifier tensor of the target stays fresh."""
+    was = f" '{src.orig(head_fresh[name])}' {tuple(src.state[head_fresh[name]].shape)}" if name in head_fresh else ""
+    if labels is not None:  # a new head was asked for
+        why = "shares no class name with the target" if src.labels else "has no class names to share rows by"
+        return f"new head for {len(labels)} classes; the source head{was} {why}"
+    if not src.head:
+        return f"the target's classifier ({tensor.shape[0]} outputs); the source has no classifier"
+    if was:
+        return f"the target's classifier ({tensor.shape[0]} outputs); the source classifier{was} does not fit it"
+    parts = ", ".join(f"'{src.orig(n)}' {tuple(src.state[n].shape)}" for n in src.head if n in src.state)
+    return f"the target's classifier ({tensor.shape[0]} outputs); no source classifier tensor fits it ({parts})"
+
+
 def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, result: Any,
-            moved: dict[str, tuple[torch.Tensor, str, int]], head_fresh: dict[str, str], identity: dict[str, str],
-            labels: Sequence[str] | None, strict: bool, rules: Sequence[Mapping[str, str]] | None) -> dict[str, Any]:
+            applied: dict[str, tuple[str, int]], head_fresh: dict[str, str], identity: dict[str, str],
+            labels: Sequence[str] | None, strict: bool, rules: Sequence[Mapping[str, str]] | None,
+            blocks: dict[str, Any] | None = None) -> dict[str, Any]:
     params = {n for n, _ in model.named_parameters()}
     head = set(_head_names(model))
     rows = []
     for name, tensor in state.items():
         row: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "numel": tensor.numel()}
-        if name in moved:
+        if name in applied:
             sname, method = result.pairs[name]
-            _, transform, carried = moved[name]
-            row.update({"status": "transferred", "from": sname, "transform": transform, "match": method})
+            transform, carried = applied[name]
+            row.update({"status": "transferred", "from": src.orig(sname), "transform": transform, "match": method})
             if carried != tensor.numel():
                 row["numel_transferred"] = carried
             if list(src.state[sname].shape) != row["shape"]:
@@ -334,10 +557,7 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
             elif name in identity:
                 row["reason"] = identity[name]
             elif name in head_fresh or name in head:
-                n = len(labels) if labels is not None else tensor.shape[0]
-                was = f" '{head_fresh[name]}' {tuple(src.state[head_fresh[name]].shape)}" if name in head_fresh else ""
-                why = "shares no class name with the target" if src.labels else "has no class names to share rows by"
-                row["reason"] = f"new head for {n} classes; the source head{was} {why}"
+                row["reason"] = _head_reason(name, tensor, src, head_fresh, labels)
             else:
                 row["reason"] = "no matching source tensor"
         rows.append(row)
@@ -346,7 +566,11 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
                   if r["status"] == "transferred" and r["name"] in params)
     n_moved = sum(r["status"] == "transferred" for r in rows)
     arch = getattr(model, "arch", None)
-    return {
+    ambiguities = [a if a["level"] == "group" else
+                   {**a, "chosen": src.orig(a["chosen"]), "candidates": [src.orig(c) for c in a["candidates"]]}
+                   for a in result.ambiguities]
+    unused = [src.orig(n) for n in result.unused_source] + src.dropped
+    report = {
         "source": src.name,
         "target": f"{arch['family']}:{arch['name']}" if arch else type(model).__name__,
         "methods": list(result.methods),
@@ -357,11 +581,14 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
                     "params_transferred": p_moved, "params_fresh": p_all - p_moved,
                     "coverage": p_moved / p_all if p_all else 0.0, "matched_by": result.counts(),
                     "transforms": dict(Counter(r["transform"].split(" ")[0] for r in rows if "transform" in r)),
-                    "ambiguities": len(result.ambiguities), "source_tensors_unused": len(result.unused_source)},
-        "ambiguities": result.ambiguities,
-        "unused_source": result.unused_source,
+                    "ambiguities": len(ambiguities), "source_tensors_unused": len(unused)},
+        "ambiguities": ambiguities,
+        "unused_source": unused,
         "tensors": rows,
     }
+    if blocks is not None:
+        report["source_blocks"] = blocks
+    return report
 
 
 def format_report(report: Mapping[str, Any], max_rows: int = 40) -> str:
@@ -376,6 +603,11 @@ def format_report(report: Mapping[str, Any], max_rows: int = 40) -> str:
         "transforms: " + (", ".join(f"{k} {v}" for k, v in sorted(s["transforms"].items())) or "none"),
         f"source tensors not used: {s['source_tensors_unused']}",
     ]
+    if report.get("source_blocks"):
+        b = report["source_blocks"]
+        lines.append(f"source blocks: {b['target_blocks']} of {b['source_blocks']} taken ({b['how']}): "
+                     f"'{b['source_stack']}' {', '.join(map(str, b['taken']))} -> '{b['target_stack']}' "
+                     f"{', '.join(map(str, range(len(b['taken']))))}")
     if report["ambiguities"]:
         lines.append(f"ambiguous pairings ({len(report['ambiguities'])}; chosen as shown, strict would refuse):")
         lines += [f"  {a['level']} {a['target']}: chose {a['chosen']} among {a['candidates']}"
