@@ -1,0 +1,1 @@
+"""Recommendation: interactions, two-tower / matrix-factorisation models, ranking metrics and transfer by id."""
