@@ -190,7 +190,7 @@ def _timestamps(column: pd.Series, name: str, col: str) -> np.ndarray:
     else:
         ts = pd.to_numeric(column, errors="coerce")
         if ts.isna().any():  # not numbers: dates such as "2024-01-31 12:00"
-            dates = pd.to_datetime(column, errors="coerce", utc=True)
+            dates = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
             ts = pd.Series((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1), index=column.index)
             ts[dates.isna()] = np.nan
     bad = np.flatnonzero(ts.isna().to_numpy())

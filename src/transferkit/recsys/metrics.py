@@ -170,4 +170,4 @@ def rmse(model: torch.nn.Module, data: Interactions) -> float:
     users = torch.as_tensor(model.users.encode(data.frame["user"]))
     items = torch.as_tensor(model.items.encode(data.frame["item"]))
     pred = model(users, items)
-    return float(torch.sqrt(torch.mean((pred - torch.as_tensor(data.frame["rating"].to_numpy())) ** 2)))
+    return float(torch.sqrt(torch.mean((pred - torch.tensor(data.frame["rating"].to_numpy(np.float32))) ** 2)))

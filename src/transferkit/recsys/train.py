@@ -162,8 +162,8 @@ def _train(model: TwoTower, train: Interactions, loss: str, epochs: int, lr: flo
     lower_better = select == "rmse"
     users = torch.from_numpy(model.users.encode(train.frame["user"]))
     items = torch.from_numpy(model.items.encode(train.frame["item"]))
-    ratings = torch.as_tensor(train.frame["rating"].to_numpy(np.float32)) if loss == "mse" else None
-    if loss == "mse" and float(model.global_bias) == 0.0:
+    ratings = torch.tensor(train.frame["rating"].to_numpy(np.float32)) if loss == "mse" else None
+    if loss == "mse" and float(model.global_bias.detach()) == 0.0:
         with torch.no_grad():  # start from the mean rating, so the embeddings learn deviations from it
             model.global_bias.fill_(float(ratings.mean()))
     frozen = _frozen_params(model, freeze)
