@@ -77,7 +77,7 @@ def cached_side(source: SourceModel, data: PreparedData, cfg: TrainConfig, seed:
     if with_test:
         test_feats = compute_features(target.backbone, data.dataset("test"), feature_batch, accelerator.device)
         t3 = time.perf_counter()
-        test_set = TensorDataset(test_feats, torch.as_tensor(data.images.labels[data.splits.test]))
+        test_set = TensorDataset(test_feats, torch.as_tensor(data.examples.labels[data.splits.test]))
         test = evaluate_model(target.head, test_set, 256, len(data.classes), accelerator.device)
         t4 = time.perf_counter()
         out.update(test_features_s=t3 - t2, test_eval_s=t4 - t3, total_s=t4 - t0, test_accuracy=test["accuracy"])

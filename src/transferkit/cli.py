@@ -32,22 +32,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from transferkit.predict import load_run
+    from transferkit.predict import load_run, texts_from_file
 
-    predictions = load_run(args.run_dir).predict(args.files, top_k=args.top_k)
+    predictor = load_run(args.run_dir)
+    inputs = list(args.inputs)
+    if args.file:
+        if predictor.modality != "text":
+            raise TransferKitError("--file reads one text per line, for text models; give image paths as arguments")
+        inputs += texts_from_file(args.file)
+    if not inputs:
+        what = "texts (or --file with one text per line)" if predictor.modality == "text" else "image files"
+        raise TransferKitError(f"nothing to predict: give {what}")
+    predictions = predictor.predict(inputs, top_k=args.top_k)
     if args.json:
         print(json.dumps(predictions, indent=2))
         return 0
     for p in predictions:
         top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"])
-        print(f"{p['file']}: {top}")
+        print(f"{p.get('file', p.get('text'))}: {top}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from transferkit.demo import run_demo
 
-    run_demo(out=args.out, overwrite=args.overwrite)
+    run_demo(args.task, out=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -140,14 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("predict", help="top-k labels for images, from a run directory or model folder")
+    p = sub.add_parser("predict", help="top-k labels for images or texts, from a run directory or model folder")
     p.add_argument("run_dir")
-    p.add_argument("files", nargs="+")
+    p.add_argument("inputs", nargs="*", help="image files (image model) or texts (text model)")
+    p.add_argument("--file", help="text model: a UTF-8 file with one text per line")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="EfficientNet-Lite0 (ImageNet) -> MNIST digits, 20 per class, offline")
+    p = sub.add_parser("demo", help="offline demos on real weights and data: image (EfficientNet-Lite0 -> MNIST), "
+                       "text (MiniLM -> Rotten Tomatoes)")
+    p.add_argument("task", nargs="?", default="image", choices=["image", "text"], help="which demo (default image)")
     p.add_argument("--out", default="demo_runs")
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_demo)

@@ -5,18 +5,25 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from transferkit.errors import UnknownNameError, did_you_mean
 from transferkit.io import read_json
 from transferkit.pipeline import run_recipe
 from transferkit.recipe import load_recipe
 
-
-def demo_recipe_path() -> Path:
-    return Path(str(resources.files("transferkit") / "recipes" / "demo.yaml"))
+DEMOS = {"image": "demo.yaml", "text": "demo_text.yaml"}
 
 
-def run_demo(out: str | Path = "demo_runs", overwrite: bool = True, overrides: list[str] | None = None) -> Path:
-    """Run the image demo under ``out``; prints a table (strategy, test accuracy, time) and the report path."""
-    recipe = load_recipe(demo_recipe_path(), overrides)
+def demo_recipe_path(task: str = "image") -> Path:
+    """The shipped recipe of a demo (``image``: EfficientNet-Lite0 -> MNIST, ``text``: MiniLM -> Rotten Tomatoes)."""
+    if task not in DEMOS:
+        raise UnknownNameError(f"unknown demo '{task}'.{did_you_mean(task, DEMOS)} Valid choices: {', '.join(DEMOS)}.")
+    return Path(str(resources.files("transferkit") / "recipes" / DEMOS[task]))
+
+
+def run_demo(task: str = "image", out: str | Path = "demo_runs", overwrite: bool = True,
+             overrides: list[str] | None = None) -> Path:
+    """Run a demo under ``out``; prints a table (model, test accuracy, time) and the report path."""
+    recipe = load_recipe(demo_recipe_path(task), overrides)
     run_dir = run_recipe(recipe, out=Path(out) / recipe.name, overwrite=overwrite)
     print_summary(run_dir)
     return run_dir
@@ -30,4 +37,7 @@ def print_summary(run_dir: Path) -> None:
         t = sum(m["timing"].values())
         mark = "  <- selected on validation" if name == metrics["selected"] else ""
         print(f"{name:<14} {m['test']['accuracy']:>9.4f} {m['val']['accuracy']:>8.4f} {t:>9.1f}{mark}")
+    for name, b in metrics.get("baselines", {}).items():
+        print(f"{name + ' (baseline)':<14} {b['test']['accuracy']:>9.4f} {b['val']['accuracy']:>8.4f} "
+              f"{b['train_s']:>9.1f}")
     print(f"total {metrics['timings']['total_s']:.1f}s | report: {run_dir / 'report.html'}")

@@ -21,8 +21,24 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from transferkit import __version__
-from transferkit.data import ImageDataset, LabelledImages, Splits, build_transform, read_dataset, split_dataset
-from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator, show_progress
+from transferkit.data import (
+    ImageDataset,
+    Labelled,
+    Splits,
+    TextDataset,
+    build_transform,
+    read_dataset,
+    split_dataset,
+)
+from transferkit.engine.loop import (
+    JobPaths,
+    evaluate_model,
+    fit,
+    make_accelerator,
+    make_loader,
+    show_progress,
+    to_device,
+)
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.errors import RecipeError, RunDirError, SourceError
 from transferkit.io import (
@@ -51,40 +67,62 @@ from transferkit.transfer import build_target
 
 @dataclass
 class PreparedData:
-    """The dataset, its split, and the target's preprocessing."""
+    """The dataset, its split, and the target's preprocessing (and tokenizer, for text)."""
 
-    images: LabelledImages
+    examples: Labelled
     splits: Splits
     preprocess: dict[str, Any]
     cfg: DataConfig
+    processor: Any = None
 
     @property
     def classes(self) -> list[str]:
-        return self.images.classes
+        return self.examples.classes
 
-    def dataset(self, split: str, train: bool = False) -> ImageDataset:
+    @property
+    def modality(self) -> str:
+        return str(self.preprocess.get("modality", "image"))
+
+    def dataset(self, split: str, train: bool = False) -> Dataset:
         idx = getattr(self.splits, split)
+        source = self.examples.items
+        items = source.subset(idx) if hasattr(source, "subset") else [source[int(i)] for i in idx]
+        if self.modality == "text":
+            return TextDataset(items, self.examples.labels[idx], self.processor, self.preprocess["max_length"])
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None
-        return ImageDataset([self.images.items[i] for i in idx], self.images.labels[idx],
-                            build_transform(self.preprocess, augment), self.preprocess["input_size"][0],
-                            memoize=augment is None)
+        return ImageDataset(items, self.examples.labels[idx], build_transform(self.preprocess, augment),
+                            self.preprocess["input_size"][0], memoize=augment is None)
 
     def summary(self) -> dict[str, Any]:
-        return {"dataset": self.cfg.dataset, "classes": self.classes, "num_classes": len(self.classes),
-                "splits": self.splits.sizes(), "per_class": self.cfg.per_class,
-                "image_size": self.preprocess["input_size"][-1], "skipped": self.images.skipped,
-                "skipped_count": len(self.images.skipped)}
+        size = ({"max_length": self.preprocess["max_length"]} if self.modality == "text"
+                else {"image_size": self.preprocess["input_size"][-1]})
+        return {"dataset": self.cfg.dataset, "modality": self.modality, "classes": self.classes,
+                "num_classes": len(self.classes), "splits": self.splits.sizes(), "per_class": self.cfg.per_class,
+                **size, "skipped": self.examples.skipped, "skipped_count": len(self.examples.skipped)}
 
 
-def prepare_data(cfg: DataConfig, source_preprocess: dict[str, Any], seed: int) -> PreparedData:
-    """Read the dataset, split it (seeded, stratified) and take the preprocessing from the source."""
-    images = read_dataset(cfg.dataset, strict=cfg.strict)
-    splits = split_dataset(images.labels, images.classes, seed, cfg.test_size, cfg.per_class, cfg.val_per_class,
+def prepare_data(cfg: DataConfig, source: SourceModel | dict[str, Any], seed: int) -> PreparedData:
+    """Read the dataset, split it (seeded, stratified) and take the preprocessing from the source.
+
+    ``source`` is the source model (its ``preprocess`` and, for text, its tokenizer), or a bare ``preprocess`` dict
+    for images.
+    """
+    processor = getattr(source, "processor", None)
+    source_preprocess = source.preprocess if isinstance(source, SourceModel) else source
+    modality = str(source_preprocess.get("modality", "image"))
+    examples = read_dataset(cfg.dataset, strict=cfg.strict, modality=modality, text_column=cfg.text_column,
+                            label_column=cfg.label_column)
+    splits = split_dataset(examples.labels, examples.classes, seed, cfg.test_size, cfg.per_class, cfg.val_per_class,
                            cfg.val_fraction)
     preprocess = dict(source_preprocess)
-    if cfg.image_size:
+    if cfg.image_size and modality == "image":
         preprocess["input_size"] = [preprocess["input_size"][0], cfg.image_size, cfg.image_size]
-    return PreparedData(images, splits, preprocess, cfg)
+    if cfg.max_length and modality == "text":
+        limit = int(preprocess.get("max_length_limit", cfg.max_length))
+        if cfg.max_length > limit:
+            raise RecipeError(f"data.max_length={cfg.max_length} is more than the source accepts ({limit} tokens)")
+        preprocess["max_length"] = cfg.max_length
+    return PreparedData(examples, splits, preprocess, cfg, processor)
 
 
 @torch.no_grad()
@@ -96,9 +134,9 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
     over 32 MB are returned to the kernel after each operation and faulted back in).
     """
     backbone.eval().to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    out = [backbone(x.to(device)).float().cpu() for x, _ in tqdm(loader, desc=desc, leave=False,
-                                                                    disable=not show_progress())]
+    loader = make_loader(dataset, batch_size)
+    out = [backbone(to_device(x, device)).float().cpu() for x, _ in tqdm(loader, desc=desc, leave=False,
+                                                                            disable=not show_progress())]
     return torch.cat(out)
 
 
@@ -206,7 +244,7 @@ def resolve_strategy(cfg: TrainConfig, model: SourceModel,
     strategy, options = get_strategy(cfg.strategy)
     if cfg.strategy_name != "auto":
         return cfg, strategy, options, None
-    per_class = int(np.bincount(data.images.labels[data.splits.train]).min())
+    per_class = int(np.bincount(data.examples.labels[data.splits.train]).min())
     chosen, reason = resolve_auto(options, model, per_class)
     cfg = cfg.model_copy(update={"strategy": chosen})
     strategy, options = get_strategy(chosen)
@@ -242,7 +280,7 @@ def _head_only(plan: TrainPlan) -> TrainPlan:
 
 
 def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, split: str) -> TensorDataset:
-    return TensorDataset(features[split], torch.as_tensor(data.images.labels[getattr(data.splits, split)]))
+    return TensorDataset(features[split], torch.as_tensor(data.examples.labels[getattr(data.splits, split)]))
 
 
 def feature_cache(model: SourceModel, data: PreparedData, device: Any = "cpu", cache_file: Path | None = None,
@@ -310,6 +348,20 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
                               "it, or choose another --out.")
 
 
+def _baselines_step(recipe: Recipe, data: PreparedData, out: Path, resume: bool, main: bool,
+                    log: Any) -> dict[str, Any]:
+    """The recipe's ``baselines`` on the run's splits (cheap; computed again on resume, same result)."""
+    from transferkit.evaluation.baselines import run_baselines
+
+    try:
+        baselines = run_baselines(recipe.baselines, data)
+    except ValueError as e:
+        raise RecipeError(f"baselines: {e}") from e
+    for name, b in baselines.items():
+        log(f"[baseline {name}] test accuracy {b['test']['accuracy']:.4f} | macro-F1 {b['test']['macro_f1']:.4f}")
+    return baselines
+
+
 def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool,
               log: Any) -> tuple[SourceSpec, dict[str, torch.Tensor] | None]:
     """Rank the recipe's candidate sources (one forward pass each); the winner's spec and, when the ranking saw
@@ -371,10 +423,10 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     source = load_source(source_spec)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    data = prepare_data(recipe.data, source.preprocess, recipe.seed)
+    data = prepare_data(recipe.data, source, recipe.seed)
     data_s = time.perf_counter() - t
     log(f"source {source_spec.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
-        f"{len(data.classes)} classes | skipped {len(data.images.skipped)} unreadable")
+        f"{len(data.classes)} classes | skipped {len(data.examples.skipped)} unreadable")
 
     results: dict[str, Any] = {}
     features: dict[str, torch.Tensor] | None = None
@@ -410,7 +462,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             job["timing"]["features_s"], features_s = features_s, 0.0
         t = time.perf_counter()
         if plans[-1].cached_features:  # only the head changed: the test set's cached features serve
-            test_set: Dataset = TensorDataset(features["test"], torch.as_tensor(data.images.labels[data.splits.test]))
+            test_set: Dataset = TensorDataset(features["test"], torch.as_tensor(data.examples.labels[data.splits.test]))
             test = evaluate_model(target.head, test_set, 256, len(data.classes), accelerator.device)
         else:
             test = evaluate(target, data.dataset("test"), len(data.classes), device=accelerator.device)
@@ -429,12 +481,14 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         log(f"[{name}] test accuracy {test['accuracy']:.4f} | macro-F1 {test['macro_f1']:.4f} | "
             f"val accuracy {job['val'].get('accuracy', float('nan')):.4f} | train {job['timing']['train_s']:.1f}s")
 
+    baselines = _baselines_step(recipe, data, out, resume, main, log)
     monitor = recipe.train.monitor.removeprefix("val_")
     pick = max if monitor != "loss" else min
     selected = pick(results, key=lambda n: results[n]["val"].get(monitor, float("-inf")))
     metrics = {"run": recipe.name, "source": source_spec.name, "selected": selected,
                "selected_by": recipe.train.monitor, "transferkit_version": __version__, "data": data.summary(),
-               "models": results, "timings": {"load_source_s": load_s, "data_s": data_s,
+               "models": results, **({"baselines": baselines} if baselines else {}),
+               "timings": {"load_source_s": load_s, "data_s": data_s,
                                               "total_s": time.perf_counter() - t_start}}
     if main:
         if report is None:

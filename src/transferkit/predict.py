@@ -1,4 +1,8 @@
-"""Prediction from a saved model alone: ``load_run(RUN_DIR).predict(files)``."""
+"""Prediction from a saved model alone: ``load_run(RUN_DIR).predict(inputs)``.
+
+Inputs are what the model's modality takes: image paths, PIL images or uint8 arrays for an image model; strings
+for a text model (``texts_from_file`` reads a file of lines).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,23 @@ import numpy as np
 import torch
 
 from transferkit.data import build_transform, load_image
-from transferkit.errors import DataNotFoundError
-from transferkit.models.vision import SourceModel, load_model
+from transferkit.data.text import tokenize_texts
+from transferkit.errors import DataError, DataNotFoundError
+from transferkit.models.base import SourceModel, load_model
+
+BATCH = 32
 
 
 class Predictor:
-    """A loaded model with its preprocessing and labels."""
+    """A loaded model with its preprocessing (transform or tokenizer) and labels."""
 
     def __init__(self, model: SourceModel):
         self.model = model.eval()
-        self.transform = build_transform(model.preprocess)
+        self.modality = model.modality
+        self.transform = build_transform(model.preprocess) if self.modality == "image" else None
         self.labels = model.labels or [str(i) for i in range(model.head_spec()["num_classes"])]
 
-    @torch.no_grad()
-    def predict_proba(self, images: list[Any]) -> torch.Tensor:
-        """Class probabilities for image paths, PIL images or uint8 arrays."""
+    def _image_batch(self, images: list[Any]) -> torch.Tensor:
         channels = self.model.preprocess["input_size"][0]
         batch = []
         for item in images:
@@ -32,17 +38,52 @@ class Predictor:
             img = item.convert("L" if channels == 1 else "RGB") if hasattr(item, "convert") else load_image(
                 item if isinstance(item, np.ndarray) else Path(item), channels)
             batch.append(self.transform(img))
-        return torch.softmax(self.model(torch.stack(batch)).float(), dim=1)
+        return torch.stack(batch)
 
-    def predict(self, images: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
-        """Top-k labels with probabilities, one entry per image."""
-        probs = self.predict_proba(images)
+    def _text_batch(self, texts: list[Any]) -> dict[str, torch.Tensor]:
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise DataError(f"a text model predicts from non-empty strings; input {bad[0]} is {texts[bad[0]]!r}")
+        return tokenize_texts(self.model.processor, texts, self.model.preprocess["max_length"])
+
+    @torch.no_grad()
+    def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
+        """Class probabilities, one row per input (images, or texts for a text model)."""
+        out = []
+        for start in range(0, len(inputs), BATCH):
+            chunk = list(inputs[start:start + BATCH])
+            x = self._text_batch(chunk) if self.modality == "text" else self._image_batch(chunk)
+            out.append(torch.softmax(self.model(x).float(), dim=1))
+        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
+    def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
+        """Top-k labels with probabilities, one entry per input."""
+        probs = self.predict_proba(inputs)
         k = min(top_k, probs.shape[1])
         values, idx = probs.topk(k, dim=1)
-        return [{"file": str(item) if isinstance(item, (str, Path)) else f"<image {i}>",
+        key = "text" if self.modality == "text" else "file"
+        return [{key: _describe(item, i, self.modality),
                  "top": [{"label": self.labels[j], "probability": float(v)}
                          for v, j in zip(vals.tolist(), ids.tolist())]}
-                for i, (item, vals, ids) in enumerate(zip(images, values, idx))]
+                for i, (item, vals, ids) in enumerate(zip(inputs, values, idx))]
+
+
+def _describe(item: Any, i: int, modality: str) -> str:
+    if modality == "text" or isinstance(item, (str, Path)):
+        return str(item)
+    return f"<image {i}>"
+
+
+def texts_from_file(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, one text per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"text file '{path}' does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise DataError(f"'{path}' holds no text (one text per line expected)")
+    return texts
 
 
 def load_run(path: str | Path) -> Predictor:

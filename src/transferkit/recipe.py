@@ -49,14 +49,19 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """Which data, how it is split and prepared."""
 
-    dataset: str = Field(description="built-in name (transferkit ls), an image folder, or a CSV manifest path,label")
+    dataset: str = Field(description="built-in name (transferkit ls); images: a folder or a CSV manifest path,label; "
+                         "text: a CSV, JSONL or Parquet file")
     per_class: int | None = Field(default=None, ge=1, description="labelled training examples kept per class")
     val_per_class: int | None = Field(default=None, ge=1, description="validation examples per class")
     val_fraction: float = Field(default=0.1, gt=0, lt=1, description="used when val_per_class is not set")
     test_size: float = Field(default=0.2, gt=0, description="held-out test examples: a count (>=1) or a fraction")
     image_size: int | None = Field(default=None, ge=8, description="default: the source's own input size")
+    text_column: str = Field(default="text", description="text data: the column holding the text")
+    label_column: str = Field(default="label", description="text data: the column holding the label")
+    max_length: int | None = Field(default=None, ge=2, description="text: tokens kept per text (default 128, at most "
+                                   "the source's limit)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    strict: bool = Field(default=False, description="error on a corrupt image instead of skipping it")
+    strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
     num_workers: int = Field(default=0, ge=0)
 
 
@@ -128,6 +133,8 @@ class Recipe(_Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
+    baselines: list[str] = Field(default_factory=list, description="computed on the same splits without the source, "
+                                 "e.g. [tfidf] for text (transferkit ls)")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -237,6 +244,12 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
             regularizer_config(regularizer)
         except (UnknownNameError, RecipeError) as e:
             problems.append(f"train.regularizer: {e}")
+    baselines = raw.get("baselines")
+    if isinstance(baselines, list):
+        from transferkit.evaluation.baselines import BASELINES
+
+        problems += [f"baselines.{i}: unknown baseline {b!r}.{did_you_mean(str(b), BASELINES)} Valid choices: "
+                     f"{', '.join(BASELINES)}." for i, b in enumerate(baselines) if b not in BASELINES]
     compare = raw.get("compare")
     for i, c in enumerate(compare if isinstance(compare, list) else []):
         c = {"strategy": c} if isinstance(c, str) else c

@@ -26,7 +26,7 @@ def test_recipes_are_shipped():
 
 @pytest.mark.slow
 def test_demo_transfer_beats_scratch_and_reaches_90_percent(tmp_path: Path, capsys):
-    run_dir = run_demo(out=tmp_path)
+    run_dir = run_demo("image", out=tmp_path)
     metrics = read_json(run_dir / "metrics.json")
     models = metrics["models"]
     assert set(models) == {"full", "linear_probe", "scratch"}

@@ -154,5 +154,5 @@ def test_python_api_is_plain_functions(data, tmp_path):
     metrics = tk.evaluate(model, data.dataset("test"))
     assert metrics["n"] == 40 and len(metrics["confusion"]) == 10
     tk.save_model(model, tmp_path / "m")
-    probs = tk.load_run(tmp_path / "m").predict_proba([data.images.items[0]])
+    probs = tk.load_run(tmp_path / "m").predict_proba([data.examples.items[0]])
     assert probs.shape == (1, 10) and abs(float(probs.sum()) - 1) < 1e-5

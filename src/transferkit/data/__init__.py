@@ -1,8 +1,8 @@
-"""Data: readers for image folders, CSV manifests and built-in datasets; seeded splits; transforms.
+"""Data: readers for image folders, CSV manifests, text files and built-in datasets; seeded splits; transforms.
 
-``read_dataset`` gives a ``LabelledImages`` (items, integer labels, class names in order, skipped files);
-``split_dataset`` gives seeded, stratified train/val/test index arrays; ``ImageDataset`` turns items into
-tensors with the source's preprocessing.
+``read_dataset`` gives a ``Labelled`` (items, integer labels, class names in order, skipped items, modality);
+``split_dataset`` gives seeded, stratified train/val/test index arrays; ``ImageDataset`` and ``TextDataset`` turn
+items into model inputs with the source's preprocessing (transforms, tokenizer).
 """
 
 from transferkit.data.images import (
@@ -14,7 +14,20 @@ from transferkit.data.images import (
     load_image,
     read_dataset,
 )
-from transferkit.data.split import Splits, split_dataset
+from transferkit.data.split import Labelled, Splits, split_dataset
+from transferkit.data.text import TextDataset, read_text_file
 
-__all__ = ["DATASETS", "ImageDataset", "LabelledImages", "Splits", "build_transform", "check_dataset_spec",
-           "load_image", "read_dataset", "split_dataset"]
+__all__ = [
+    "DATASETS",
+    "ImageDataset",
+    "Labelled",
+    "LabelledImages",
+    "Splits",
+    "TextDataset",
+    "build_transform",
+    "check_dataset_spec",
+    "load_image",
+    "read_dataset",
+    "read_text_file",
+    "split_dataset",
+]

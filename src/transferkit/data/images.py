@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +13,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, UnknownNameError, did_you_mean
 from transferkit.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-@dataclass
-class LabelledImages:
-    """Items (file paths or uint8 arrays), integer labels and class names in label order."""
-
-    name: str
-    items: list[Any]
-    labels: np.ndarray
-    classes: list[str]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.items)
+LabelledImages = Labelled  # images are one kind of labelled items
+DATASET_MODALITY: dict[str, str] = {}  # built-in datasets that are not images register their modality here
 
 
 DATASETS: Registry[Callable[[], LabelledImages]] = Registry("dataset")
@@ -126,11 +116,24 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
     return LabelledImages(path.stem, kept, np.asarray(kept_labels, dtype=np.int64), classes, skipped)
 
 
-def read_dataset(spec: str, strict: bool = False) -> LabelledImages:
-    """A built-in name, an image folder, or a ``.csv`` manifest."""
+def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_column: str = "text",
+                 label_column: str = "label") -> LabelledImages:
+    """A built-in name, or for images an image folder or a ``.csv`` manifest, for text a CSV/JSONL/Parquet file.
+
+    ``modality`` is the source's: it says how a file is read (a CSV is an image manifest for an image source and a
+    table of texts for a text source), and a built-in dataset of another modality is refused.
+    """
     if spec in DATASETS:
-        return DATASETS.get(spec)()
+        data = DATASETS.get(spec)()
+        if data.modality != modality:
+            raise DataError(f"dataset '{spec}' holds {data.modality} data but the source takes {modality} inputs; "
+                            f"choose a {data.modality} source or a {modality} dataset (transferkit ls)")
+        return data
     path = Path(spec).expanduser()
+    if modality == "text":
+        from transferkit.data.text import read_text_file
+
+        return read_text_file(path, text_column, label_column, strict)
     if path.is_dir():
         return read_image_folder(path, strict)
     if path.is_file() and path.suffix.lower() == ".csv":
@@ -140,17 +143,33 @@ def read_dataset(spec: str, strict: bool = False) -> LabelledImages:
     if "/" in spec or "\\" in spec or path.suffix:
         raise DataNotFoundError(f"data folder or file '{path}' does not exist")
     raise UnknownNameError(f"unknown dataset '{spec}'.{did_you_mean(spec, DATASETS)} Give an image folder, a CSV "
-                           f"manifest, or a built-in dataset: {', '.join(DATASETS)}.")
+                           f"manifest, a CSV/JSONL/Parquet file of texts, or a built-in: {', '.join(DATASETS)}.")
+
+
+def dataset_modality(spec: str, text_column: str = "text") -> str:
+    """The modality a dataset spec holds, without reading it: a built-in's own; a folder holds images; JSONL and
+    Parquet files hold texts; a CSV holds texts when it has ``text_column``, else it is an image manifest."""
+    if spec in DATASETS:
+        return DATASET_MODALITY.get(spec, "image")
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet", ".pq"):
+        return "text"
+    if suffix == ".csv" and path.is_file():
+        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        return "text" if text_column in header else "image"
+    return "image"
 
 
 def check_dataset_spec(spec: str) -> list[str]:
     if spec in DATASETS:
         return []
     path = Path(spec).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".json", ".parquet", ".pq")):
         return []
     if path.exists():
-        return [f"'{spec}' is neither an image folder nor a .csv manifest"]
+        return [f"'{spec}' is neither an image folder, a .csv manifest nor a CSV/JSONL/Parquet file of texts"]
     return [f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
             f"{did_you_mean(spec, DATASETS)}"]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -10,8 +12,24 @@ from transferkit.errors import DataError
 
 
 @dataclass
+class Labelled:
+    """A labelled dataset of any modality: items (image paths or arrays, texts, audio files...), integer labels,
+    class names in label order, and the items skipped as unreadable (each with a reason)."""
+
+    name: str
+    items: Sequence[Any]
+    labels: np.ndarray
+    classes: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    modality: str = "image"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
 class Splits:
-    """Index arrays into a LabelledImages."""
+    """Index arrays into a ``Labelled``."""
 
     train: np.ndarray
     val: np.ndarray

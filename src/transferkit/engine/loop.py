@@ -77,11 +77,30 @@ def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def to_device(x: Any, device: torch.device | str) -> Any:
+    """A batch's inputs on ``device``: a tensor, or a dict of tensors (a tokenized text batch)."""
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
+
+
+def make_loader(dataset: Dataset, batch_size: int | None = None, batch_sampler: Any = None, num_workers: int = 0,
+                seed: int = 0) -> DataLoader:
+    """The one way transferkit batches a dataset: in order (or by ``batch_sampler``), with the dataset's own
+    ``collate`` when it has one (text pads each batch to its longest example).
+
+    The loader has its own generator: creating the iterator must not draw from the global RNG, or a resumed epoch
+    would shift every later random number (exact resume holds with num_workers=0; workers reseed their own streams).
+    """
+    kwargs: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
+        "batch_size": batch_size, "shuffle": False}
+    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return DataLoader(dataset, num_workers=num_workers, collate_fn=getattr(inner, "collate", None),
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
 def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int, seed: int = 0) -> DataLoader:
-    # an own generator: creating the iterator must not draw from the global RNG, or a resumed epoch would shift
-    # every later random number (exact resume holds with num_workers=0; workers reseed their own streams)
-    return DataLoader(dataset, batch_sampler=[b.tolist() for b in batch_indices], num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+    return make_loader(dataset, batch_sampler=[b.tolist() for b in batch_indices], num_workers=num_workers, seed=seed)
 
 
 @torch.no_grad()
@@ -90,11 +109,10 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     """Logits and labels for a whole dataset, in order, with the model in eval mode."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))  # leaves the global RNG untouched
+    loader = make_loader(dataset, batch_size, num_workers=num_workers)
     logits, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not show_progress()):
-        logits.append(model(x.to(device)).float().cpu())
+        logits.append(model(to_device(x, device)).float().cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
@@ -258,7 +276,7 @@ def fit(
                 sync = j + 1 == len(group)
                 ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    out = objective(wrapped, gx.to(device), gy.to(device))
+                    out = objective(wrapped, to_device(gx, device), gy.to(device))
                     loss = out["loss"] / len(group)
                 accelerator.backward(loss)
                 running += loss.detach()

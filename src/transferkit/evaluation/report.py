@@ -182,6 +182,7 @@ def _render_page(metrics: Mapping[str, Any], transfer: Mapping[str, Any] | None)
     sections = [
         _header_section(metrics, models),
         _metrics_section(models, selected),
+        _baselines_section(metrics.get("baselines")),
         _curves_section(models),
         _confusion_section(metrics, models, selected),
     ]
@@ -226,13 +227,15 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
     if isinstance(splits, Mapping) and splits:
         rows.append(("Split sizes", ", ".join(f"{_esc(k)}: {_fmt_int(v)}" for k, v in splits.items())))
     if data.get("per_class") is not None:
-        rows.append(("Images per class", _fmt_int(data.get("per_class"))))
+        rows.append(("Labelled examples per class", _fmt_int(data.get("per_class"))))
     if data.get("image_size") is not None:
         rows.append(("Image size", _esc(data.get("image_size"))))
+    if data.get("max_length") is not None:
+        rows.append(("Tokens per text (max)", _esc(data.get("max_length"))))
 
     skipped = data.get("skipped")
     skipped = skipped if isinstance(skipped, list) else []
-    rows.append(("Skipped images", _fmt_int(len(skipped))))
+    rows.append(("Skipped (unreadable or empty)", _fmt_int(len(skipped))))
 
     selected = metrics.get("selected")
     if selected:
@@ -254,13 +257,13 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
         items = []
         for entry in skipped:
             if isinstance(entry, Mapping):
-                path, reason = _esc(entry.get("path", "")), _esc(entry.get("reason", ""))
+                path, reason = _esc(entry.get("path", entry.get("item", ""))), _esc(entry.get("reason", ""))
                 items.append(f"<tr><td><code>{path}</code></td><td>{reason}</td></tr>")
             else:
                 items.append(f"<tr><td><code>{_esc(entry)}</code></td><td></td></tr>")
         parts.append(
-            f"<details><summary>{len(skipped)} skipped image{'s' if len(skipped) != 1 else ''}</summary>\n"
-            "<table>\n<tr><th>Path</th><th>Reason</th></tr>\n" + "\n".join(items) + "\n</table>\n</details>"
+            f"<details><summary>{len(skipped)} skipped item{'s' if len(skipped) != 1 else ''}</summary>\n"
+            "<table>\n<tr><th>Item</th><th>Reason</th></tr>\n" + "\n".join(items) + "\n</table>\n</details>"
         )
     return "\n".join(parts)
 
@@ -307,6 +310,20 @@ def _metrics_section(models: Mapping[str, Any], selected: Any) -> str:
         row_attr = ' class="selected"' if is_sel else ""
         rows.append(f"<tr{row_attr}>" + "".join(cells) + "</tr>")
     return "<h2>Models</h2>\n<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
+
+
+def _baselines_section(baselines: Any) -> str:
+    """Baselines computed on the same splits without the source (e.g. TF-IDF for text)."""
+    if not isinstance(baselines, Mapping) or not baselines:
+        return ""
+    head = "<tr><th>Baseline</th><th>Method</th><th>Test accuracy</th><th>Test macro-F1</th><th>Val accuracy</th></tr>"
+    rows = [f"<tr><td><code>{_esc(name)}</code></td><td>{_esc(b.get('method', ''))}</td>"
+            f'<td class="num">{_fmt_float(_get(b, "test", "accuracy"))}</td>'
+            f'<td class="num">{_fmt_float(_get(b, "test", "macro_f1"))}</td>'
+            f'<td class="num">{_fmt_float(_get(b, "val", "accuracy"))}</td></tr>'
+            for name, b in baselines.items() if isinstance(b, Mapping)]
+    return ('<h2>Baselines</h2>\n<p class="note">Same splits, no source model.</p>\n<table>\n' + head + "\n"
+            + "\n".join(rows) + "\n</table>")
 
 
 def _curves_section(models: Mapping[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""Modality adapters: the SourceModel contract and its heads."""
+"""Modality adapters: the SourceModel contract (``models.base``) and the backbone families of each modality."""
 
-from transferkit.models.vision import Backbone, SourceModel, build_backbone, load_model, save_model
+from transferkit.models.base import Backbone, SourceModel, build_backbone, load_model, register_family, save_model
 
-__all__ = ["Backbone", "SourceModel", "build_backbone", "load_model", "save_model"]
+__all__ = ["Backbone", "SourceModel", "build_backbone", "load_model", "register_family", "save_model"]

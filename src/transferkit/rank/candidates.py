@@ -113,18 +113,27 @@ def _prepare(data: Any, seed: int) -> Any:
 
     if isinstance(data, PreparedData):
         return data
+    from transferkit.data.images import dataset_modality
+
     cfg = DataConfig(dataset=data) if isinstance(data, str) else data
-    # each candidate's own preprocessing replaces this placeholder in _for_source; only input_size is read here
-    return prepare_data(cfg, {"input_size": [3, 224, 224]}, seed)
+    # each candidate's own preprocessing replaces this placeholder in _for_source; only the modality is read here
+    modality = dataset_modality(cfg.dataset, cfg.text_column)
+    placeholder = {"modality": "text", "max_length": 128} if modality == "text" else {"input_size": [3, 224, 224]}
+    return prepare_data(cfg, placeholder, seed)
 
 
-def _for_source(data: Any, preprocess: dict[str, Any]) -> Any:
-    """The same examples and split with a candidate's preprocessing (and the data's ``image_size``, as in
-    ``prepare_data``)."""
-    pp = dict(preprocess)
-    if data.cfg.image_size:
+def _for_source(data: Any, model: Any) -> Any:
+    """The same examples and split with a candidate's preprocessing and tokenizer (and the data's ``image_size``
+    or ``max_length``, as in ``prepare_data``)."""
+    pp = dict(model.preprocess)
+    modality = pp.get("modality", "image")
+    if modality != data.modality:
+        raise DataError(f"the target data is {data.modality} but this source takes {modality} inputs")
+    if modality == "image" and data.cfg.image_size:
         pp["input_size"] = [pp["input_size"][0], data.cfg.image_size, data.cfg.image_size]
-    return dataclasses.replace(data, preprocess=pp)
+    if modality == "text" and data.cfg.max_length:
+        pp["max_length"] = min(data.cfg.max_length, int(pp.get("max_length_limit", data.cfg.max_length)))
+    return dataclasses.replace(data, preprocess=pp, processor=model.processor)
 
 
 def _has_classifier(model: Any) -> bool:
@@ -167,7 +176,7 @@ def rank_candidates(data: Any, candidates: Sequence[Any], max_examples: int | No
         raise DataError(f"max_examples must be >= 1, got {max_examples}")
     prepared = _prepare(data, seed)
     num_classes = len(prepared.classes)
-    train_labels = prepared.images.labels[prepared.splits.train]
+    train_labels = prepared.examples.labels[prepared.splits.train]
     if max_examples is not None and max_examples < num_classes:
         raise DataError(f"max_examples={max_examples} is fewer than the {num_classes} classes of "
                         f"'{prepared.cfg.dataset}': ranking needs at least one example per class (use at least "
@@ -209,7 +218,7 @@ def _score_candidate(cand: Candidate, prepared: Any, positions: np.ndarray, labe
         model = cand.load()
         row["times"]["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        dataset = torch.utils.data.Subset(_for_source(prepared, model.preprocess).dataset("train"), positions.tolist())
+        dataset = torch.utils.data.Subset(_for_source(prepared, model).dataset("train"), positions.tolist())
         feats = compute_features(model.backbone, dataset, batch_size=batch_size, device=device,
                                  desc=f"features {cand.name}")
         row["times"]["features_s"] = time.perf_counter() - t

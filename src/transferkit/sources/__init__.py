@@ -4,7 +4,8 @@ A source is named the same way everywhere (recipe, CLI, Python):
 
 - ``timm:NAME`` — a timm architecture; pretrained weights fetched by timm (network), or a local ``weights`` file;
 - ``torchvision:NAME`` — a torchvision architecture and its default weights;
-- ``hf:NAME_OR_FOLDER`` — a Hugging Face transformers vision encoder;
+- ``hf:NAME_OR_FOLDER`` — a Hugging Face transformers encoder: vision (ViT, ...) or text (BERT, MiniLM, ...),
+  told apart by its config;
 - a path: a transferkit model folder (``model.json``), its ``model.safetensors``, or a Hugging Face folder;
 - a built-in name for weights shipped by an installed package (``transferkit ls``).
 """
@@ -35,7 +36,21 @@ def _as_spec(spec: str | SourceSpec | dict[str, Any]) -> SourceSpec:
 def _from_backbone(bb: Backbone, arch: dict[str, Any], source_labels: list[str] | None) -> SourceModel:
     arch = {**arch, "kwargs": {**arch.get("kwargs", {}), **bb.arch_kwargs}}
     head = bb.head if bb.head is not None else __import__("torch").nn.Identity()
-    return SourceModel(bb.module, head, arch, bb.preprocess, source_labels, bb.num_features, bb.groups)
+    model = SourceModel(bb.module, head, arch, bb.preprocess, source_labels, bb.num_features, bb.groups)
+    model.processor = bb.processor
+    return model
+
+
+def hf_family(name: str) -> str:
+    """The backbone family of a Hugging Face model by its config: ``hf_text`` for text encoders, else ``hf``."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        return "hf"  # the builder reports the problem with the full message
+    vision = hasattr(cfg, "image_size") or hasattr(cfg, "vision_config") or hasattr(cfg, "num_channels")
+    return "hf_text" if hasattr(cfg, "vocab_size") and not vision else "hf"
 
 
 def _imagenet_labels(num_classes: int | None) -> list[str] | None:
@@ -60,7 +75,7 @@ def load_source(spec: str | SourceSpec | dict[str, Any]) -> SourceModel:
     name = spec.name
     prefix, _, rest = name.partition(":")
     if prefix in PREFIXES and rest:
-        arch = {"family": prefix, "name": rest, "kwargs": {}}
+        arch = {"family": hf_family(rest) if prefix == "hf" else prefix, "name": rest, "kwargs": {}}
         bb = build_backbone(arch, pretrained=spec.pretrained, weights=spec.weights)
         num_out = getattr(bb.head, "out_features", None)
         model = _from_backbone(bb, arch, _imagenet_labels(num_out) if spec.pretrained else None)
@@ -100,4 +115,4 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
 
 
 # Built-in sources register themselves on import.
-from transferkit.sources import efficientnet_lite  # noqa: E402,F401
+from transferkit.sources import efficientnet_lite, minilm  # noqa: E402,F401

@@ -32,6 +32,7 @@ def build_target(source: SourceModel, labels: list[str], pretrained: bool = True
         bb = build_backbone(source.arch, pretrained=False)
         target = SourceModel(bb.module, torch.nn.Identity(), source.arch, dict(source.preprocess), None,
                              source.num_features, source.groups)
+        target.processor = source.processor
         target.origin = {}
     source_head = source.head_spec() if any(isinstance(m, torch.nn.Linear) for m in source.head.modules()) else None
     target.reset_head(len(labels), list(labels), head_dropout)

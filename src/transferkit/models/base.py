@@ -1,0 +1,208 @@
+"""The SourceModel contract every modality shares: a backbone that maps inputs to pooled features, and a head.
+
+The same class is the loaded source (with its original classifier as ``head``) and the target (after
+``reset_head``). It follows timm's model contract: ``features`` (forward_features + pooling), ``head``,
+``reset_head``, ``layer_groups`` (input -> output) and a ``preprocess`` description saved with the model.
+What differs between images, text and audio is only the backbone family (``register_family``), its
+``preprocess`` (``modality`` says which) and its ``processor`` (a tokenizer or feature extractor, saved beside
+the weights).
+
+A backbone is described by ``arch`` (a JSON-able dict: family, name, keyword arguments) from which
+``build_backbone`` rebuilds it without weights, so a saved model reloads with no recipe or network.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferkit import __version__
+from transferkit.errors import SourceError
+from transferkit.io import load_state_dict, read_json, replace_dir, save_tensors, write_json
+
+MODEL_FORMAT = "transferkit.model/1"
+TASKS = {"image": "image_classification", "text": "text_classification", "audio": "audio_classification"}
+
+
+@dataclass
+class Backbone:
+    """A network without its classifier, plus what the classifier was."""
+
+    module: nn.Module
+    num_features: int
+    head: nn.Module | None  # the source classifier, if the source had one
+    preprocess: dict[str, Any] = field(default_factory=dict)  # input size, mean, std, interpolation
+    groups: list[tuple[str, str]] = field(default_factory=list)  # (group name, regex on backbone param names)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments needed to rebuild it
+    processor: Any = None  # tokenizer / feature extractor with save_pretrained (text, audio); None for images
+
+
+class SourceModel(nn.Module):
+    """Inputs -> ``backbone`` -> pooled features -> ``head`` -> logits.
+
+    Inputs are what the modality's dataset yields: an image batch tensor, or a dict of tensors (a tokenized text
+    batch, audio features).
+
+    Args:
+        backbone: the feature extractor (returns ``(batch, num_features)``).
+        head: the classifier (``nn.Linear`` or the source's own head).
+        arch: how to rebuild ``backbone`` (see ``build_backbone``).
+        preprocess: input size, mean, std, interpolation, channels.
+        labels: class names, in output order.
+        num_features: width of the pooled features.
+        groups: layer groups as (name, regex) over backbone parameter names, input to output.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, arch: dict[str, Any], preprocess: dict[str, Any],
+                 labels: list[str] | None, num_features: int, groups: list[tuple[str, str]] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = arch
+        self.preprocess = preprocess
+        self.labels = labels
+        self.num_features = num_features
+        self.groups = groups or []
+        self.adapter: dict[str, Any] | None = None  # e.g. LoRA adapters injected in the backbone
+        self.processor: Any = None  # tokenizer / feature extractor (text, audio)
+
+    @property
+    def modality(self) -> str:
+        """``image``, ``text`` or ``audio`` (from ``preprocess``)."""
+        return str(self.preprocess.get("modality", "image"))
+
+    def features(self, x: Any) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: Any,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with ``return_features`` also the pooled features (through ``forward``, so DDP sees the call)."""
+        features = self.features(x)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits
+
+    def reset_head(self, num_outputs: int, labels: list[str] | None = None, dropout: float = 0.0) -> nn.Module:
+        """Replace the head with a fresh linear classifier for ``num_outputs`` classes."""
+        linear = nn.Linear(self.num_features, num_outputs)
+        nn.init.trunc_normal_(linear.weight, std=0.01)  # small logits at start: the new head learns fast
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.Dropout(dropout), linear) if dropout else linear
+        self.labels = labels
+        return self.head
+
+    def layer_groups(self) -> list[tuple[str, list[str]]]:
+        """Parameter names per layer group, ordered input -> output; the head is the last group."""
+        names = [n for n, _ in self.backbone.named_parameters()]
+        taken: set[str] = set()
+        out: list[tuple[str, list[str]]] = []
+        for gname, pattern in self.groups:
+            rx = re.compile(pattern)
+            members = [n for n in names if n not in taken and rx.search(n)]
+            taken.update(members)
+            if members:
+                out.append((gname, [f"backbone.{n}" for n in members]))
+        rest = [f"backbone.{n}" for n in names if n not in taken]
+        if rest:
+            out.append(("backbone_rest", rest))
+        out.append(("head", [f"head.{n}" for n, _ in self.head.named_parameters()]))
+        return out
+
+    def head_spec(self) -> dict[str, Any]:
+        linear = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+        if not linear:
+            raise SourceError("the model head has no nn.Linear; transferkit saves linear heads only")
+        dropout = [m.p for m in self.head.modules() if isinstance(m, nn.Dropout)]
+        return {"type": "linear", "in_features": linear[-1].in_features, "num_classes": linear[-1].out_features,
+                "dropout": dropout[0] if dropout else 0.0}
+
+
+Builder = Callable[[str, bool, "str | None", dict[str, Any]], Backbone]
+FAMILIES: dict[str, Builder] = {}
+
+
+def register_family(name: str, builder: Builder) -> None:
+    """Make ``arch.family == name`` buildable: ``builder(name, pretrained, weights, kwargs) -> Backbone``."""
+    FAMILIES[name] = builder
+
+
+def build_backbone(arch: dict[str, Any], pretrained: bool = False, weights: str | None = None) -> Backbone:
+    """Build the backbone ``arch`` describes (with its source weights when ``pretrained``)."""
+    _load_families()
+    family = arch.get("family")
+    if family not in FAMILIES:
+        raise SourceError(f"unknown backbone family '{family}'; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[family](arch["name"], pretrained, weights, dict(arch.get("kwargs", {})))
+
+
+def _load_families() -> None:
+    """The built-in families register themselves when their module is imported."""
+    from transferkit.models import text, vision  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading a model folder: model.safetensors + model.json.
+
+
+def save_model(model: SourceModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/model.json`` (swapped in whole: never half-written)."""
+    meta = {
+        "format": MODEL_FORMAT,
+        "task": TASKS.get(model.modality, model.modality),
+        "transferkit_version": __version__,
+        "arch": model.arch,
+        "num_features": model.num_features,
+        "head": model.head_spec(),
+        "labels": model.labels,
+        "preprocess": model.preprocess,
+        "groups": model.groups,
+        "adapter": model.adapter,
+        **(extra or {}),
+    }
+    state = model.state_dict()
+
+    def fill(tmp: Path) -> None:
+        save_tensors(tmp / "model.safetensors", state, metadata={"format": MODEL_FORMAT})
+        if model.processor is not None:
+            model.processor.save_pretrained(str(tmp / "processor"))
+        write_json(tmp / "model.json", meta)
+
+    return replace_dir(Path(folder), fill)
+
+
+def load_model(folder: str | Path) -> SourceModel:
+    """Rebuild a saved model from its folder alone (no recipe, no network)."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    meta_path = folder / "model.json"
+    if not meta_path.is_file():
+        raise SourceError(f"'{folder}' is not a transferkit model folder: it has no model.json")
+    meta = read_json(meta_path)
+    if meta.get("format") != MODEL_FORMAT:
+        raise SourceError(f"'{meta_path}' has format {meta.get('format')!r}; this transferkit reads {MODEL_FORMAT}")
+    arch = meta["arch"]
+    if (folder / "processor").is_dir():  # the tokenizer / feature extractor saved beside the weights
+        arch = {**arch, "kwargs": {**arch.get("kwargs", {}), "processor_dir": str(folder / "processor")}}
+    backbone = build_backbone(arch, pretrained=False)
+    head_spec = meta["head"]
+    model = SourceModel(backbone.module, nn.Identity(), meta["arch"], meta["preprocess"], meta["labels"],
+                        meta["num_features"], [tuple(g) for g in meta.get("groups", [])])
+    model.reset_head(head_spec["num_classes"], meta["labels"], head_spec.get("dropout", 0.0))
+    model.processor = backbone.processor
+    if meta.get("adapter"):
+        from transferkit.strategies.lora import inject_lora
+
+        inject_lora(model, {k: v for k, v in meta["adapter"].items() if k != "type"})
+    state = load_state_dict(folder / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SourceError(f"'{folder}/model.safetensors' does not match its model.json: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    model.eval()
+    return model
