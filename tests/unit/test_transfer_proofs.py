@@ -148,6 +148,13 @@ def test_source_blocks_that_cannot_be_taken_are_named(minilm):
     with pytest.raises(TransferError, match="'layer1' and 'layer2' both hold 2 numbered blocks"):
         block_stack(["layer1.0.conv.weight", "layer1.1.conv.weight", "layer2.0.conv.weight", "layer2.1.conv.weight"])
     assert block_stack(["0.weight", "1.weight", "2.bias"]) == ("", [0, 1, 2])
+    # explicit blocks in any order: the structure pass sees them in their new order
+    torch.manual_seed(0)
+    stack = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+    student, report = transfer(stack, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), source_blocks=[3, 0],
+                               methods=["structure"], strict=True)
+    assert torch.equal(student[0].weight, stack[3].weight) and torch.equal(student[1].bias, stack[0].bias)
+    assert report["unused_source"] == ["1.weight", "1.bias", "2.weight", "2.bias"]
     assert block_stack(["blocks.0.0.w", "blocks.1.0.w", "blocks.1.1.w"]) == ("blocks", [0, 1])  # nested: outer
 
 

@@ -225,8 +225,8 @@ def block_stack(names: Sequence[str]) -> tuple[str, list[int]] | None:
     name has a numbered part.
 
     Raises:
-        TransferError: two unrelated stacks have the same, largest number of blocks (say which to use is
-            not possible from names alone).
+        TransferError: two unrelated stacks have the same, largest number of blocks (which one is meant cannot
+            be told from names alone).
     """
     stacks: dict[str, set[int]] = {}
     for n in names:
@@ -266,19 +266,23 @@ def _take_source_blocks(src: _Source, target_names: Sequence[str], how: str | Se
                                 f"target stack '{t_prefix}' has {len(t_idx)}; give {len(t_idx)} of the source's "
                                 f"blocks" + (f" ({bad} do not exist)" if bad else ""))
     new_index = {i: k for k, i in enumerate(taken)}
-    rx = re.compile(rf"^{re.escape(s_prefix + '.') if s_prefix else ''}(\d+)\.(.+)$")
-    state: dict[str, torch.Tensor] = {}
+    lead = f"{s_prefix}." if s_prefix else ""
+    rx = re.compile(rf"^{re.escape(lead)}(\d+)\.(.+)$")
+    before: dict[str, torch.Tensor] = {}
+    after: dict[str, torch.Tensor] = {}
+    kept: dict[int, list[tuple[str, torch.Tensor]]] = {k: [] for k in range(len(taken))}
     for name, tensor in src.state.items():
         m = rx.match(name)
         if m is None:
-            state[name] = tensor
+            (after if any(kept.values()) or src.dropped else before)[name] = tensor
         elif int(m.group(1)) in new_index:
-            new = f"{s_prefix + '.' if s_prefix else ''}{new_index[int(m.group(1))]}.{m.group(2)}"
-            state[new] = tensor
-            src.original[new] = name
+            k = new_index[int(m.group(1))]
+            kept[k].append((f"{lead}{k}.{m.group(2)}", tensor))
+            src.original[f"{lead}{k}.{m.group(2)}"] = name
         else:
             src.dropped.append(name)
-    # a renamed block must not collide with an untouched name (it cannot: every name of the stack is renamed)
+    # the taken blocks in their new order where the stack was (the structure pass reads the order)
+    state = {**before, **{n: t for k in range(len(taken)) for n, t in kept[k]}, **after}
     if src.groups:
         src.groups = {n: src.groups.get(src.orig(n), "(ungrouped)") for n in state}
     src.state = state
