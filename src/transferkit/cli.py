@@ -62,6 +62,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from transferkit.data import DATASETS
+    from transferkit.evaluation.baselines import BASELINES
     from transferkit.sources import BUILTIN_SOURCES, PREFIXES
     from transferkit.strategies import STRATEGIES
     from transferkit.strategies.regularizers import REGULARIZERS
@@ -71,7 +72,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             BUILTIN_SOURCES.describe(),
         "strategies": STRATEGIES.describe(),
         "regularizers (train.regularizer; combine with any strategy)": REGULARIZERS.describe(),
-        "datasets (built-in; also an image folder or a CSV manifest path,label)": DATASETS.describe(),
+        "datasets (built-in; also an image folder, a CSV manifest path,label, or a CSV/JSONL/Parquet file of "
+        "texts)": DATASETS.describe(),
+        "baselines (recipe baselines: [...])": BASELINES.describe(),
     }
     if args.json:
         print(json.dumps({k.split(" ")[0]: v for k, v in sections.items()}, indent=2))

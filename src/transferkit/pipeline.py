@@ -21,15 +21,8 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from transferkit import __version__
-from transferkit.data import (
-    ImageDataset,
-    Labelled,
-    Splits,
-    TextDataset,
-    build_transform,
-    read_dataset,
-    split_dataset,
-)
+from transferkit.data import Labelled, Splits, read_dataset, split_dataset
+from transferkit.data.modality import make_dataset
 from transferkit.engine.loop import (
     JobPaths,
     evaluate_model,
@@ -87,11 +80,9 @@ class PreparedData:
         idx = getattr(self.splits, split)
         source = self.examples.items
         items = source.subset(idx) if hasattr(source, "subset") else [source[int(i)] for i in idx]
-        if self.modality == "text":
-            return TextDataset(items, self.examples.labels[idx], self.processor, self.preprocess["max_length"])
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None
-        return ImageDataset(items, self.examples.labels[idx], build_transform(self.preprocess, augment),
-                            self.preprocess["input_size"][0], memoize=augment is None)
+        return make_dataset(self.modality, items, self.examples.labels[idx], self.preprocess, self.processor,
+                            augment)
 
     def summary(self) -> dict[str, Any]:
         size = ({"max_length": self.preprocess["max_length"]} if self.modality == "text"

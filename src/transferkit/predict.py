@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from transferkit.data import build_transform, load_image
-from transferkit.data.text import tokenize_texts
+from transferkit.data.modality import make_batch
 from transferkit.errors import DataError, DataNotFoundError
 from transferkit.models.base import SourceModel, load_model
 
@@ -21,39 +19,18 @@ BATCH = 32
 
 
 class Predictor:
-    """A loaded model with its preprocessing (transform or tokenizer) and labels."""
+    """A loaded model with its preprocessing (transform, tokenizer...) and labels."""
 
     def __init__(self, model: SourceModel):
         self.model = model.eval()
         self.modality = model.modality
-        self.transform = build_transform(model.preprocess) if self.modality == "image" else None
         self.labels = model.labels or [str(i) for i in range(model.head_spec()["num_classes"])]
-
-    def _image_batch(self, images: list[Any]) -> torch.Tensor:
-        channels = self.model.preprocess["input_size"][0]
-        batch = []
-        for item in images:
-            if isinstance(item, (str, Path)) and not Path(item).is_file():
-                raise DataNotFoundError(f"image '{item}' does not exist")
-            img = item.convert("L" if channels == 1 else "RGB") if hasattr(item, "convert") else load_image(
-                item if isinstance(item, np.ndarray) else Path(item), channels)
-            batch.append(self.transform(img))
-        return torch.stack(batch)
-
-    def _text_batch(self, texts: list[Any]) -> dict[str, torch.Tensor]:
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-        if bad:
-            raise DataError(f"a text model predicts from non-empty strings; input {bad[0]} is {texts[bad[0]]!r}")
-        return tokenize_texts(self.model.processor, texts, self.model.preprocess["max_length"])
 
     @torch.no_grad()
     def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
         """Class probabilities, one row per input (images, or texts for a text model)."""
-        out = []
-        for start in range(0, len(inputs), BATCH):
-            chunk = list(inputs[start:start + BATCH])
-            x = self._text_batch(chunk) if self.modality == "text" else self._image_batch(chunk)
-            out.append(torch.softmax(self.model(x).float(), dim=1))
+        out = [torch.softmax(self.model(make_batch(self.model, list(inputs[i:i + BATCH]))).float(), dim=1)
+               for i in range(0, len(inputs), BATCH)]
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
     def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:

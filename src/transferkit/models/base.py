@@ -124,11 +124,21 @@ class SourceModel(nn.Module):
 
 Builder = Callable[[str, bool, "str | None", dict[str, Any]], Backbone]
 FAMILIES: dict[str, Builder] = {}
+PREFIXES: list[str] = []  # families a source names directly as PREFIX:NAME (hf_text is reached through hf:)
 
 
-def register_family(name: str, builder: Builder) -> None:
-    """Make ``arch.family == name`` buildable: ``builder(name, pretrained, weights, kwargs) -> Backbone``."""
+def register_family(name: str, builder: Builder, prefix: bool = True) -> None:
+    """Make ``arch.family == name`` buildable: ``builder(name, pretrained, weights, kwargs) -> Backbone``; with
+    ``prefix``, sources can name it as ``name:ARCH``."""
     FAMILIES[name] = builder
+    if prefix and name not in PREFIXES:
+        PREFIXES.append(name)
+
+
+def source_prefixes() -> list[str]:
+    """The ``PREFIX:NAME`` forms a source may take (timm, torchvision, hf, ...)."""
+    _load_families()
+    return list(PREFIXES)
 
 
 def build_backbone(arch: dict[str, Any], pretrained: bool = False, weights: str | None = None) -> Backbone:

@@ -94,4 +94,4 @@ def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: 
                     {"config": config, "pooling": pooling}, processor=tokenizer)
 
 
-register_family("hf_text", _hf_text_backbone)
+register_family("hf_text", _hf_text_backbone, prefix=False)

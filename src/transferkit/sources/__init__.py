@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import SourceError, UnknownNameError, did_you_mean
-from transferkit.models.vision import Backbone, SourceModel, build_backbone, load_model
+from transferkit.models.base import PREFIXES as PREFIXES
+from transferkit.models.base import Backbone, SourceModel, build_backbone, load_model, source_prefixes
 from transferkit.recipe import SourceSpec
 from transferkit.registry import Registry
 
 BUILTIN_SOURCES: Registry[Callable[[bool], SourceModel]] = Registry("source")
-PREFIXES = ("timm", "torchvision", "hf")
 
 
 def _as_spec(spec: str | SourceSpec | dict[str, Any]) -> SourceSpec:
@@ -74,7 +74,7 @@ def load_source(spec: str | SourceSpec | dict[str, Any]) -> SourceModel:
     spec = _as_spec(spec)
     name = spec.name
     prefix, _, rest = name.partition(":")
-    if prefix in PREFIXES and rest:
+    if prefix in source_prefixes() and rest:
         arch = {"family": hf_family(rest) if prefix == "hf" else prefix, "name": rest, "kwargs": {}}
         bb = build_backbone(arch, pretrained=spec.pretrained, weights=spec.weights)
         num_out = getattr(bb.head, "out_features", None)
@@ -104,7 +104,7 @@ def load_source(spec: str | SourceSpec | dict[str, Any]) -> SourceModel:
 def check_source_spec(spec: SourceSpec) -> list[str]:
     """Problems with a source name that can be seen without loading it."""
     prefix, sep, rest = spec.name.partition(":")
-    if sep and prefix in PREFIXES:
+    if sep and prefix in source_prefixes():
         return [] if rest else [f"'{spec.name}' names no model after '{prefix}:'"]
     if spec.name in BUILTIN_SOURCES or Path(spec.name).expanduser().exists():
         return []
@@ -116,3 +116,5 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
 
 # Built-in sources register themselves on import.
 from transferkit.sources import efficientnet_lite, minilm  # noqa: E402,F401
+
+source_prefixes()  # every built-in backbone family registered: PREFIXES is complete
