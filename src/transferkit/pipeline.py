@@ -103,6 +103,8 @@ def prepare_data(cfg: DataConfig, source: SourceModel | dict[str, Any], seed: in
     modality = str(source_preprocess.get("modality", "image"))
     examples = read_dataset(cfg.dataset, strict=cfg.strict, modality=modality, text_column=cfg.text_column,
                             label_column=cfg.label_column)
+    if cfg.classes:
+        examples = examples.select_classes(cfg.classes)
     splits = split_dataset(examples.labels, examples.classes, seed, cfg.test_size, cfg.per_class, cfg.val_per_class,
                            cfg.val_fraction)
     preprocess = dict(source_preprocess)
@@ -339,6 +341,51 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
                               "it, or choose another --out.")
 
 
+def pretrain_step(recipe: Recipe, out: Path, resume: bool, accelerator: Any,
+                  log: Any) -> tuple[SourceSpec, dict[str, Any]]:
+    """Train the recipe's source on its own task (``pretrain:``) and save it as ``pretrain/model``; the run's
+    ``train``/``compare`` then start from that folder. Returns its spec and a summary (data, test metrics).
+
+    ``pretrain/`` holds ``model/``, ``metrics.json`` and the checkpoints; ``--resume`` reuses a finished pretraining
+    and continues an interrupted one exactly.
+    """
+    assert recipe.pretrain is not None and recipe.source is not None
+    folder = out / "pretrain"
+    done = folder / "metrics.json"
+    spec = SourceSpec(name=str(folder / "model"))
+    if resume and done.exists():
+        summary = read_json(done)
+        log(f"[pretrain] already trained: test accuracy {summary['test']['accuracy']:.4f}")
+        return spec, _pretrain_summary(summary)
+    torch.manual_seed(recipe.seed)  # a source without pretrained weights is initialised reproducibly
+    source = load_source(recipe.source)
+    data = prepare_data(recipe.pretrain.data, source, recipe.seed)
+    log(f"[pretrain] {recipe.source.name} on {data.cfg.dataset}: {data.splits.sizes()} | {len(data.classes)} classes")
+    model = build_target(source, data.classes, pretrained=True, seed=recipe.seed)
+    model.preprocess = data.preprocess
+    model.to(accelerator.device)
+    job = train(model, data, recipe.pretrain.train, seed=recipe.seed, accelerator=accelerator, resume=resume,
+                paths=JobPaths(folder / "checkpoints" / "last.pt", folder / "metrics.jsonl", "pretrain"))
+    job["test"] = evaluate(model, data.dataset("test"), len(data.classes), device=accelerator.device)
+    summary = {"source": recipe.source.name, "data": data.summary(), **job}
+    if accelerator.is_main_process:
+        save_model(model.cpu(), folder / "model", extra={"strategy": job["strategy"], "run": recipe.name,
+                                                          "pretrained_on": data.cfg.dataset})
+        write_json(done, summary)
+    accelerator.wait_for_everyone()
+    log(f"[pretrain] test accuracy {job['test']['accuracy']:.4f} | val accuracy {job['val']['accuracy']:.4f} | "
+        f"train {job['timing']['train_s']:.1f}s")
+    return spec, _pretrain_summary(summary)
+
+
+def _pretrain_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    data = summary["data"]
+    return {"source": summary["source"], "dataset": data["dataset"], "classes": data["classes"],
+            "splits": data["splits"], "test": {k: summary["test"][k] for k in ("accuracy", "macro_f1", "n")},
+            "val_accuracy": summary["val"].get("accuracy"), "epochs_run": summary["epochs_run"],
+            "train_s": summary["timing"]["train_s"]}
+
+
 def _baselines_step(recipe: Recipe, data: PreparedData, out: Path, resume: bool, main: bool,
                     log: Any) -> dict[str, Any]:
     """The recipe's ``baselines`` on the run's splits (cheap; computed again on resume, same result)."""
@@ -408,6 +455,9 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     t = time.perf_counter()
     source_spec, known_features = (recipe.source, None) if recipe.rank is None else \
         rank_step(recipe, out, resume, main, log)
+    pretrain_summary = None
+    if recipe.pretrain is not None:
+        source_spec, pretrain_summary = pretrain_step(recipe, out, resume, accelerator, log)
     if source_spec is None:
         raise RecipeError("the recipe names no source: give source: NAME, or rank: {candidates: [...]}")
     torch.manual_seed(recipe.seed)  # a source without pretrained weights is initialised reproducibly
@@ -479,6 +529,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     metrics = {"run": recipe.name, "source": source_spec.name, "selected": selected,
                "selected_by": recipe.train.monitor, "transferkit_version": __version__, "data": data.summary(),
                "models": results, **({"baselines": baselines} if baselines else {}),
+               **({"pretrain": pretrain_summary} if pretrain_summary else {}),
                "timings": {"load_source_s": load_s, "data_s": data_s,
                                               "total_s": time.perf_counter() - t_start}}
     if main:

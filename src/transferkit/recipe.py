@@ -56,6 +56,8 @@ class DataConfig(_Strict):
     val_fraction: float = Field(default=0.1, gt=0, lt=1, description="used when val_per_class is not set")
     test_size: float = Field(default=0.2, gt=0, description="held-out test examples: a count (>=1) or a fraction")
     image_size: int | None = Field(default=None, ge=8, description="default: the source's own input size")
+    classes: list[str] | None = Field(default=None, min_length=2, description="keep only these classes, in this "
+                                      "order (e.g. a source task on digits 0-4, a target task on 5-9)")
     text_column: str = Field(default="text", description="text data: the column holding the text")
     label_column: str = Field(default="label", description="text data: the column holding the label")
     max_length: int | None = Field(default=None, ge=2, description="text: tokens kept per text (default 128, at most "
@@ -123,6 +125,25 @@ class RankConfig(_Strict):
         return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
 
 
+_PRETRAIN_STRATEGY = {"name": "full", "backbone_lr_scale": 1.0}
+
+
+class PretrainConfig(_Strict):
+    """Train the source network on its own (source) task first; ``train``/``compare`` then start from it.
+
+    ``train`` defaults to full training with every weight at the same rate (``backbone_lr_scale: 1``): a source
+    pretrained here usually starts from random weights (``source: {name: ..., pretrained: false}``).
+    """
+
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(strategy=dict(_PRETRAIN_STRATEGY)))
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _default_strategy(cls, v: Any) -> Any:
+        return {"strategy": dict(_PRETRAIN_STRATEGY), **v} if isinstance(v, dict) and "strategy" not in v else v
+
+
 class Recipe(_Strict):
     """A whole run. With ``rank:``, ``source`` may be left out: the best-ranked candidate is used."""
 
@@ -130,6 +151,7 @@ class Recipe(_Strict):
     seed: int = 0
     source: SourceSpec | None = None
     rank: RankConfig | None = None
+    pretrain: PretrainConfig | None = None
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
@@ -147,6 +169,15 @@ class Recipe(_Strict):
         if isinstance(v, list):
             return [{"strategy": e} if isinstance(e, str) else e for e in v]
         return v
+
+    @model_validator(mode="after")
+    def _pretrain_needs_one_source(self) -> Recipe:
+        if self.pretrain is not None and self.rank is not None:
+            raise ValueError("pretrain: trains the recipe's source, rank: chooses among candidates; use one of them")
+        if self.pretrain is not None and self.source is None:
+            raise ValueError("pretrain: needs source: the architecture to train, e.g. {name: timm:resnet18, "
+                             "pretrained: false}")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
@@ -233,6 +264,12 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     dataset = section("data").get("dataset")
     if isinstance(dataset, str):
         problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]
+    pretrain = section("pretrain")
+    pre_data, pre_train = pretrain.get("data"), pretrain.get("train")
+    if isinstance(pre_data, dict) and isinstance(pre_data.get("dataset"), str):
+        problems += [f"pretrain.data.dataset: {p}" for p in check_dataset_spec(pre_data["dataset"])]
+    if isinstance(pre_train, dict) and isinstance(pre_train.get("strategy"), (str, dict)):
+        problems += [f"pretrain.train.strategy: {p}" for p in check_strategy(pre_train["strategy"])]
     strategy = section("train").get("strategy", "full")
     if isinstance(strategy, (str, dict)):
         problems += [f"train.strategy: {p}" for p in check_strategy(strategy)]

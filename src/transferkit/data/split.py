@@ -26,6 +26,22 @@ class Labelled:
     def __len__(self) -> int:
         return len(self.items)
 
+    def select_classes(self, classes: Sequence[str]) -> Labelled:
+        """Only the examples of ``classes``, relabelled ``0..len(classes)-1`` in the order given."""
+        wanted = [str(c) for c in classes]
+        missing = [c for c in wanted if c not in self.classes]
+        if missing:
+            raise DataError(f"data.classes names {missing}, not classes of '{self.name}'; its classes are "
+                            f"{self.classes}")
+        if len(set(wanted)) != len(wanted):
+            raise DataError(f"data.classes lists a class twice: {wanted}")
+        old = np.array([self.classes.index(c) for c in wanted])
+        idx = np.flatnonzero(np.isin(self.labels, old))
+        remap = np.full(len(self.classes), -1, dtype=np.int64)
+        remap[old] = np.arange(len(old))
+        items = self.items.subset(idx) if hasattr(self.items, "subset") else [self.items[int(i)] for i in idx]
+        return Labelled(self.name, items, remap[self.labels[idx]], wanted, self.skipped, self.modality)
+
 
 @dataclass
 class Splits:

@@ -222,6 +222,13 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
         more = f", &hellip; ({len(classes) - 50} more)" if len(classes) > 50 else ""
         classes_cell += f' <span class="note">({shown}{more})</span>'
     rows.append(("Classes", classes_cell))
+    pretrain = metrics.get("pretrain")
+    if isinstance(pretrain, Mapping):
+        pre_classes = pretrain.get("classes") if isinstance(pretrain.get("classes"), list) else []
+        rows.append(("Source pretrained in this run",
+                     f"{_esc(pretrain.get('source', ''))} on {_esc(pretrain.get('dataset', ''))} "
+                     f"({len(pre_classes)} classes: {_esc(', '.join(map(str, pre_classes[:20])))}), test accuracy "
+                     f"{_fmt_float(_get(pretrain, 'test', 'accuracy'))}"))
 
     splits = data.get("splits")
     if isinstance(splits, Mapping) and splits:

@@ -1,0 +1,90 @@
+"""``pretrain:`` trains the source on its own task inside the run; ``data.classes`` picks the task's classes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import TINY_SOURCE
+
+import transferkit as tk
+from transferkit.errors import DataError, RecipeError
+from transferkit.io import load_state_dict
+from transferkit.recipe import load_recipe
+
+
+def _recipe(tmp_path, **extra):
+    recipe = {
+        "name": "pretrain-test", "seed": 0, "source": TINY_SOURCE,
+        "pretrain": {"data": {"dataset": "mnist5k", "classes": ["0", "1", "2", "3", "4"], "per_class": 8,
+                              "val_per_class": 2, "test_size": 20, "image_size": 32},
+                     "train": {"epochs": 1, "batch_size": 8, "lr": 0.01}},
+        "data": {"dataset": "mnist5k", "classes": ["5", "6", "7", "8", "9"], "per_class": 4, "val_per_class": 2,
+                 "test_size": 20, "image_size": 32},
+        "train": {"strategy": "full", "epochs": 1, "batch_size": 8, "lr": 0.01},
+        "compare": ["scratch"],
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_classes_keeps_only_the_named_classes_relabelled_in_order(mnist5k):
+    five = mnist5k.select_classes(["9", "5"])
+    assert five.classes == ["9", "5"]
+    assert np.bincount(five.labels).tolist() == [500, 500]
+    assert (mnist5k.labels[mnist5k.labels == 9].size, len(five)) == (500, 1000)
+    first_nine = int(np.flatnonzero(mnist5k.labels == 9)[0])
+    assert np.array_equal(five.items[int(np.flatnonzero(five.labels == 0)[0])], mnist5k.items[first_nine])
+    with pytest.raises(DataError, match=r"data.classes names \['10'\], not classes of 'mnist5k'; its classes are"):
+        mnist5k.select_classes(["1", "10"])
+    with pytest.raises(DataError, match="lists a class twice"):
+        mnist5k.select_classes(["1", "1"])
+
+
+def test_pretrain_trains_the_source_then_the_target_starts_from_it(tmp_path):
+    run = tk.run_recipe(_recipe(tmp_path), out=tmp_path / "run")
+    pre = json.loads((run / "pretrain" / "metrics.json").read_text())
+    assert pre["data"]["classes"] == ["0", "1", "2", "3", "4"]
+    assert pre["data"]["splits"] == {"train": 40, "val": 10, "test": 20}
+    assert pre["stages"][0]["groups"]["backbone"]["lr"] == pytest.approx(0.01)  # every weight at the same rate
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["pretrain"]["classes"] == ["0", "1", "2", "3", "4"]
+    assert metrics["pretrain"]["test"]["n"] == 20
+    assert metrics["data"]["classes"] == ["5", "6", "7", "8", "9"]
+    assert set(metrics["models"]) == {"full", "scratch"}
+    report = json.loads((run / "transfer_report.json").read_text())
+    assert report["source"].endswith("pretrain/model")
+    assert report["summary"]["coverage"] > 0.9  # every backbone tensor came from the pretrained source
+    # the pretrained model is a real model folder whose weights are not the random initialisation
+    pretrained = load_state_dict(run / "pretrain" / "model" / "model.safetensors")
+    torch.manual_seed(0)  # the run's seed: the random initialisation the pretraining started from
+    random_init = tk.load_source(TINY_SOURCE).state_dict()
+    key = "backbone.conv_stem.weight"
+    assert not torch.equal(pretrained[key], random_init[key])
+    assert "Source pretrained in this run" in (run / "report.html").read_text()
+
+
+def test_pretrain_is_reused_on_resume(tmp_path, capsys):
+    path = _recipe(tmp_path, compare=[])
+    run = tk.run_recipe(path, out=tmp_path / "run")
+    before = (run / "pretrain" / "model" / "model.safetensors").read_bytes()
+    (run / "checkpoints" / "full" / "result.json").unlink()  # the main job must run again, the pretraining not
+    capsys.readouterr()
+    tk.run_recipe(path, out=tmp_path / "run", resume=True)
+    assert "[pretrain] already trained" in capsys.readouterr().out
+    assert (run / "pretrain" / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_pretrain_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match="pretrain: trains the recipe's source, rank: chooses"):
+        load_recipe(_recipe(tmp_path, rank={"candidates": ["efficientnet_lite0"]}))
+    with pytest.raises(RecipeError, match=r"pretrain.train.strategy: .*unknown strategy 'fulll'"):
+        load_recipe(_recipe(tmp_path), ["pretrain.train.strategy=fulll"])
+    recipe = load_recipe(_recipe(tmp_path))
+    assert recipe.pretrain.train.strategy == {"name": "full", "backbone_lr_scale": 1.0}
+    assert recipe.train.strategy == "full"
