@@ -394,14 +394,22 @@ def test_movielens_user_features_feed_the_user_tower(movielens):
 
 
 def test_recsys_demo_writes_metrics_and_summary(tmp_path):
+    import dataclasses
+
     from transferkit.io import read_json
     from transferkit.recsys import CrossDomainConfig, run_recsys_demo
+    from transferkit.recsys.demo import RATINGS_CONFIG
 
-    cfg = CrossDomainConfig(source_epochs=1, target_epochs=1)  # the flow and the files, not the numbers
-    metrics = run_recsys_demo(tmp_path / "out", seeds=(0,), cfg=cfg, progress=False)
+    fast = {"source_epochs": 1, "target_epochs": 1}  # the flow and the files, not the numbers
+    metrics = run_recsys_demo(tmp_path / "out", seeds=(0,), cfg=CrossDomainConfig(**fast),
+                              ratings_cfg=dataclasses.replace(RATINGS_CONFIG, **fast), progress=False)
     assert read_json(tmp_path / "out" / "metrics.json") == metrics
-    assert set(metrics["runs"][0]["arms"]) == {"transfer", "target_only", "popularity", "transfer_zero_shot"}
-    assert metrics["runs"][0]["transfer_report"]["users"]["coverage"] == pytest.approx(663 / 681)
-    assert metrics["test_summary"]["popularity"]["hr@10"] == {"mean": 0.1601, "sd": 0.0}
+    ranking, ratings = metrics["ranking"], metrics["ratings"]
+    assert set(ranking["runs"][0]["arms"]) == {"transfer", "target_only", "popularity", "transfer_zero_shot"}
+    assert set(ratings["runs"][0]["arms"]) == {"transfer", "target_only", "mean_rating", "transfer_zero_shot"}
+    assert ranking["runs"][0]["transfer_report"]["users"]["coverage"] == pytest.approx(663 / 681)
+    assert ranking["test_summary"]["popularity"]["hr@10"] == {"mean": 0.1601, "sd": 0.0}
+    assert ratings["test_summary"]["mean_rating"]["rmse"] == {"mean": 1.1883, "sd": 0.0}
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| (c) popularity | 0.160 ± 0.000 |" in summary and "663/681 target users found in the source" in summary
+    assert "| (c) popularity | 0.160 ± 0.000 | 0.077 ± 0.000 | 0.283 ± 0.000 |" in summary
+    assert "| (c) mean rating | 1.188 ± 0.000 |" in summary and "663/681 target users found in the source" in summary

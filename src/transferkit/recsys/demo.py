@@ -24,15 +24,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from transferkit.io import write_json, write_text
-from transferkit.recsys.metrics import evaluate_ranking
+from transferkit.recsys.metrics import evaluate_ranking, rmse
 from transferkit.recsys.models import Popularity, build_two_tower
 from transferkit.recsys.movielens import CrossDomain, cross_domain_split, read_movielens_100k
 from transferkit.recsys.train import train_recommender
 from transferkit.recsys.transfer import transfer_embeddings
 
 METRICS = ("hr@10", "ndcg@10", "recall@20")
-ARMS = ("transfer", "target_only", "popularity", "transfer_zero_shot")
+RATING_METRICS = ("rmse",)
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,11 @@ class CrossDomainConfig:
     loss: str = "bpr"
     num_negatives: int = 4
     batch_size: int = 1024
-    l2: float = 1e-4
     source_lr: float = 0.01
+    source_l2: float = 1e-4
     source_epochs: int = 20
     target_lr: float = 0.01
+    target_l2: float = 1e-4
     target_epochs: int = 30
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     freeze_users: bool = True  # transfer: keep the source's user vectors, learn the new items around them
@@ -57,8 +60,8 @@ def train_source(split: CrossDomain, cfg: CrossDomainConfig, seed: int, desc: st
     """The source two-tower model over every source film, early-stopped on the source validation ratings."""
     model = build_two_tower(split.source.train, dim=cfg.dim, items=split.source_items, seed=seed)
     result = train_recommender(model, split.source.train, loss=cfg.loss, epochs=cfg.source_epochs, lr=cfg.source_lr,
-                               batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=cfg.l2, seed=seed,
-                               val=split.source.test, patience=cfg.patience, desc=desc)
+                               batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=cfg.source_l2,
+                               seed=seed, val=split.source.test, patience=cfg.patience, desc=desc)
     return model, result
 
 
@@ -70,44 +73,60 @@ def train_target(split: CrossDomain, cfg: CrossDomainConfig, seed: int, source: 
     out: dict[str, Any] = {}
     if source is not None:
         out["transfer_report"] = transfer_embeddings(source, model).to_dict()
-        out["zero_shot"] = {"val": _metrics(model, target.val, [target.train]),
-                            "test": _metrics(model, target.test, [target.train, target.val])}
+        out["zero_shot"] = _val_test(model, split, cfg.loss)
     freeze = ("user_embeddings",) if source is not None and cfg.freeze_users else ()
     result = train_recommender(model, target.train, loss=cfg.loss, epochs=cfg.target_epochs, lr=cfg.target_lr,
-                               batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=cfg.l2, seed=seed,
-                               val=target.val, patience=cfg.patience, freeze=freeze, desc=desc)
-    out.update(val=_metrics(model, target.val, [target.train]),
-               test=_metrics(model, target.test, [target.train, target.val]),
-               best_epoch=result.best_epoch, train_s=round(result.train_s, 2))
+                               batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=cfg.target_l2,
+                               seed=seed, val=target.val, patience=cfg.patience, freeze=freeze, desc=desc)
+    out.update(_val_test(model, split, cfg.loss), best_epoch=result.best_epoch, train_s=round(result.train_s, 2))
     return out
 
 
-def _metrics(model: Any, heldout: Any, seen: list[Any]) -> dict[str, float]:
-    m = evaluate_ranking(model, heldout, seen)
-    return {k: round(float(m[k]), 4) for k in METRICS}
+def metric_names(loss: str) -> tuple[str, ...]:
+    return RATING_METRICS if loss == "mse" else METRICS
+
+
+def _val_test(model: Any, split: CrossDomain, loss: str) -> dict[str, dict[str, float]]:
+    """Validation and test metrics; at test time the validation rating counts as seen (excluded from ranking)."""
+    t = split.target
+    if loss == "mse":
+        return {"val": {"rmse": round(rmse(model, t.val), 4)}, "test": {"rmse": round(rmse(model, t.test), 4)}}
+    rank = lambda heldout, seen: {k: round(float(v), 4) for k, v in  # noqa: E731
+                                  evaluate_ranking(model, heldout, seen).items() if k in METRICS}
+    return {"val": rank(t.val, [t.train]), "test": rank(t.test, [t.train, t.val])}
+
+
+def _mean_rating(split: CrossDomain) -> dict[str, dict[str, float]]:
+    """RMSE of predicting the mean target training rating for everyone (the baseline of the rating task)."""
+    mean = float(split.target.train.frame["rating"].mean())
+    err = lambda d: round(float(np.sqrt(((d.frame["rating"] - mean) ** 2).mean())), 4)  # noqa: E731
+    return {"val": {"rmse": err(split.target.val)}, "test": {"rmse": err(split.target.test)}}
 
 
 def run_cross_domain(seed: int = 0, cfg: CrossDomainConfig | None = None, split: CrossDomain | None = None,
                      progress: bool = False) -> dict[str, Any]:
-    """One seed of the scenario: source training, then transfer / target-only / popularity on the target."""
+    """One seed of the scenario: source training, then transfer / target-only / a baseline on the target.
+
+    The baseline is popularity for the ranking task (``loss`` bpr, bce, softmax) and the mean training rating for
+    the rating task (``loss="mse"``, judged by RMSE).
+    """
     cfg = cfg or CrossDomainConfig()
     split = split or cross_domain_split(read_movielens_100k(), k=cfg.k)
     start = time.perf_counter()
-    source, src_result = train_source(split, cfg, seed, desc=f"source (seed {seed})" if progress else None)
+    label = f"({cfg.loss}, seed {seed})"
+    source, src_result = train_source(split, cfg, seed, desc=f"source {label}" if progress else None)
     source_s = time.perf_counter() - start
-    popularity = Popularity(split.target.train, split.target_items)
-    transfer = train_target(split, cfg, seed, source, desc=f"transfer (seed {seed})" if progress else None)
-    target_only = train_target(split, cfg, seed, desc=f"target only (seed {seed})" if progress else None)
-    t = split.target
-    arms = {
-        "transfer": {k: transfer[k] for k in ("val", "test", "best_epoch", "train_s")},
-        "target_only": target_only,
-        "popularity": {"val": _metrics(popularity, t.val, [t.train]),
-                       "test": _metrics(popularity, t.test, [t.train, t.val])},
-        "transfer_zero_shot": transfer["zero_shot"],
-    }
+    transfer = train_target(split, cfg, seed, source, desc=f"transfer {label}" if progress else None)
+    target_only = train_target(split, cfg, seed, desc=f"target only {label}" if progress else None)
+    if cfg.loss == "mse":
+        baseline = ("mean_rating", _mean_rating(split))
+    else:
+        baseline = ("popularity", _val_test(Popularity(split.target.train, split.target_items), split, cfg.loss))
+    arms = {"transfer": {k: transfer[k] for k in ("val", "test", "best_epoch", "train_s")},
+            "target_only": target_only, baseline[0]: baseline[1], "transfer_zero_shot": transfer["zero_shot"]}
+    names = metric_names(cfg.loss)
     return {"seed": seed, "arms": arms, "transfer_report": transfer["transfer_report"],
-            "source": {"val": {k: round(float(src_result.best_val[k]), 4) for k in METRICS},
+            "source": {"val": {k: round(float(src_result.best_val[k]), 4) for k in names},
                        "best_epoch": src_result.best_epoch, "train_s": round(source_s, 2)},
             "seconds": round(time.perf_counter() - start, 2)}
 
@@ -115,60 +134,87 @@ def run_cross_domain(seed: int = 0, cfg: CrossDomainConfig | None = None, split:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """Mean and sample sd over seeds of every arm's test metrics."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for arm in ARMS:
+    for arm, first in runs[0]["arms"].items():
         out[arm] = {}
-        for metric in METRICS:
+        for metric in first["test"]:
             values = [r["arms"][arm]["test"][metric] for r in runs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             out[arm][metric] = {"mean": round(statistics.fmean(values), 4), "sd": round(sd, 4)}
     return out
 
 
+ARM_NAMES = {"transfer": "(a) transfer", "target_only": "(b) target only", "popularity": "(c) popularity",
+             "mean_rating": "(c) mean rating", "transfer_zero_shot": "transfer, no target training"}
+
+
 def summary_table(summary: dict[str, dict[str, dict[str, float]]], n_seeds: int) -> str:
     """A Markdown table of the test metrics, mean ± sd over the seeds."""
-    names = {"transfer": "(a) transfer", "target_only": "(b) target only", "popularity": "(c) popularity",
-             "transfer_zero_shot": "transfer, no target training"}
-    lines = [f"| model ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | " + " | ".join(METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
-    for arm in ARMS:
-        cells = [f"{summary[arm][m]['mean']:.3f} ± {summary[arm][m]['sd']:.3f}" for m in METRICS]
-        lines.append(f"| {names[arm]} | " + " | ".join(cells) + " |")
+    metrics = list(next(iter(summary.values())))
+    lines = [f"| model ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | " + " | ".join(metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for arm, values in summary.items():
+        cells = [f"{values[m]['mean']:.3f} ± {values[m]['sd']:.3f}" for m in metrics]
+        lines.append(f"| {ARM_NAMES.get(arm, arm)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+# the rating task (MSE, RMSE): the same split and model, settings picked on validation RMSE (bench/recsys.py --tune)
+RATINGS_CONFIG = CrossDomainConfig(loss="mse", source_lr=0.01, source_l2=0.1, source_epochs=30, target_lr=0.01,
+                                   target_l2=0.1)
+
+
+def run_task(split: CrossDomain, cfg: CrossDomainConfig, seeds: tuple[int, ...], progress: bool) -> dict[str, Any]:
+    """Every seed of one task (ranking or ratings) on ``split``, with the mean ± sd of the test metrics."""
+    start = time.perf_counter()
+    runs = [run_cross_domain(seed, cfg, split, progress) for seed in seeds]
+    return {"config": asdict(cfg), "runs": runs, "test_summary": summarise(runs),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def run_recsys_demo(out_dir: str | Path = "demo_runs/recsys", seeds: tuple[int, ...] = (0, 1, 2),
-                    cfg: CrossDomainConfig | None = None, progress: bool = True) -> dict[str, Any]:
+                    cfg: CrossDomainConfig | None = None, ratings: bool = True,
+                    ratings_cfg: CrossDomainConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the MovieLens cross-domain scenario for ``seeds``; write ``metrics.json`` and ``summary.md``.
 
     Args:
-        out_dir: folder for the results (created; files in it are replaced atomically).
+        out_dir: folder for the results (created; the two files in it are replaced atomically).
         seeds: training seeds (the split itself is fixed).
-        cfg: scenario settings (default: the validated ``CrossDomainConfig()``).
+        cfg: settings of the ranking task (default: the validated ``CrossDomainConfig()``).
+        ratings: also run the rating task (MSE; RMSE against the mean rating).
+        ratings_cfg: its settings (default ``RATINGS_CONFIG``).
         progress: show progress bars (also off when TRANSFERKIT_PROGRESS=0).
 
     Returns:
-        The content of ``metrics.json``: the split, the settings, every seed's metrics, the mean ± sd table.
+        The content of ``metrics.json``: the split, and per task the settings, every seed's metrics and the
+        mean ± sd of the test metrics.
     """
     cfg = cfg or CrossDomainConfig()
     start = time.perf_counter()
     split = cross_domain_split(read_movielens_100k(), k=cfg.k)
-    runs = [run_cross_domain(seed, cfg, split, progress) for seed in seeds]
-    summary = summarise(runs)
-    metrics = {"scenario": "MovieLens 100K: films up to 1996 (source) -> films of 1997-1998 (target)",
-               "split": split.describe(), "config": asdict(cfg), "seeds": list(seeds), "runs": runs,
-               "test_summary": summary, "total_s": round(time.perf_counter() - start, 1)}
+    metrics: dict[str, Any] = {
+        "scenario": "MovieLens 100K: films released up to 1996 (source) -> films of 1997-1998 (target)",
+        "split": split.describe(), "seeds": list(seeds), "ranking": run_task(split, cfg, seeds, progress)}
+    if ratings:
+        metrics["ratings"] = run_task(split, ratings_cfg or RATINGS_CONFIG, seeds, progress)
+    metrics["total_s"] = round(time.perf_counter() - start, 1)
     out_dir = Path(out_dir)
     write_json(out_dir / "metrics.json", metrics)
-    table = summary_table(summary, len(seeds))
-    report = runs[0]["transfer_report"]
+    tables = {task: summary_table(metrics[task]["test_summary"], len(seeds)) for task in ("ranking", "ratings")
+              if task in metrics}
+    report = metrics["ranking"]["runs"][0]["transfer_report"]
+    n_items = len(split.target_items)
     text = (f"# {metrics['scenario']}\n\n"
-            f"Target: {metrics['split']['target']['test']['users']} users, {len(split.target_items)} new films, "
-            f"{cfg.k} training ratings per user; test = each user's last target rating, ranked against all "
-            f"{len(split.target_items)} new films (seen ones excluded).\n\n{table}\n\n"
-            f"Transfer: {report['users']['matched']}/{report['users']['target']} target users found in the source; "
-            f"genre features matched: {len(report['features'].get('item', {}).get('matched', []))}; "
-            f"items in common: {report['items']['matched']} (new films start at their genres' projection).\n\n"
-            f"Total time: {metrics['total_s']} s.\n")
+            f"Target: {metrics['split']['target']['test']['users']} users who rated at least {cfg.k + 2} of the "
+            f"{n_items} new films; each keeps {cfg.k} training ratings, the one after them is the validation and "
+            f"the last one the test.\n\n"
+            f"## Ranking (BPR): the test film against all {n_items} new films, seen ones excluded\n\n"
+            f"{tables['ranking']}\n\n")
+    if "ratings" in tables:
+        text += f"## Rating prediction (MSE): RMSE on the test ratings\n\n{tables['ratings']}\n\n"
+    text += (f"Transfer: {report['users']['matched']}/{report['users']['target']} target users found in the source "
+             f"(by id); {len(report['features'].get('item', {}).get('matched', []))} genre features matched; "
+             f"{report['items']['matched']} films in common (new films start at their genres' projection).\n\n"
+             f"Total time: {metrics['total_s']} s.\n")
     write_text(out_dir / "summary.md", text)
-    print(f"\n{table}\n\nwrote {out_dir / 'metrics.json'} and {out_dir / 'summary.md'} ({metrics['total_s']} s)")
+    print(f"\n{text}\nwrote {out_dir / 'metrics.json'} and {out_dir / 'summary.md'}")
     return metrics

@@ -304,9 +304,13 @@ class _Adapter:
         self.head = set(_head_names(target))
         shared = {str(x).lower() for x in (labels or [])} & {str(x).lower() for x in (source.labels or [])}
         self.head_by_labels = bool(shared)
+        self._pos: dict[str, bool] = {}  # the structure pass asks about the same names thousands of times
 
     def is_pos_embed(self, name: str) -> bool:
-        return name.rsplit(".", 1)[-1] in POS_EMBED_NAMES or normalize(name).endswith("position_embeddings.weight")
+        if name not in self._pos:
+            self._pos[name] = name.rsplit(".", 1)[-1] in POS_EMBED_NAMES or \
+                normalize(name).endswith("position_embeddings.weight")
+        return self._pos[name]
 
     def adaptable(self, sname: str, ss: tuple[int, ...], tname: str, ts: tuple[int, ...]) -> bool:
         """Whether ``adapt`` can turn a source tensor of shape ``ss`` into the target's ``ts`` (same role)."""

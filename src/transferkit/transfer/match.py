@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from transferkit.errors import RecipeError, TransferKitError
@@ -191,15 +192,18 @@ def align(score: list[list[int | None]]) -> tuple[int, list[tuple[int, int]], di
         return 0, [], {}
     f, b = _forward(score, n, m), _backward(score, n, m)
     best = f[n][m]
-    # choices per target j: source i if some optimal path uses (i, j); None if some optimal path skips j
+    # choices per target j: source i if some optimal path uses (i, j); None if some optimal path skips j.
+    # Vectorised over the whole table (integer scores: == is exact): this check visits every cell, like the DP.
+    fa, ba = np.array(f, dtype=np.int64), np.array(b, dtype=np.int64)
+    sa = np.array([[-1 if s is None else s for s in row] for row in score], dtype=np.int64)
+    uses = (sa >= 0) & (fa[:n, :m] + sa + ba[1:, 1:] == best)  # uses[i, j]: pair (i, j) on an optimal path
+    skips = (fa[:, :m] + ba[:, 1:] == best).any(axis=0)  # skips[j]: an optimal path leaves target j unmatched
     ambiguous: dict[int, list[int | None]] = {}
-    for j in range(m):
-        options: list[int | None] = [i for i in range(n)
-                                     if score[i][j] is not None and f[i][j] + score[i][j] + b[i + 1][j + 1] == best]
-        if any(f[i][j] + b[i][j + 1] == best for i in range(n + 1)):
+    for j in np.flatnonzero(uses.sum(axis=0) + skips > 1).tolist():
+        options: list[int | None] = np.flatnonzero(uses[:, j]).tolist()
+        if skips[j]:
             options.append(None)
-        if len(options) > 1:
-            ambiguous[j] = options
+        ambiguous[j] = options
     # traceback from the end, preferring to leave the *last* target unmatched: sources go to the earliest targets
     pairs, i, j = [], n, m
     while i > 0 and j > 0:
@@ -216,18 +220,18 @@ def align(score: list[list[int | None]]) -> tuple[int, list[tuple[int, int]], di
 
 def _tensor_scores(src: list[tuple[str, Shape]], tgt: list[tuple[str, Shape]],
                    adaptable: Adaptable | None) -> list[list[int | None]]:
-    roles_t = [role(n, s) for n, s in tgt]
+    by_role: dict[tuple[str, int], list[int]] = {}  # only same-role pairs can score: visit those alone
+    for j, (tn, ts) in enumerate(tgt):
+        by_role.setdefault(role(tn, ts), []).append(j)
     out = []
     for sn, ss in src:
-        rs = role(sn, ss)
-        row: list[int | None] = []
-        for (tn, ts), rt in zip(tgt, roles_t):
-            if rs != rt:
-                row.append(None)
-            elif ss == ts:
-                row.append(EXACT)
-            else:
-                row.append(ADAPTED if adaptable is not None and adaptable(sn, ss, tn, ts) else None)
+        row: list[int | None] = [None] * len(tgt)
+        for j in by_role.get(role(sn, ss), ()):
+            tn, ts = tgt[j]
+            if ss == ts:
+                row[j] = EXACT
+            elif adaptable is not None and adaptable(sn, ss, tn, ts):
+                row[j] = ADAPTED
         out.append(row)
     return out
 
