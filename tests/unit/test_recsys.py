@@ -314,6 +314,22 @@ def test_transfer_embeddings_maps_by_id_and_reports_coverage():
     assert "users: 2/3 target users found in the source (66.7%)" in report.summary()
 
 
+def test_frozen_user_rows_stay_while_the_others_train():
+    data = read_interactions(planted(n_users=12, n_items=12, per_user=3), rating_col=None)
+    model = matrix_factorization(data, dim=4, seed=0)
+    before = model.user_tower.embedding.weight.detach().clone()
+    items_before = model.item_tower.embedding.weight.detach().clone()
+    train_recommender(model, data, epochs=3, lr=0.05, l2=0.01, frozen_users=["u3", "u7"], seed=0)
+    after = model.user_tower.embedding.weight.detach()
+    rows = model.users.encode(["u3", "u7"])
+    others = [r for r in range(12) if r not in rows]
+    assert torch.equal(after[rows], before[rows])  # Adam and the l2 penalty included
+    assert not torch.isclose(after[others], before[others]).all(1).any()  # every other user moved
+    assert not torch.equal(model.item_tower.embedding.weight.detach(), items_before)
+    model.user_tower.embedding.weight.sum().backward()  # the gradient hooks are gone after training
+    assert model.user_tower.embedding.weight.grad[rows].abs().sum() > 0
+
+
 def test_transfer_refuses_other_embedding_sizes():
     data = read_interactions(_frame([("a", "x", 1)]), rating_col=None)
     with pytest.raises(DataError, match="source model has 8-d embeddings and the target 4-d; build the target with "

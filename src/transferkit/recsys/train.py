@@ -25,7 +25,7 @@ from transferkit.engine.loop import show_progress
 from transferkit.errors import DataError, TrainingError, did_you_mean
 from transferkit.recsys.data import Interactions
 from transferkit.recsys.metrics import evaluate_ranking, rmse
-from transferkit.recsys.models import TwoTower
+from transferkit.recsys.models import Tower, TwoTower, Vocab
 
 LOSSES = ("bpr", "bce", "softmax", "mse")
 FREEZE = ("user_embeddings", "user_tower", "item_embeddings", "item_tower")
@@ -98,7 +98,9 @@ def recommendation_loss(model: TwoTower, users: torch.Tensor, items: torch.Tenso
 def train_recommender(model: TwoTower, train: Interactions, loss: str = "bpr", epochs: int = 20, lr: float = 0.01,
                       batch_size: int = 1024, num_negatives: int = 4, l2: float = 0.0, seed: int = 0,
                       val: Interactions | None = None, select: str | None = None, patience: int | None = None,
-                      freeze: Sequence[str] = (), desc: str | None = None, num_threads: int | None = 1) -> TrainResult:
+                      freeze: Sequence[str] = (), frozen_users: Sequence[str] | None = None,
+                      frozen_items: Sequence[str] | None = None, desc: str | None = None,
+                      num_threads: int | None = 1) -> TrainResult:
     """Train ``model`` on ``train`` with Adam; with ``val``, keep the weights of the best validation epoch.
 
     Args:
@@ -119,6 +121,9 @@ def train_recommender(model: TwoTower, train: Interactions, loss: str = "bpr", e
         patience: stop after this many epochs without a better validation value (``None``: run all epochs).
         freeze: parts left as they are: ``user_embeddings``, ``user_tower``, ``item_embeddings``, ``item_tower``
             (e.g. user vectors transferred from a source model).
+        frozen_users: ids whose user embedding and bias rows stay as they are while the other rows train (e.g. the
+            users a source model provided; users it did not know still learn).
+        frozen_items: the same for items.
         desc: progress bar label (no bar when ``None``).
         num_threads: torch threads while training (``None``: leave torch's setting); one is fastest for these
             small lookups (see ``torch_threads``).
@@ -134,9 +139,27 @@ def train_recommender(model: TwoTower, train: Interactions, loss: str = "bpr", e
                         "loss (bpr, bce, softmax)")
     if len(train) == 0:
         raise DataError("the training interactions are empty")
-    with torch_threads(num_threads):
-        return _train(model, train, loss, epochs, lr, batch_size, num_negatives, l2, seed, val, select, patience,
-                      freeze, desc)
+    hooks = [*_freeze_rows(model.user_tower, model.users, frozen_users),
+             *_freeze_rows(model.item_tower, model.items, frozen_items)]
+    try:
+        with torch_threads(num_threads):
+            return _train(model, train, loss, epochs, lr, batch_size, num_negatives, l2, seed, val, select, patience,
+                          freeze, desc)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _freeze_rows(tower: Tower, vocab: Vocab, ids: Sequence[str] | None) -> list[Any]:
+    """Gradient hooks that zero the rows of ``ids`` in the tower's id embedding and bias.
+
+    A row whose gradient is always zero never moves under Adam (its moment estimates stay zero), penalty included.
+    """
+    if not ids:
+        return []
+    keep = torch.ones(len(vocab), 1)
+    keep[torch.from_numpy(vocab.encode(list(ids)))] = 0.0
+    return [p.register_hook(lambda g: g * keep) for p in (tower.embedding.weight, tower.bias.weight)]
 
 
 @contextlib.contextmanager
