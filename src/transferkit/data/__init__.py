@@ -5,6 +5,7 @@
 items into model inputs with the source's preprocessing (transforms, tokenizer).
 """
 
+from transferkit.data.audio import AudioDataset, FramesDataset, read_audio_folder
 from transferkit.data.images import (
     DATASETS,
     ImageDataset,
@@ -19,6 +20,8 @@ from transferkit.data.text import TextDataset, read_text_file
 
 __all__ = [
     "DATASETS",
+    "AudioDataset",
+    "FramesDataset",
     "ImageDataset",
     "Labelled",
     "LabelledImages",
@@ -27,6 +30,7 @@ __all__ = [
     "build_transform",
     "check_dataset_spec",
     "load_image",
+    "read_audio_folder",
     "read_dataset",
     "read_text_file",
     "split_dataset",

@@ -119,7 +119,8 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
 
 def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_column: str = "text",
                  label_column: str = "label") -> LabelledImages:
-    """A built-in name, or for images an image folder or a ``.csv`` manifest, for text a CSV/JSONL/Parquet file.
+    """A built-in name, or for images an image folder or a ``.csv`` manifest, for text a CSV/JSONL/Parquet file, for
+    audio a folder of recordings (one sub-folder per class).
 
     ``modality`` is the source's: it says how a file is read (a CSV is an image manifest for an image source and a
     table of texts for a text source), and a built-in dataset of another modality is refused.
@@ -135,6 +136,10 @@ def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_
         from transferkit.data.text import read_text_file
 
         return read_text_file(path, text_column, label_column, strict)
+    if modality == "audio":
+        from transferkit.data.audio import read_audio_folder
+
+        return read_audio_folder(path, strict)
     if path.is_dir():
         return read_image_folder(path, strict)
     if path.is_file() and path.suffix.lower() == ".csv":
@@ -149,7 +154,8 @@ def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_
 
 def dataset_modality(spec: str, text_column: str = "text") -> str:
     """The modality a dataset spec holds, without reading it: a built-in's own; a folder holds images; JSONL and
-    Parquet files hold texts; a CSV holds texts when it has ``text_column``, else it is an image manifest."""
+    Parquet files hold texts; a CSV holds texts when it has ``text_column``, else it is an image manifest; a folder
+    whose first media file is a recording holds audio."""
     if spec in DATASETS:
         return DATASET_MODALITY.get(spec, "image")
     path = Path(spec).expanduser()
@@ -160,6 +166,10 @@ def dataset_modality(spec: str, text_column: str = "text") -> str:
         with path.open(newline="", encoding="utf-8", errors="replace") as f:
             header = next(csv.reader(f), [])
         return "text" if text_column in header else "image"
+    if path.is_dir():
+        from transferkit.data.audio import holds_audio
+
+        return "audio" if holds_audio(path) else "image"
     return "image"
 
 

@@ -27,7 +27,8 @@ from transferkit.errors import SourceError
 from transferkit.io import load_state_dict, read_json, replace_dir, save_tensors, write_json
 
 MODEL_FORMAT = "transferkit.model/1"
-TASKS = {"image": "image_classification", "text": "text_classification", "audio": "audio_classification"}
+TASKS = {"image": "image_classification", "text": "text_classification", "audio": "audio_classification",
+         "frames": "sequence_classification"}
 
 
 @dataclass
@@ -152,7 +153,7 @@ def build_backbone(arch: dict[str, Any], pretrained: bool = False, weights: str 
 
 def _load_families() -> None:
     """The built-in families register themselves when their module is imported."""
-    from transferkit.models import text, vision  # noqa: F401
+    from transferkit.models import audio, text, vision  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ A source is named the same way everywhere (recipe, CLI, Python):
 
 - ``timm:NAME`` — a timm architecture; pretrained weights fetched by timm (network), or a local ``weights`` file;
 - ``torchvision:NAME`` — a torchvision architecture and its default weights;
-- ``hf:NAME_OR_FOLDER`` — a Hugging Face transformers encoder: vision (ViT, ...) or text (BERT, MiniLM, ...),
-  told apart by its config;
+- ``hf:NAME_OR_FOLDER`` — a Hugging Face transformers encoder: vision (ViT, ...), text (BERT, MiniLM, ...) or audio
+  (wav2vec2, HuBERT, AST, Whisper...), told apart by its config;
+- ``seq:gru``, ``seq:cnn1d`` — small encoders of frame features (MFCC...), random initialisation;
 - a path: a transferkit model folder (``model.json``), its ``model.safetensors``, or a Hugging Face folder;
 - a built-in name for weights shipped by an installed package (``transferkit ls``).
 """
@@ -42,13 +43,18 @@ def _from_backbone(bb: Backbone, arch: dict[str, Any], source_labels: list[str] 
 
 
 def hf_family(name: str) -> str:
-    """The backbone family of a Hugging Face model by its config: ``hf_text`` for text encoders, else ``hf``."""
+    """The backbone family of a Hugging Face model by its config: ``hf_audio`` for audio encoders (wav2vec2, HuBERT,
+    AST, Whisper...), ``hf_text`` for text encoders, else ``hf``."""
     from transformers import AutoConfig
+
+    from transferkit.models.audio import is_audio_config
 
     try:
         cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError):
         return "hf"  # the builder reports the problem with the full message
+    if is_audio_config(cfg):
+        return "hf_audio"
     vision = hasattr(cfg, "image_size") or hasattr(cfg, "vision_config") or hasattr(cfg, "num_channels")
     return "hf_text" if hasattr(cfg, "vocab_size") and not vision else "hf"
 
@@ -115,6 +121,6 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
 
 
 # Built-in sources register themselves on import.
-from transferkit.sources import efficientnet_lite, minilm  # noqa: E402,F401
+from transferkit.sources import efficientnet_lite, minilm, resemblyzer  # noqa: E402,F401
 
 source_prefixes()  # every built-in backbone family registered: PREFIXES is complete
