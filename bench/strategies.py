@@ -8,6 +8,8 @@ defaults at the demo's learning rate), the same for every strategy; the best epo
 
 Run: ``python bench/strategies.py --shots 20 --seeds 0`` (about a minute per run on 2 CPU cores);
 the full table is ``--shots 5 20 100 --seeds 0 1 2``. Results: ``bench/results/strategies.json``.
+``--recipe src/transferkit/recipes/demo_text.yaml --tag text`` runs the same table on the text demo (MiniLM ->
+Rotten Tomatoes); ``--set train.lr=1e-3`` sets recipe keys for every run (e.g. a second configuration).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ ALL = ["linear_probe", "full", "freeze", "gradual_unfreeze", "llrd", "lp_ft", "l
 OPTIONS: dict[str, dict[str, Any]] = {"freeze": {"groups": 6}, "gradual_unfreeze": {"every": 2}}
 
 
-def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int) -> dict[str, Any]:
-    recipe = yaml.safe_load(DEMO.read_text())
-    recipe.update(name=f"{strategy}-{shots}-{seed}", seed=seed, compare=[])
+def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int, recipe_path: Path = DEMO,
+            overrides: list[str] | None = None) -> dict[str, Any]:
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe.update(name=f"{strategy}-{shots}-{seed}", seed=seed, compare=[], baselines=[])
     recipe["data"]["per_class"] = shots
     recipe["train"]["strategy"] = {"name": strategy, **OPTIONS.get(strategy, {})}
     path = workdir / f"{recipe['name']}.yaml"
@@ -46,7 +49,8 @@ def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int) -
     out = workdir / recipe["name"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFERKIT_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "run", str(path), "--out", str(out), "--overwrite"],
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "run", str(path), *(overrides or []), "--out",
+                             str(out), "--overwrite"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -84,16 +88,20 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=ALL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the result file (strategies-TAG.json)")
+    parser.add_argument("--recipe", type=Path, default=DEMO, help="the recipe every run starts from")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="recipe overrides for every run, e.g. train.lr=0.001")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shots in args.shots:
             for seed in args.seeds:
                 for strategy in args.strategies:
-                    row = run_one(strategy, shots, seed, Path(tmp), args.threads)
+                    row = run_one(strategy, shots, seed, Path(tmp), args.threads, args.recipe, args.overrides)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    result = {"machine": machine(), "args": vars(args), "options": OPTIONS, "rows": rows}
+    result = {"machine": machine(), "args": {**vars(args), "recipe": str(args.recipe)}, "options": OPTIONS,
+              "rows": rows}
     path = write_result(f"strategies-{args.tag}" if args.tag else "strategies", result)
     print(table(rows))
     print(f"wrote {path}")

@@ -21,7 +21,7 @@ def test_shipped_recipes_validate(path: Path):
 
 
 def test_recipes_are_shipped():
-    assert [p.name for p in RECIPES] == ["demo.yaml"]
+    assert {"demo.yaml", "demo_text.yaml"} <= {p.name for p in RECIPES}
 
 
 @pytest.mark.slow
@@ -39,3 +39,18 @@ def test_demo_transfer_beats_scratch_and_reaches_90_percent(tmp_path: Path, caps
     assert read_json(run_dir / "transfer_report.json")["summary"]["coverage"] > 0.99
     out = capsys.readouterr().out
     assert "<- selected on validation" in out and "report.html" in out
+
+
+@pytest.mark.slow
+def test_text_demo_beats_the_tfidf_baseline_by_ten_points(tmp_path: Path, capsys):
+    run_dir = run_demo("text", out=tmp_path)
+    metrics = read_json(run_dir / "metrics.json")
+    models = metrics["models"]
+    assert set(models) == {"full", "linear_probe"}
+    assert metrics["data"]["splits"] == {"train": 200, "val": 100, "test": 2000}
+    tfidf = metrics["baselines"]["tfidf"]["test"]["accuracy"]
+    selected = models[metrics["selected"]]["test"]["accuracy"]
+    assert 0.55 <= tfidf <= 0.65  # a bag of words learns little from 200 short reviews
+    assert selected >= tfidf + 0.10
+    assert models["linear_probe"]["test"]["accuracy"] >= tfidf + 0.05
+    assert "tfidf (baseline)" in capsys.readouterr().out

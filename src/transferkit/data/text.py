@@ -1,9 +1,10 @@
 """Text datasets: CSV, JSONL and Parquet files (memory-mapped through ``datasets``) and the built-in
 ``rotten_tomatoes``; ``TextDataset`` tokenizes with the source's tokenizer and pads each batch dynamically.
 
-A file is read once into an Arrow table that ``datasets`` memory-maps from its cache, so a million-row file does
-not need a million rows of RAM: transferkit keeps only the integer labels and the row numbers in memory, and reads a
-text when a batch needs it.
+A file is converted once into an Arrow table in the ``datasets`` cache and memory-mapped from there, so a million-row
+file does not need a million rows of RAM: transferkit keeps only the integer labels and the row numbers in memory
+(texts are checked for emptiness one Arrow chunk at a time), and reads a text when a batch needs it. The first read
+of a file (the conversion) costs what ``datasets`` needs for it; ``bench/text_memory.py`` measures both.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def read_text_file(path: str | Path, text_column: str = "text", label_column: st
     the file's columns.
     """
     import datasets
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     path = Path(path).expanduser()
@@ -113,19 +115,28 @@ def read_text_file(path: str | Path, text_column: str = "text", label_column: st
     if missing:
         raise DataError(f"'{path}' has no column {' or '.join(repr(c) for c in missing)}; its columns are "
                         f"{table.column_names}. Set data.text_column / data.label_column.")
-    texts = table.data.column(text_column)
-    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(texts, "string"))), 0), True)
-    empty = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
+    empty = _empty_mask(table.data.column(text_column))
     skipped = _empty_rows(np.flatnonzero(empty), strict, path.name)
     rows = np.flatnonzero(~empty)
-    raw = np.asarray(pc.cast(table.data.column(label_column), "string").to_numpy(zero_copy_only=False), dtype=object)
-    raw = raw[rows]
-    if any(v is None for v in raw):
-        first = int(rows[next(i for i, v in enumerate(raw) if v is None)])
+    labels_column = pc.cast(table.data.column(label_column), "string")
+    classes = sorted(v for v in pc.unique(labels_column).to_pylist() if v is not None)
+    codes = pc.index_in(labels_column, value_set=pa.array(classes, type="string"))
+    codes = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=float)[rows]  # NaN where a label is missing
+    if np.isnan(codes).any():
+        first = int(rows[np.flatnonzero(np.isnan(codes))[0]])
         raise DataError(f"'{path}': data row {first + 1} has no label in column '{label_column}'")
-    classes, labels = np.unique(raw.astype(str), return_inverse=True)
-    return Labelled(path.stem, TextColumn(table, text_column, rows), labels.astype(np.int64),
-                    [str(c) for c in classes], skipped, modality="text")
+    labels = codes.astype(np.int64)
+    return Labelled(path.stem, TextColumn(table, text_column, rows), labels, classes, skipped, modality="text")
+
+
+def _empty_mask(texts: Any) -> np.ndarray:
+    """True where a text is missing or blank; one Arrow chunk at a time, so the texts are never all in memory."""
+    import pyarrow.compute as pc
+
+    parts = [pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(chunk, "string"))), 0), True)
+             for chunk in texts.chunks]
+    return np.concatenate([np.asarray(p.to_numpy(zero_copy_only=False), dtype=bool) for p in parts]) if parts \
+        else np.zeros(0, dtype=bool)
 
 
 class TextDataset(Dataset):
