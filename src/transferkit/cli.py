@@ -72,8 +72,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             BUILTIN_SOURCES.describe(),
         "strategies": STRATEGIES.describe(),
         "regularizers (train.regularizer; combine with any strategy)": REGULARIZERS.describe(),
-        "datasets (built-in; also an image folder, a CSV manifest path,label, or a CSV/JSONL/Parquet file of "
-        "texts)": DATASETS.describe(),
+        "datasets (built-in; also an image folder, a CSV manifest path,label, a CSV/JSONL/Parquet file of "
+        "texts, or an audio folder of WAV/FLAC/OGG)": DATASETS.describe(),
         "baselines (recipe baselines: [...])": BASELINES.describe(),
     }
     if args.json:
@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="offline demos on real weights and data: image (EfficientNet-Lite0 -> MNIST), "
-                       "text (MiniLM -> Rotten Tomatoes)")
-    p.add_argument("task", nargs="?", default="image", choices=["image", "text"], help="which demo (default image)")
+                       "text (MiniLM -> Rotten Tomatoes), speech (GRU pretrained on spoken digits 0-4 -> 5-9)")
+    p.add_argument("task", nargs="?", default="image", choices=["image", "text", "speech"],
+                   help="which demo (default image)")
     p.add_argument("--out", default="demo_runs")
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_demo)

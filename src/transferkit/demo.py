@@ -10,7 +10,7 @@ from transferkit.io import read_json
 from transferkit.pipeline import run_recipe
 from transferkit.recipe import load_recipe
 
-DEMOS = {"image": "demo.yaml", "text": "demo_text.yaml"}
+DEMOS = {"image": "demo.yaml", "text": "demo_text.yaml", "speech": "demo_speech.yaml"}
 
 
 def demo_recipe_path(task: str = "image") -> Path:

@@ -98,6 +98,22 @@ def test_audio_at_another_rate_is_resampled_and_counted(tones):
         load_audio("missing.wav", 16000)
 
 
+def test_decoded_waveforms_are_kept_within_a_memory_budget(tones, monkeypatch):
+    import transferkit.data.audio as audio
+
+    items = read_audio_folder(tones).items[:3]  # 0.5 s each: 8,000 float32 samples, 32,000 bytes
+    monkeypatch.setattr(audio, "MEMO_BYTES", 70_000)
+    ds = make_dataset("audio", items, np.zeros(3, dtype=np.int64), {"sampling_rate": 16000, "max_seconds": 10})
+    waves = [ds[i][0] for i in (0, 1, 2, 2)]
+    assert sorted(ds._memo) == [0, 1] and ds._memo_bytes == 64_000  # the third would pass the budget
+    assert np.array_equal(waves[2], waves[3]) and ds[0][0] is waves[0]
+    x, y = ds.collate([ds[0], ds[2]])  # no feature extractor: zero-padded waveforms and their mask
+    assert y.tolist() == [0, 0]
+    assert x["input_values"].shape == (2, 8000) and x["attention_mask"].sum().item() == 16000
+    with pytest.raises(DataError, match="audio data takes none: remove data.augment"):
+        make_dataset("audio", items, np.zeros(3), {"sampling_rate": 16000}, augment=object())
+
+
 # ---------------------------------------------------------------------------------------------------- hf_audio
 
 

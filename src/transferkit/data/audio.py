@@ -28,6 +28,7 @@ from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+MEMO_BYTES = 512 * 2**20  # decoded, resampled waveforms kept per dataset: a few-shot set fits, a large corpus does not
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,6 +162,9 @@ def read_audio_folder(root: str | Path, strict: bool = False) -> Labelled:
 class AudioDataset(Dataset):
     """Recordings -> (mono waveform at the model's rate, label); ``collate`` pads a batch.
 
+    Decoded waveforms are kept after their first use, up to ``MEMO_BYTES`` per dataset (later epochs skip decoding
+    and resampling); past that, recordings are read again each time.
+
     Args:
         items: audio file paths, arrays at ``rate``, or ``(array, sample_rate)`` pairs.
         labels: integer labels, one per item.
@@ -176,14 +180,19 @@ class AudioDataset(Dataset):
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.processor, self.processor_kwargs = processor, dict(processor_kwargs or {})
         self._memo: dict[int, np.ndarray] = {}
+        self._memo_bytes = 0
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, torch.Tensor]:
-        if i not in self._memo:
-            self._memo[i] = load_audio(self.items[i], self.rate, self.max_seconds)
-        return self._memo[i], self.labels[i]
+        if i in self._memo:
+            return self._memo[i], self.labels[i]
+        wave = load_audio(self.items[i], self.rate, self.max_seconds)
+        if self._memo_bytes + wave.nbytes <= MEMO_BYTES:
+            self._memo[i] = wave
+            self._memo_bytes += wave.nbytes
+        return wave, self.labels[i]
 
     def collate(self, batch: list[tuple[np.ndarray, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         waves, labels = zip(*batch)
