@@ -107,8 +107,9 @@ GRIDS = {  # widened until the best value of every arm lay inside the grid (or t
                 "target_only_dim": [8, 16, 32], "target_only_lr": [0.1, 0.3, 1.0],
                 "target_only_l2": [1e-3, 1e-2, 1e-1]},
     "ratings": {"dim": [32], "source_lr": [0.003, 0.01, 0.03], "source_l2": [0.01, 0.1, 1.0],
-                "transfer_lr": [0.003, 0.01, 0.03], "transfer_l2": [0.1, 1.0, 10.0],
-                "target_only_dim": [8, 32], "target_only_lr": [0.01, 0.03, 0.1], "target_only_l2": [1.0, 10.0, 100.0]},
+                "transfer_lr": [0.003, 0.01, 0.03], "transfer_l2": [1.0, 10.0, 100.0],
+                "target_only_dim": [8, 32], "target_only_lr": [0.003, 0.01, 0.03],
+                "target_only_l2": [10.0, 100.0, 1000.0]},
 }
 
 

@@ -12,7 +12,8 @@ The cross-domain split (``cross_domain_split``): new releases as a sparse target
   films without a readable release year are dropped;
 - the users are shared; a target user needs ``k + 2`` target ratings and keeps, in time order, the last one as
   test, the one before as validation and the ``k`` before that as training (sparse: ``k`` = 5 by default);
-- the source keeps each user's last source rating apart as validation (early stopping of the source model).
+- the source drops users with fewer than 2 source ratings and keeps each user's last source rating apart as
+  validation (early stopping of the source model).
 """
 
 from __future__ import annotations
