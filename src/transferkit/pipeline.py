@@ -341,6 +341,20 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
                               "it, or choose another --out.")
 
 
+def make_target(source: SourceModel, recipe: Recipe, labels: list[str] | None,
+                pretrained: bool = True) -> SourceModel:
+    """The target of a run: the source with a new head (``build_target``), or, with a ``transfer:`` step, the
+    architecture it names filled from the source (``transfer_step``). ``labels=None``: only its input format."""
+    if recipe.transfer is None:
+        return build_target(source, labels or [], pretrained=pretrained, seed=recipe.seed)
+    from transferkit.transfer.api import transfer_step
+
+    target = transfer_step(source, recipe.transfer, labels, seed=recipe.seed, pretrained=pretrained)
+    if getattr(target, "processor", None) is None:
+        target.processor = source.processor
+    return target
+
+
 def pretrain_step(recipe: Recipe, out: Path, resume: bool, accelerator: Any,
                   log: Any) -> tuple[SourceSpec, dict[str, Any]]:
     """Train the recipe's source on its own task (``pretrain:``) and save it as ``pretrain/model``; the run's
@@ -464,7 +478,9 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     source = load_source(source_spec)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    data = prepare_data(recipe.data, source, recipe.seed)
+    # with a transfer: step the data takes the target's input format (e.g. 1 channel), not the source's
+    data = prepare_data(recipe.data, source if recipe.transfer is None else make_target(source, recipe, None),
+                        recipe.seed)
     data_s = time.perf_counter() - t
     log(f"source {source_spec.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
         f"{len(data.classes)} classes | skipped {len(data.examples.skipped)} unreadable")
@@ -481,7 +497,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             log(f"[{name}] already trained: test accuracy {results[name]['test']['accuracy']:.4f}")
             continue
         strategy, _ = get_strategy(cfg.strategy)
-        target = build_target(source, data.classes, pretrained=not strategy.from_scratch, seed=recipe.seed)
+        target = make_target(source, recipe, data.classes, pretrained=not strategy.from_scratch)
         target.preprocess = data.preprocess
         if name == recipe.train.strategy_name:
             report = target.report
@@ -496,9 +512,12 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             features_s = time.perf_counter() - t
         # every rank reads the checkpoint on resume; only the main process writes (fit checks)
         paths = JobPaths(job_dir / "last.pt", out / "metrics.jsonl", name)
-        reference = source.state_dict() if not strategy.from_scratch else None  # w0 for regularisers: no copy
+        # w0 for regularisers: the source's own tensors (no copy) when the target has the source's names; after a
+        # transfer: step, train() copies the target's starting weights (and delta its starting network)
+        same_names = recipe.transfer is None and not strategy.from_scratch
         job = train(target, data, cfg, seed=recipe.seed, accelerator=accelerator, paths=paths, resume=resume,
-                    features=features, reference=reference, source=source)
+                    features=features, reference=source.state_dict() if same_names else None,
+                    source=source if same_names else None)
         if plan_caches:
             job["timing"]["features_s"], features_s = features_s, 0.0
         t = time.perf_counter()
@@ -534,7 +553,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
                                               "total_s": time.perf_counter() - t_start}}
     if main:
         if report is None:
-            report = build_target(source, data.classes, seed=recipe.seed).report
+            report = make_target(source, recipe, data.classes).report
         write_json(out / "transfer_report.json", report)
         replace_dir(out / "model", lambda tmp: shutil.copytree(out / "models" / selected, tmp, dirs_exist_ok=True))
         write_json(out / "metrics.json", metrics)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transferkit.errors import RecipeError, UnknownNameError, did_you_mean
+from transferkit.transfer.config import TransferConfig
 
 
 class _Strict(BaseModel):
@@ -152,6 +153,8 @@ class Recipe(_Strict):
     source: SourceSpec | None = None
     rank: RankConfig | None = None
     pretrain: PretrainConfig | None = None
+    transfer: TransferConfig | None = Field(default=None, description="build the target from the source by the "
+                                            "transfer machinery: another architecture, in_chans, img_size, rules...")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
@@ -177,6 +180,14 @@ class Recipe(_Strict):
         if self.pretrain is not None and self.source is None:
             raise ValueError("pretrain: needs source: the architecture to train, e.g. {name: timm:resnet18, "
                              "pretrained: false}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_image_size(self) -> Recipe:
+        size = self.transfer.img_size if self.transfer else None
+        if size and self.data.image_size and size != self.data.image_size:
+            raise ValueError(f"transfer.img_size={size} builds the target for {size} px but data.image_size="
+                             f"{self.data.image_size}; set one of them (or both to the same size)")
         return self
 
     @model_validator(mode="after")

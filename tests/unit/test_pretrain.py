@@ -88,3 +88,29 @@ def test_pretrain_recipe_errors(tmp_path):
     recipe = load_recipe(_recipe(tmp_path))
     assert recipe.pretrain.train.strategy == {"name": "full", "backbone_lr_scale": 1.0}
     assert recipe.train.strategy == "full"
+
+
+def test_transfer_step_in_a_recipe_builds_a_one_channel_target(tmp_path):
+    """``transfer: {in_chans: 1}``: the data comes in grey, the first convolution is summed, every strategy
+    (and the scratch baseline, from random weights) trains the 1-channel target."""
+    path = _recipe(tmp_path, transfer={"in_chans": 1}, compare=["scratch", "l2sp"])
+    recipe = yaml.safe_load(path.read_text())
+    del recipe["pretrain"]
+    path.write_text(yaml.safe_dump(recipe))
+    run = tk.run_recipe(path, out=tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"full", "scratch", "l2sp"}
+    assert json.loads((run / "model" / "model.json").read_text())["preprocess"]["input_size"][0] == 1
+    rows = {r["name"]: r for r in json.loads((run / "transfer_report.json").read_text())["tensors"]}
+    assert rows["backbone.conv_stem.weight"]["transform"] == "summed over 3 input channels"
+    assert rows["backbone.conv_stem.weight"]["shape"][1] == 1
+    predictor = tk.load_run(run)
+    image = np.zeros((28, 28), dtype=np.uint8)
+    assert len(predictor.predict([image], top_k=1)) == 1
+
+
+def test_transfer_step_errors_are_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match="transfer.img_size=64 builds the target for 64 px but data.image_size=32"):
+        load_recipe(_recipe(tmp_path, transfer={"img_size": 64}))
+    with pytest.raises(RecipeError, match="transfer.in_chanz: unknown key"):
+        load_recipe(_recipe(tmp_path, transfer={"in_chanz": 1}))

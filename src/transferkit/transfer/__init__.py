@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from transferkit.models.vision import SourceModel, build_backbone
+from transferkit.models.base import SourceModel, build_backbone
 
 
 def build_target(source: SourceModel, labels: list[str], pretrained: bool = True, seed: int = 0,
