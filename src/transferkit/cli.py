@@ -113,24 +113,58 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 
 
+def _parse_structured(value: str | None, what: str) -> object:
+    """A YAML/JSON value given inline or as a file path (YAML is a superset of JSON)."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    import yaml
+
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--{what}: {value!r} is neither a file nor valid JSON/YAML: {e}") from e
+
+
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from transferkit.transfer.api import format_report, save_transfer, transfer
+    from transferkit.transfer.config import LAYER_CHOICES
 
-    rules = None
-    if args.rules:
-        from pathlib import Path
-
-        import yaml
-
-        text = Path(args.rules).read_text() if Path(args.rules).is_file() else args.rules
-        rules = yaml.safe_load(text)  # YAML is a superset of JSON: a file or an inline list of {from, to}
+    rules = _parse_structured(args.rules, "rules")  # a file or an inline list of {from, to}
+    kwargs = _parse_structured(args.kwargs, "kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise RecipeError(f"--kwargs must be a JSON/YAML mapping of architecture arguments, e.g. "
+                          f"'{{\"depth\": 6}}', not {kwargs!r}")
+    twins = sorted({"in_chans", "img_size"} & set(kwargs))
+    if twins:
+        raise RecipeError(f"give {twins[0]} as --{twins[0].replace('_', '-')}, not inside --kwargs")
+    if args.in_chans:
+        kwargs["in_chans"] = args.in_chans
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    blocks: str | list[int] | None = args.source_blocks
+    if blocks is not None and blocks not in LAYER_CHOICES:
+        try:
+            blocks = [int(i) for i in blocks.split(",")]
+        except ValueError:
+            raise RecipeError(f"--source-blocks {args.source_blocks!r}: give one of {', '.join(LAYER_CHOICES)} or "
+                              "comma-separated source block indices such as 0,2,4") from None
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    bad = [m for m in methods or [] if m not in ("names", "rules", "structure")]
+    if bad or methods == []:
+        raise RecipeError(f"--methods {args.methods!r}: choose from names, rules, structure (comma-separated)")
+    extra = {"methods": methods} if methods else {}
+    if getattr(args, "widen", None):
+        extra["widen"] = args.widen
     model, report = transfer(args.source, args.target, rules=rules, strict=args.strict,
                              labels=args.labels.split(",") if args.labels else None,
                              extra_blocks="identity" if args.identity_blocks else "fresh",
-                             target_kwargs={"in_chans": args.in_chans} if args.in_chans else None)
-    save_transfer(model, report, args.out, overwrite=args.overwrite)
+                             source_blocks=blocks, resize=args.resize, target_kwargs=kwargs or None, **extra)
+    out = save_transfer(model, report, args.out, overwrite=args.overwrite)
     print(format_report(report), end="")
-    print(f"saved: {args.out} (model.safetensors, model.json, transfer_report.json, transfer_report.txt)")
+    print(f"saved: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 
@@ -194,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="an ambiguous structural pairing is an error")
     p.add_argument("--labels", help="comma-separated target classes: a new head, rows kept for shared labels")
     p.add_argument("--in-chans", type=int, help="input channels of the target (e.g. 1 for grey images)")
+    p.add_argument("--img-size", type=int, help="input size of a ViT-style target (position embeddings resized)")
+    p.add_argument("--kwargs", help='other architecture arguments: a JSON/YAML mapping or file, e.g. \'{"depth": 6}\'')
+    p.add_argument("--source-blocks", metavar="HOW", help="a shallower target takes these source blocks: every_other, "
+                   "uniform, first, last, or comma-separated indices (0,2,4)")
+    p.add_argument("--methods", help="matching passes in order, comma-separated (default names,rules,structure)")
+    p.add_argument("--resize", action="store_true", help="slice/tile same-role tensors of other shapes (an "
+                   "initialisation, not exact)")
     p.add_argument("--identity-blocks", action="store_true", help="extra target blocks start as the identity")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.set_defaults(func=_cmd_transfer)

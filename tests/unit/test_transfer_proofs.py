@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -307,3 +309,69 @@ def test_a_builder_that_builds_nothing_and_a_model_into_itself():
     state = model.state_dict()
     transfer({"1.weight": state["0.weight"], "0.weight": state["1.weight"]}, model, methods=["names"])
     assert torch.equal(model[0].weight, b) and torch.equal(model[1].weight, a)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI command
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m transferkit transfer ARGS`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "transferkit", "transfer", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = timm.create_model("test_vit", pretrained=False)  # 6 blocks, 160 px, 10 x 10 patches + class token
+    weights = tmp_path / "vit6.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
+
+    out = tmp_path / "student"
+    r = _cli(str(weights), "timm:test_vit", "--out", str(out), "--kwargs", '{"depth": 3}', "--source-blocks",
+             "0,2,4", "--img-size", "96", "--methods", "names,structure", "--labels", "cat,dog")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["methods"] == ["names", "structure"]
+    assert report["source_blocks"]["taken"] == [0, 2, 4] and report["source_blocks"]["how"] == "explicit"
+    rows = {row["name"]: row for row in report["tensors"]}
+    pos = rows["backbone.pos_embed"]  # a transferkit model holds timm's model as 'backbone'
+    assert pos["shape"] == [1, 37, 64] and pos["source_shape"] == [1, 101, 64]  # 6 x 6 patches at 96 px
+    assert pos["transform"] == "interpolated (bicubic) 100->36 grid tokens, 1 prefix token(s) kept"
+    for k, i in enumerate([0, 2, 4]):
+        assert rows[f"backbone.blocks.{k}.mlp.fc1.weight"]["from"] == f"blocks.{i}.mlp.fc1.weight"
+    assert "backbone.blocks.3.mlp.fc1.weight" not in rows
+    assert {n.split(".")[1] for n in report["unused_source"]} == {"1", "3", "5"} and len(report["unused_source"]) == 36
+    assert {row["name"] for row in report["tensors"] if row["status"] == "fresh"} == {"head.weight", "head.bias"}
+    # the new 2-class head is paired with the source's 1000-class one by name, and stays fresh
+    assert report["summary"]["matched_by"] == {"names": 44, "structure": 0} and len(rows) == 44
+    assert report["summary"]["params_transferred"] == 176_960 and report["summary"]["params_fresh"] == 130
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["arch"]["kwargs"] == {"depth": 3, "img_size": 96} and meta["labels"] == ["cat", "dog"]
+    assert meta["preprocess"]["input_size"] == [3, 96, 96]
+    assert "source blocks: 3 of 6 taken (explicit)" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "transfer_report.json",
+                                                     "transfer_report.txt"]
+
+    # every_other and --resize: a wider MLP (mlp_ratio 8, the source has 3) is tiled from the source's, and says so
+    wide = tmp_path / "wide"
+    r = _cli(str(weights), "timm:test_vit", "--out", str(wide), "--kwargs", "{depth: 3, mlp_ratio: 8}",
+             "--source-blocks", "every_other", "--resize")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((wide / "transfer_report.json").read_text())
+    assert report["source_blocks"]["taken"] == [0, 2, 4] and report["source_blocks"]["how"] == "every_other"
+    rows = {row["name"]: row for row in report["tensors"]}
+    assert rows["backbone.blocks.1.mlp.fc1.weight"]["from"] == "blocks.2.mlp.fc1.weight"
+    assert rows["backbone.blocks.1.mlp.fc1.weight"]["source_shape"] == [192, 64]
+    assert rows["backbone.blocks.1.mlp.fc1.weight"]["transform"] == "tiled (192, 64)->(512, 64)"
+
+    # bad values name the flag and the choices, and write nothing
+    for flags, message in [(["--source-blocks", "odd"], "--source-blocks 'odd': give one of every_other, uniform"),
+                           (["--methods", "names,shape"], "--methods 'names,shape': choose from names, rules"),
+                           (["--kwargs", "[1, 2]"], "--kwargs must be a JSON/YAML mapping"),
+                           (["--kwargs", '{"img_size": 96}'], "give img_size as --img-size, not inside --kwargs")]:
+        r = _cli(str(weights), "timm:test_vit", "--out", str(tmp_path / "bad"), *flags)
+        assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
+        assert not (tmp_path / "bad").exists()
