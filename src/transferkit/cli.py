@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="matching passes in order, comma-separated (default names,rules,structure)")
     p.add_argument("--resize", action="store_true", help="slice/tile same-role tensors of other shapes (an "
                    "initialisation, not exact)")
+    p.add_argument("--widen", choices=["net2net"], help="a wider target copies source channels (function-"
+                   "preserving), a narrower one keeps the largest; plain Linear/Conv(+BatchNorm) chains only")
     p.add_argument("--identity-blocks", action="store_true", help="extra target blocks start as the identity")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.set_defaults(func=_cmd_transfer)

@@ -251,3 +251,118 @@ def test_slice_or_tile_describes_what_it_did():
     assert how == "sliced (2, 3)->(2, 2)" and torch.equal(out, t[:, :2])
     out, how = slice_or_tile(t, (4, 3))
     assert how == "tiled (2, 3)->(4, 3)" and torch.equal(out[2:], t)
+
+
+# ------------------------------------------------------------------------------------- width of a whole model
+
+
+def _bn_stats(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters, so copying them wrongly would show in the outputs."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def _convnet(w1: int, w2: int, hidden: int) -> nn.Sequential:
+    """Conv-BN-ReLU x 2, pooled to 2 x 2, flattened into a 2-layer MLP head: a chain with a flatten in it."""
+    return nn.Sequential(nn.Conv2d(3, w1, 3, padding=1), nn.BatchNorm2d(w1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(w2 * 4, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, 10))
+
+
+def test_net2net_wider_torchvision_mlp_computes_the_source_function():
+    """torchvision.ops.MLP, whose width is its hidden_channels argument: 32-24 -> 64-40 hidden units, with
+    BatchNorm1d, gives the source's outputs to float tolerance before any training."""
+    from torchvision.ops import MLP
+
+    from transferkit.transfer.api import format_report, transfer
+
+    torch.manual_seed(0)
+    source = _bn_stats(MLP(16, [32, 24, 5], norm_layer=nn.BatchNorm1d))
+    target, report = transfer(source, lambda: MLP(16, [64, 40, 5], norm_layer=nn.BatchNorm1d), widen="net2net",
+                              strict=True)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert (target.eval()(x) - source(x)).abs().max() < 1e-5
+    s = report["summary"]
+    assert s["coverage"] == 1.0 and s["params_transferred"] == 4_101 and s["ambiguities"] == 0
+    assert s["transforms"] == {"net2net-wider": 13, "copied": 1}
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert rows["0.weight"]["transform"] == "net2net-wider outputs 32->64 (copied channels)"
+    assert rows["1.running_var"]["transform"] == "net2net-wider outputs 32->64 (copied channels)"
+    assert rows["8.weight"]["transform"] == ("net2net-wider inputs 24->40 (divided among the copies of the previous "
+                                             "layer's channels)")
+    assert rows["8.bias"]["transform"] == "copied"
+    # the first 32 channels are the source's, in order; each extra one copies one of them
+    w = target.state_dict()["0.weight"]
+    assert torch.equal(w[:32], source.state_dict()["0.weight"])
+    assert all(any(torch.equal(w[j], w[i]) for i in range(32)) for j in range(32, 64))
+    assert ("4.weight (40, 64) <- 4.weight (24, 32): net2net-wider outputs 24->40 (copied channels), inputs 32->64 "
+            "(divided among the copies of the previous layer's channels)") in format_report(report)
+
+
+def test_net2net_wider_conv_chain_through_a_flatten_and_narrower_by_weight_norm():
+    from transferkit.transfer.api import transfer
+
+    torch.manual_seed(0)
+    source = _bn_stats(_convnet(8, 16, 32))
+    x = torch.randn(2, 3, 16, 16)
+    wide, report = transfer(source, lambda: _convnet(12, 24, 48), widen="net2net", seed=3)
+    with torch.no_grad():
+        assert (wide.eval()(x) - source(x)).abs().max() < 1e-5
+    assert report["summary"]["coverage"] == 1.0
+    # the Linear after the flatten takes each conv channel's 4 positions along with the channel
+    assert {r["name"]: r["shape"] for r in report["tensors"]}["9.weight"] == [48, 96]
+
+    narrow, report = transfer(source, lambda: _convnet(4, 16, 20), widen="net2net")
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert rows["0.weight"]["transform"] == ("net2net-narrower outputs 8->4 (kept the largest by weight norm; not "
+                                             "function-preserving)")
+    # the channels kept are the 4 of largest |weight| x |BatchNorm scale|, and the next conv reads exactly those
+    sd = source.state_dict()
+    importance = sd["0.weight"].flatten(1).norm(dim=1) * sd["1.weight"].abs()
+    kept = sorted(torch.topk(importance, 4).indices.tolist())
+    assert torch.equal(narrow.state_dict()["0.weight"], sd["0.weight"][kept])
+    assert torch.equal(narrow.state_dict()["1.running_mean"], sd["1.running_mean"][kept])
+    assert torch.equal(narrow.state_dict()["4.weight"], sd["4.weight"][:, kept])
+    assert rows["4.weight"]["transform"] == "net2net-narrower inputs 8->4 (the previous layer's kept channels)"
+    assert rows["4.bias"]["transform"] == "copied"
+
+
+def test_net2net_narrower_is_exact_when_the_dropped_channels_are_dead():
+    from transferkit.transfer.api import transfer
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        source[0].weight[[1, 4]] = 0.0
+        source[0].bias[[1, 4]] = 0.0
+    target, _ = transfer(source, lambda: nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), widen="net2net")
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        assert torch.allclose(target(x), source(x), atol=1e-6)
+
+
+def test_net2net_width_refuses_what_it_cannot_preserve():
+    import timm
+    from torchvision.ops import MLP
+
+    from transferkit.transfer.api import transfer
+    from transferkit.transfer.match import TransferError
+
+    resnet = timm.create_model("test_resnet")
+    with pytest.raises(TransferError, match=r"widen='net2net' refused for ResNet: 'maxpool' feeds 2 operations "
+                                            r"\(layer1_0_conv1, add\): a residual addition"):
+        transfer(resnet, lambda: timm.create_model("test_resnet"), widen="net2net")
+    with pytest.raises(TransferError, match=r"cannot carry copied channels through '1' \(LayerNorm\)"):
+        transfer(MLP(4, [8, 2], norm_layer=nn.LayerNorm), lambda: MLP(4, [16, 2], norm_layer=nn.LayerNorm),
+                 widen="net2net")
+    with pytest.raises(TransferError, match="the last layer '2' gives 4 outputs in the target and 3 in the source"):
+        transfer(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
+                 lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)), widen="net2net")
+    with pytest.raises(TransferError, match="widen must be 'net2net' or None, not 'wider'"):
+        transfer(nn.Linear(2, 2), nn.Linear(2, 2), widen="wider")

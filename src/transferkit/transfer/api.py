@@ -34,10 +34,12 @@ from transferkit.transfer.surgery import (
     can_be_identity,
     head_from_labels,
     identity_init_block,
+    net2net_chain,
     prefix_tokens,
     resize_pos_embed,
     select_layers,
     slice_or_tile,
+    width_chain,
 )
 
 POS_EMBED_NAMES = ("pos_embed", "position_embeddings")
@@ -333,8 +335,8 @@ class _Adapter:
     """Knows which target tensors surgery can adapt (first convolution, position embeddings, head by labels)."""
 
     def __init__(self, target: nn.Module, state: dict[str, torch.Tensor], source: _Source,
-                 labels: list[str] | None, resize: bool):
-        self.state, self.source, self.labels, self.resize = state, source, labels, resize
+                 labels: list[str] | None, resize: bool, widen: bool = False):
+        self.state, self.source, self.labels, self.resize, self.widen = state, source, labels, resize, widen
         self.first_conv = next((n for n, t in state.items() if t.dim() == 4 and n.endswith("weight")), None)
         self.head = set(_head_names(target))
         shared = {str(x).lower() for x in (labels or [])} & {str(x).lower() for x in (source.labels or [])}
@@ -359,6 +361,8 @@ class _Adapter:
             return True
         if tname in self.head and sname in self.source.head and self.head_by_labels and ss[1:] == ts[1:]:
             return True
+        if self.widen and ss[2:] == ts[2:]:
+            return True  # channels differ, kernels do not: net2net_chain decides, consistently across layers
         return self.resize
 
     def adapt(self, sname: str, src: torch.Tensor, tname: str) -> tuple[torch.Tensor, str, int] | None:
@@ -411,7 +415,8 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Sequence[Mapping[str, str]] | None = None,
              strict: bool = False, methods: Sequence[str] = METHODS, labels: Sequence[str] | None = None,
              extra_blocks: str = "fresh", source_blocks: str | Sequence[int] | None = None, resize: bool = False,
-             target_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+             target_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
+             widen: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Move every source weight that fits into the target; return the target and the transfer report.
 
     Args:
@@ -435,7 +440,13 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
             ``blocks``); the chosen blocks are renumbered 0..k-1 and the others left out (listed as unused).
         resize: pair same-role tensors of other shapes by slicing/tiling (an initialisation, not exact).
         target_kwargs: architecture arguments for a spec target (``{"in_chans": 1}``).
-        seed: seeds the target's random initialisation.
+        seed: seeds the target's random initialisation (and which channels a net2net-wider layer copies).
+        widen: ``"net2net"``: a target whose layers are wider or narrower than the source's is initialised layer by
+            layer (``surgery.width_chain``/``net2net_chain``): a wider layer copies source channels and divides the
+            next layer's inputs among the copies, so the target computes the source's function exactly; a narrower
+            one keeps the channels of largest weight norm (not exact). Supported: plain chains of Linear/Conv
+            (+BatchNorm) layers with element-wise activations, pooling and flattening between them; a residual
+            addition, a concatenation or a LayerNorm is refused with a TransferError naming it.
 
     Returns:
         (target, report): the report has ``summary`` (coverage = share of target parameters holding source values)
@@ -448,6 +459,8 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
     """
     if extra_blocks not in ("fresh", "identity"):
         raise TransferError(f"extra_blocks must be 'fresh' or 'identity', not {extra_blocks!r}")
+    if widen not in (None, "net2net"):
+        raise TransferError(f"widen must be 'net2net' or None, not {widen!r}")
     src = read_source(source)  # first: a corrupt source file fails before anything is built or written
     torch.manual_seed(seed)
     model = build_target_model(target, target_kwargs)
@@ -456,17 +469,33 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
             raise TransferError("labels need a SourceModel target (a spec such as timm:NAME), to give it a new head")
         model.reset_head(len(labels), list(labels))
     state = model.state_dict()
+    chain = None
+    if widen == "net2net":
+        try:
+            chain = width_chain(model)  # before matching: an unsupported structure fails first and changes nothing
+        except SurgeryError as e:
+            raise TransferError(f"widen='net2net' refused for {type(model).__name__}: {e}") from e
     blocks = _take_source_blocks(src, list(state), source_blocks) if source_blocks is not None else None
-    adapter = _Adapter(model, state, src, list(labels) if labels is not None else None, resize)
+    adapter = _Adapter(model, state, src, list(labels) if labels is not None else None, resize, chain is not None)
     tgt_groups = _state_groups(model) if isinstance(model, SourceModel) and src.groups else None
     result = match_state_dicts(src.state, state, rules=rules, methods=methods, source_groups=src.groups,
                                target_groups=tgt_groups, adaptable=adapter.adaptable, strict=strict)
 
     # adapt every pair before touching the target: an impossible pair leaves the target as it was
     moved: dict[str, tuple[torch.Tensor, str, int]] = {}
+    if chain is not None:
+        names = {f"{m}.{p}" for m, mod in chain for p, _ in mod.state_dict().items()}
+        paired = {t: src.state[result.pairs[t][0]] for t in names if t in result.pairs}
+        try:
+            widened = net2net_chain(chain, paired, torch.Generator().manual_seed(seed))
+        except SurgeryError as e:
+            raise TransferError(f"widen='net2net': {e}") from e
+        moved.update({t: (w, how, w.numel()) for t, (w, how) in widened.items()})
     head_fresh: dict[str, str] = {}
     target_storage = {t.untyped_storage().data_ptr() for t in state.values()}
     for tname, (sname, _method) in result.pairs.items():
+        if tname in moved:
+            continue
         src_t = src.state[sname]
         done = adapter.adapt(sname, src_t, tname)
         if done is None and tname in adapter.head:
@@ -554,7 +583,7 @@ def transfer_step(source: SourceModel, cfg: TransferConfig | Mapping[str, Any], 
     else:
         model, _ = transfer(source, target, rules=cfg.rules or None, strict=cfg.strict, methods=cfg.methods,
                             labels=labels, extra_blocks=cfg.extra_blocks, source_blocks=cfg.source_blocks,
-                            resize=cfg.resize, target_kwargs=kwargs, seed=seed)
+                            resize=cfg.resize, target_kwargs=kwargs, seed=seed, widen=cfg.widen)
     if not isinstance(model, SourceModel):
         raise TransferError(f"transfer.target '{cfg.target}' did not give a transferkit model; use timm:NAME, "
                             "torchvision:NAME, hf:NAME or a model folder")

@@ -49,6 +49,9 @@ class TransferConfig(BaseModel):
         default=None, description="a shallower target takes these source blocks (or explicit indices)")
     resize: bool = Field(default=False, description="slice/tile same-role tensors of other shapes (an initialisation, "
                          "not exact)")
+    widen: Literal["net2net"] | None = Field(default=None, description="net2net: a wider target copies channels "
+                                             "(function-preserving), a narrower one keeps the largest by weight "
+                                             "norm; plain Linear/Conv(+BatchNorm) chains only")
 
     @field_validator("rules")
     @classmethod

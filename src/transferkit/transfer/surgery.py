@@ -351,6 +351,169 @@ def narrower(layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.M
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Width of a whole model: a chain of Linear/Conv(+BatchNorm) layers
+
+WIDTH_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+WIDTH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# parameter-free modules that act on each channel alone (or pool over positions): a copied channel stays a copy
+CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Hardswish,
+               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d,
+               nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+CHANNELWISE_FUNCTIONS = {"relu", "relu6", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "dropout", "flatten",
+                         "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "hardswish"}
+
+
+def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's Linear/Conv and BatchNorm layers in execution order, checked to form a plain chain.
+
+    Widening a layer by copying channels preserves the function only if every channel flows, alone, into the
+    next Linear/Conv: element-wise activations, dropout, pooling over positions, BatchNorm and flattening keep
+    that; a residual addition, a concatenation, a LayerNorm (statistics over channels) or a grouped convolution do
+    not. The model is traced with ``torch.fx`` and refused at the first operation that would break it.
+
+    Raises:
+        SurgeryError: the model cannot be traced, branches (a node used twice: a residual or a concatenation),
+            or holds an operation net2net cannot carry a channel copy through; the message names it.
+    """
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # fx raises many types on data-dependent control flow
+        raise SurgeryError(f"net2net width needs a model torch.fx can trace ({type(model).__name__} cannot: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); widen it with resize=True "
+                           "instead (an initialisation, not function-preserving)") from e
+    modules = dict(model.named_modules())
+    chain: list[tuple[str, nn.Module]] = []
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if len(node.users) > 1:
+            raise SurgeryError(f"'{node.name}' feeds {len(node.users)} operations "
+                               f"({', '.join(u.name for u in node.users)}): a residual addition or a branch, where "
+                               "copied channels would not add up to the source's function. net2net width supports "
+                               "plain chains of Linear/Conv(+BatchNorm) layers; use resize=True to widen this model "
+                               "(an initialisation, not function-preserving)")
+        if node.op == "placeholder":
+            continue
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, WIDTH_LAYERS) and getattr(mod, "groups", 1) == 1:
+                chain.append((node.target, mod))
+            elif isinstance(mod, WIDTH_NORMS):
+                chain.append((node.target, mod))
+            elif not isinstance(mod, CHANNELWISE):
+                raise SurgeryError(f"net2net width cannot carry copied channels through '{node.target}' "
+                                   f"({type(mod).__name__}): supported are Linear/Conv without groups, BatchNorm and "
+                                   "element-wise activations, dropout, pooling and flattening between them")
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            if name not in CHANNELWISE_FUNCTIONS or sum(isinstance(a, torch.fx.Node) for a in node.args) != 1:
+                raise SurgeryError(f"net2net width cannot carry copied channels through '{node.name}' ({name}): "
+                                   "only element-wise, pooling and flattening operations may sit between layers")
+        else:
+            raise SurgeryError(f"net2net width does not support the {node.op} '{node.name}' (parameters used outside "
+                               "a module)")
+    if not any(isinstance(m, WIDTH_LAYERS) for _, m in chain):
+        raise SurgeryError("net2net width found no Linear/Conv layer in the target")
+    return chain
+
+
+def net2net_chain(chain: Sequence[tuple[str, nn.Module]], source: dict[str, torch.Tensor],
+                  generator: torch.Generator | None = None) -> dict[str, tuple[torch.Tensor, str]]:
+    """Initialise a chain of layers of other widths from the source's: wider by copying channels (net2net-wider,
+    function-preserving), narrower by keeping the channels of largest weight norm (not function-preserving).
+
+    The same channel choice is applied to a layer's outputs, its bias, the BatchNorm after it and the next layer's
+    inputs (divided by the number of copies when wider), so producer and consumer stay consistent. The last layer's
+    outputs are the model's outputs: they must keep the source's width. A Linear after a flattened convolution
+    takes each channel's block of ``in_features // channels`` inputs along with the channel.
+
+    Args:
+        chain: ``width_chain(target)``.
+        source: for each chain parameter/buffer name (``0.weight``, ``1.running_mean``...), the source tensor.
+        generator: chooses which channels a wider layer copies.
+
+    Returns:
+        target tensor name -> (tensor in the target's shape, transform for the report).
+
+    Raises:
+        SurgeryError: a layer has no source tensor, kernel sizes differ, or the outputs' width differs.
+    """
+    layers = [i for i, (_, m) in enumerate(chain) if isinstance(m, WIDTH_LAYERS)]
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    in_idx: torch.Tensor | None = None  # for the current layer's input channels: the source channel each copies
+    in_div: torch.Tensor | None = None  # and how many copies of that source channel there are
+    prev_ns = 1  # the previous layer's number of source channels
+    for pos, i in enumerate(layers):
+        name, mod = chain[i]
+        if f"{name}.weight" not in source:
+            raise SurgeryError(f"net2net width: layer '{name}' has no source weight; every chain layer needs one")
+        ws = source[f"{name}.weight"].detach()
+        bs = source.get(f"{name}.bias")
+        wt = mod.weight
+        if ws.shape[2:] != wt.shape[2:]:
+            raise SurgeryError(f"net2net width: '{name}' has kernel {tuple(wt.shape[2:])} in the target and "
+                               f"{tuple(ws.shape[2:])} in the source; only the number of channels may differ")
+        # inputs: follow the previous layer's channel choice (a flatten turns a channel into a block of features)
+        w = ws
+        if in_idx is not None and in_div is not None:
+            block = ws.shape[1] // prev_ns if ws.shape[1] % prev_ns == 0 else 0  # flattened: C x positions inputs
+            if block * len(in_idx) != wt.shape[1]:
+                raise SurgeryError(f"net2net width: '{name}' takes {wt.shape[1]} inputs in the target, which is not "
+                                   f"{len(in_idx)} channels x {block} positions of the layer before it")
+            feat = (in_idx.view(-1, 1) * block + torch.arange(block)).reshape(-1)
+            div = in_div.repeat_interleave(block).to(ws.dtype)
+            w = ws[:, feat] / div.view(1, -1, *([1] * (ws.dim() - 2)))
+        elif ws.shape[1] != wt.shape[1]:
+            raise SurgeryError(f"net2net width: the first layer '{name}' takes {wt.shape[1]} inputs in the target and "
+                               f"{ws.shape[1]} in the source; the model's input must keep its width")
+        # outputs
+        n_s, n_t = ws.shape[0], wt.shape[0]
+        nxt = chain[i + 1] if i + 1 < len(chain) and isinstance(chain[i + 1][1], WIDTH_NORMS) else None
+        last = pos == len(layers) - 1
+        if n_t == n_s:
+            idx, how = torch.arange(n_s), "copied"
+        elif last:
+            raise SurgeryError(f"net2net width: the last layer '{name}' gives {n_t} outputs in the target and {n_s} "
+                               "in the source; the model's outputs must keep their width (a new head is another "
+                               "step)")
+        elif n_t > n_s:
+            extra = torch.randint(0, n_s, (n_t - n_s,), generator=generator)
+            idx, how = torch.cat([torch.arange(n_s), extra]), f"net2net-wider outputs {n_s}->{n_t} (copied channels)"
+        else:
+            importance = ws.flatten(1).norm(dim=1)
+            if nxt is not None and f"{nxt[0]}.weight" in source:
+                importance = importance * source[f"{nxt[0]}.weight"].detach().abs()  # BN scale ~0: channel ~unused
+            idx = torch.sort(torch.topk(importance, n_t, sorted=False).indices).values
+            how = f"net2net-narrower outputs {n_s}->{n_t} (kept the largest by weight norm; not function-preserving)"
+        if w is not ws:  # the inputs follow the previous layer's choice
+            grew = wt.shape[1] > ws.shape[1]
+            ins = f"inputs {ws.shape[1]}->{wt.shape[1]} " + ("(divided among the copies of the previous layer's "
+                                                             "channels)" if grew else "(the previous layer's kept "
+                                                             "channels)")
+            if n_t == n_s:
+                how = f"net2net-{'wider' if grew else 'narrower'} {ins}"
+            else:
+                how = f"{how}, {ins}"
+        elif n_t == n_s:
+            how = "copied"
+        out[f"{name}.weight"] = (w[idx].contiguous(), how)
+        per_channel = "copied" if n_t == n_s else how.split(", inputs")[0]  # a bias or BatchNorm: outputs only
+        if bs is not None and getattr(mod, "bias", None) is not None:
+            out[f"{name}.bias"] = (bs.detach()[idx].contiguous(), per_channel)
+        if nxt is not None:
+            for part in ("weight", "bias", "running_mean", "running_var"):
+                key = f"{nxt[0]}.{part}"
+                if key in source and getattr(nxt[1], part, None) is not None:
+                    out[key] = (source[key].detach()[idx].contiguous(), per_channel)
+        in_idx = idx
+        in_div = torch.bincount(idx, minlength=n_s)[idx] if n_t > n_s else torch.ones(len(idx), dtype=torch.long)
+        prev_ns = n_s
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Single tensors whose shapes differ (used by the transfer when a matched pair needs adapting)
 
 
