@@ -364,5 +364,15 @@ def test_net2net_width_refuses_what_it_cannot_preserve():
     with pytest.raises(TransferError, match="the last layer '2' gives 4 outputs in the target and 3 in the source"):
         transfer(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
                  lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)), widen="net2net")
+    class ConvThenLinear(nn.Module):  # a Linear over the last spatial axis: positions, not channels
+        def __init__(self, width: int):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, width, 1), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x))
+
+    with pytest.raises(TransferError, match=r"'fc' \(Linear\) reads a convolution's output without a flatten"):
+        transfer(ConvThenLinear(4), lambda: ConvThenLinear(8), widen="net2net")
     with pytest.raises(TransferError, match="widen must be 'net2net' or None, not 'wider'"):
         transfer(nn.Linear(2, 2), nn.Linear(2, 2), widen="wider")

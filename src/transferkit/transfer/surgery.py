@@ -385,6 +385,7 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
                            "instead (an initialisation, not function-preserving)") from e
     modules = dict(model.named_modules())
     chain: list[tuple[str, nn.Module]] = []
+    flat = False  # a flatten since the last convolution: a Linear after a conv must read flattened channels
     for node in graph.nodes:
         if node.op == "output":
             continue
@@ -399,9 +400,17 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if node.op == "call_module":
             mod = modules[node.target]
             if isinstance(mod, WIDTH_LAYERS) and getattr(mod, "groups", 1) == 1:
+                convs = [m for _, m in chain if isinstance(m, WIDTH_LAYERS)]
+                if isinstance(mod, nn.Linear) and convs and not isinstance(convs[-1], nn.Linear) and not flat:
+                    raise SurgeryError(f"'{node.target}' (Linear) reads a convolution's output without a flatten "
+                                       "between them: it would mix positions, not channels, so net2net width "
+                                       "cannot follow the channels into it")
                 chain.append((node.target, mod))
+                flat = False
             elif isinstance(mod, WIDTH_NORMS):
                 chain.append((node.target, mod))
+            elif isinstance(mod, nn.Flatten):
+                flat = True
             elif not isinstance(mod, CHANNELWISE):
                 raise SurgeryError(f"net2net width cannot carry copied channels through '{node.target}' "
                                    f"({type(mod).__name__}): supported are Linear/Conv without groups, BatchNorm and "
@@ -411,6 +420,7 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if name not in CHANNELWISE_FUNCTIONS or sum(isinstance(a, torch.fx.Node) for a in node.args) != 1:
                 raise SurgeryError(f"net2net width cannot carry copied channels through '{node.name}' ({name}): "
                                    "only element-wise, pooling and flattening operations may sit between layers")
+            flat = flat or name == "flatten"
         else:
             raise SurgeryError(f"net2net width does not support the {node.op} '{node.name}' (parameters used outside "
                                "a module)")
