@@ -434,3 +434,8 @@ def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path
         r = _cli(str(weights), "timm:test_vit", "--out", str(tmp_path / "bad"), *flags)
         assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
         assert not (tmp_path / "bad").exists()
+    # --widen net2net reaches transfer(), which refuses a model it cannot prove the copy on (here: not traceable)
+    r = _cli(str(weights), "timm:test_vit", "--out", str(tmp_path / "bad"), "--widen", "net2net")
+    assert r.returncode == 1 and "widen='net2net' refused for SourceModel: net2net width needs a model torch.fx " \
+        "can trace" in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()
