@@ -110,6 +110,7 @@ def test_decoded_waveforms_are_kept_within_a_memory_budget(tones, monkeypatch):
     x, y = ds.collate([ds[0], ds[2]])  # no feature extractor: zero-padded waveforms and their mask
     assert y.tolist() == [0, 0]
     assert x["input_values"].shape == (2, 8000) and x["attention_mask"].sum().item() == 16000
+    assert ds.lengths().tolist() == [0.5, 0.5, 0.5]  # seconds, from the headers (for length-sorted inference)
     with pytest.raises(DataError, match="audio data takes none: remove data.augment"):
         make_dataset("audio", items, np.zeros(3), {"sampling_rate": 16000}, augment=object())
 
@@ -182,6 +183,7 @@ def test_sequence_encoders_ignore_padding_frames(kind):
     ds = make_dataset("frames", utterances, np.array([0, 1, 0]), source.preprocess)
     x, labels = ds.collate([ds[i] for i in range(3)])
     assert x["frames"].shape == (3, 30, 13) and x["attention_mask"].sum(1).tolist() == [7, 30, 12]
+    assert ds.lengths().tolist() == [7, 30, 12]
     assert labels.tolist() == [0, 1, 0]
     assert torch.allclose(x["frames"][0, :7].mean(0), torch.zeros(13), atol=1e-5)  # CMVN per utterance
     with torch.no_grad():

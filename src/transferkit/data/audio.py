@@ -194,9 +194,22 @@ class AudioDataset(Dataset):
             self._memo_bytes += wave.nbytes
         return wave, self.labels[i]
 
+    def lengths(self) -> np.ndarray:
+        """Each recording's duration in seconds, from its header (inference batches similar lengths together)."""
+        return np.array([_duration(item, self.rate) for item in self.items])
+
     def collate(self, batch: list[tuple[np.ndarray, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         waves, labels = zip(*batch)
         return encode_waves(list(waves), self.rate, self.processor, self.processor_kwargs), torch.stack(labels)
+
+
+def _duration(item: Any, rate: int) -> float:
+    if isinstance(item, tuple) and len(item) == 2:
+        return len(item[0]) / int(item[1])
+    if isinstance(item, np.ndarray):
+        return len(item) / rate
+    info = audio_info(Path(item))
+    return info[1] / info[0] if isinstance(info, tuple) else 0.0
 
 
 def encode_waves(waves: list[np.ndarray], rate: int, processor: Any = None,
@@ -301,6 +314,10 @@ class FramesDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(normalize_frames(self.items[i], self.normalize)), self.labels[i]
+
+    def lengths(self) -> np.ndarray:
+        """Frames per utterance (inference batches similar lengths together)."""
+        return np.array([len(x) for x in self.items])
 
     def collate(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         frames, labels = zip(*batch)
