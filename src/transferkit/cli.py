@@ -41,7 +41,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise TransferKitError("--file reads one text per line, for text models; give image paths as arguments")
         inputs += texts_from_file(args.file)
     if not inputs:
-        what = "texts (or --file with one text per line)" if predictor.modality == "text" else "image files"
+        what = "texts (or --file with one text per line)" if predictor.modality == "text" else \
+            f"{predictor.modality} files"
         raise TransferKitError(f"nothing to predict: give {what}")
     predictions = predictor.predict(inputs, top_k=args.top_k)
     if args.json:
@@ -195,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="offline demos on real weights and data: image (EfficientNet-Lite0 -> MNIST), "
-                       "text (MiniLM -> Rotten Tomatoes), speech (GRU pretrained on spoken digits 0-4 -> 5-9)")
-    p.add_argument("task", nargs="?", default="image", choices=["image", "text", "speech"],
+                       "text (MiniLM -> Rotten Tomatoes), speech (GRU pretrained on spoken digits 0-4 -> 5-9), recsys "
+                       "(MovieLens 100K: old films -> new releases)")
+    p.add_argument("task", nargs="?", default="image", choices=["image", "text", "speech", "recsys"],
                    help="which demo (default image)")
     p.add_argument("--out", default="demo_runs")
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)

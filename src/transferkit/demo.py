@@ -16,13 +16,24 @@ DEMOS = {"image": "demo.yaml", "text": "demo_text.yaml", "speech": "demo_speech.
 def demo_recipe_path(task: str = "image") -> Path:
     """The shipped recipe of a demo (``image``: EfficientNet-Lite0 -> MNIST, ``text``: MiniLM -> Rotten Tomatoes)."""
     if task not in DEMOS:
+        if task == "recsys":
+            raise UnknownNameError("the recsys demo has no recipe: run it with run_demo('recsys')")
         raise UnknownNameError(f"unknown demo '{task}'.{did_you_mean(task, DEMOS)} Valid choices: {', '.join(DEMOS)}.")
     return Path(str(resources.files("transferkit") / "recipes" / DEMOS[task]))
 
 
 def run_demo(task: str = "image", out: str | Path = "demo_runs", overwrite: bool = True,
              overrides: list[str] | None = None) -> Path:
-    """Run a demo under ``out``; prints a table (model, test accuracy, time) and the report path."""
+    """Run a demo under ``out``; prints a table (model, test accuracy, time) and the report path.
+
+    ``recsys`` is not a recipe: it runs the MovieLens 100K cross-domain scenario of ``transferkit.recsys``
+    (old films -> new releases, 5 ratings per user; ``metrics.json`` and ``summary.md`` under ``out/recsys``).
+    """
+    if task == "recsys":
+        from transferkit.recsys import run_recsys_demo
+
+        run_recsys_demo(Path(out) / "recsys")
+        return Path(out) / "recsys"
     recipe = load_recipe(demo_recipe_path(task), overrides)
     run_dir = run_recipe(recipe, out=Path(out) / recipe.name, overwrite=overwrite)
     print_summary(run_dir)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 from transferkit import __version__
 from transferkit.data import Labelled, Splits, read_dataset, split_dataset
@@ -27,9 +26,8 @@ from transferkit.engine.loop import (
     JobPaths,
     evaluate_model,
     fit,
+    in_order,
     make_accelerator,
-    make_loader,
-    show_progress,
     to_device,
 )
 from transferkit.engine.objective import ClassificationObjective
@@ -85,8 +83,15 @@ class PreparedData:
                             augment)
 
     def summary(self) -> dict[str, Any]:
-        size = ({"max_length": self.preprocess["max_length"]} if self.modality == "text"
-                else {"image_size": self.preprocess["input_size"][-1]})
+        size: dict[str, Any] = {}
+        if self.modality == "image":
+            size = {"image_size": self.preprocess["input_size"][-1]}
+        elif self.modality == "text":
+            size = {"max_length": self.preprocess["max_length"]}
+        elif self.modality == "audio" and "sampling_rate" in self.preprocess:
+            from transferkit.data.audio import resampling_note
+
+            size = {"audio": resampling_note(self.examples.items, int(self.preprocess["sampling_rate"]))}
         return {"dataset": self.cfg.dataset, "modality": self.modality, "classes": self.classes,
                 "num_classes": len(self.classes), "splits": self.splits.sizes(), "per_class": self.cfg.per_class,
                 **size, "skipped": self.examples.skipped, "skipped_count": len(self.examples.skipped)}
@@ -127,10 +132,7 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
     over 32 MB are returned to the kernel after each operation and faulted back in).
     """
     backbone.eval().to(device)
-    loader = make_loader(dataset, batch_size)
-    out = [backbone(to_device(x, device)).float().cpu() for x, _ in tqdm(loader, desc=desc, leave=False,
-                                                                            disable=not show_progress())]
-    return torch.cat(out)
+    return in_order(dataset, batch_size, lambda x: backbone(to_device(x, device)), desc=desc)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,6 +162,15 @@ def train(model: SourceModel, data: PreparedData, cfg: TrainConfig, *, seed: int
     Stages that cache features (``linear_probe``, the probe of ``lp_ft``) train only the head, on features
     computed once: the same computation as training through a frozen backbone in eval mode.
     """
+    if cfg.threads:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return train(model, data, cfg.model_copy(update={"threads": None}), seed=seed, accelerator=accelerator,
+                         paths=paths, resume=resume, features=features, reference=reference, source=source,
+                         on_step=on_step)
+        finally:
+            torch.set_num_threads(threads)
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     cfg, strategy, options, auto_reason = resolve_strategy(cfg, model, data)
     if auto_reason and accelerator.is_main_process:

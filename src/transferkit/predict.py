@@ -48,7 +48,7 @@ class Predictor:
 def _describe(item: Any, i: int, modality: str) -> str:
     if modality == "text" or isinstance(item, (str, Path)):
         return str(item)
-    return f"<image {i}>"
+    return f"<{modality} {i}>"
 
 
 def texts_from_file(path: str | Path) -> list[str]:

@@ -89,6 +89,8 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(default=None, ge=1, description="epochs without improvement")
     checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
     log_every: int = Field(default=10, ge=1)
+    threads: int | None = Field(default=None, ge=1, description="CPU threads of torch while training (default: "
+                                "torch's own); small models (GRUs, towers) often train faster on 1")
 
     @property
     def strategy_name(self) -> str:

@@ -148,6 +148,8 @@ def test_audio_run_trains_one_step_and_predicts_files_and_arrays(hf_folders, ton
     run = tk.run_recipe(recipe, out=tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data"]["modality"] == "audio" and metrics["data"]["skipped_count"] == 1
+    assert metrics["data"]["audio"] == {"sampling_rate": 16000, "resampled": 1, "resampled_from": {"8000": 1}}
+    assert "1 file(s) resampled" in (run / "report.html").read_text()
     assert metrics["data"]["splits"] == {"train": 6, "val": 2, "test": 4}
     assert metrics["models"]["full"]["epochs_run"] == 1 and metrics["models"]["full"]["test"]["n"] == 4
     predictor = tk.load_run(run)

@@ -165,6 +165,10 @@ class TextDataset(Dataset):
             self._memo[i] = dict(self.tokenizer(self.texts[i], truncation=True, max_length=self.max_length))
         return self._memo[i], self.labels[i]
 
+    def lengths(self) -> list[int]:
+        """Tokens per text (tokenizes every text once; the engine batches inference by length)."""
+        return [len(self[i][0]["input_ids"]) for i in range(len(self))]
+
     def collate(self, batch: list[tuple[dict[str, list[int]], torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
                                                                                         torch.Tensor]:
         encoded, labels = zip(*batch)

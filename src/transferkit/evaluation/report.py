@@ -239,6 +239,10 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
         rows.append(("Image size", _esc(data.get("image_size"))))
     if data.get("max_length") is not None:
         rows.append(("Tokens per text (max)", _esc(data.get("max_length"))))
+    audio = data.get("audio")
+    if isinstance(audio, Mapping):
+        rows.append(("Audio", f"{_esc(audio.get('sampling_rate'))} Hz; {_fmt_int(audio.get('resampled'))} file(s) "
+                     f"resampled (from {_esc(audio.get('resampled_from') or {})})"))
 
     skipped = data.get("skipped")
     skipped = skipped if isinstance(skipped, list) else []

@@ -118,7 +118,7 @@ def _prepare(data: Any, seed: int) -> Any:
     cfg = DataConfig(dataset=data) if isinstance(data, str) else data
     # each candidate's own preprocessing replaces this placeholder in _for_source; only the modality is read here
     modality = dataset_modality(cfg.dataset, cfg.text_column)
-    placeholder = {"modality": "text", "max_length": 128} if modality == "text" else {"input_size": [3, 224, 224]}
+    placeholder = {"modality": modality, "max_length": 128, "input_size": [3, 224, 224]}
     return prepare_data(cfg, placeholder, seed)
 
 
