@@ -50,7 +50,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 0
     for p in predictions:
         top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"])
-        print(f"{p.get('file', p.get('text'))}: {top}")
+        print(f"{p.get('file', p.get('text', p.get('user')))}: {top}")
     return 0
 
 
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels for images or texts, from a run directory or model folder")
     p.add_argument("run_dir")
-    p.add_argument("inputs", nargs="*", help="image files (image model) or texts (text model)")
+    p.add_argument("inputs", nargs="*", help="image files (image model), texts (text model) or user ids "
+                   "(recommendation model)")
     p.add_argument("--file", help="text model: a UTF-8 file with one text per line")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")

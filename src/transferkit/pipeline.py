@@ -476,6 +476,10 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
                                       "device": str(accelerator.device)})
     accelerator.wait_for_everyone()
     log = print if main else (lambda *a, **k: None)
+    if recipe.recsys is not None:  # a recommendation task: its own data, models and metrics (transferkit.recsys.run)
+        from transferkit.recsys.run import run_recsys
+
+        return run_recsys(recipe, out, resume, log) if main else out
 
     t = time.perf_counter()
     source_spec, known_features = (recipe.source, None) if recipe.rank is None else \

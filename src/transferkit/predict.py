@@ -63,10 +63,14 @@ def texts_from_file(path: str | Path) -> list[str]:
     return texts
 
 
-def load_run(path: str | Path) -> Predictor:
+def load_run(path: str | Path) -> Any:
     """A Predictor from a run directory (its selected ``model/``) or a model folder."""
     path = Path(path)
     if not path.exists():
         raise DataNotFoundError(f"run directory or model folder '{path}' does not exist")
     folder = path / "model" if (path / "model" / "model.json").is_file() else path
+    from transferkit.recsys.run import is_recsys_folder, load_recsys_run
+
+    if is_recsys_folder(folder):  # a recommendation model: user ids in, top-k unseen items out
+        return load_recsys_run(folder)
     return Predictor(load_model(folder))

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transferkit.errors import RecipeError, UnknownNameError, did_you_mean
+from transferkit.recsys.config import RecsysConfig
 from transferkit.transfer.config import TransferConfig
 
 
@@ -157,11 +158,27 @@ class Recipe(_Strict):
     pretrain: PretrainConfig | None = None
     transfer: TransferConfig | None = Field(default=None, description="build the target from the source by the "
                                             "transfer machinery: another architecture, in_chans, img_size, rules...")
-    data: DataConfig
+    data: DataConfig | None = Field(default=None, description="required, except with recsys:")
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
     baselines: list[str] = Field(default_factory=list, description="computed on the same splits without the source, "
                                  "e.g. [tfidf] for text (transferkit ls)")
+    recsys: RecsysConfig | None = Field(default=None, description="a recommendation task (interactions, two-tower or "
+                                        "MF model, transfer from source_run); data:/source: are then not used")
+
+    @model_validator(mode="after")
+    def _data_unless_recsys(self) -> Recipe:
+        if self.recsys is None:
+            if self.data is None:
+                raise ValueError("data: required key is missing.")
+            return self
+        used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
+        used += [k for k in ("compare", "baselines") if getattr(self, k)]
+        if used:
+            raise ValueError(f"recsys: runs a recommendation task on its own; {', '.join(used)} "
+                             f"{'is' if len(used) == 1 else 'are'} not used with it (put the source model in "
+                             "recsys.source_run and the baselines in recsys.baselines)")
+        return self
 
     @field_validator("source", mode="before")
     @classmethod
@@ -187,7 +204,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _one_image_size(self) -> Recipe:
         size = self.transfer.img_size if self.transfer else None
-        if size and self.data.image_size and size != self.data.image_size:
+        if size and self.data is not None and self.data.image_size and size != self.data.image_size:
             raise ValueError(f"transfer.img_size={size} builds the target for {size} px but data.image_size="
                              f"{self.data.image_size}; set one of them (or both to the same size)")
         return self
@@ -242,6 +259,8 @@ def _format_error(err: dict[str, Any], root: type[BaseModel] | None = None) -> s
     if err["type"] == "missing":
         return f"{key}: required key is missing."
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc and msg.endswith("required key is missing."):  # a key required only in some recipes (data:)
+        return msg
     return f"{key}: {msg}" if not loc else f"{key}: {msg} (got {err.get('input')!r})"
 
 
@@ -257,7 +276,7 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
         return value if isinstance(value, dict) else {}
 
     problems = []
-    if raw.get("source") is None and raw.get("rank") is None:
+    if raw.get("source") is None and raw.get("rank") is None and raw.get("recsys") is None:
         problems.append("source: required key is missing (or give rank: {candidates: [...]} to choose the source).")
     source = raw.get("source")
     source_name = source if isinstance(source, str) else section("source").get("name")

@@ -12,24 +12,46 @@ and, for a second domain, ``transfer_embeddings(source_model, target_model)`` be
 ``run_recsys_demo(out_dir)`` runs the MovieLens 100K cross-domain scenario.
 """
 
-from transferkit.recsys.data import (
-    FeatureTable,
-    Interactions,
-    Split,
-    filter_interactions,
-    keep_last_per_user,
-    leave_last_out,
-    read_features,
-    read_interactions,
-)
-from transferkit.recsys.demo import CrossDomainConfig, run_cross_domain, run_recsys_demo
-from transferkit.recsys.metrics import evaluate_ranking, ranking_metrics, rmse
-from transferkit.recsys.models import Popularity, TwoTower, build_two_tower, matrix_factorization
-from transferkit.recsys.movielens import cross_domain_split, movielens_100k_dir, read_movielens_100k
-from transferkit.recsys.train import train_recommender
-from transferkit.recsys.transfer import RecsysTransferReport, transfer_embeddings
+import importlib
+from typing import Any
+
+# imported on first use (PEP 562): transferkit.recipe imports transferkit.recsys.config, and the modules
+# below import the engine, which imports the recipe
+_EXPORTS = {
+    "load_recsys_run": "transferkit.recsys.run",
+    "run_recsys": "transferkit.recsys.run",
+    "RecsysConfig": "transferkit.recsys.config",
+    "CrossDomainConfig": "transferkit.recsys.demo",
+    "FeatureTable": "transferkit.recsys.data",
+    "Interactions": "transferkit.recsys.data",
+    "Popularity": "transferkit.recsys.models",
+    "RecsysTransferReport": "transferkit.recsys.transfer",
+    "Split": "transferkit.recsys.data",
+    "TwoTower": "transferkit.recsys.models",
+    "build_two_tower": "transferkit.recsys.models",
+    "cross_domain_split": "transferkit.recsys.movielens",
+    "evaluate_ranking": "transferkit.recsys.metrics",
+    "filter_interactions": "transferkit.recsys.data",
+    "keep_last_per_user": "transferkit.recsys.data",
+    "leave_last_out": "transferkit.recsys.data",
+    "matrix_factorization": "transferkit.recsys.models",
+    "movielens_100k_dir": "transferkit.recsys.movielens",
+    "ranking_metrics": "transferkit.recsys.metrics",
+    "read_features": "transferkit.recsys.data",
+    "read_interactions": "transferkit.recsys.data",
+    "read_movielens_100k": "transferkit.recsys.movielens",
+    "rmse": "transferkit.recsys.metrics",
+    "run_cross_domain": "transferkit.recsys.demo",
+    "run_recsys_demo": "transferkit.recsys.demo",
+    "train_recommender": "transferkit.recsys.train",
+    "transfer_embeddings": "transferkit.recsys.transfer",
+}
+
 
 __all__ = [
+    "RecsysConfig",
+    "load_recsys_run",
+    "run_recsys",
     "CrossDomainConfig",
     "FeatureTable",
     "Interactions",
@@ -55,3 +77,15 @@ __all__ = [
     "train_recommender",
     "transfer_embeddings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'transferkit.recsys' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
