@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def _recipe(interactions: str, items: str, **extra: object) -> dict[str, object]:
     recsys = {"interactions": interactions, "user_column": "userId", "item_column": "itemId",
               "timestamp_column": "ts",
-              "item_features": {"path": items, "id_column": "item_id", "columns": ["genre"], "title_column": "title"},
+              "item_features": {"path": items, "id_column": "item_id", "columns": [], "title_column": "title"},
               "dim": 16, "epochs": 15, "lr": 0.05, "seeds": [0, 1], "patience": None, **extra}
     return {"name": "recsys-test", "recsys": recsys}
 
@@ -136,3 +137,18 @@ def test_the_movielens_recipe_validates() -> None:
 
     recipe = load_recipe(str(files("transferkit") / "recipes" / "movielens.yaml"))
     assert recipe.recsys is not None and recipe.recsys.builtin
+
+
+def test_ratings_with_mse_report_rmse(planted: dict[str, str], tmp_path: Path) -> None:
+    frame = pd.read_csv(planted["target"])
+    frame["stars"] = np.where(frame["userId"].str[1:].astype(int) % 2 == 0, 4.0, 2.0)
+    path = tmp_path / "ratings.csv"
+    frame.to_csv(path, index=False)
+    recipe = _recipe(str(path), planted["target_items"], rating_column="stars", loss="mse", seeds=[0],
+                     baselines=["target_only"], model="mf")
+    out = run_recipe(load_recipe(recipe), tmp_path / "run")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["arms"]) == {"target_only"}
+    assert "rmse" in metrics["metrics"]
+    assert 0.0 <= metrics["arms"]["target_only"]["mean_sd"]["rmse"]["mean"] < 1.5
+    assert json.loads((out / "model" / "model.json").read_text())["kind"] == "mf"

@@ -49,13 +49,11 @@ _EXPORTS = {
 
 
 __all__ = [
-    "RecsysConfig",
-    "load_recsys_run",
-    "run_recsys",
     "CrossDomainConfig",
     "FeatureTable",
     "Interactions",
     "Popularity",
+    "RecsysConfig",
     "RecsysTransferReport",
     "Split",
     "TwoTower",
@@ -65,6 +63,7 @@ __all__ = [
     "filter_interactions",
     "keep_last_per_user",
     "leave_last_out",
+    "load_recsys_run",
     "matrix_factorization",
     "movielens_100k_dir",
     "ranking_metrics",
@@ -73,6 +72,7 @@ __all__ = [
     "read_movielens_100k",
     "rmse",
     "run_cross_domain",
+    "run_recsys",
     "run_recsys_demo",
     "train_recommender",
     "transfer_embeddings",
