@@ -66,6 +66,14 @@ class TransferOptions(_Strict):
     l2: float | None = Field(default=None, ge=0, description="default: recsys.l2")
 
 
+class TargetOnlyOptions(_Strict):
+    """Settings of the target-only arm when they should differ from the transfer's (searched on their own)."""
+
+    dim: int | None = Field(default=None, ge=1, description="default: recsys.dim")
+    lr: float | None = Field(default=None, gt=0, description="default: recsys.lr")
+    l2: float | None = Field(default=None, ge=0, description="default: recsys.l2")
+
+
 class RecsysConfig(_Strict):
     """A recommendation task: interactions, a two-tower / MF model, ranking metrics, optional transfer."""
 
@@ -92,6 +100,7 @@ class RecsysConfig(_Strict):
     metrics: list[str] = Field(default_factory=lambda: ["hr@10", "ndcg@10", "recall@20"], min_length=1)
     source_run: str | None = Field(default=None, description="a previous recsys run directory or model folder")
     transfer: TransferOptions = Field(default_factory=TransferOptions)
+    target_only: TargetOnlyOptions = Field(default_factory=TargetOnlyOptions)
     baselines: list[Literal["target_only", "popularity"]] = Field(default_factory=lambda: list(ARMS))
 
     @field_validator("metrics")

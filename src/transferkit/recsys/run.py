@@ -215,8 +215,9 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False,
     for arm in trained:
         arms[arm] = {"seeds": {}}
         for seed in cfg.seeds:
-            model = _build(cfg, split, items, seed, dim=source.dim if arm == "transfer" else None)
-            lr, l2, frozen = cfg.lr, cfg.l2, None
+            own = cfg.target_only
+            model = _build(cfg, split, items, seed, dim=source.dim if arm == "transfer" else own.dim)
+            lr, l2, frozen = own.lr or cfg.lr, cfg.l2 if own.l2 is None else own.l2, None
             if arm == "transfer":
                 t = cfg.transfer
                 report = transfer_embeddings(source, model, users=t.users, items=t.items, towers=t.towers,
