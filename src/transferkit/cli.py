@@ -41,8 +41,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise TransferKitError("--file reads one text per line, for text models; give image paths as arguments")
         inputs += texts_from_file(args.file)
     if not inputs:
-        what = "texts (or --file with one text per line)" if predictor.modality == "text" else \
-            f"{predictor.modality} files"
+        what = {"text": "texts (or --file with one text per line)", "recommendation": "user ids"}.get(
+            predictor.modality, f"{predictor.modality} files")
         raise TransferKitError(f"nothing to predict: give {what}")
     predictions = predictor.predict(inputs, top_k=args.top_k)
     if args.json:
