@@ -151,6 +151,19 @@ def build_backbone(arch: dict[str, Any], pretrained: bool = False, weights: str 
     return FAMILIES[family](arch["name"], pretrained, weights, dict(arch.get("kwargs", {})))
 
 
+def load_hf_model(name: str, pretrained: bool, config_dict: dict[str, Any] | None) -> nn.Module:
+    """A transformers ``AutoModel``: rebuilt from a saved model's stored config (no weights), with its pretrained
+    weights, or randomly initialised from its config. transformers' ``OSError`` (no such folder or hub name)
+    propagates: each family words its own message."""
+    from transformers import AutoConfig, AutoModel
+
+    if config_dict is not None:
+        return AutoModel.from_config(AutoConfig.for_model(**config_dict))
+    if pretrained:
+        return AutoModel.from_pretrained(name)
+    return AutoModel.from_config(AutoConfig.from_pretrained(name))
+
+
 def _load_families() -> None:
     """The built-in families register themselves when their module is imported."""
     from transferkit.models import audio, text, vision  # noqa: F401

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from transferkit.errors import SourceError
-from transferkit.models.base import Backbone, register_family
+from transferkit.models.base import Backbone, load_hf_model, register_family
 
 POOLINGS = ("mean", "cls")
 DEFAULT_MAX_LENGTH = 128
@@ -60,17 +60,11 @@ def sentence_transformers_pooling(folder: str | Path) -> str | None:
 
 
 def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> Backbone:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config_dict = kwargs.get("config")
     try:
-        if config_dict is not None:  # rebuilding a saved model: architecture from its stored config, no weights
-            config = AutoConfig.for_model(**config_dict)
-            model = AutoModel.from_config(config)
-        elif pretrained:
-            model = AutoModel.from_pretrained(name)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(name))
+        model = load_hf_model(name, pretrained, config_dict)
         tokenizer = AutoTokenizer.from_pretrained(kwargs.get("processor_dir") or name)
     except OSError as e:
         raise SourceError(f"cannot load Hugging Face text model '{name}': {e}. Give a local folder with config.json "

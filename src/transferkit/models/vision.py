@@ -20,6 +20,7 @@ from transferkit.models.base import (  # noqa: F401  (re-exported: the model con
     Backbone,
     SourceModel,
     build_backbone,
+    load_hf_model,
     load_model,
     register_family,
     save_model,
@@ -112,17 +113,9 @@ class _HFPooled(nn.Module):
 
 
 def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> Backbone:
-    from transformers import AutoConfig, AutoModel
-
     config_dict = kwargs.get("config")
     try:
-        if config_dict is not None:  # rebuilding a saved model: architecture from its stored config, no weights
-            config = AutoConfig.for_model(**config_dict)
-            model = AutoModel.from_config(config)
-        elif pretrained:
-            model = AutoModel.from_pretrained(name)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(name))
+        model = load_hf_model(name, pretrained, config_dict)
     except OSError as e:
         raise SourceError(f"cannot load Hugging Face model '{name}': {e}. Give a local folder with config.json, "
                           "or a hub name on a machine with a network.") from e

@@ -44,6 +44,21 @@ class Vocab:
         return np.array(codes.to_numpy(), dtype=np.int64)  # a writable copy (torch.from_numpy shares it)
 
 
+class KnownIds:
+    """``user_ids`` / ``item_ids`` of a model that holds ``users`` and ``items`` vocabularies."""
+
+    users: Vocab
+    items: Vocab
+
+    @property
+    def user_ids(self) -> list[str]:
+        return self.users.ids
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.items.ids
+
+
 class Tower(nn.Module):
     """One side of the two-tower model: ``id embedding + W x features``, then optional hidden layers.
 
@@ -98,7 +113,7 @@ class Tower(nn.Module):
         return vec, bias
 
 
-class TwoTower(nn.Module):
+class TwoTower(KnownIds, nn.Module):
     """Score ``<user_tower(u), item_tower(i)> + b_u + b_i + mu`` (``mu``: the mean rating, 0 for implicit data).
 
     Args:
@@ -122,14 +137,6 @@ class TwoTower(nn.Module):
         self.item_tower = Tower(len(self.items), dim, item_features.rows_for(self.items.ids) if item_features else None,
                                 item_features.names if item_features else (), hidden)
         self.global_bias = nn.Parameter(torch.zeros(()))
-
-    @property
-    def user_ids(self) -> list[str]:
-        return self.users.ids
-
-    @property
-    def item_ids(self) -> list[str]:
-        return self.items.ids
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of the (user, item) pairs; ``items`` may have an extra trailing dimension (negatives)."""
@@ -182,7 +189,7 @@ def matrix_factorization(data: Interactions, dim: int = 32, items: Sequence[str]
     return _with_seed(seed, lambda: TwoTower(data.users, items, dim, kind="mf"))
 
 
-class Popularity:
+class Popularity(KnownIds):
     """The popularity baseline: every user gets the items with the most training interactions.
 
     Args:
@@ -197,14 +204,6 @@ class Popularity:
         self.items = Vocab(train.items if item_ids is None else item_ids, "item")
         counts = train.frame["item"].value_counts()
         self.counts = torch.tensor([float(counts.get(i, 0)) for i in self.items.ids])
-
-    @property
-    def user_ids(self) -> list[str]:
-        return self.users.ids
-
-    @property
-    def item_ids(self) -> list[str]:
-        return self.items.ids
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         return self.counts.expand(len(users), -1)
