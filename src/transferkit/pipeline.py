@@ -74,13 +74,16 @@ class PreparedData:
     def modality(self) -> str:
         return str(self.preprocess.get("modality", "image"))
 
-    def dataset(self, split: str, train: bool = False) -> Dataset:
+    def items(self, split: str) -> Any:
+        """The raw items of a split (paths, arrays, texts...), in split order; a lazy text column stays lazy."""
         idx = getattr(self.splits, split)
         source = self.examples.items
-        items = source.subset(idx) if hasattr(source, "subset") else [source[int(i)] for i in idx]
+        return source.subset(idx) if hasattr(source, "subset") else [source[int(i)] for i in idx]
+
+    def dataset(self, split: str, train: bool = False) -> Dataset:
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None
-        return make_dataset(self.modality, items, self.examples.labels[idx], self.preprocess, self.processor,
-                            augment)
+        return make_dataset(self.modality, self.items(split), self.examples.labels[getattr(self.splits, split)],
+                            self.preprocess, self.processor, augment)
 
     def summary(self) -> dict[str, Any]:
         size: dict[str, Any] = {}
@@ -411,8 +414,7 @@ def _pretrain_summary(summary: dict[str, Any]) -> dict[str, Any]:
             "train_s": summary["timing"]["train_s"]}
 
 
-def _baselines_step(recipe: Recipe, data: PreparedData, out: Path, resume: bool, main: bool,
-                    log: Any) -> dict[str, Any]:
+def _baselines_step(recipe: Recipe, data: PreparedData, log: Any) -> dict[str, Any]:
     """The recipe's ``baselines`` on the run's splits (cheap; computed again on resume, same result)."""
     from transferkit.evaluation.baselines import run_baselines
 
@@ -493,9 +495,10 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     source = load_source(source_spec)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    # with a transfer: step the data takes the target's input format (e.g. 1 channel), not the source's
-    data = prepare_data(recipe.data, source if recipe.transfer is None else make_target(source, recipe, None),
-                        recipe.seed)
+    # with a transfer: step the data takes the target's input format (e.g. 1 channel), not the source's: the
+    # target architecture alone tells it (pretrained=False: built, not filled)
+    data = prepare_data(recipe.data, source if recipe.transfer is None else
+                        make_target(source, recipe, None, pretrained=False), recipe.seed)
     data_s = time.perf_counter() - t
     log(f"source {source_spec.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
         f"{len(data.classes)} classes | skipped {len(data.examples.skipped)} unreadable")
@@ -556,7 +559,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         log(f"[{name}] test accuracy {test['accuracy']:.4f} | macro-F1 {test['macro_f1']:.4f} | "
             f"val accuracy {job['val'].get('accuracy', float('nan')):.4f} | train {job['timing']['train_s']:.1f}s")
 
-    baselines = _baselines_step(recipe, data, out, resume, main, log)
+    baselines = _baselines_step(recipe, data, log)
     monitor = recipe.train.monitor.removeprefix("val_")
     pick = max if monitor != "loss" else min
     selected = pick(results, key=lambda n: results[n]["val"].get(monitor, float("-inf")))

@@ -158,9 +158,11 @@ def dataset_modality(spec: str, text_column: str = "text") -> str:
     whose first media file is a recording holds audio."""
     if spec in DATASETS:
         return DATASET_MODALITY.get(spec, "image")
+    from transferkit.data.text import TEXT_FORMATS
+
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet", ".pq"):
+    if suffix in TEXT_FORMATS and suffix != ".csv":  # a CSV may be either: its header decides
         return "text"
     if suffix == ".csv" and path.is_file():
         with path.open(newline="", encoding="utf-8", errors="replace") as f:
@@ -174,10 +176,12 @@ def dataset_modality(spec: str, text_column: str = "text") -> str:
 
 
 def check_dataset_spec(spec: str) -> list[str]:
+    from transferkit.data.text import TEXT_FORMATS
+
     if spec in DATASETS:
         return []
     path = Path(spec).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".json", ".parquet", ".pq")):
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in TEXT_FORMATS):
         return []
     if path.exists():
         return [f"'{spec}' is neither an image folder, a .csv manifest nor a CSV/JSONL/Parquet file of texts"]

@@ -99,7 +99,7 @@ def make_loader(dataset: Dataset, batch_size: int | None = None, batch_sampler: 
         if isinstance(dataset, torch.utils.data.Subset):
             lengths = lengths[np.asarray(dataset.indices)]
         order = np.argsort(lengths, kind="stable")
-        batch_sampler = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size or 1)]
+        batch_sampler = [b.tolist() for b in _batches(order, batch_size or 1)]
     kwargs: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
         "batch_size": batch_size, "shuffle": False}
     loader = DataLoader(dataset, num_workers=num_workers, collate_fn=getattr(inner, "collate", None),

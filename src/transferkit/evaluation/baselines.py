@@ -21,8 +21,7 @@ TFIDF_C = (0.1, 1.0, 10.0, 100.0)
 
 
 def _texts(data: Any, split: str) -> list[str]:
-    items = data.examples.items
-    return [str(items[int(i)]) for i in getattr(data.splits, split)]
+    return [str(t) for t in data.items(split)]
 
 
 @BASELINES.register("tfidf", help="text: TF-IDF word 1-2-grams + logistic regression (C chosen on validation)")
