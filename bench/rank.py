@@ -24,7 +24,20 @@ fine-tuning every candidate once (training incl. per-epoch validation + test eva
 over that of ranking them all (one ``rank_candidates`` call, data read included; the median of ``--rank-repeats``
 calls) (goal >= 50x). Building the digits0-4 source is a one-off cost outside both sides, reported apart.
 
-Run: ``python bench/rank.py`` (writes bench/results/rank.json). One torch (and BLAS) thread by default: stable
+``--target text``: the text demo's data (``src/transferkit/recipes/demo_text.yaml``: Rotten Tomatoes fresh vs rotten,
+100 labelled reviews per class, 50 per class validation, 2,000 test, 64 tokens), fine-tuned with that recipe's
+strategy (``freeze``: embeddings and layer 0 frozen, the rest at lr x 0.01, 8 epochs). Candidates:
+
+- ``all-minilm-l6-v2``: the sentence encoder (384-d, mean pooling; no classifier head);
+- ``minilm[:2 layers]``: its embeddings and first 2 of 6 layers (the rest dropped), mean-pooled;
+- ``minilm (random init)``: the same architecture with random weights (seeded);
+- ``minilm+plot-vs-review``: MiniLM fine-tuned (``run_recipe``, strategy ``full``) to tell the corpus's plot
+  summaries from review snippets (a related task on the same kind of text, a 2-class head: LEEP/NCE);
+- ``minilm+sentiment``: MiniLM fine-tuned on fresh vs rotten reviews that are not in the target's split (the
+  target's own task from other examples: the best source one could have, a 2-class head).
+
+Run: ``python bench/rank.py`` (writes bench/results/rank.json); ``python bench/rank.py --target text --tag text``.
+One torch (and BLAS) thread by default: stable
 while another job shares the machine (see docs/benchmarks.md). ``--quick`` checks the code path in a few minutes
 (1 seed, 1 epoch, a small source run).
 """
@@ -51,6 +64,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from transferkit.data import read_dataset
+from transferkit.data.text import rotten_tomatoes
 from transferkit.demo import demo_recipe_path
 from transferkit.models.vision import SourceModel
 from transferkit.pipeline import PreparedData, evaluate, prepare_data, run_recipe, train
@@ -136,6 +150,78 @@ def candidates(digits_model: Path) -> list[Candidate]:
     ]
 
 
+def truncated_minilm(layers: int) -> SourceModel:
+    """all-minilm-l6-v2 keeping its embeddings and first ``layers`` transformer layers, mean-pooled."""
+    source = load_source("all-minilm-l6-v2")
+    bert = source.backbone.model
+    bert.encoder.layer = bert.encoder.layer[:layers]
+    bert.config.num_hidden_layers = layers
+    source.arch = {**source.arch, "truncated_layers": layers}
+    names = set(source.state_dict())
+    source.origin = {k: v for k, v in source.origin.items() if k in names}
+    return source
+
+
+def text_source(work: Path, name: str, texts: list[str], labels: list[str], quick: bool) -> tuple[Path, dict]:
+    """Fine-tune all-minilm-l6-v2 on ``texts`` (a CSV written under ``work``) with ``run_recipe``; the model folder."""
+    import pandas as pd
+
+    csv = work / f"{name}.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
+    per_class, val, test, epochs = (40, 10, 10, 1) if quick else (400, 50, 100, 3)
+    recipe = Recipe(name=name, seed=0, source="all-minilm-l6-v2",
+                    data={"dataset": str(csv), "per_class": per_class, "val_per_class": val,
+                          "test_size": 2 * test, "max_length": 64},
+                    train={"strategy": {"name": "full", "backbone_lr_scale": 0.05}, "epochs": epochs,
+                           "batch_size": 16, "lr": 0.001})
+    t = time.perf_counter()
+    run = run_recipe(recipe, out=work / f"{name}-run")
+    seconds = time.perf_counter() - t
+    metrics = json.loads((run / "metrics.json").read_text())
+    model = metrics["models"][metrics["selected"]]
+    info = {"train_texts": 2 * per_class, "epochs": epochs, "seconds": seconds,
+            "source_test_accuracy": model["test"]["accuracy"], "source_test_size": 2 * test}
+    return run / "model", info
+
+
+def build_text_sources(work: Path, target: PreparedData, quick: bool) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The two MiniLM sources fine-tuned here, on Rotten Tomatoes texts outside the target's split."""
+    used = {str(t) for split in ("train", "val", "test") for t in list_items(target, split)}
+    corpus = rotten_tomatoes(include_plot=True)
+    rng = np.random.default_rng(0)
+    texts = [str(corpus.items[i]) for i in range(len(corpus.items))]
+    names = np.asarray(corpus.classes)[corpus.labels]
+    free = rng.permutation([i for i, t in enumerate(texts) if t not in used])
+    plot = [i for i in free if names[i] == "plot"]
+    reviews = [i for i in free if names[i] != "plot"]
+    # plot vs review, then fresh vs rotten from the remaining reviews: the two sources share no review
+    pvr = plot[:600] + reviews[:600]
+    rest = reviews[600:]
+    models, info = {}, {}
+    models["minilm+plot-vs-review"], info["minilm+plot-vs-review"] = text_source(
+        work, "plot-vs-review", [texts[i] for i in pvr], ["plot" if names[i] == "plot" else "review" for i in pvr],
+        quick)
+    models["minilm+sentiment"], info["minilm+sentiment"] = text_source(
+        work, "sentiment", [texts[i] for i in rest], [str(names[i]) for i in rest], quick)
+    return models, info
+
+
+def list_items(data: PreparedData, split: str) -> list[Any]:
+    items = data.items(split)
+    return [items[i] for i in range(len(items))]
+
+
+def text_candidates(models: dict[str, Path]) -> list[Candidate]:
+    random_spec = {"name": "all-minilm-l6-v2", "pretrained": False}
+    return [
+        Candidate("all-minilm-l6-v2", lambda: load_source("all-minilm-l6-v2"), "all-minilm-l6-v2"),
+        Candidate("minilm[:2 layers]", lambda: truncated_minilm(2), "all-minilm-l6-v2, first 2 of 6 layers"),
+        Candidate("minilm (random init)", lambda: load_source(random_spec), random_spec),
+        *[Candidate(name, lambda p=path: load_source(str(p)), f"all-minilm-l6-v2 fine-tuned: {name}")
+          for name, path in models.items()],
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fine-tuning one candidate
 
@@ -145,8 +231,12 @@ def finetune(cand: Candidate, base: PreparedData, cfg: TrainConfig, seed: int) -
     torch.manual_seed(0)  # the random-init candidate gets the weights it was ranked with (rank_candidates seeds 0)
     source = cand.load()
     pp = dict(source.preprocess)
-    pp["input_size"] = [pp["input_size"][0], base.cfg.image_size, base.cfg.image_size]
-    data = dataclasses.replace(base, preprocess=pp)  # the same split, the candidate's preprocessing
+    if base.modality == "text":
+        pp["max_length"] = base.preprocess["max_length"]
+    else:
+        pp["input_size"] = [pp["input_size"][0], base.cfg.image_size, base.cfg.image_size]
+    # the same split, the candidate's preprocessing (and tokenizer)
+    data = dataclasses.replace(base, preprocess=pp, processor=source.processor)
     target = build_target(source, data.classes, seed=seed)
     target.preprocess = data.preprocess
     t0 = time.perf_counter()
@@ -163,7 +253,9 @@ def finetune(cand: Candidate, base: PreparedData, cfg: TrainConfig, seed: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs (default 15, the demo recipe's)")
+    ap.add_argument("--target", choices=["image", "text"], default="image",
+                    help="image: MNIST-5k (demo.yaml); text: Rotten Tomatoes (demo_text.yaml)")
+    ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the demo recipe's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     ap.add_argument("--strategy", help="train with this strategy instead of the recipe's (diagnostic: linear_probe)")
     ap.add_argument("--rank-repeats", type=int, default=3, help="rank_candidates calls timed (median)")
@@ -184,21 +276,27 @@ def main() -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     info = machine()
-    recipe = load_recipe(demo_recipe_path())
-    cfg = recipe.train.model_copy(update={"epochs": args.epochs, **({"strategy": args.strategy} if args.strategy
-                                                                      else {})})
+    recipe = load_recipe(demo_recipe_path(args.target))
+    cfg = recipe.train.model_copy(update={**({"epochs": args.epochs} if args.epochs else {}),
+                                          **({"strategy": args.strategy} if args.strategy else {})})
     source = load_source(recipe.source)
-    base = prepare_data(recipe.data, source.preprocess, recipe.seed)
-    print(f"target {recipe.data.dataset}: {base.splits.sizes()}, {recipe.data.image_size} px; fine-tuning "
+    base = prepare_data(recipe.data, source, recipe.seed)
+    size = f"{recipe.data.max_length} tokens" if args.target == "text" else f"{recipe.data.image_size} px"
+    print(f"target {recipe.data.dataset}: {base.splits.sizes()}, {size}; fine-tuning "
           f"'{cfg.strategy_name}' {cfg.epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seeds {args.seeds}; "
           f"{torch.get_num_threads()} thread(s)", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="tk-rank-bench-") as tmp:
-        digits_model, digits_info = build_digits_source(Path(tmp), base, args.quick)
-        print(f"digits0-4 source: {digits_info['train_images']} images, {digits_info['epochs']} epochs, "
-              f"{digits_info['seconds']:.1f} s, its own test accuracy {digits_info['source_test_accuracy']:.3f}",
-              flush=True)
-        cands = candidates(digits_model)
+        if args.target == "text":
+            models, built = build_text_sources(Path(tmp), base, args.quick)
+            cands = text_candidates(models)
+        else:
+            digits_model, digits_info = build_digits_source(Path(tmp), base, args.quick)
+            built = {"digits0-4": digits_info}
+            cands = candidates(digits_model)
+        for name, b in built.items():
+            print(f"{name} source: {b.get('train_images', b.get('train_texts'))} examples, {b['epochs']} epochs, "
+                  f"{b['seconds']:.1f} s, its own test accuracy {b['source_test_accuracy']:.3f}", flush=True)
 
         # ranking: the whole call (data read, every candidate's load, forward pass and scores), repeated
         rank_walls, ranked = [], []
@@ -244,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "machine": info, "args": vars(args),
         "target": {"data": recipe.data.model_dump(), "splits": base.splits.sizes()},
-        "train": cfg.model_dump(), "digits_source": digits_info, "candidates": rows_out, "correlation": corr,
+        "train": cfg.model_dump(), "built_sources": built, "candidates": rows_out, "correlation": corr,
         "rank_all_s": rank_all, "rank_walls_s": rank_walls, "rank_per_candidate_s": per_candidate_rank,
         "finetune_all_s": finetune_all, "cost_ratio": finetune_all / rank_all,
         "cost_ratio_without_data_read": finetune_all / sum(per_candidate_rank.values()),
