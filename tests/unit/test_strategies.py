@@ -353,3 +353,30 @@ def test_auto_resolves_from_the_data_and_says_why(data, capsys):
     assert f"auto: 4 labelled example(s) in the smallest class (< 10): freeze the first {-(-groups // 3)} of" in \
         result["auto"]
     assert result["auto"] in capsys.readouterr().out
+
+
+def test_delta_on_a_text_encoder_compares_hidden_states(tmp_path):
+    """Transformer layers return tuples and take a dict batch: DELTA compares the hidden units, per token."""
+    from helpers import tiny_text_folder
+
+    from transferkit.sources import load_source
+    from transferkit.strategies.regularizers import Delta, default_delta_layers
+
+    source = load_source(f"hf:{tiny_text_folder(tmp_path / 'bert')}")
+    target = build_target(load_source(f"hf:{tmp_path / 'bert'}"), ["a", "b"], seed=0)
+    layers = default_delta_layers(source.backbone)
+    assert layers == ["model.encoder.layer.0", "model.encoder.layer.1"]
+    batch = source.processor(["a fine film", "dull"], padding=True, return_tensors="pt")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    delta = Delta(source.backbone, layers, {}, alpha=2.0, beta=0.0)
+    delta.prepare(target)
+    target(batch)
+    assert delta(target, inputs=batch).item() == pytest.approx(0.0, abs=1e-10)  # same weights, same maps
+    with torch.no_grad():  # shift layer 1's output dense bias of unit 3 by 0.5: after LayerNorm, unit 3 moves
+        target.backbone.model.encoder.layer[1].output.LayerNorm.bias[3] += 0.5
+    target(batch)
+    # only hidden unit 3 of layer 1 differs, by exactly 0.5 at every token: alpha/2 * 0.5^2
+    assert delta(target, inputs=batch).item() == pytest.approx(2.0 / 2 * 0.25, rel=1e-5)
+    with pytest.raises(ValueError, match="without attention"):
+        Delta(source.backbone, layers, {}, alpha=1.0, beta=0.0, attention=True)(target, inputs=batch,
+                                                                                targets=torch.tensor([0, 1]))

@@ -118,13 +118,18 @@ class DeltaConfig:
     new head. With ``attention``, the channel weights ``w_c`` are a softmax over how much the loss grows when the
     channel is removed from the source network (measured once, on the first batch); otherwise all ``w_c = 1``.
 
+    Feature maps are ``(batch, channels, ...)`` for image networks. For a tokenized text batch the outputs of
+    transformer layers are ``(batch, tokens, hidden)``: there the channels are the hidden units, averaged over the
+    tokens (padding included: it is computed by both networks alike). A layer returning a tuple (transformers
+    layers) is compared on its first element, the hidden states.
+
     Attributes:
         alpha: weight of the feature-map distance.
         beta: plain L2 on weights without a source counterpart.
         layers: backbone module names whose outputs are compared; default: the outputs of the layer groups'
             last modules (for timm models, each stage).
         attention: weight channels by their importance to the source network (costs one forward pass per
-            channel, once).
+            channel, once); image networks only.
     """
 
     alpha: float = 0.01
@@ -170,7 +175,8 @@ class Delta(nn.Module):
                 module = backbone.get_submodule(name)
             except AttributeError as e:
                 raise ValueError(f"delta layer '{name}' is not a module of the backbone") from e
-            handles.append(module.register_forward_hook(lambda m, i, o, n=name: store.__setitem__(n, o)))
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, n=name: store.__setitem__(n, o[0] if isinstance(o, tuple) else o)))
         return handles
 
     @torch.no_grad()
@@ -219,26 +225,38 @@ class Delta(nn.Module):
     def forward(self, model: nn.Module, features: torch.Tensor | None = None, *, inputs: torch.Tensor,
                 targets: torch.Tensor | None = None, **batch: Any) -> torch.Tensor:
         target = unwrap(model)
+        tokens = isinstance(inputs, dict)  # a tokenized batch: hidden units are the last dimension
         if self.weights is None:
+            if self.attention and tokens:
+                raise ValueError("delta attention weighs the channels of convolutional feature maps; for a text "
+                                 "backbone use delta without attention")
             self.weights = (self._channel_attention(target.head, inputs, targets) if self.attention and
                             targets is not None else {})
-        if next(self.source.parameters()).device != inputs.device:
-            self.source.to(inputs.device)
+        device = next(iter(inputs.values())).device if tokens else inputs.device
+        if next(self.source.parameters()).device != device:
+            self.source.to(device)
         source_maps = self._source_maps(inputs)
-        total = inputs.new_zeros(())
+        total = torch.zeros((), device=device)
         for name in self.layers:
             diff = (self._maps[name] - source_maps[name]).pow(2)
-            per_channel = diff.flatten(2).mean(-1).mean(0) if diff.ndim > 2 else diff.mean(0)
+            if tokens and diff.ndim > 2:
+                per_channel = diff.flatten(0, -2).mean(0)
+            else:
+                per_channel = diff.flatten(2).mean(-1).mean(0) if diff.ndim > 2 else diff.mean(0)
             w = self.weights.get(name)
             total = total + (per_channel * w.to(per_channel.device) if w is not None else per_channel).sum()
         return self.alpha / 2 * total + self.new_weights(model)
 
 
 def default_delta_layers(backbone: nn.Module) -> list[str]:
-    """The output of each stage: timm's ``blocks.N`` (else the backbone's top-level children)."""
+    """The output of each stage: timm's ``blocks.N``, a transformers encoder's ``...encoder.layer.N`` (else the
+    backbone's top-level children)."""
     names = [n for n, _ in backbone.named_children()]
     if "blocks" in names:
         return [f"blocks.{i}" for i in range(len(backbone.get_submodule("blocks")))]
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers") and len(module):
+            return [f"{name}.{i}" for i in range(len(module))]
     return [n for n, m in backbone.named_children() if any(True for _ in m.parameters())]
 
 
