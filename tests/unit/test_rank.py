@@ -272,6 +272,17 @@ def test_correlation_edge_cases() -> None:
         correlation([1, float("nan")], [1, 2])
 
 
+def test_correlation_treats_floating_point_noise_as_ties() -> None:
+    # the H-scores of bench/rank.py --target text: C - 1 = 1 for every 384-d candidate, up to rounding
+    noisy = [1.0, 1.0000000000000002, 0.9999999999999999, 1.0000000000000002, 1.0000000000000009]
+    assert math.isnan(correlation(noisy, [0.73, 0.64, 0.53, 0.72, 0.77])["weighted_kendall_tau"])
+    # two candidates tied by rounding, a third apart: the tie stays a tie (tau as for exact ties)
+    tied = correlation([9.0, 9.000000000000002, 4.997], [0.92, 0.94, 0.58])
+    assert tied == pytest.approx(correlation([9.0, 9.0, 4.997], [0.92, 0.94, 0.58]))
+    # real differences, however small against the scale, still count
+    assert correlation([1.0, 1.0 + 1e-9, 1.0 + 2e-9], [1, 2, 3])["weighted_kendall_tau"] == pytest.approx(1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -368,6 +368,11 @@ def correlation(scores: Any, accuracies: Any) -> dict[str, float]:
     decreasing value, averaged over both rankings), which weights agreement among the best candidates most; it
     is the measure TLlib's model-selection benchmark reports. NaN when either side is constant.
 
+    Scores that agree to 12 significant digits count as ties: a score that is constant in exact arithmetic (the
+    H-score of every candidate with at least as many feature dimensions as examples is ``C - 1``) comes out of
+    floating point as ``1.0``, ``1.0000000000000002``, ``0.9999999999999999``, and those rounding errors must not
+    order the candidates.
+
     Args:
         scores: one score per candidate.
         accuracies: the fine-tuned accuracy of the same candidates, in the same order.
@@ -384,6 +389,9 @@ def correlation(scores: Any, accuracies: Any) -> dict[str, float]:
         raise DataError(f"correlation needs at least 2 candidates, got {len(s)}")
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(a))):
         raise DataError("scores and accuracies must be finite numbers (leave failed candidates out)")
+    scale = float(np.max(np.abs(s)))
+    if scale > 0:
+        s = np.round(s, 11 - int(np.floor(np.log10(scale))))
     if np.ptp(s) == 0 or np.ptp(a) == 0:
         return {"pearson": float("nan"), "weighted_kendall_tau": float("nan")}
     with warnings.catch_warnings():
