@@ -32,7 +32,7 @@ def test_demo_transfer_beats_scratch_and_reaches_90_percent(tmp_path: Path, caps
     run_dir = run_demo("image", out=tmp_path)
     metrics = read_json(run_dir / "metrics.json")
     models = metrics["models"]
-    assert set(models) == {"full", "linear_probe", "scratch"}
+    assert set(models) == {"freeze", "linear_probe", "scratch"}
     assert metrics["data"]["splits"] == {"train": 200, "val": 200, "test": 1000}
     # the model is chosen on validation data; its test accuracy is the demo's result
     selected = models[metrics["selected"]]
