@@ -222,8 +222,9 @@ class Delta(nn.Module):
             self._hook(target.backbone, self._maps)
             self._hooked = target
 
-    def forward(self, model: nn.Module, features: torch.Tensor | None = None, *, inputs: torch.Tensor,
-                targets: torch.Tensor | None = None, **batch: Any) -> torch.Tensor:
+    def forward(self, model: nn.Module, features: torch.Tensor | None = None, *,
+                inputs: torch.Tensor | dict[str, torch.Tensor], targets: torch.Tensor | None = None,
+                **batch: Any) -> torch.Tensor:
         target = unwrap(model)
         tokens = isinstance(inputs, dict)  # a tokenized batch: hidden units are the last dimension
         if self.weights is None:
