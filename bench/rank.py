@@ -101,7 +101,7 @@ def truncated_lite0(after: int) -> SourceModel:
     backbone = TruncatedEfficientNet(source.backbone, after)
     width = backbone.blocks[-1][-1].conv_pwl.out_channels
     model = SourceModel(backbone, nn.Identity(), {**source.arch, "truncated_after_block": after},
-                        dict(source.preprocess), None, width)
+                        dict(source.preprocess), None, width, groups=source.groups)  # the kept blocks' groups
     names = {f"backbone.{n}" for n in backbone.state_dict()}
     model.origin = {k: v for k, v in source.origin.items() if k in names}
     return model
