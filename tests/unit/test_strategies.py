@@ -340,7 +340,8 @@ def test_auto_rule():
     assert choose_strategy(100, 3_400_000, 17)[0] == {"name": "freeze", "groups": 6}
     spec, reason = choose_strategy(5, 3_400_000, 17)
     assert spec == {"name": "freeze", "groups": 6}
-    assert "5 labelled example(s) in the smallest class (< 101): freeze the first 6 of 17 layer groups" in reason
+    assert ("5 labelled example(s) in the smallest class (fewer than 101): freeze the first 6 of 17 layer groups"
+            in reason)
     assert choose_strategy(100, 400_000_000, 17)[0] == "lora"
     assert choose_strategy(5, 3_400_000, 17, AutoConfig(freeze_below=3))[0] == "full"
 
@@ -351,8 +352,8 @@ def test_auto_resolves_from_the_data_and_says_why(data, capsys):
                    accelerator=make_accelerator("no"))
     groups = len(model.layer_groups()) - 1
     assert result["strategy"] == "freeze" and not result["cached_features"]
-    assert f"auto: 4 labelled example(s) in the smallest class (< 101): freeze the first {-(-groups // 3)} of" in \
-        result["auto"]
+    assert (f"auto: 4 labelled example(s) in the smallest class (fewer than 101): freeze the first {-(-groups // 3)} "
+            "of") in result["auto"]
     assert result["auto"] in capsys.readouterr().out
 
 

@@ -52,8 +52,8 @@ def choose_strategy(per_class: int, backbone_params: int, backbone_groups: int,
     if per_class < cfg.freeze_below:
         groups = math.ceil(backbone_groups / 3)
         return {"name": "freeze", "groups": groups}, (
-            f"auto: {per_class} labelled example(s) in the smallest class (< {cfg.freeze_below}): freeze the first "
-            f"{groups} of {backbone_groups} layer groups and every BatchNorm's statistics, train the rest")
+            f"auto: {per_class} labelled example(s) in the smallest class (fewer than {cfg.freeze_below}): freeze the "
+            f"first {groups} of {backbone_groups} layer groups and every BatchNorm's statistics, train the rest")
     return "full", (f"auto: {per_class} labelled examples per class and {backbone_params / 1e6:.1f} M backbone "
                     "parameters: full fine-tuning (the head faster than the backbone)")
 
