@@ -233,7 +233,7 @@ class Delta(nn.Module):
                                  "backbone use delta without attention")
             self.weights = (self._channel_attention(target.head, inputs, targets) if self.attention and
                             targets is not None else {})
-        device = next(iter(inputs.values())).device if tokens else inputs.device
+        device = next(target.parameters()).device  # where the inputs and the target's maps are
         if next(self.source.parameters()).device != device:
             self.source.to(device)
         source_maps = self._source_maps(inputs)
