@@ -129,13 +129,18 @@ def build_digits_source(work: Path, target: PreparedData, quick: bool) -> tuple[
                     data={"dataset": str(folder), "per_class": per_class - val - test, "val_per_class": val,
                           "test_size": 5 * test, "image_size": 96, "augment": {"rotation": 10, "translate": 0.1}},
                     train={"strategy": "full", "epochs": epochs, "batch_size": 32, "lr": 0.003})
+    return train_source(recipe, work, 5 * (per_class - val - test), 5 * test)
+
+
+def train_source(recipe: Recipe, work: Path, train_examples: int, test_examples: int) -> tuple[Path, dict[str, Any]]:
+    """Run ``recipe`` (a source built here) under ``work``: its model folder, and what building it took."""
     t = time.perf_counter()
-    run = run_recipe(recipe, out=work / "digits0-4-run")
+    run = run_recipe(recipe, out=work / f"{recipe.name}-run")
     seconds = time.perf_counter() - t
     metrics = json.loads((run / "metrics.json").read_text())
     model = metrics["models"][metrics["selected"]]
-    info = {"train_images": 5 * (per_class - val - test), "epochs": epochs, "seconds": seconds,
-            "source_test_accuracy": model["test"]["accuracy"], "source_test_size": 5 * test}
+    info = {"train_examples": train_examples, "epochs": recipe.train.epochs, "seconds": seconds,
+            "source_test_accuracy": model["test"]["accuracy"], "source_test_size": test_examples}
     return run / "model", info
 
 
@@ -174,22 +179,15 @@ def text_source(work: Path, name: str, texts: list[str], labels: list[str], quic
                           "test_size": 2 * test, "max_length": 64},
                     train={"strategy": {"name": "full", "backbone_lr_scale": 0.05}, "epochs": epochs,
                            "batch_size": 16, "lr": 0.001})
-    t = time.perf_counter()
-    run = run_recipe(recipe, out=work / f"{name}-run")
-    seconds = time.perf_counter() - t
-    metrics = json.loads((run / "metrics.json").read_text())
-    model = metrics["models"][metrics["selected"]]
-    info = {"train_texts": 2 * per_class, "epochs": epochs, "seconds": seconds,
-            "source_test_accuracy": model["test"]["accuracy"], "source_test_size": 2 * test}
-    return run / "model", info
+    return train_source(recipe, work, 2 * per_class, 2 * test)
 
 
 def build_text_sources(work: Path, target: PreparedData, quick: bool) -> tuple[dict[str, Path], dict[str, Any]]:
     """The two MiniLM sources fine-tuned here, on Rotten Tomatoes texts outside the target's split."""
-    used = {str(t) for split in ("train", "val", "test") for t in list_items(target, split)}
+    used = {str(t) for split in ("train", "val", "test") for t in as_list(target.items(split))}
     corpus = rotten_tomatoes(include_plot=True)
     rng = np.random.default_rng(0)
-    texts = [str(corpus.items[i]) for i in range(len(corpus.items))]
+    texts = [str(t) for t in as_list(corpus.items)]
     names = np.asarray(corpus.classes)[corpus.labels]
     free = rng.permutation([i for i, t in enumerate(texts) if t not in used])
     plot = [i for i in free if names[i] == "plot"]
@@ -206,8 +204,8 @@ def build_text_sources(work: Path, target: PreparedData, quick: bool) -> tuple[d
     return models, info
 
 
-def list_items(data: PreparedData, split: str) -> list[Any]:
-    items = data.items(split)
+def as_list(items: Any) -> list[Any]:
+    """A list from a sequence that may be a lazy text column (indexable, with a length)."""
     return [items[i] for i in range(len(items))]
 
 
@@ -295,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             built = {"digits0-4": digits_info}
             cands = candidates(digits_model)
         for name, b in built.items():
-            print(f"{name} source: {b.get('train_images', b.get('train_texts'))} examples, {b['epochs']} epochs, "
+            print(f"{name} source: {b['train_examples']} examples, {b['epochs']} epochs, "
                   f"{b['seconds']:.1f} s, its own test accuracy {b['source_test_accuracy']:.3f}", flush=True)
 
         # ranking: the whole call (data read, every candidate's load, forward pass and scores), repeated
