@@ -12,7 +12,8 @@ the full table is ``--shots 5 20 100 --seeds 0 1 2``. Results: ``bench/results/s
 ``--recipe src/transferkit/recipes/demo_text.yaml --tag text`` runs the same table on the text demo (MiniLM ->
 Rotten Tomatoes); ``--set train.epochs=5`` sets recipe keys for every run.
 
-``--search lr=0.003 lr=0.001`` gives every strategy the same search budget: each configuration (a comma-separated
+``--search lr=0.003 lr=0.001 lr=0.01`` (the image table in docs/benchmarks.md; ``lr=0.003 lr=0.0003`` for text)
+gives every strategy the same search budget: each configuration (a comma-separated
 list of ``train.`` keys) is run for every (strategy, K, seed), and the table reports, per seed, the test accuracy of
 the configuration with the best *validation* accuracy (ties: the first listed). ``--jobs 2`` runs two processes
 at once (each with ``--threads`` threads). Every finished run is appended to ``bench/results/strategies[-TAG].jsonl``
@@ -129,7 +130,7 @@ def main() -> None:
                         help="recipe overrides for every run, e.g. train.epochs=5")
     parser.add_argument("--search", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="train settings tried for every strategy, chosen on validation accuracy, e.g. "
-                             "lr=0.003 lr=0.001")
+                             "lr=0.003 lr=0.001 lr=0.01")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads)")
     args = parser.parse_args()
     name = f"strategies-{args.tag}" if args.tag else "strategies"
