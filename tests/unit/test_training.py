@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import small_mnist, tiny_source
 
-from transferkit.engine.loop import JobPaths, fit, make_accelerator
+from transferkit.engine import loop
+from transferkit.engine.loop import JobPaths, conv_layout, fit, make_accelerator
 from transferkit.engine.schedule import lr_factor
 from transferkit.errors import RecipeError, TrainingError
 from transferkit.pipeline import train
@@ -156,3 +157,90 @@ def test_python_api_is_plain_functions(data, tmp_path):
     tk.save_model(model, tmp_path / "m")
     probs = tk.load_run(tmp_path / "m").predict_proba([data.examples.items[0]])
     assert probs.shape == (1, 10) and abs(float(probs.sum()) - 1) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Channels-last weights while the engine runs a convolutional model
+
+
+def _layouts(model: torch.nn.Module) -> set[str]:
+    """The layouts of the convolution weights that have one (1x1 and depthwise kernels are both at once)."""
+    out = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1:
+            out.add("channels_last" if m.weight.is_contiguous(memory_format=torch.channels_last)
+                    and not m.weight.is_contiguous() else "contiguous")
+    return out
+
+
+def test_conv_layout_is_channels_last_inside_restored_after_and_nests():
+    model = tiny_source().backbone
+    weight = model.conv_stem.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert _layouts(model) == {"contiguous"}
+    with conv_layout(model):
+        assert _layouts(model) == {"channels_last"}
+        with conv_layout(model):  # e.g. fit's validation pass: no change, and nothing restored on exit
+            assert _layouts(model) == {"channels_last"}
+        assert _layouts(model) == {"channels_last"}
+    assert _layouts(model) == {"contiguous"}
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert model.conv_stem.weight is weight  # the same Parameter objects: an optimizer built before still holds them
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="boom"), conv_layout(model):
+        raise RuntimeError("boom")
+    assert _layouts(model) == {"contiguous"}  # restored on an exception too
+    text_like = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with conv_layout(text_like):  # no 2-D convolution: left alone
+        assert text_like[0].weight.is_contiguous()
+
+
+def test_fit_trains_in_channels_last_and_gives_the_same_result(data):
+    """Training sees channels-last weights, the result matches the default layout to float rounding, and the
+    model comes back with ordinary (contiguous) weights, as saving and export expect."""
+    cfg = TrainConfig(strategy="full", epochs=2, batch_size=8, lr=0.01, log_every=1)
+    seen = []
+
+    def run(layout: bool):
+        model = build_target(tiny_source(), data.classes, seed=0)
+        strategy, options = get_strategy("full")
+        plan = strategy.plan(model, options, cfg)
+        apply_plan(model, plan)
+        if not layout:  # the baseline: mark the model as already inside conv_layout, so fit leaves it as it is
+            loop._CHANNELS_LAST.add(model)
+        result = fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan, num_classes=10,
+                     seed=0, accelerator=make_accelerator("no"),
+                     on_step=lambda step: seen.append((layout, _layouts(model.backbone))))
+        loop._CHANNELS_LAST.discard(model)
+        return model, result
+
+    model, result = run(layout=True)
+    _, base_result = run(layout=False)
+    assert {on for on, _ in seen} == {True, False}
+    assert all(layouts == {"channels_last"} for on, layouts in seen if on)
+    assert all(layouts == {"contiguous"} for on, layouts in seen if not on)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert result.history[-1]["train_loss"] == pytest.approx(base_result.history[-1]["train_loss"], rel=1e-4)
+    # weight by weight, Adam magnifies rounding where a gradient is ~0 (a BatchNorm bias of 0.002 may move by 0.002);
+    # the weights as a whole agree to 1e-3 relative
+    names = [n for n, _ in model.named_parameters()]
+    a = torch.cat([result.best_state[n].flatten() for n in names])
+    b = torch.cat([base_result.best_state[n].flatten() for n in names])
+    assert ((a - b).norm() / b.norm()).item() < 1e-3
+    assert result.best_val["accuracy"] == base_result.best_val["accuracy"]
+
+
+def test_compute_features_agree_between_layouts(data):
+    from transferkit.pipeline import compute_features
+
+    backbone = tiny_source().backbone.eval()
+    dataset = data.dataset("val")
+    fast = compute_features(backbone, dataset, batch_size=8)
+    assert _layouts(backbone) == {"contiguous"}
+    loop._CHANNELS_LAST.add(backbone)  # the default layout, for comparison
+    try:
+        plain = compute_features(backbone, dataset, batch_size=8)
+    finally:
+        loop._CHANNELS_LAST.discard(backbone)
+    assert fast.shape == plain.shape == (len(dataset), backbone.num_features)
+    assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)

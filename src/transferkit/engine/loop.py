@@ -13,7 +13,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,32 @@ def make_accelerator(mixed_precision: str = "auto"):
         else:
             mixed_precision = "no"
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+_CHANNELS_LAST: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules inside conv_layout() now
+
+
+@contextlib.contextmanager
+def conv_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a model that has 2-D convolutions with its 4-D weights in channels-last layout; restore them after.
+
+    Convolutions with channels-last weights take the usual NCHW inputs and compute in channels-last, which
+    oneDNN (CPU) and cuDNN run faster. Measured on the 2-core CPU (``bench/channels_last.py``, batch 32):
+    EfficientNet-Lite0 at 96 px trains 1.58x and infers 1.68x faster, at 224 px 1.58x and 2.63x; ResNet-18 1.13x;
+    a ViT (one convolution) is unchanged. The results agree to float rounding. Afterwards the weights are
+    contiguous again, so saved files, exports and later code see ordinary tensors. Nested use is a no-op (the
+    validation inside ``fit`` runs under ``fit``'s layout); models without ``Conv2d`` are left alone.
+    """
+    if model in _CHANNELS_LAST or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        yield model
+        return
+    model.to(memory_format=torch.channels_last)
+    _CHANNELS_LAST.add(model)
+    try:
+        yield model
+    finally:
+        _CHANNELS_LAST.discard(model)
+        model.to(memory_format=torch.contiguous_format)
 
 
 @dataclass
@@ -138,7 +165,8 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     """Logits and labels for a whole dataset, in order, with the model in eval mode."""
     was_training = model.training
     model.eval()
-    logits, labels = in_order(dataset, batch_size, lambda x: model(to_device(x, device)), num_workers, desc)
+    with conv_layout(model):
+        logits, labels = in_order(dataset, batch_size, lambda x: model(to_device(x, device)), num_workers, desc)
     model.train(was_training)
     return logits, labels
 
@@ -238,133 +266,135 @@ def fit(
         num_workers: DataLoader worker processes.
         on_step: called with the global step after each optimizer step (tests use it to interrupt).
     """
-    objective = objective or ClassificationObjective(cfg.label_smoothing)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    per_rank_batch = max(1, cfg.batch_size // world)
-    micro_batches = len(_batches(epoch_order(len(train_set), seed, 0, rank, world), per_rank_batch))
-    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    with conv_layout(model):  # channels-last weights while training: see conv_layout
+        objective = objective or ClassificationObjective(cfg.label_smoothing)
+        main = accelerator.is_main_process
+        rank, world = accelerator.process_index, accelerator.num_processes
+        per_rank_batch = max(1, cfg.batch_size // world)
+        micro_batches = len(_batches(epoch_order(len(train_set), seed, 0, rank, world), per_rank_batch))
+        steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
-    optimizer = _build_optimizer(model, plan, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
-    higher_better = cfg.monitor != "val_loss"
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best_value": None,
-                             "best_epoch": 0, "best_val": {}, "bad_epochs": 0}
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    resumed_from = None
-    torch.manual_seed(seed)  # dropout and augmentation draw from here on: they depend on the seed alone
-    if resume and paths is not None and paths.checkpoint.exists():
-        ckpt = safe_torch_load(paths.checkpoint)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        best_state = ckpt["best_state"] or {k: v.detach().clone() for k, v in ckpt["model"].items()}
-        state = json.loads(ckpt["state"])
-        resumed_from = state["step"]
-        if main:
-            _drop_log_lines_after(paths, state["step"])
-    accelerator.wait_for_everyone()
+        optimizer = _build_optimizer(model, plan, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+        higher_better = cfg.monitor != "val_loss"
+        state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best_value": None,
+                                 "best_epoch": 0, "best_val": {}, "bad_epochs": 0}
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        resumed_from = None
+        torch.manual_seed(seed)  # dropout and augmentation draw from here on: they depend on the seed alone
+        if resume and paths is not None and paths.checkpoint.exists():
+            ckpt = safe_torch_load(paths.checkpoint)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"])
+            best_state = ckpt["best_state"] or {k: v.detach().clone() for k, v in ckpt["model"].items()}
+            state = json.loads(ckpt["state"])
+            resumed_from = state["step"]
+            if main:
+                _drop_log_lines_after(paths, state["step"])
+        accelerator.wait_for_everyone()
 
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        device = accelerator.device
 
-    def save_checkpoint() -> None:
-        if paths is None or not main:
-            return
-        # at the end of an epoch that improved, the best weights are the current ones: not stored twice
-        best_is_current = state["batch"] == 0 and state["best_epoch"] == state["epoch"]
-        torch_save(paths.checkpoint, {
-            "model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "best_state": {} if best_is_current else best_state, "state": json.dumps(state),
-        })
+        def save_checkpoint() -> None:
+            if paths is None or not main:
+                return
+            # at the end of an epoch that improved, the best weights are the current ones: not stored twice
+            best_is_current = state["batch"] == 0 and state["best_epoch"] == state["epoch"]
+            torch_save(paths.checkpoint, {
+                "model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "best_state": {} if best_is_current else best_state, "state": json.dumps(state),
+            })
 
-    t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=paths.job if paths else "train", leave=False,
-               disable=not (main and show_progress()))
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        set_train_mode(accelerator.unwrap_model(wrapped), plan)
-        batches = _batches(epoch_order(len(train_set), seed, epoch, rank, world), per_rank_batch)
-        start = state["batch"]
-        running, seen = torch.zeros((), device=device), 0
-        group: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, (x, y) in enumerate(_loader(train_set, batches[start:], num_workers, seed + epoch), start=start):
-            group.append((x, y))
-            if len(group) < cfg.grad_accum and i + 1 < len(batches):
-                continue
-            # one optimizer step over the micro-batches in `group` (the last group of an epoch may be shorter)
-            for j, (gx, gy) in enumerate(group):
-                sync = j + 1 == len(group)
-                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
-                with ctx, accelerator.autocast():
-                    out = objective(wrapped, to_device(gx, device), gy.to(device))
-                    loss = out["loss"] / len(group)
-                accelerator.backward(loss)
-                running += loss.detach()
-            group = []
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch"] = i + 1
-            seen += 1
-            bar.update(1)
-            checkpoint_now = bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
-            # a checkpoint step is also a log step, so no partial loss sum is ever lost to an interruption
-            if state["step"] % cfg.log_every == 0 or state["batch"] == len(batches) or checkpoint_now:
-                mean_loss = (running / seen).item()
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"the training loss became {mean_loss} in epoch {epoch + 1} before step {state['step']}. "
-                        f"Lower the learning rate (train.lr={cfg.lr:g} now), set train.max_grad_norm (e.g. 1.0), "
-                        "or check the inputs for NaN values."
-                    )
-                _log(paths, main, {"epoch": epoch + 1, "step": state["step"], "loss": mean_loss,
-                                   "lr": optimizer.param_groups[-1]["lr"]})
-                state.setdefault("epoch_loss", []).append([mean_loss, seen])
-                running, seen = torch.zeros((), device=device), 0
-            if on_step is not None:
-                on_step(state["step"])
-            if checkpoint_now and state["batch"] < len(batches):
-                save_checkpoint()
+        t0 = time.perf_counter()
+        bar = tqdm(total=total_steps, initial=state["step"], desc=paths.job if paths else "train", leave=False,
+                   disable=not (main and show_progress()))
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            set_train_mode(accelerator.unwrap_model(wrapped), plan)
+            batches = _batches(epoch_order(len(train_set), seed, epoch, rank, world), per_rank_batch)
+            start = state["batch"]
+            running, seen = torch.zeros((), device=device), 0
+            group: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for i, (x, y) in enumerate(_loader(train_set, batches[start:], num_workers, seed + epoch), start=start):
+                group.append((x, y))
+                if len(group) < cfg.grad_accum and i + 1 < len(batches):
+                    continue
+                # one optimizer step over the micro-batches in `group` (the last group of an epoch may be shorter)
+                for j, (gx, gy) in enumerate(group):
+                    sync = j + 1 == len(group)
+                    ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
+                    with ctx, accelerator.autocast():
+                        out = objective(wrapped, to_device(gx, device), gy.to(device))
+                        loss = out["loss"] / len(group)
+                    accelerator.backward(loss)
+                    running += loss.detach()
+                group = []
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["batch"] = i + 1
+                seen += 1
+                bar.update(1)
+                checkpoint_now = bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
+                # a checkpoint step is also a log step, so no partial loss sum is ever lost to an interruption
+                if state["step"] % cfg.log_every == 0 or state["batch"] == len(batches) or checkpoint_now:
+                    mean_loss = (running / seen).item()
+                    if not math.isfinite(mean_loss):
+                        raise TrainingError(
+                            f"the training loss became {mean_loss} in epoch {epoch + 1} before step {state['step']}. "
+                            f"Lower the learning rate (train.lr={cfg.lr:g} now), set train.max_grad_norm (e.g. 1.0), "
+                            "or check the inputs for NaN values."
+                        )
+                    _log(paths, main, {"epoch": epoch + 1, "step": state["step"], "loss": mean_loss,
+                                       "lr": optimizer.param_groups[-1]["lr"]})
+                    state.setdefault("epoch_loss", []).append([mean_loss, seen])
+                    running, seen = torch.zeros((), device=device), 0
+                if on_step is not None:
+                    on_step(state["step"])
+                if checkpoint_now and state["batch"] < len(batches):
+                    save_checkpoint()
 
-        # end of epoch: agree on BatchNorm statistics, validate, keep the best weights, maybe stop early, checkpoint
-        if world > 1:
-            average_buffers(accelerator.unwrap_model(wrapped))
-        val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch, num_classes, device)
-        parts = state.pop("epoch_loss", [])
-        train_loss = sum(loss * n for loss, n in parts) / max(1, sum(n for _, n in parts))
-        record = {"epoch": epoch + 1, "step": state["step"], "train_loss": train_loss, "val_loss": val["loss"],
-                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                  "lr": optimizer.param_groups[-1]["lr"], "time_s": time.perf_counter() - t0}
-        state["history"].append(record)
-        _log(paths, main, {"event": "epoch", **record})
-        value = val[cfg.monitor.removeprefix("val_")]
-        improved = state["best_value"] is None or (value > state["best_value"] if higher_better
-                                                   else value < state["best_value"])
-        if improved:
-            state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0,
-                         best_val={k: v for k, v in val.items() if k != "confusion"})
-            current = accelerator.unwrap_model(wrapped).state_dict()
-            best_state = {k: v.detach().cpu().clone() for k, v in current.items()}
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"], state["batch"] = epoch + 1, 0
-        stop = cfg.early_stopping_patience is not None and state["bad_epochs"] >= cfg.early_stopping_patience
-        if stop:
-            state["epoch"] = cfg.epochs
-        save_checkpoint()
-        bar.set_postfix(val=f"{value:.3f}")
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.device.type != "cpu":
-        accelerator.free_memory()  # give accelerator memory back; on CPU only a costly gc.collect() (~0.2 s)
-    return FitResult(best_state, state["best_epoch"], state["best_val"], state["history"], state["step"],
-                     time.perf_counter() - t0, resumed_from)
+            # end of epoch: agree on BatchNorm statistics, validate, keep the best weights, maybe stop early, checkpoint
+            if world > 1:
+                average_buffers(accelerator.unwrap_model(wrapped))
+            val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch, num_classes, device)
+            parts = state.pop("epoch_loss", [])
+            train_loss = sum(loss * n for loss, n in parts) / max(1, sum(n for _, n in parts))
+            record = {"epoch": epoch + 1, "step": state["step"], "train_loss": train_loss, "val_loss": val["loss"],
+                      "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                      "lr": optimizer.param_groups[-1]["lr"], "time_s": time.perf_counter() - t0}
+            state["history"].append(record)
+            _log(paths, main, {"event": "epoch", **record})
+            value = val[cfg.monitor.removeprefix("val_")]
+            improved = state["best_value"] is None or (value > state["best_value"] if higher_better
+                                                       else value < state["best_value"])
+            if improved:
+                state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0,
+                             best_val={k: v for k, v in val.items() if k != "confusion"})
+                current = accelerator.unwrap_model(wrapped).state_dict()
+                best_state = {k: v.detach().cpu().clone() for k, v in current.items()}
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"], state["batch"] = epoch + 1, 0
+            stop = cfg.early_stopping_patience is not None and state["bad_epochs"] >= cfg.early_stopping_patience
+            if stop:
+                state["epoch"] = cfg.epochs
+            save_checkpoint()
+            bar.set_postfix(val=f"{value:.3f}")
+        bar.close()
+        accelerator.wait_for_everyone()
+        if accelerator.device.type != "cpu":
+            accelerator.free_memory()  # give accelerator memory back; on CPU only a costly gc.collect() (~0.2 s)
+        return FitResult(best_state, state["best_epoch"], state["best_val"], state["history"], state["step"],
+                         time.perf_counter() - t0, resumed_from)
 
