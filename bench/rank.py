@@ -14,7 +14,12 @@ Candidates that can be had offline:
   gives LEEP/NCE values too);
 - ``digits0-4``: EfficientNet-Lite0 (ImageNet) fine-tuned by ``run_recipe`` (strategy ``full``) on MNIST digits
   0-4 only, drawn from the MNIST-5k images that the target split does not use (no overlap with the target's
-  train, validation or test images); its 5-class head gives LEEP/NCE. A strongly related source, built here.
+  train, validation or test images); its 5-class head gives LEEP/NCE. A strongly related source, built here;
+- ``lite0[:blocks.3]``, ``lite0[:blocks.5]``, ``lite0[:blocks.6]``: the other cuts (80-d, 192-d, 320-d);
+- ``mnist1d (scratch)``: EfficientNet-Lite0 trained from random weights on MNIST-1D signals (the ``mnist1d``
+  package's procedural data, ``pip install mnist1d``) drawn as 28 px strokes: pretrained on procedural data only,
+  a 10-class head (LEEP/NCE). ``--first-five`` leaves these four out (the candidate set of the first tables); the
+  result then has the correlations over all candidates and over the first five.
 
 For each candidate: every score from ``rank_candidates`` (all 200 training examples, one forward pass), and the
 test accuracy after fine-tuning with the recipe's default strategy (``full``, the recipe's optimizer settings,
@@ -59,7 +64,7 @@ os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
 import numpy as np
 import torch
 from common import machine, median, table, write_result
-from PIL import Image
+from PIL import Image, ImageDraw
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -144,15 +149,63 @@ def train_source(recipe: Recipe, work: Path, train_examples: int, test_examples:
     return run / "model", info
 
 
-def candidates(digits_model: Path) -> list[Candidate]:
+def render_signal(signal: np.ndarray, size: int = 28) -> Image.Image:
+    """An MNIST-1D signal drawn as a white stroke on black, ``size`` px square (drawn 4x larger, then downsampled)."""
+    big = 4 * size
+    image = Image.new("L", (big, big), 0)
+    xs = np.linspace(3, size - 4, len(signal)) * 4
+    ys = np.clip((size / 2 - 2.3 * np.asarray(signal)) * 4, 8, (size - 3) * 4)
+    ImageDraw.Draw(image).line(list(zip(xs.tolist(), ys.tolist())), fill=255, width=8, joint="curve")
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def mnist1d_folder(root: Path, per_class: int) -> Path:
+    """MNIST-1D (Greydanus 2020; generated offline by the ``mnist1d`` package, its default arguments) drawn as
+    28 px stroke images, ``per_class`` of each of its 10 classes, as an image folder."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())  # procedural and seeded: no download
+    x, y = np.concatenate([data["x"], data["x_test"]]), np.concatenate([data["y"], data["y_test"]])
+    for c in range(10):
+        (root / f"m1d-{c}").mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(y == c)[:per_class]:
+            render_signal(x[i]).save(root / f"m1d-{c}" / f"{i}.png")
+    return root
+
+
+def build_mnist1d_source(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
+    """EfficientNet-Lite0 trained from random weights (strategy ``scratch``) on drawn MNIST-1D signals: a source
+    pretrained by transferkit on procedural data only, at 64 px to keep the one-off cost small."""
+    per_class, val, test, epochs = (30, 5, 5, 1) if quick else (400, 20, 30, 12)
+    folder = mnist1d_folder(work / "mnist1d", per_class)
+    recipe = Recipe(name="mnist1d", seed=0, source="efficientnet_lite0",
+                    data={"dataset": str(folder), "per_class": per_class - val - test, "val_per_class": val,
+                          "test_size": 10 * test, "image_size": 64},
+                    train={"strategy": "scratch", "epochs": epochs, "batch_size": 64, "lr": 0.003})
+    return train_source(recipe, work, 10 * (per_class - val - test), 10 * test)
+
+
+FIRST_FIVE = ("efficientnet_lite0", "lite0[:blocks.4]", "lite0[:blocks.2]", "efficientnet_lite0 (random init)",
+              "digits0-4")  # the candidates of the first tables in docs/benchmarks.md
+
+
+def candidates(models: dict[str, Path], more: bool = True) -> list[Candidate]:
+    """The image candidates: the first five, and with ``more`` three other cuts and the MNIST-1D source."""
     random_spec = {"name": "efficientnet_lite0", "pretrained": False}
-    return [
+    out = [
         Candidate("efficientnet_lite0", lambda: load_source("efficientnet_lite0"), "efficientnet_lite0"),
         Candidate("lite0[:blocks.4]", lambda: truncated_lite0(4), "efficientnet_lite0 truncated after blocks.4"),
         Candidate("lite0[:blocks.2]", lambda: truncated_lite0(2), "efficientnet_lite0 truncated after blocks.2"),
         Candidate("efficientnet_lite0 (random init)", lambda: load_source(random_spec), random_spec),
-        Candidate("digits0-4", lambda: load_source(str(digits_model)), "efficientnet_lite0 fine-tuned on digits 0-4"),
+        Candidate("digits0-4", lambda: load_source(str(models["digits0-4"])),
+                  "efficientnet_lite0 fine-tuned on digits 0-4"),
     ]
+    if more:
+        out += [Candidate(f"lite0[:blocks.{b}]", lambda b=b: truncated_lite0(b),
+                          f"efficientnet_lite0 truncated after blocks.{b}") for b in (3, 5, 6)]
+        out.append(Candidate("mnist1d (scratch)", lambda: load_source(str(models["mnist1d (scratch)"])),
+                             "efficientnet_lite0 trained from random weights on drawn MNIST-1D signals"))
+    return out
 
 
 def truncated_minilm(layers: int) -> SourceModel:
@@ -246,6 +299,17 @@ def finetune(cand: Candidate, base: PreparedData, cfg: TrainConfig, seed: int) -
             "best_epoch": result["best_epoch"], "train_s": t1 - t0, "test_s": t2 - t1, "total_s": t2 - t0}
 
 
+def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per score, Pearson and weighted Kendall's tau against the mean fine-tuned accuracy, over the rows having it."""
+    corr = {}
+    for score in SCORE_NAMES:
+        have = [row for row in rows if score in row["scores"]]
+        if len(have) >= 2:
+            corr[score] = {**correlation([row["scores"][score] for row in have],
+                                         [row["test_accuracy_mean"] for row in have]), "n": len(have)}
+    return corr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -259,6 +323,8 @@ def main() -> None:
     ap.add_argument("--rank-repeats", type=int, default=3, help="rank_candidates calls timed (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (0: leave torch's default)")
     ap.add_argument("--quick", action="store_true", help="code-path check: 1 seed, 1 epoch, a small source run")
+    ap.add_argument("--first-five", action="store_true",
+                    help="image: only the five candidates of the first tables (no other cuts, no MNIST-1D source)")
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/rank[-TAG].json")
     args = ap.parse_args()
     if args.quick:
@@ -289,9 +355,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             models, built = build_text_sources(Path(tmp), base, args.quick)
             cands = text_candidates(models)
         else:
-            digits_model, digits_info = build_digits_source(Path(tmp), base, args.quick)
-            built = {"digits0-4": digits_info}
-            cands = candidates(digits_model)
+            models, built = {}, {}
+            models["digits0-4"], built["digits0-4"] = build_digits_source(Path(tmp), base, args.quick)
+            if not args.first_five:
+                models["mnist1d (scratch)"], built["mnist1d (scratch)"] = build_mnist1d_source(Path(tmp), args.quick)
+            cands = candidates(models, more=not args.first_five)
         for name, b in built.items():
             print(f"{name} source: {b['train_examples']} examples, {b['epochs']} epochs, "
                   f"{b['seconds']:.1f} s, its own test accuracy {b['source_test_accuracy']:.3f}", flush=True)
@@ -328,12 +396,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "test_accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
             "finetune_s_median": median([x["total_s"] for x in runs[c.name]]), "runs": runs[c.name]})
 
-    corr = {}
-    for score in SCORE_NAMES:
-        have = [row for row in rows_out if score in row["scores"]]
-        if len(have) >= 2:
-            corr[score] = {**correlation([row["scores"][score] for row in have],
-                                         [row["test_accuracy_mean"] for row in have]), "n": len(have)}
+    corr = correlations(rows_out)
+    five = [row for row in rows_out if row["candidate"] in FIRST_FIVE]
+    corr_five = correlations(five) if args.target == "image" and len(five) < len(rows_out) else None
     finetune_all = sum(row["finetune_s_median"] for row in rows_out)
     rank_all = median(rank_walls)
     per_candidate_rank = {row["candidate"]: by_name[row["candidate"]]["times"]["total_s"] for row in rows_out}
@@ -341,6 +406,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": info, "args": vars(args),
         "target": {"data": recipe.data.model_dump(), "splits": base.splits.sizes()},
         "train": cfg.model_dump(), "built_sources": built, "candidates": rows_out, "correlation": corr,
+        "correlation_first_five": corr_five,
         "rank_all_s": rank_all, "rank_walls_s": rank_walls, "rank_per_candidate_s": per_candidate_rank,
         "finetune_all_s": finetune_all, "cost_ratio": finetune_all / rank_all,
         "cost_ratio_without_data_read": finetune_all / sum(per_candidate_rank.values()),
@@ -358,6 +424,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print()
     print(table(["score", "n", "pearson", "weighted Kendall tau"],
                 [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr.items()]))
+    if corr_five:
+        print("\nthe first five candidates only:")
+        print(table(["score", "n", "pearson", "weighted Kendall tau"],
+                    [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr_five.items()]))
     print(f"\ncost: ranking all {rank_all:.2f} s vs fine-tuning all (once each) {finetune_all:.1f} s -> "
           f"{result['cost_ratio']:.1f}x ({result['cost_ratio_without_data_read']:.1f}x without the data read); "
           f"bench total {result['bench_total_s'] / 60:.1f} min")
