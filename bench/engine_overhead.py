@@ -25,6 +25,10 @@ make single steps 10-30x slower at random (one OpenMP thread waits on its preemp
 stable timings. Per-step Python overhead is a constant, so at 2 threads (faster steps) the ratio would be
 slightly lower than at 1; ``--threads 2`` measures that when the machine is quiet.
 
+Layout: ``fit`` trains convolutional models with channels-last weights (``engine.loop.conv_layout``), so the plain
+loop converts its model the same way and the ratio stays the loop's own overhead; ``--plain-default-layout``
+keeps the plain loop in the default layout (the ratio then includes the layout's speed-up, bench/channels_last.py).
+
 Run: ``python bench/engine_overhead.py`` (writes bench/results/engine_overhead.json).
 """
 
@@ -78,12 +82,14 @@ def param_groups(model: nn.Module, plan: TrainPlan, weight_decay: float) -> list
 
 
 def plain_loop(model: nn.Module, train_set: TensorDataset, plan: TrainPlan, cfg: TrainConfig, seed: int,
-               stamps: list[float]) -> float:
+               stamps: list[float], channels_last: bool = True) -> float:
     """The minimal hand-written loop; returns the mean training loss (computed after the last timestamp)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(param_groups(model, plan, cfg.weight_decay))
     losses = []
     model.train()
+    if channels_last:  # what fit does for a convolutional model (engine.loop.conv_layout): the same kernels
+        model.to(memory_format=torch.channels_last)
     for x, y in DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -131,6 +137,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after measuring, run fit (with paths) once under cProfile and print where it spends time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plain-default-layout", action="store_true",
+                    help="the plain loop keeps the default (NCHW) weight layout; fit still uses channels-last")
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/engine_overhead[-TAG].json")
     args = ap.parse_args()
 
@@ -157,7 +165,7 @@ def main() -> None:
     def side(name: str, ds: TensorDataset) -> Callable[[list[float]], float]:
         model = copy.deepcopy(initial)  # every side, every round starts from the same weights (copied untimed)
         if name == "plain":
-            return lambda st: plain_loop(model, ds, plan, cfg, args.seed, st)
+            return lambda st: plain_loop(model, ds, plan, cfg, args.seed, st, not args.plain_default_layout)
         paths = None
         if name == "fit+paths":
             run = Path(tempfile.mkdtemp(dir=tmp))

@@ -39,7 +39,13 @@ strategy (``freeze``: embeddings and layer 0 frozen, the rest at lr x 0.01, 8 ep
 - ``minilm+plot-vs-review``: MiniLM fine-tuned (``run_recipe``, strategy ``full``) to tell the corpus's plot
   summaries from review snippets (a related task on the same kind of text, a 2-class head: LEEP/NCE);
 - ``minilm+sentiment``: MiniLM fine-tuned on fresh vs rotten reviews that are not in the target's split (the
-  target's own task from other examples: the best source one could have, a 2-class head).
+  target's own task from other examples: the best source one could have, a 2-class head);
+- ``minilm[:1 layers]``, ``minilm[:4 layers]``, ``minilm[:5 layers]``: the other cuts;
+- ``minilm scratch+plot-vs-review``: the architecture trained from random weights on the plot-vs-review texts
+  (a weakly pretrained encoder, a 2-class head). ``--first-five`` leaves these four out, as for images.
+
+``--fewer-examples 100 50`` (the default) also ranks on that many training examples (``max_examples``, stratified),
+timed the same way, and reports each one's correlations with the same fine-tuned accuracies and its cost ratio.
 
 Run: ``python bench/rank.py`` (writes bench/results/rank.json); ``python bench/rank.py --target text --tag text``.
 One torch (and BLAS) thread by default: stable
@@ -186,7 +192,9 @@ def build_mnist1d_source(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]
 
 
 FIRST_FIVE = ("efficientnet_lite0", "lite0[:blocks.4]", "lite0[:blocks.2]", "efficientnet_lite0 (random init)",
-              "digits0-4")  # the candidates of the first tables in docs/benchmarks.md
+              "digits0-4",  # the candidates of the first tables in docs/benchmarks.md, image and text
+              "all-minilm-l6-v2", "minilm[:2 layers]", "minilm (random init)", "minilm+plot-vs-review",
+              "minilm+sentiment")
 
 
 def candidates(models: dict[str, Path], more: bool = True) -> list[Candidate]:
@@ -220,23 +228,30 @@ def truncated_minilm(layers: int) -> SourceModel:
     return source
 
 
-def text_source(work: Path, name: str, texts: list[str], labels: list[str], quick: bool) -> tuple[Path, dict]:
-    """Fine-tune all-minilm-l6-v2 on ``texts`` (a CSV written under ``work``) with ``run_recipe``; the model folder."""
+def text_source(work: Path, name: str, texts: list[str], labels: list[str], quick: bool,
+                scratch: bool = False) -> tuple[Path, dict]:
+    """Fine-tune all-minilm-l6-v2 on ``texts`` (a CSV written under ``work``) with ``run_recipe``; the model folder.
+
+    ``scratch``: train the same architecture from random weights instead (strategy ``scratch``, lr 5e-4).
+    """
     import pandas as pd
 
     csv = work / f"{name}.csv"
     pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
     per_class, val, test, epochs = (40, 10, 10, 1) if quick else (400, 50, 100, 3)
+    strategy = "scratch" if scratch else {"name": "full", "backbone_lr_scale": 0.05}
     recipe = Recipe(name=name, seed=0, source="all-minilm-l6-v2",
                     data={"dataset": str(csv), "per_class": per_class, "val_per_class": val,
                           "test_size": 2 * test, "max_length": 64},
-                    train={"strategy": {"name": "full", "backbone_lr_scale": 0.05}, "epochs": epochs,
-                           "batch_size": 16, "lr": 0.001})
+                    train={"strategy": strategy, "epochs": epochs, "batch_size": 16,
+                           "lr": 0.0005 if scratch else 0.001})
     return train_source(recipe, work, 2 * per_class, 2 * test)
 
 
-def build_text_sources(work: Path, target: PreparedData, quick: bool) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The two MiniLM sources fine-tuned here, on Rotten Tomatoes texts outside the target's split."""
+def build_text_sources(work: Path, target: PreparedData, quick: bool,
+                       more: bool = True) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The MiniLM sources built here, on Rotten Tomatoes texts outside the target's split: two fine-tuned, and with
+    ``more`` the architecture trained from random weights on the plot-vs-review texts."""
     used = {str(t) for split in ("train", "val", "test") for t in as_list(target.items(split))}
     corpus = rotten_tomatoes(include_plot=True)
     rng = np.random.default_rng(0)
@@ -254,6 +269,10 @@ def build_text_sources(work: Path, target: PreparedData, quick: bool) -> tuple[d
         quick)
     models["minilm+sentiment"], info["minilm+sentiment"] = text_source(
         work, "sentiment", [texts[i] for i in rest], [str(names[i]) for i in rest], quick)
+    if more:
+        models["minilm scratch+plot-vs-review"], info["minilm scratch+plot-vs-review"] = text_source(
+            work, "scratch-plot-vs-review", [texts[i] for i in pvr],
+            ["plot" if names[i] == "plot" else "review" for i in pvr], quick, scratch=True)
     return models, info
 
 
@@ -262,15 +281,21 @@ def as_list(items: Any) -> list[Any]:
     return [items[i] for i in range(len(items))]
 
 
-def text_candidates(models: dict[str, Path]) -> list[Candidate]:
+def text_candidates(models: dict[str, Path], more: bool = True) -> list[Candidate]:
+    """The text candidates: the first five, and with ``more`` three other cuts and the source trained from scratch
+    (``models`` holds the built sources)."""
     random_spec = {"name": "all-minilm-l6-v2", "pretrained": False}
-    return [
+    out = [
         Candidate("all-minilm-l6-v2", lambda: load_source("all-minilm-l6-v2"), "all-minilm-l6-v2"),
         Candidate("minilm[:2 layers]", lambda: truncated_minilm(2), "all-minilm-l6-v2, first 2 of 6 layers"),
         Candidate("minilm (random init)", lambda: load_source(random_spec), random_spec),
-        *[Candidate(name, lambda p=path: load_source(str(p)), f"all-minilm-l6-v2 fine-tuned: {name}")
+        *[Candidate(name, lambda p=path: load_source(str(p)), f"all-minilm-l6-v2 built here: {name}")
           for name, path in models.items()],
     ]
+    if more:
+        out += [Candidate(f"minilm[:{k} layers]", lambda k=k: truncated_minilm(k),
+                          f"all-minilm-l6-v2, first {k} of 6 layers") for k in (1, 4, 5)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,8 +348,10 @@ def main() -> None:
     ap.add_argument("--rank-repeats", type=int, default=3, help="rank_candidates calls timed (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (0: leave torch's default)")
     ap.add_argument("--quick", action="store_true", help="code-path check: 1 seed, 1 epoch, a small source run")
+    ap.add_argument("--fewer-examples", type=int, nargs="*", default=[100, 50],
+                    help="also rank (and time) on this many training examples, stratified (max_examples)")
     ap.add_argument("--first-five", action="store_true",
-                    help="image: only the five candidates of the first tables (no other cuts, no MNIST-1D source)")
+                    help="only the five candidates of the first tables (no other cuts, no source trained from scratch)")
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/rank[-TAG].json")
     args = ap.parse_args()
     if args.quick:
@@ -352,8 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="tk-rank-bench-") as tmp:
         if args.target == "text":
-            models, built = build_text_sources(Path(tmp), base, args.quick)
-            cands = text_candidates(models)
+            models, built = build_text_sources(Path(tmp), base, args.quick, more=not args.first_five)
+            cands = text_candidates(models, more=not args.first_five)
         else:
             models, built = {}, {}
             models["digits0-4"], built["digits0-4"] = build_digits_source(Path(tmp), base, args.quick)
@@ -374,6 +401,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             assert r["status"] == "ok", r["error"]
         print(f"ranking all {len(cands)} candidates: {median(rank_walls):.2f} s (median of {len(rank_walls)})",
               flush=True)
+        # the same ranking on fewer examples (stratified, rank_candidates' max_examples): cheaper, how much worse?
+        fewer: dict[int, dict[str, Any]] = {}
+        for n in args.fewer_examples:
+            walls = []
+            for _ in range(args.rank_repeats):
+                t = time.perf_counter()
+                rows_n = rank_candidates(recipe.data, cands, max_examples=n, seed=recipe.seed)
+                walls.append(time.perf_counter() - t)
+            fewer[n] = {"rank_all_s": median(walls), "rank_walls_s": walls,
+                        "scores": {r["candidate"]: r["scores"] for r in rows_n}}
+            print(f"ranking all {len(cands)} candidates on {n} examples: {median(walls):.2f} s", flush=True)
 
         # fine-tuning: seeds in the outer loop, so that a slow spell of the machine hits every candidate alike
         runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cands}
@@ -398,15 +436,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     corr = correlations(rows_out)
     five = [row for row in rows_out if row["candidate"] in FIRST_FIVE]
-    corr_five = correlations(five) if args.target == "image" and len(five) < len(rows_out) else None
+    corr_five = correlations(five) if len(five) < len(rows_out) else None
     finetune_all = sum(row["finetune_s_median"] for row in rows_out)
     rank_all = median(rank_walls)
+    for f in fewer.values():
+        f["correlation"] = correlations([{**row, "scores": f["scores"][row["candidate"]]} for row in rows_out])
+        f["cost_ratio"] = finetune_all / f["rank_all_s"]
     per_candidate_rank = {row["candidate"]: by_name[row["candidate"]]["times"]["total_s"] for row in rows_out}
     result = {
         "machine": info, "args": vars(args),
         "target": {"data": recipe.data.model_dump(), "splits": base.splits.sizes()},
         "train": cfg.model_dump(), "built_sources": built, "candidates": rows_out, "correlation": corr,
-        "correlation_first_five": corr_five,
+        "correlation_first_five": corr_five, "fewer_examples": fewer,
         "rank_all_s": rank_all, "rank_walls_s": rank_walls, "rank_per_candidate_s": per_candidate_rank,
         "finetune_all_s": finetune_all, "cost_ratio": finetune_all / rank_all,
         "cost_ratio_without_data_read": finetune_all / sum(per_candidate_rank.values()),
@@ -428,6 +469,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("\nthe first five candidates only:")
         print(table(["score", "n", "pearson", "weighted Kendall tau"],
                     [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr_five.items()]))
+    for n, f in fewer.items():
+        print(f"\nranking on {n} examples: {f['rank_all_s']:.2f} s, cost ratio {f['cost_ratio']:.1f}x")
+        print(table(["score", "n", "pearson", "weighted Kendall tau"],
+                    [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in f["correlation"].items()]))
     print(f"\ncost: ranking all {rank_all:.2f} s vs fine-tuning all (once each) {finetune_all:.1f} s -> "
           f"{result['cost_ratio']:.1f}x ({result['cost_ratio_without_data_read']:.1f}x without the data read); "
           f"bench total {result['bench_total_s'] / 60:.1f} min")

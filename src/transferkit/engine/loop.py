@@ -54,11 +54,12 @@ def conv_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Run a model that has 2-D convolutions with its 4-D weights in channels-last layout; restore them after.
 
     Convolutions with channels-last weights take the usual NCHW inputs and compute in channels-last, which
-    oneDNN (CPU) and cuDNN run faster. Measured on the 2-core CPU (``bench/channels_last.py``, batch 32):
-    EfficientNet-Lite0 at 96 px trains 1.58x and infers 1.68x faster, at 224 px 1.58x and 2.63x; ResNet-18 1.13x;
-    a ViT (one convolution) is unchanged. The results agree to float rounding. Afterwards the weights are
-    contiguous again, so saved files, exports and later code see ordinary tensors. Nested use is a no-op (the
-    validation inside ``fit`` runs under ``fit``'s layout); models without ``Conv2d`` are left alone.
+    oneDNN (CPU) and cuDNN run faster. Measured on the 2-core CPU (``bench/channels_last.py``, batch 32, one
+    thread): EfficientNet-Lite0 at 96 px trains 1.69x and infers 1.60x faster, at 224 px 1.42x and 1.49x;
+    ResNet-18 1.12x and 1.15x; a ViT (one convolution) is unchanged. Outputs agree to float rounding (1e-5 of 5).
+    Afterwards the weights are contiguous again, so saved files, exports and later code see ordinary tensors.
+    Nested use is a no-op (the validation inside ``fit`` runs under ``fit``'s layout); models without ``Conv2d``
+    are left alone.
     """
     if model in _CHANNELS_LAST or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         yield model
