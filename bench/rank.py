@@ -335,6 +335,32 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return corr
 
 
+def robustness(rows: list[dict[str, Any]], score: str = "logme") -> dict[str, Any]:
+    """How much weighted tau of ``score`` depends on the seeds and on single candidates: tau against each seed's
+    accuracies alone, and with each candidate left out in turn (over the mean accuracies)."""
+    rows = [row for row in rows if score in row["scores"]]
+    scores = [row["scores"][score] for row in rows]
+    seeds = len(rows[0]["test_accuracy"])
+    per_seed = [correlation(scores, [row["test_accuracy"][k] for row in rows])["weighted_kendall_tau"]
+                for k in range(seeds)]
+    left_out = {row["candidate"]: correlation([x["scores"][score] for x in rows if x is not row],
+                                              [x["test_accuracy_mean"] for x in rows if x is not row]
+                                              )["weighted_kendall_tau"] for row in rows}
+    return {"score": score, "tau_per_seed": per_seed, "tau_leaving_one_out": left_out}
+
+
+def report_robustness(path: Path) -> None:
+    """Print (and add to the result file) ``robustness`` of LogME for a finished run's result."""
+    result = json.loads(path.read_text())
+    result["robustness"] = rob = robustness(result["candidates"])
+    print(f"{path.name}: LogME weighted tau per seed {', '.join(f'{t:.3f}' for t in rob['tau_per_seed'])}; "
+          f"leaving one candidate out {min(rob['tau_leaving_one_out'].values()):.3f} to "
+          f"{max(rob['tau_leaving_one_out'].values()):.3f}")
+    for name, tau in rob["tau_leaving_one_out"].items():
+        print(f"  without {name:<34} {tau:.3f}")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -353,7 +379,12 @@ def main() -> None:
     ap.add_argument("--first-five", action="store_true",
                     help="only the five candidates of the first tables (no other cuts, no source trained from scratch)")
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/rank[-TAG].json")
+    ap.add_argument("--robustness", type=Path, metavar="RESULT_JSON",
+                    help="only analyse a finished run: LogME's tau per seed and leaving each candidate out")
     args = ap.parse_args()
+    if args.robustness:
+        report_robustness(args.robustness)
+        return
     if args.quick:
         args.epochs, args.seeds, args.rank_repeats = 1, [0], 1
     if args.threads:
@@ -447,7 +478,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": info, "args": vars(args),
         "target": {"data": recipe.data.model_dump(), "splits": base.splits.sizes()},
         "train": cfg.model_dump(), "built_sources": built, "candidates": rows_out, "correlation": corr,
-        "correlation_first_five": corr_five, "fewer_examples": fewer,
+        "correlation_first_five": corr_five, "fewer_examples": fewer, "robustness": robustness(rows_out),
         "rank_all_s": rank_all, "rank_walls_s": rank_walls, "rank_per_candidate_s": per_candidate_rank,
         "finetune_all_s": finetune_all, "cost_ratio": finetune_all / rank_all,
         "cost_ratio_without_data_read": finetune_all / sum(per_candidate_rank.values()),

@@ -251,13 +251,15 @@ def _score_candidate(cand: Candidate, prepared: Any, positions: np.ndarray, labe
             row["scores"][name] = SCORES.get(name).fn(inputs[needs], labels, num_classes=num_classes)
         except DataError as e:  # NaN features and the like: the candidate's output, not the data, is at fault
             return _failed(row, cand, e, t_start)
+        except Exception as e:  # a score that breaks on these features fails this candidate, not the ranking
+            return _failed(row, cand, e, t_start, f"score '{name}' failed on its features: ")
         row["times"][f"{name}_s"] = time.perf_counter() - t
     row["times"]["total_s"] = time.perf_counter() - t_start
     return row
 
 
-def _failed(row: dict[str, Any], cand: Candidate, e: Exception, t_start: float) -> dict[str, Any]:
-    row.update(status="failed", error=f"candidate '{cand.name}': {type(e).__name__}: {e}", scores={})
+def _failed(row: dict[str, Any], cand: Candidate, e: Exception, t_start: float, what: str = "") -> dict[str, Any]:
+    row.update(status="failed", error=f"candidate '{cand.name}': {what}{type(e).__name__}: {e}", scores={})
     row.pop("features", None)
     row.pop("example_positions", None)
     row["times"]["total_s"] = time.perf_counter() - t_start

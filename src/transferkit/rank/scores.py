@@ -206,10 +206,12 @@ def _max_log_evidence(x2: np.ndarray, outside: float, sigma: np.ndarray, n: int)
         res2 = float(np.sum(x2 * (t * r) ** 2) + outside)
         alpha = gamma / max(m2, tiny)
         beta = (n - gamma) / max(res2, tiny)
-        if alpha / beta > hi:
-            alpha = hi * beta
-        elif alpha / beta < lo:
+        # n - gamma rounds to exactly 0 when t is negligible against every sigma (t -> 0 with rank F = N): that is
+        # the interpolation boundary, so hold t at lo there too (a division by beta would fail)
+        if beta <= 0 or alpha < lo * beta:
             beta = alpha / lo
+        elif alpha > hi * beta:
+            alpha = hi * beta
         if abs(alpha / beta - t) <= LOGME_RTOL * t:
             break
     return log_evidence(alpha, beta, x2, outside, sigma, n), alpha, beta
