@@ -324,6 +324,17 @@ def finetune(cand: Candidate, base: PreparedData, cfg: TrainConfig, seed: int) -
             "best_epoch": result["best_epoch"], "train_s": t1 - t0, "test_s": t2 - t1, "total_s": t2 - t0}
 
 
+def timed_ranking(recipe: Recipe, cands: list[Candidate], repeats: int,
+                  max_examples: int | None = None) -> tuple[list[dict[str, Any]], list[float]]:
+    """``rank_candidates`` on the recipe's data, ``repeats`` times: the last call's rows and every call's wall time."""
+    rows, walls = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rows = rank_candidates(recipe.data, cands, max_examples=max_examples, seed=recipe.seed)
+        walls.append(time.perf_counter() - t)
+    return rows, walls
+
+
 def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per score, Pearson and weighted Kendall's tau against the mean fine-tuned accuracy, over the rows having it."""
     corr = {}
@@ -423,11 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"{b['seconds']:.1f} s, its own test accuracy {b['source_test_accuracy']:.3f}", flush=True)
 
         # ranking: the whole call (data read, every candidate's load, forward pass and scores), repeated
-        rank_walls, ranked = [], []
-        for _ in range(args.rank_repeats):
-            t = time.perf_counter()
-            ranked = rank_candidates(recipe.data, cands, seed=recipe.seed)
-            rank_walls.append(time.perf_counter() - t)
+        ranked, rank_walls = timed_ranking(recipe, cands, args.rank_repeats)
         for r in ranked:
             assert r["status"] == "ok", r["error"]
         print(f"ranking all {len(cands)} candidates: {median(rank_walls):.2f} s (median of {len(rank_walls)})",
@@ -435,11 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the same ranking on fewer examples (stratified, rank_candidates' max_examples): cheaper, how much worse?
         fewer: dict[int, dict[str, Any]] = {}
         for n in args.fewer_examples:
-            walls = []
-            for _ in range(args.rank_repeats):
-                t = time.perf_counter()
-                rows_n = rank_candidates(recipe.data, cands, max_examples=n, seed=recipe.seed)
-                walls.append(time.perf_counter() - t)
+            rows_n, walls = timed_ranking(recipe, cands, args.rank_repeats, max_examples=n)
             fewer[n] = {"rank_all_s": median(walls), "rank_walls_s": walls,
                         "scores": {r["candidate"]: r["scores"] for r in rows_n}}
             print(f"ranking all {len(cands)} candidates on {n} examples: {median(walls):.2f} s", flush=True)
