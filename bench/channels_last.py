@@ -13,14 +13,13 @@ Run: ``python bench/channels_last.py`` (writes bench/results/channels_last.json)
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
 
 import timm
 import torch
-from common import machine, median, table, write_result
+from common import machine, measure_models, median, per_model_args, table, write_result
 from torch import nn
 
 from transferkit.engine.loop import conv_layout
@@ -87,19 +86,10 @@ def measure(make: Callable[[], nn.Module], size: int, images: int, batch: int, r
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=128, help="images per pass (64 at 224 px)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved pairs per model (median)")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    results = {}
-    for name, (make, size) in MODELS.items():
-        images = args.images if size < 200 else args.images // 2
-        results[name] = r = measure(make, size, images, args.batch, args.repeats)
-        print(f"{name}: inference {r['infer_speedup']:.2f}x, training {r['train_speedup']:.2f}x, "
-              f"max |diff| {r['max_abs_output_diff']:.1e} of {r['output_scale']:.1f}", flush=True)
+    args = per_model_args(__doc__, images=128, repeats=3)
+    results = measure_models(MODELS, measure, args, lambda r: (
+        f"inference {r['infer_speedup']:.2f}x, training {r['train_speedup']:.2f}x, "
+        f"max |diff| {r['max_abs_output_diff']:.1e} of {r['output_scale']:.1f}"))
     rows = [[name, r["images"], r["median_s"]["infer_default"], r["median_s"]["infer_channels_last"],
              f"{r['infer_speedup']:.2f}x", r["median_s"]["train_default"], r["median_s"]["train_channels_last"],
              f"{r['train_speedup']:.2f}x", f"{r['max_abs_output_diff']:.1e}"] for name, r in results.items()]

@@ -75,3 +75,28 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def per_model_args(doc: str, images: int, repeats: int) -> Any:
+    """Options of the per-model speed benchmarks (``--images --batch --repeats --threads``); sets torch's threads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=images, help="images per pass (half at 224 px)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=repeats, help="interleaved pairs per model (median)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def measure_models(models: dict[str, tuple[Any, int]], measure: Any, args: Any, describe: Any) -> dict[str, Any]:
+    """``measure(make, size, images, batch, repeats)`` for each ``name: (make, size)``, half the images at 224 px
+    and more; prints ``name: describe(result)`` as each finishes."""
+    results = {}
+    for name, (make, size) in models.items():
+        images = args.images if size < 200 else args.images // 2
+        results[name] = r = measure(make, size, images, args.batch, args.repeats)
+        print(f"{name}: {describe(r)}", flush=True)
+    return results

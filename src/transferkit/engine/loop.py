@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from transferkit.engine.fold import folded_batch_norms
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.engine.schedule import lr_factor
 from transferkit.errors import TrainingError
@@ -163,11 +164,11 @@ def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int,
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device | str = "cpu",
                    num_workers: int = 0, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for a whole dataset, in order, with the model in eval mode."""
+    """Logits and labels for a whole dataset, in order, with the model in eval mode (batch norms folded)."""
     was_training = model.training
     model.eval()
-    with conv_layout(model):
-        logits, labels = in_order(dataset, batch_size, lambda x: model(to_device(x, device)), num_workers, desc)
+    with conv_layout(model), folded_batch_norms(model) as run:  # see engine.fold
+        logits, labels = in_order(dataset, batch_size, lambda x: run(to_device(x, device)), num_workers, desc)
     model.train(was_training)
     return logits, labels
 
