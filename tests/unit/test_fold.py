@@ -176,3 +176,35 @@ def test_predict_logits_folds_inside_channels_last_and_matches_the_plain_model()
     with conv_layout(model), torch.no_grad(), folded_batch_norms(model) as run:
         run(x[:4])
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_predictor_folds_many_inputs_and_gives_the_same_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from helpers import tiny_source
+
+    import transferkit.predict as predict_module
+    from transferkit.predict import BATCH, Predictor
+
+    folded: list[list[tuple[str, str]]] = []
+
+    @contextlib.contextmanager
+    def spy(model: nn.Module):
+        with folded_batch_norms(model) as run:
+            yield run
+        folded.append(run.pairs)
+
+    monkeypatch.setattr(predict_module, "folded_batch_norms", spy)
+    data = small_mnist(per_class=8)
+    model = tiny_source()
+    _drawn_statistics(model.backbone)
+    predictor = Predictor(model)
+    items = list(data.examples.items[: 2 * BATCH + 6])
+    before = _snapshot(model)
+    fast = predictor.predict_proba(items)  # more than two batches: channels-last and folded
+    _assert_put_back(model, before)
+    assert len(folded) == 1 and len(folded[0]) > 5  # the tiny EfficientNet's batch norms were folded
+    plain = torch.cat([predictor.predict_proba(items[i:i + BATCH]) for i in range(0, len(items), BATCH)])
+    assert len(folded) == 1  # batches of at most two run the model as it is
+    assert fast.shape == plain.shape and fast.shape[0] == len(items)
+    assert torch.allclose(fast, plain, atol=1e-5)

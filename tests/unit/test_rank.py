@@ -501,6 +501,46 @@ def test_rank_candidates_features_are_the_linear_probe_train_features() -> None:
     assert rows[0]["example_positions"].tolist() == list(range(40))
 
 
+def test_candidates_that_preprocess_alike_share_the_preprocessed_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transferkit.pipeline import compute_features, prepare_data
+    from transferkit.rank import Candidate, rank_candidates
+    from transferkit.rank import candidates as C
+    from transferkit.sources import load_source
+
+    built: list[int] = []
+    real_init = C._Inputs.__init__
+
+    def counting(self, dataset, positions):
+        built.append(len(positions))
+        real_init(self, dataset, positions)
+
+    monkeypatch.setattr(C._Inputs, "__init__", counting)
+
+    def other_normalisation():  # the same model, inputs scaled to [-1, 1] instead of ImageNet's mean and std
+        model = load_source(TINY)
+        model.preprocess = {**model.preprocess, "mean": [0.5] * 3, "std": [0.5] * 3}
+        return model
+
+    cands = [TINY, Candidate("headless", _tiny_variant(headless=True)), Candidate("halves", other_normalisation),
+             TINY]
+    rows = rank_candidates(_data(), cands, seed=0, max_examples=30, return_features=True)
+    assert built == [30, 30]  # one preprocessing for the three alike, one for the other normalisation
+    by_name = {r["candidate"]: r for r in rows}
+    # the shared inputs give each candidate the features of its own preprocessing of the same chosen examples
+    torch.manual_seed(0)
+    source = other_normalisation()
+    data = prepare_data(_data(), source.preprocess, seed=0)
+    positions = by_name["halves"]["example_positions"].tolist()
+    expected = compute_features(source.backbone, torch.utils.data.Subset(data.dataset("train"), positions))
+    torch.testing.assert_close(by_name["halves"]["features"]["train"], expected)
+    assert not torch.allclose(by_name["halves"]["features"]["train"], by_name["headless"]["features"]["train"])
+    # nothing is kept beyond the byte budget: every candidate then preprocesses for itself
+    built.clear()
+    monkeypatch.setattr(C._SharedInputs.__init__, "__defaults__", (1000,))
+    rank_candidates(_data(), cands[:2], seed=0, max_examples=30)
+    assert built == [30, 30]
+
+
 def test_rank_candidates_refuses_data_problems_before_loading_anything() -> None:
     from transferkit.rank import Candidate, rank_candidates
 

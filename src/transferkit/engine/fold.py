@@ -88,9 +88,13 @@ def conv_bn_pairs(model: nn.Module, inputs: Any) -> tuple[list[tuple[str, str]],
             found.append((last[0], mod))
         last[0], last[1] = None, None
 
-    hooks = [m.register_forward_hook(after_conv) for m in names if isinstance(m, _ConvNd)]
-    hooks += [m.register_forward_pre_hook(before_norm) for m in names if isinstance(m, _BatchNorm)]
-    try:
+    hooks = []
+    try:  # registered inside: hooks already added are removed if a later one cannot be (a scripted module)
+        for m in names:
+            if isinstance(m, _ConvNd):
+                hooks.append(m.register_forward_hook(after_conv))
+            elif isinstance(m, _BatchNorm):
+                hooks.append(m.register_forward_pre_hook(before_norm))
         out = model(inputs)
     finally:
         for h in hooks:

@@ -8,6 +8,9 @@ probabilities ``softmax(head(features))`` when the source has a classifier head.
 ``pipeline.feature_cache`` computes for the ``train`` split (same preprocessing, eval mode, ``compute_features``),
 so with ``max_examples`` unset a later linear probe of the winner can reuse them (``return_features=True``).
 
+Candidates that preprocess alike (the same preprocessing settings, or the same tokenizer object) share the
+preprocessed examples: they are read and transformed once per ranking (``_SharedInputs``).
+
 A candidate that fails (it does not load, its forward pass raises, or its features hold NaN) is ranked last,
 marked ``failed`` with the reason; the others are still ranked. Problems of the data itself (one class only,
 fewer examples than classes) raise ``DataError`` before any candidate is loaded.
@@ -136,6 +139,65 @@ def _for_source(data: Any, model: Any) -> Any:
     return dataclasses.replace(data, preprocess=pp, processor=model.processor)
 
 
+class _Inputs(torch.utils.data.Dataset):
+    """The chosen examples of a dataset, preprocessed once, for every candidate with the same preprocessing.
+
+    Keeps the dataset's ``collate`` (text pads each batch) and ``lengths`` (text is batched by length).
+    """
+
+    def __init__(self, dataset: Any, positions: np.ndarray) -> None:
+        self.items = [dataset[int(i)] for i in positions]
+        if hasattr(dataset, "collate"):
+            self.collate = dataset.collate
+        if hasattr(dataset, "lengths"):
+            lengths = np.asarray(dataset.lengths())[positions]
+            self.lengths = lambda: lengths
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+class _SharedInputs:
+    """Preprocessed inputs by preprocessing: candidates that preprocess alike (most ImageNet models: 224 px, the
+    same mean and std; or the same tokenizer object) read and transform the examples once per ranking, not once
+    each. Measured: 0.06 s of EfficientNet-Lite0's 0.6 s per candidate on 200 MNIST images at 96 px.
+    Entries larger than ``max_bytes`` are not kept (the next candidate preprocesses again)."""
+
+    def __init__(self, max_bytes: int = 1 << 29) -> None:
+        self.entries: dict[str, tuple[_Inputs, Any]] = {}
+        self.max_bytes = max_bytes
+
+    def get(self, data: Any, positions: np.ndarray) -> _Inputs:
+        import json
+
+        # the processor object itself is part of the key (and kept alive, so that its id is not reused)
+        key = json.dumps([data.modality, data.preprocess, id(data.processor)], sort_keys=True, default=str)
+        if key in self.entries:
+            return self.entries[key][0]
+        inputs = _Inputs(data.dataset("train"), positions)
+        if _nbytes(inputs.items) <= self.max_bytes:
+            self.entries[key] = (inputs, data.processor)
+        return inputs
+
+
+def _nbytes(items: list[Any]) -> int:
+    """Bytes of the tensors and arrays in a list of (inputs, label) items (nested dicts, lists, tuples)."""
+    def size(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.element_size() * x.nelement()
+        if isinstance(x, np.ndarray):
+            return x.nbytes
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, list | tuple):
+            return sum(size(v) for v in x)
+        return 8
+    return sum(size(item) for item in items)
+
+
 def _has_classifier(model: Any) -> bool:
     head = getattr(model, "head", None)
     return isinstance(head, nn.Module) and any(isinstance(m, nn.Linear) for m in head.modules())
@@ -185,9 +247,10 @@ def rank_candidates(data: Any, candidates: Sequence[Any], max_examples: int | No
     labels = train_labels[positions]
     check_labels(labels, num_classes=num_classes)  # one class only / a class without examples: before any loading
 
+    shared = _SharedInputs()
     with _blas_threads(torch.get_num_threads()):
         rows = [_score_candidate(as_candidate(c), prepared, positions, labels, num_classes, seed, batch_size, device,
-                                 return_features, compute_features) for c in candidates]
+                                 return_features, compute_features, shared) for c in candidates]
     return sort_rows(rows, score)
 
 
@@ -207,7 +270,7 @@ def _blas_threads(n: int) -> Any:
 
 def _score_candidate(cand: Candidate, prepared: Any, positions: np.ndarray, labels: np.ndarray, num_classes: int,
                      seed: int, batch_size: int, device: Any, return_features: bool,
-                     compute_features: Callable[..., torch.Tensor]) -> dict[str, Any]:
+                     compute_features: Callable[..., torch.Tensor], shared: _SharedInputs) -> dict[str, Any]:
     row: dict[str, Any] = {"candidate": cand.name, "spec": cand.spec, "status": "ok", "error": None, "scores": {},
                            "skipped": {}, "times": {}, "num_examples": len(positions), "num_features": None,
                            "source_classes": None}
@@ -218,7 +281,7 @@ def _score_candidate(cand: Candidate, prepared: Any, positions: np.ndarray, labe
         model = cand.load()
         row["times"]["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        dataset = torch.utils.data.Subset(_for_source(prepared, model).dataset("train"), positions.tolist())
+        dataset = shared.get(_for_source(prepared, model), positions)
         feats = compute_features(model.backbone, dataset, batch_size=batch_size, device=device,
                                  desc=f"features {cand.name}")
         row["times"]["features_s"] = time.perf_counter() - t
