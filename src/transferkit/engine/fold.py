@@ -3,7 +3,8 @@
 In eval mode a batch norm is a fixed per-channel affine map, so after a convolution it can be merged into the
 convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``) and dropped. What is saved is a
 full pass over every activation for every batch norm: measured on the 2-core CPU (``bench/fold_bn.py``, batch 32,
-one thread), EfficientNet-Lite0 at 96 px computes features 1.3x faster (numbers in ``docs/benchmarks.md``).
+one thread), EfficientNet-Lite0 computes features 1.2-1.5x faster at 96 px, 1.3-1.4x at 224 px; ResNet-18, whose
+batch norms are a small share of its time, 2% slower (the per-pass cost); numbers in ``docs/benchmarks.md``.
 
 ``with folded_batch_norms(model) as run:`` gives a callable that is called like the model, batch by batch, for
 one pass over a dataset (the weights must not change during the pass: ``predict_logits`` and ``compute_features``
@@ -34,7 +35,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 FOLD_RTOL = 1e-3  # folded outputs must agree with the model's to this fraction of their largest magnitude
-_CHECK_EXAMPLES = 2  # examples of the first batch the folded copy is checked on
+_CHECK_EXAMPLES = 2  # examples of the first batch the fold is checked on
 
 
 def _without_norm(bn: nn.Module) -> nn.Module | None:
@@ -71,7 +72,7 @@ def conv_bn_pairs(model: nn.Module, inputs: Any) -> tuple[list[tuple[str, str]],
 
     A pair counts only when the norm's input is the very tensor the convolution called just before it returned,
     both modules are called once in the forward pass, and ``_foldable`` holds. Returns the pairs and the model's
-    output (the reference the folded copy is checked against).
+    output (the reference the folded model is checked against).
     """
     names = {m: n for n, m in model.named_modules()}
     calls: dict[nn.Module, int] = {}
