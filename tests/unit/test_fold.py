@@ -3,6 +3,8 @@ where it would be wrong."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from helpers import small_mnist
@@ -178,33 +180,49 @@ def test_predict_logits_folds_inside_channels_last_and_matches_the_plain_model()
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_predictor_folds_many_inputs_and_gives_the_same_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predictor_folds_more_than_one_batch_and_gives_the_same_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
     import contextlib
 
     from helpers import tiny_source
 
     import transferkit.predict as predict_module
+    from transferkit.engine.fold import folded_for_pass
     from transferkit.predict import BATCH, Predictor
 
-    folded: list[list[tuple[str, str]]] = []
+    folded: list[Any] = []  # what each predict_proba call ran: the folded pairs, or None for the model as it is
 
     @contextlib.contextmanager
-    def spy(model: nn.Module):
-        with folded_batch_norms(model) as run:
+    def spy(model: nn.Module, num_examples: int, batch_size: int):
+        with folded_for_pass(model, num_examples, batch_size) as run:
             yield run
-        folded.append(run.pairs)
+        folded.append(getattr(run, "pairs", None))
 
-    monkeypatch.setattr(predict_module, "folded_batch_norms", spy)
+    monkeypatch.setattr(predict_module, "folded_for_pass", spy)
     data = small_mnist(per_class=8)
     model = tiny_source()
     _drawn_statistics(model.backbone)
     predictor = Predictor(model)
-    items = list(data.examples.items[: 2 * BATCH + 6])
+    items = list(data.examples.items[: BATCH + 6])
     before = _snapshot(model)
-    fast = predictor.predict_proba(items)  # more than two batches: channels-last and folded
+    fast = predictor.predict_proba(items)  # more than one batch: channels-last and folded
     _assert_put_back(model, before)
     assert len(folded) == 1 and len(folded[0]) > 5  # the tiny EfficientNet's batch norms were folded
     plain = torch.cat([predictor.predict_proba(items[i:i + BATCH]) for i in range(0, len(items), BATCH)])
-    assert len(folded) == 1  # batches of at most two run the model as it is
+    assert folded[1:] == [None, None]  # one batch at a time: the model as it is
     assert fast.shape == plain.shape and fast.shape[0] == len(items)
     assert torch.allclose(fast, plain, atol=1e-5)
+
+
+def test_a_pass_of_one_batch_runs_the_model_as_it_is() -> None:
+    # folding costs about a small forward pass: one batch (fit's 8-example validation in bench/engine_overhead.py)
+    # does not earn it back
+    from transferkit.engine.fold import folded_for_pass
+
+    torch.manual_seed(0)
+    model = _drawn_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()))
+    with torch.no_grad():
+        with folded_for_pass(model, num_examples=32, batch_size=32) as run:
+            assert run is model
+        with folded_for_pass(model, num_examples=33, batch_size=32) as run:
+            run(torch.randn(4, 3, 6, 6))
+            assert run.pairs == [("0", "1")]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from transferkit.engine.fold import folded_batch_norms
+from transferkit.engine.fold import folded_for_pass
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.engine.schedule import lr_factor
 from transferkit.errors import TrainingError
@@ -167,7 +167,7 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     """Logits and labels for a whole dataset, in order, with the model in eval mode (batch norms folded)."""
     was_training = model.training
     model.eval()
-    with conv_layout(model), folded_batch_norms(model) as run:  # see engine.fold
+    with conv_layout(model), folded_for_pass(model, len(dataset), batch_size) as run:  # see engine.fold
         logits, labels = in_order(dataset, batch_size, lambda x: run(to_device(x, device)), num_workers, desc)
     model.train(was_training)
     return logits, labels
