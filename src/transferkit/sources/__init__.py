@@ -67,7 +67,8 @@ def _imagenet_labels(num_classes: int | None) -> list[str] | None:
 
 @functools.cache
 def _imagenet_names() -> tuple[str, ...]:
-    """Read once: timm's ImageNetInfo parses its files on every construction (26 ms of the 152 ms that loading efficientnet_lite0 took under cProfile)."""
+    """Read once: timm's ImageNetInfo parses its files on every construction (26 ms of the 152 ms that loading
+    efficientnet_lite0 took under cProfile)."""
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
