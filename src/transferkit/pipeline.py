@@ -22,13 +22,12 @@ from torch.utils.data import Dataset, TensorDataset
 from transferkit import __version__
 from transferkit.data import Labelled, Splits, read_dataset, split_dataset
 from transferkit.data.modality import make_dataset
-from transferkit.engine.fold import folded_for_pass
 from transferkit.engine.loop import (
     JobPaths,
-    conv_layout,
     evaluate_model,
     fit,
     in_order,
+    inference_pass,
     make_accelerator,
     to_device,
 )
@@ -137,7 +136,7 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
     over 32 MB are returned to the kernel after each operation and faulted back in).
     """
     backbone.eval().to(device)
-    with conv_layout(backbone), folded_for_pass(backbone, len(dataset), batch_size) as run:  # see engine.fold
+    with inference_pass(backbone, len(dataset), batch_size) as run:
         return in_order(dataset, batch_size, lambda x: run(to_device(x, device)), desc=desc)[0]
 
 

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from transferkit.data.modality import make_batch
-from transferkit.engine.fold import folded_for_pass
-from transferkit.engine.loop import conv_layout
+from transferkit.engine.loop import inference_pass
 from transferkit.errors import DataError, DataNotFoundError
 from transferkit.models.base import SourceModel, load_model
 
@@ -33,12 +32,11 @@ class Predictor:
     def predict_proba(self, inputs: list[Any]) -> torch.Tensor:
         """Class probabilities, one row per input (images, or texts for a text model).
 
-        More than one batch runs as the engine's evaluation does, with channels-last weights and batch norms
-        folded (``engine.loop.conv_layout``, ``engine.fold``); one batch would not pay for setting that up.
+        More than one batch runs as the engine's evaluation does (``engine.loop.inference_pass``: channels-last
+        weights, batch norms folded); one batch would not pay for setting that up.
         """
         fast = len(inputs) > BATCH
-        with (conv_layout(self.model) if fast else contextlib.nullcontext(),
-              folded_for_pass(self.model, len(inputs), BATCH) as run):
+        with inference_pass(self.model, len(inputs), BATCH) if fast else contextlib.nullcontext(self.model) as run:
             out = [torch.softmax(run(make_batch(self.model, list(inputs[i:i + BATCH]))).float(), dim=1)
                    for i in range(0, len(inputs), BATCH)]
         return torch.cat(out) if out else torch.empty(0, len(self.labels))

@@ -74,6 +74,15 @@ def conv_layout(model: nn.Module) -> Iterator[nn.Module]:
         model.to(memory_format=torch.contiguous_format)
 
 
+@contextlib.contextmanager
+def inference_pass(model: nn.Module, num_examples: int, batch_size: int) -> Iterator[Any]:
+    """How the engine runs a model in eval mode over ``num_examples`` inputs: channels-last weights
+    (``conv_layout``) and, for more than one batch, batch norms folded into the convolutions
+    (``engine.fold.folded_for_pass``). Yields the callable to run each batch with; the model is put back after."""
+    with conv_layout(model), folded_for_pass(model, num_examples, batch_size) as run:
+        yield run
+
+
 @dataclass
 class JobPaths:
     """Where one training job keeps its checkpoint and log lines."""
@@ -167,7 +176,7 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     """Logits and labels for a whole dataset, in order, with the model in eval mode (batch norms folded)."""
     was_training = model.training
     model.eval()
-    with conv_layout(model), folded_for_pass(model, len(dataset), batch_size) as run:  # see engine.fold
+    with inference_pass(model, len(dataset), batch_size) as run:
         logits, labels = in_order(dataset, batch_size, lambda x: run(to_device(x, device)), num_workers, desc)
     model.train(was_training)
     return logits, labels
