@@ -213,11 +213,16 @@ def _profile_log_evidence(u: np.ndarray, x2: np.ndarray, outside: np.ndarray, si
     Returns:
         ``(G, C)``: ``k/2 u - 1/2 sum log(t + sigma) - n/2 log E(t)``.
     """
-    tiny = np.finfo(np.float64).tiny
-    t = np.exp(u)[:, None, :]  # (G, 1, C)
-    s = sigma[:, None]  # (k, 1)
-    e = t[:, 0, :] * np.sum(x2 / (s + t), axis=1) + outside
-    return len(sigma) / 2 * u - 0.5 * np.sum(np.log(s + t), axis=1) - n / 2 * np.log(np.maximum(e, tiny))
+    t = np.exp(u)
+    log_det = np.sum(np.log(sigma[:, None] + t[:, None, :]), axis=1)  # sum over the k singular values
+    return len(sigma) / 2 * u - 0.5 * log_det - n / 2 * np.log(_fit_energy(t, x2, outside, sigma))
+
+
+def _fit_energy(t: np.ndarray, x2: np.ndarray, outside: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """``E(t) = |y - F m|^2 + t |m|^2 = t sum x2 / (sigma + t) + outside`` for ``t`` of shape ``(..., C)``, kept
+    above the smallest positive double (the best beta for t is ``n / E(t)``)."""
+    e = t * np.sum(x2 / (sigma[:, None] + t[..., None, :]), axis=-2) + outside
+    return np.maximum(e, np.finfo(np.float64).tiny)
 
 
 def _max_log_evidence(x2: np.ndarray, outside: Any, sigma: np.ndarray, n: int) -> tuple[Any, Any, Any]:
@@ -258,7 +263,7 @@ def _max_log_evidence(x2: np.ndarray, outside: Any, sigma: np.ndarray, n: int) -
     u = np.stack([(a + b) / 2, grid[best]])
     u = u[np.argmax(_profile_log_evidence(u, x2, outside, sigma, n), axis=0), np.arange(c)]  # never below the grid
     t = np.exp(u)
-    beta = n / np.maximum(t * np.sum(x2 / (sigma[:, None] + t), axis=0) + outside, np.finfo(np.float64).tiny)
+    beta = n / _fit_energy(t, x2, outside, sigma)
     alpha = t * beta
     value = log_evidence(alpha, beta, x2, outside, sigma, n)
     if one:
