@@ -346,6 +346,12 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return corr
 
 
+def correlation_table(corr: dict[str, dict[str, Any]]) -> str:
+    """``correlations``' result as a table: score, n, Pearson, weighted Kendall's tau."""
+    return table(["score", "n", "pearson", "weighted Kendall tau"],
+                 [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr.items()])
+
+
 def robustness(rows: list[dict[str, Any]], score: str = "logme") -> dict[str, Any]:
     """How much weighted tau of ``score`` depends on the seeds and on single candidates: tau against each seed's
     accuracies alone, and with each candidate left out in turn (over the mean accuracies)."""
@@ -497,16 +503,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print()
     print(table(headers, rows))
     print()
-    print(table(["score", "n", "pearson", "weighted Kendall tau"],
-                [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr.items()]))
+    print(correlation_table(corr))
     if corr_five:
         print("\nthe first five candidates only:")
-        print(table(["score", "n", "pearson", "weighted Kendall tau"],
-                    [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr_five.items()]))
+        print(correlation_table(corr_five))
     for n, f in fewer.items():
         print(f"\nranking on {n} examples: {f['rank_all_s']:.2f} s, cost ratio {f['cost_ratio']:.1f}x")
-        print(table(["score", "n", "pearson", "weighted Kendall tau"],
-                    [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in f["correlation"].items()]))
+        print(correlation_table(f["correlation"]))
     print(f"\ncost: ranking all {rank_all:.2f} s vs fine-tuning all (once each) {finetune_all:.1f} s -> "
           f"{result['cost_ratio']:.1f}x ({result['cost_ratio_without_data_read']:.1f}x without the data read); "
           f"bench total {result['bench_total_s'] / 60:.1f} min")
