@@ -67,11 +67,19 @@ def run_route(route: str, source: Any, recipe: Any, seed: int) -> dict[str, Any]
     # strategy full, as measured and documented (the demo itself has since moved to freeze)
     job = train(target, data, recipe.train.model_copy(update={"strategy": "full"}), seed=seed)
     test = evaluate(target, data.dataset("test"), len(data.classes))
-    return {"route": route, "seed": seed, "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-            "val_accuracy": job["val"].get("accuracy"), "best_epoch": job.get("best_epoch"),
-            "input_channels": data.preprocess["input_size"][0], "coverage": coverage,
-            "first_conv_params": target.backbone.conv_stem.weight.numel(),
-            "wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
+    return {
+        "route": route,
+        "seed": seed,
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "val_accuracy": job["val"].get("accuracy"),
+        "best_epoch": job.get("best_epoch"),
+        "input_channels": data.preprocess["input_size"][0],
+        "coverage": coverage,
+        "first_conv_params": target.backbone.conv_stem.weight.numel(),
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": _cpu_s() - c0,
+    }
 
 
 def main() -> None:
@@ -88,35 +96,65 @@ def main() -> None:
     source = load_source(recipe.source)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        for route in (("rgb", "grey") if seed % 2 == 0 else ("grey", "rgb")):  # alternate which runs first
+        for route in ("rgb", "grey") if seed % 2 == 0 else ("grey", "rgb"):  # alternate which runs first
             r = run_route(route, source, recipe, seed)
             rows.append(r)
-            print(f"seed {seed} {route}: test accuracy {r['test_accuracy']:.4f} (val {r['val_accuracy']:.4f}, best "
-                  f"epoch {r['best_epoch']}), {r['wall_s']:.0f} s, {r['cpu_s']:.0f} CPU s", flush=True)
+            print(
+                f"seed {seed} {route}: test accuracy {r['test_accuracy']:.4f} (val {r['val_accuracy']:.4f}, best "
+                f"epoch {r['best_epoch']}), {r['wall_s']:.0f} s, {r['cpu_s']:.0f} CPU s",
+                flush=True,
+            )
 
     summary: dict[str, Any] = {}
     table_rows = []
     for route in ("rgb", "grey"):
         rs = [r for r in rows if r["route"] == route]
         acc = [r["test_accuracy"] for r in rs]
-        summary[route] = {"test_accuracy_mean": statistics.mean(acc),
-                          "test_accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                          "per_seed": {r["seed"]: r["test_accuracy"] for r in rs},
-                          "cpu_s_mean": statistics.mean(r["cpu_s"] for r in rs)}
-        table_rows.append([route, rs[0]["input_channels"], rs[0]["first_conv_params"], f"{rs[0]['coverage']:.4f}",
-                           " / ".join(f"{a:.3f}" for a in acc), f"{summary[route]['test_accuracy_mean']:.4f} ± "
-                           f"{summary[route]['test_accuracy_sd']:.4f}", f"{summary[route]['cpu_s_mean']:.0f}"])
-    diffs = [g["test_accuracy"] - r["test_accuracy"] for g in rows if g["route"] == "grey" for r in rows
-             if r["route"] == "rgb" and r["seed"] == g["seed"]]
+        summary[route] = {
+            "test_accuracy_mean": statistics.mean(acc),
+            "test_accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "per_seed": {r["seed"]: r["test_accuracy"] for r in rs},
+            "cpu_s_mean": statistics.mean(r["cpu_s"] for r in rs),
+        }
+        table_rows.append(
+            [
+                route,
+                rs[0]["input_channels"],
+                rs[0]["first_conv_params"],
+                f"{rs[0]['coverage']:.4f}",
+                " / ".join(f"{a:.3f}" for a in acc),
+                f"{summary[route]['test_accuracy_mean']:.4f} ± {summary[route]['test_accuracy_sd']:.4f}",
+                f"{summary[route]['cpu_s_mean']:.0f}",
+            ]
+        )
+    diffs = [
+        g["test_accuracy"] - r["test_accuracy"]
+        for g in rows
+        if g["route"] == "grey"
+        for r in rows
+        if r["route"] == "rgb" and r["seed"] == g["seed"]
+    ]
     summary["grey_minus_rgb_mean_points"] = 100 * statistics.mean(diffs)
     print()
-    print(table(["route", "channels", "first conv params", "coverage", "test accuracy per seed",
-                 "mean ± sd", "CPU s"], table_rows))
+    print(
+        table(
+            ["route", "channels", "first conv params", "coverage", "test accuracy per seed", "mean ± sd", "CPU s"],
+            table_rows,
+        )
+    )
     print(f"\ngrey - rgb: {summary['grey_minus_rgb_mean_points']:+.2f} points (mean over {len(diffs)} seed(s))")
-    path = write_result("channels" + (f"-{args.tag}" if args.tag else ""), {
-        "benchmark": "channels", "args": {**vars(args), "recipe": str(args.recipe)}, "machine": info,
-        "train_config": recipe.train.model_dump(), "data_config": recipe.data.model_dump(), "summary": summary,
-        "runs": rows})
+    path = write_result(
+        "channels" + (f"-{args.tag}" if args.tag else ""),
+        {
+            "benchmark": "channels",
+            "args": {**vars(args), "recipe": str(args.recipe)},
+            "machine": info,
+            "train_config": recipe.train.model_dump(),
+            "data_config": recipe.data.model_dump(),
+            "summary": summary,
+            "runs": rows,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -37,7 +37,7 @@ def infer(model: nn.Module, x: torch.Tensor, batch: int) -> tuple[float, torch.T
     model.eval()
     t = time.perf_counter()
     with torch.no_grad():
-        out = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+        out = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
     return time.perf_counter() - t, out
 
 
@@ -46,7 +46,7 @@ def train_steps(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Ten
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-4)
     t = time.perf_counter()
     for i in range(0, len(x), batch):
-        loss = nn.functional.cross_entropy(head(model(x[i:i + batch])), y[i:i + batch])
+        loss = nn.functional.cross_entropy(head(model(x[i : i + batch])), y[i : i + batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -60,8 +60,12 @@ def measure(make: Callable[[], nn.Module], size: int, images: int, batch: int, r
     with torch.no_grad():
         width = model(x[:2]).shape[1]
     head = nn.Linear(width, 10)
-    times: dict[str, list[float]] = {"infer_default": [], "infer_channels_last": [], "train_default": [],
-                                     "train_channels_last": []}
+    times: dict[str, list[float]] = {
+        "infer_default": [],
+        "infer_channels_last": [],
+        "train_default": [],
+        "train_channels_last": [],
+    }
     outs = {}
     infer(model, x[:batch], batch)  # warm-up of both layouts' kernels
     with conv_layout(model):
@@ -78,24 +82,62 @@ def measure(make: Callable[[], nn.Module], size: int, images: int, batch: int, r
         model.load_state_dict(make().state_dict())  # the same starting weights for the next pair
     diff = (outs["default"] - outs["channels_last"]).abs().max().item()
     med = {k: median(v) for k, v in times.items()}
-    return {"images": images, "batch": batch, "size": size, "times_s": times, "median_s": med,
-            "infer_speedup": med["infer_default"] / med["infer_channels_last"],
-            "train_speedup": med["train_default"] / med["train_channels_last"],
-            "max_abs_output_diff": diff, "output_scale": outs["default"].abs().max().item(),
-            "weights_contiguous_after": all(p.is_contiguous() for p in model.parameters())}
+    return {
+        "images": images,
+        "batch": batch,
+        "size": size,
+        "times_s": times,
+        "median_s": med,
+        "infer_speedup": med["infer_default"] / med["infer_channels_last"],
+        "train_speedup": med["train_default"] / med["train_channels_last"],
+        "max_abs_output_diff": diff,
+        "output_scale": outs["default"].abs().max().item(),
+        "weights_contiguous_after": all(p.is_contiguous() for p in model.parameters()),
+    }
 
 
 def main() -> None:
     args = per_model_args(__doc__, images=128, repeats=3)
-    results = measure_models(MODELS, measure, args, lambda r: (
-        f"inference {r['infer_speedup']:.2f}x, training {r['train_speedup']:.2f}x, "
-        f"max |diff| {r['max_abs_output_diff']:.1e} of {r['output_scale']:.1f}"))
-    rows = [[name, r["images"], r["median_s"]["infer_default"], r["median_s"]["infer_channels_last"],
-             f"{r['infer_speedup']:.2f}x", r["median_s"]["train_default"], r["median_s"]["train_channels_last"],
-             f"{r['train_speedup']:.2f}x", f"{r['max_abs_output_diff']:.1e}"] for name, r in results.items()]
+    results = measure_models(
+        MODELS,
+        measure,
+        args,
+        lambda r: (
+            f"inference {r['infer_speedup']:.2f}x, training {r['train_speedup']:.2f}x, "
+            f"max |diff| {r['max_abs_output_diff']:.1e} of {r['output_scale']:.1f}"
+        ),
+    )
+    rows = [
+        [
+            name,
+            r["images"],
+            r["median_s"]["infer_default"],
+            r["median_s"]["infer_channels_last"],
+            f"{r['infer_speedup']:.2f}x",
+            r["median_s"]["train_default"],
+            r["median_s"]["train_channels_last"],
+            f"{r['train_speedup']:.2f}x",
+            f"{r['max_abs_output_diff']:.1e}",
+        ]
+        for name, r in results.items()
+    ]
     print()
-    print(table(["model", "images", "infer s", "infer s (CL)", "speed-up", "train s", "train s (CL)", "speed-up",
-                 "max |diff|"], rows))
+    print(
+        table(
+            [
+                "model",
+                "images",
+                "infer s",
+                "infer s (CL)",
+                "speed-up",
+                "train s",
+                "train s (CL)",
+                "speed-up",
+                "max |diff|",
+            ],
+            rows,
+        )
+    )
     path = write_result("channels_last", {"machine": machine(), "args": vars(args), "models": results})
     print(f"\nresult: {path}")
 

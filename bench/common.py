@@ -31,10 +31,17 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "gpu": torch.cuda.is_available(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "loadavg": list(load) if load else None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **code_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "gpu": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "loadavg": list(load) if load else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **code_version(),
+    }
 
 
 def code_version() -> dict[str, Any]:
@@ -47,8 +54,10 @@ def code_version() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_commit": git("rev-parse", "--short", "HEAD") or None,
-            "src_uncommitted_changes": bool(git("status", "--porcelain", "--", "src"))}
+    return {
+        "git_commit": git("rev-parse", "--short", "HEAD") or None,
+        "src_uncommitted_changes": bool(git("status", "--porcelain", "--", "src")),
+    }
 
 
 def median(xs: list[float]) -> float:
@@ -65,6 +74,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table (also readable in a terminal)."""
+
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 

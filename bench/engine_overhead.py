@@ -75,14 +75,22 @@ def param_groups(model: nn.Module, plan: TrainPlan, weight_decay: float) -> list
     params = dict(model.named_parameters())
     groups = []
     for g in plan.groups:
-        groups += [{"params": [params[n] for n in g.params if params[n].ndim > 1], "lr": g.lr,
-                    "weight_decay": weight_decay},
-                   {"params": [params[n] for n in g.params if params[n].ndim <= 1], "lr": g.lr, "weight_decay": 0.0}]
+        groups += [
+            {"params": [params[n] for n in g.params if params[n].ndim > 1], "lr": g.lr, "weight_decay": weight_decay},
+            {"params": [params[n] for n in g.params if params[n].ndim <= 1], "lr": g.lr, "weight_decay": 0.0},
+        ]
     return [g for g in groups if g["params"]]
 
 
-def plain_loop(model: nn.Module, train_set: TensorDataset, plan: TrainPlan, cfg: TrainConfig, seed: int,
-               stamps: list[float], channels_last: bool = True) -> float:
+def plain_loop(
+    model: nn.Module,
+    train_set: TensorDataset,
+    plan: TrainPlan,
+    cfg: TrainConfig,
+    seed: int,
+    stamps: list[float],
+    channels_last: bool = True,
+) -> float:
     """The minimal hand-written loop; returns the mean training loss (computed after the last timestamp)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(param_groups(model, plan, cfg.weight_decay))
@@ -100,12 +108,31 @@ def plain_loop(model: nn.Module, train_set: TensorDataset, plan: TrainPlan, cfg:
     return float(torch.stack(losses).mean())
 
 
-def fit_loop(model: nn.Module, train_set: TensorDataset, val_set: TensorDataset, plan: TrainPlan, cfg: TrainConfig,
-             seed: int, accelerator: Any, stamps: list[float], paths: JobPaths | None = None) -> float:
+def fit_loop(
+    model: nn.Module,
+    train_set: TensorDataset,
+    val_set: TensorDataset,
+    plan: TrainPlan,
+    cfg: TrainConfig,
+    seed: int,
+    accelerator: Any,
+    stamps: list[float],
+    paths: JobPaths | None = None,
+) -> float:
     """One epoch of ``transferkit.engine.loop.fit``; returns its mean training loss."""
     torch.manual_seed(seed)
-    result = fit(model, train_set, val_set, cfg, plan, num_classes=10, seed=seed, accelerator=accelerator,
-                 paths=paths, on_step=lambda _: stamps.append(time.perf_counter()))
+    result = fit(
+        model,
+        train_set,
+        val_set,
+        cfg,
+        plan,
+        num_classes=10,
+        seed=seed,
+        accelerator=accelerator,
+        paths=paths,
+        on_step=lambda _: stamps.append(time.perf_counter()),
+    )
     return float(result.history[-1]["train_loss"])
 
 
@@ -117,9 +144,16 @@ def timed(fn: Callable[[list[float]], float]) -> dict[str, float]:
     call_s = time.perf_counter() - t0
     steps = len(stamps)
     step_s = [b - a for a, b in itertools.pairwise(stamps)]
-    return {"steps": steps, "call_s": call_s, "steady_s_per_step": (stamps[-1] - stamps[0]) / (steps - 1),
-            "median_step_s": median(step_s), "step_s": step_s,
-            "first_step_s": stamps[0] - t0, "after_last_step_s": t0 + call_s - stamps[-1], "loss": loss}
+    return {
+        "steps": steps,
+        "call_s": call_s,
+        "steady_s_per_step": (stamps[-1] - stamps[0]) / (steps - 1),
+        "median_step_s": median(step_s),
+        "step_s": step_s,
+        "first_step_s": stamps[0] - t0,
+        "after_last_step_s": t0 + call_s - stamps[-1],
+        "loss": loss,
+    }
 
 
 def main() -> None:
@@ -132,13 +166,23 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=8, help="examples in fit's end-of-epoch validation pass")
     ap.add_argument("--lr", type=float, default=3e-3, help="head lr (the full strategy gives the backbone 0.1x)")
     ap.add_argument("--no-paths", action="store_true", help="skip the side that trains fit with log + checkpoint")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: stable under a concurrent job; 0 = torch's default)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after measuring, run fit (with paths) once under cProfile and print where it spends time")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: stable under a concurrent job; 0 = torch's default)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after measuring, run fit (with paths) once under cProfile and print where it spends time",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--plain-default-layout", action="store_true",
-                    help="the plain loop keeps the default (NCHW) weight layout; fit still uses channels-last")
+    ap.add_argument(
+        "--plain-default-layout",
+        action="store_true",
+        help="the plain loop keeps the default (NCHW) weight layout; fit still uses channels-last",
+    )
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/engine_overhead[-TAG].json")
     args = ap.parse_args()
 
@@ -147,9 +191,17 @@ def main() -> None:
     info = machine()
     n_train = args.steps * args.batch_size
     source = load_source("efficientnet_lite0")
-    data = prepare_data(DataConfig(dataset="mnist5k", per_class=math.ceil(n_train / 10),
-                                   val_per_class=math.ceil(args.val_size / 10), test_size=10,
-                                   image_size=args.image_size), source.preprocess, args.seed)
+    data = prepare_data(
+        DataConfig(
+            dataset="mnist5k",
+            per_class=math.ceil(n_train / 10),
+            val_per_class=math.ceil(args.val_size / 10),
+            test_size=10,
+            image_size=args.image_size,
+        ),
+        source.preprocess,
+        args.seed,
+    )
     train_set = materialise(data, "train", n_train)
     val_set = materialise(data, "val", args.val_size)
     warm_set = TensorDataset(*train_set[: args.warmup_steps * args.batch_size])
@@ -193,37 +245,76 @@ def main() -> None:
             rec[name]["ratio_call"] = rec["plain"]["call_s"] / rec[name]["call_s"]
             rec[name]["ratio_call_minus_val"] = rec["plain"]["call_s"] / rec[name]["call_minus_val_s"]
         rounds.append(rec)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{n} {rec[n]['steps'] / rec[n]['call_s']:.2f} steps/s" for n in names), flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {rec[n]['steps'] / rec[n]['call_s']:.2f} steps/s" for n in names),
+            flush=True,
+        )
 
     summary: dict[str, Any] = {}
     rows = []
     for name in names:
         steady = median([1.0 / rec[name]["steady_s_per_step"] for rec in rounds])
         call = median([rec[name]["steps"] / rec[name]["call_s"] for rec in rounds])
-        s = {"steady_steps_per_s": steady, "call_steps_per_s": call,
-             "first_step_s": median([rec[name]["first_step_s"] for rec in rounds]),
-             "after_last_step_s": median([rec[name]["after_last_step_s"] for rec in rounds]),
-             "final_loss": median([rec[name]["loss"] for rec in rounds])}
+        s = {
+            "steady_steps_per_s": steady,
+            "call_steps_per_s": call,
+            "first_step_s": median([rec[name]["first_step_s"] for rec in rounds]),
+            "after_last_step_s": median([rec[name]["after_last_step_s"] for rec in rounds]),
+            "final_loss": median([rec[name]["loss"] for rec in rounds]),
+        }
         if name != "plain":
             for k in ("ratio_median_step", "ratio_steady", "ratio_call", "ratio_call_minus_val"):
                 s[k] = median([rec[name][k] for rec in rounds])
         summary[name] = s
-        rows.append([name, steady, call, s["first_step_s"], s["after_last_step_s"], s.get("ratio_median_step", 1.0),
-                     s.get("ratio_steady", 1.0), s.get("ratio_call", 1.0), s.get("ratio_call_minus_val", 1.0)])
-    headers = ["loop", "steady steps/s", "call steps/s", "1st step s", "after last step s", "ratio median step",
-               "ratio steady", "ratio call", "ratio call-val"]
+        rows.append(
+            [
+                name,
+                steady,
+                call,
+                s["first_step_s"],
+                s["after_last_step_s"],
+                s.get("ratio_median_step", 1.0),
+                s.get("ratio_steady", 1.0),
+                s.get("ratio_call", 1.0),
+                s.get("ratio_call_minus_val", 1.0),
+            ]
+        )
+    headers = [
+        "loop",
+        "steady steps/s",
+        "call steps/s",
+        "1st step s",
+        "after last step s",
+        "ratio median step",
+        "ratio steady",
+        "ratio call",
+        "ratio call-val",
+    ]
     val_pass = median([rec["val_pass_s"] for rec in rounds])
     print()
     print(table(headers, rows))
-    print(f"\nmedians over {args.rounds} interleaved rounds of {args.steps} steps (batch {args.batch_size}, "
-          f"{args.image_size}px); ratio = transferkit / plain steps/s (goal >= 0.95); "
-          f"fit's validation pass on {args.val_size} examples: {val_pass:.3f} s")
-    path = write_result("engine_overhead" + (f"-{args.tag}" if args.tag else ""), {
-        "benchmark": "engine_overhead", "args": vars(args), "machine": info, "val_pass_s": val_pass,
-        "goal": {"ratio": 0.95, "met_steady": summary["fit"]["ratio_steady"] >= 0.95,
-                 "met_call_minus_val": summary["fit"]["ratio_call_minus_val"] >= 0.95},
-        "summary": summary, "rounds": rounds})
+    print(
+        f"\nmedians over {args.rounds} interleaved rounds of {args.steps} steps (batch {args.batch_size}, "
+        f"{args.image_size}px); ratio = transferkit / plain steps/s (goal >= 0.95); "
+        f"fit's validation pass on {args.val_size} examples: {val_pass:.3f} s"
+    )
+    path = write_result(
+        "engine_overhead" + (f"-{args.tag}" if args.tag else ""),
+        {
+            "benchmark": "engine_overhead",
+            "args": vars(args),
+            "machine": info,
+            "val_pass_s": val_pass,
+            "goal": {
+                "ratio": 0.95,
+                "met_steady": summary["fit"]["ratio_steady"] >= 0.95,
+                "met_call_minus_val": summary["fit"]["ratio_call_minus_val"] >= 0.95,
+            },
+            "summary": summary,
+            "rounds": rounds,
+        },
+    )
     print(f"wrote {path}")
     if args.profile:
         profile_fit(side("fit+paths", train_set))
@@ -238,8 +329,11 @@ def profile_fit(run: Callable[[list[float]], float]) -> None:
     prof.runcall(run, [])
     stats = pstats.Stats(prof).sort_stats("cumulative")
     print("\nfit under cProfile (cumulative s; forward/backward are the model's compute, the rest is loop cost):")
-    stats.print_stats(r"loop\.py|objective|accelerate/(accelerator|optimizer)|lr_scheduler|gc\.collect|"
-                      r"serialization\.py:\d+\(save\)|io\.py|dataloader\.py:\d+\(__next__\)|tqdm", 30)
+    stats.print_stats(
+        r"loop\.py|objective|accelerate/(accelerator|optimizer)|lr_scheduler|gc\.collect|"
+        r"serialization\.py:\d+\(save\)|io\.py|dataloader\.py:\d+\(__next__\)|tqdm",
+        30,
+    )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "efficientnet_lite0 @ 224 px": (lambda: load_source("efficientnet_lite0").backbone, 224),
     "resnet18 @ 96 px": (lambda: _drawn_statistics(timm.create_model("resnet18", num_classes=0)), 96),
     "mobilenetv3_small_100 @ 96 px": (
-        lambda: _drawn_statistics(timm.create_model("mobilenetv3_small_100", num_classes=0)), 96),
+        lambda: _drawn_statistics(timm.create_model("mobilenetv3_small_100", num_classes=0)),
+        96,
+    ),
     "vit_tiny_patch16 @ 96 px": (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=96), 96),
 }
 
@@ -57,7 +59,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
 @torch.no_grad()
 def one_pass(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
     t = time.perf_counter()
-    out = torch.cat([call(x[i:i + batch]) for i in range(0, len(x), batch)])
+    out = torch.cat([call(x[i : i + batch]) for i in range(0, len(x), batch)])
     return time.perf_counter() - t, out
 
 
@@ -80,21 +82,43 @@ def measure(make: Callable[[], nn.Module], size: int, images: int, batch: int, r
             times["folded"].append(time.perf_counter() - t)  # with folding and restoring
             pairs = len(run.pairs or [])
     med = {k: median(v) for k, v in times.items()}
-    return {"images": images, "batch": batch, "size": size, "times_s": times, "median_s": med,
-            "speedup": med["plain"] / med["folded"], "batch_norms_folded": pairs,
-            "batch_norms": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
-            "max_abs_output_diff": (outs["plain"] - outs["folded"]).abs().max().item(),
-            "output_scale": outs["plain"].abs().max().item()}
+    return {
+        "images": images,
+        "batch": batch,
+        "size": size,
+        "times_s": times,
+        "median_s": med,
+        "speedup": med["plain"] / med["folded"],
+        "batch_norms_folded": pairs,
+        "batch_norms": sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        "max_abs_output_diff": (outs["plain"] - outs["folded"]).abs().max().item(),
+        "output_scale": outs["plain"].abs().max().item(),
+    }
 
 
 def main() -> None:
     args = per_model_args(__doc__, images=192, repeats=5)
-    results = measure_models(MODELS, measure, args, lambda r: (
-        f"{r['speedup']:.2f}x, {r['batch_norms_folded']} of {r['batch_norms']} batch norms folded, "
-        f"max |diff| {r['max_abs_output_diff']:.1e} of {r['output_scale']:.1f}"))
-    rows = [[name, r["images"], r["median_s"]["plain"], r["median_s"]["folded"], f"{r['speedup']:.2f}x",
-             f"{r['batch_norms_folded']}/{r['batch_norms']}", f"{r['max_abs_output_diff']:.1e}"]
-            for name, r in results.items()]
+    results = measure_models(
+        MODELS,
+        measure,
+        args,
+        lambda r: (
+            f"{r['speedup']:.2f}x, {r['batch_norms_folded']} of {r['batch_norms']} batch norms folded, "
+            f"max |diff| {r['max_abs_output_diff']:.1e} of {r['output_scale']:.1f}"
+        ),
+    )
+    rows = [
+        [
+            name,
+            r["images"],
+            r["median_s"]["plain"],
+            r["median_s"]["folded"],
+            f"{r['speedup']:.2f}x",
+            f"{r['batch_norms_folded']}/{r['batch_norms']}",
+            f"{r['max_abs_output_diff']:.1e}",
+        ]
+        for name, r in results.items()
+    ]
     print()
     print(table(["model", "images", "plain s", "folded s", "speed-up", "BN folded", "max |diff|"], rows))
     path = write_result("fold_bn", {"machine": machine(), "args": vars(args), "models": results})

@@ -111,8 +111,15 @@ def truncated_lite0(after: int) -> SourceModel:
     source = load_source("efficientnet_lite0")
     backbone = TruncatedEfficientNet(source.backbone, after)
     width = backbone.blocks[-1][-1].conv_pwl.out_channels
-    model = SourceModel(backbone, nn.Identity(), {**source.arch, "truncated_after_block": after},
-                        dict(source.preprocess), None, width, groups=source.groups)  # the kept blocks' groups
+    model = SourceModel(
+        backbone,
+        nn.Identity(),
+        {**source.arch, "truncated_after_block": after},
+        dict(source.preprocess),
+        None,
+        width,
+        groups=source.groups,
+    )  # the kept blocks' groups
     names = {f"backbone.{n}" for n in backbone.state_dict()}
     model.origin = {k: v for k, v in source.origin.items() if k in names}
     return model
@@ -136,10 +143,20 @@ def build_digits_source(work: Path, target: PreparedData, quick: bool) -> tuple[
     used = np.concatenate([target.splits.train, target.splits.val, target.splits.test])
     per_class, val, test, epochs = (30, 5, 5, 1) if quick else (100, 10, 10, 8)
     folder = digits_source_folder(work / "digits0-4", used, per_class, seed=0)
-    recipe = Recipe(name="digits0-4", seed=0, source="efficientnet_lite0",
-                    data={"dataset": str(folder), "per_class": per_class - val - test, "val_per_class": val,
-                          "test_size": 5 * test, "image_size": 96, "augment": {"rotation": 10, "translate": 0.1}},
-                    train={"strategy": "full", "epochs": epochs, "batch_size": 32, "lr": 0.003})
+    recipe = Recipe(
+        name="digits0-4",
+        seed=0,
+        source="efficientnet_lite0",
+        data={
+            "dataset": str(folder),
+            "per_class": per_class - val - test,
+            "val_per_class": val,
+            "test_size": 5 * test,
+            "image_size": 96,
+            "augment": {"rotation": 10, "translate": 0.1},
+        },
+        train={"strategy": "full", "epochs": epochs, "batch_size": 32, "lr": 0.003},
+    )
     return train_source(recipe, work, 5 * (per_class - val - test), 5 * test)
 
 
@@ -150,8 +167,13 @@ def train_source(recipe: Recipe, work: Path, train_examples: int, test_examples:
     seconds = time.perf_counter() - t
     metrics = json.loads((run / "metrics.json").read_text())
     model = metrics["models"][metrics["selected"]]
-    info = {"train_examples": train_examples, "epochs": recipe.train.epochs, "seconds": seconds,
-            "source_test_accuracy": model["test"]["accuracy"], "source_test_size": test_examples}
+    info = {
+        "train_examples": train_examples,
+        "epochs": recipe.train.epochs,
+        "seconds": seconds,
+        "source_test_accuracy": model["test"]["accuracy"],
+        "source_test_size": test_examples,
+    }
     return run / "model", info
 
 
@@ -184,17 +206,34 @@ def build_mnist1d_source(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]
     pretrained by transferkit on procedural data only, at 64 px to keep the one-off cost small."""
     per_class, val, test, epochs = (30, 5, 5, 1) if quick else (400, 20, 30, 12)
     folder = mnist1d_folder(work / "mnist1d", per_class)
-    recipe = Recipe(name="mnist1d", seed=0, source="efficientnet_lite0",
-                    data={"dataset": str(folder), "per_class": per_class - val - test, "val_per_class": val,
-                          "test_size": 10 * test, "image_size": 64},
-                    train={"strategy": "scratch", "epochs": epochs, "batch_size": 64, "lr": 0.003})
+    recipe = Recipe(
+        name="mnist1d",
+        seed=0,
+        source="efficientnet_lite0",
+        data={
+            "dataset": str(folder),
+            "per_class": per_class - val - test,
+            "val_per_class": val,
+            "test_size": 10 * test,
+            "image_size": 64,
+        },
+        train={"strategy": "scratch", "epochs": epochs, "batch_size": 64, "lr": 0.003},
+    )
     return train_source(recipe, work, 10 * (per_class - val - test), 10 * test)
 
 
-FIRST_FIVE = ("efficientnet_lite0", "lite0[:blocks.4]", "lite0[:blocks.2]", "efficientnet_lite0 (random init)",
-              "digits0-4",  # the candidates of the first tables in docs/benchmarks.md, image and text
-              "all-minilm-l6-v2", "minilm[:2 layers]", "minilm (random init)", "minilm+plot-vs-review",
-              "minilm+sentiment")
+FIRST_FIVE = (
+    "efficientnet_lite0",
+    "lite0[:blocks.4]",
+    "lite0[:blocks.2]",
+    "efficientnet_lite0 (random init)",
+    "digits0-4",  # the candidates of the first tables in docs/benchmarks.md, image and text
+    "all-minilm-l6-v2",
+    "minilm[:2 layers]",
+    "minilm (random init)",
+    "minilm+plot-vs-review",
+    "minilm+sentiment",
+)
 
 
 def candidates(models: dict[str, Path], more: bool = True) -> list[Candidate]:
@@ -205,14 +244,24 @@ def candidates(models: dict[str, Path], more: bool = True) -> list[Candidate]:
         Candidate("lite0[:blocks.4]", lambda: truncated_lite0(4), "efficientnet_lite0 truncated after blocks.4"),
         Candidate("lite0[:blocks.2]", lambda: truncated_lite0(2), "efficientnet_lite0 truncated after blocks.2"),
         Candidate("efficientnet_lite0 (random init)", lambda: load_source(random_spec), random_spec),
-        Candidate("digits0-4", lambda: load_source(str(models["digits0-4"])),
-                  "efficientnet_lite0 fine-tuned on digits 0-4"),
+        Candidate(
+            "digits0-4", lambda: load_source(str(models["digits0-4"])), "efficientnet_lite0 fine-tuned on digits 0-4"
+        ),
     ]
     if more:
-        out += [Candidate(f"lite0[:blocks.{b}]", lambda b=b: truncated_lite0(b),
-                          f"efficientnet_lite0 truncated after blocks.{b}") for b in (3, 5, 6)]
-        out.append(Candidate("mnist1d (scratch)", lambda: load_source(str(models["mnist1d (scratch)"])),
-                             "efficientnet_lite0 trained from random weights on drawn MNIST-1D signals"))
+        out += [
+            Candidate(
+                f"lite0[:blocks.{b}]", lambda b=b: truncated_lite0(b), f"efficientnet_lite0 truncated after blocks.{b}"
+            )
+            for b in (3, 5, 6)
+        ]
+        out.append(
+            Candidate(
+                "mnist1d (scratch)",
+                lambda: load_source(str(models["mnist1d (scratch)"])),
+                "efficientnet_lite0 trained from random weights on drawn MNIST-1D signals",
+            )
+        )
     return out
 
 
@@ -228,8 +277,9 @@ def truncated_minilm(layers: int) -> SourceModel:
     return source
 
 
-def text_source(work: Path, name: str, texts: list[str], labels: list[str], quick: bool,
-                scratch: bool = False) -> tuple[Path, dict]:
+def text_source(
+    work: Path, name: str, texts: list[str], labels: list[str], quick: bool, scratch: bool = False
+) -> tuple[Path, dict]:
     """Fine-tune all-minilm-l6-v2 on ``texts`` (a CSV written under ``work``) with ``run_recipe``; the model folder.
 
     ``scratch``: train the same architecture from random weights instead (strategy ``scratch``, lr 5e-4).
@@ -240,16 +290,25 @@ def text_source(work: Path, name: str, texts: list[str], labels: list[str], quic
     pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
     per_class, val, test, epochs = (40, 10, 10, 1) if quick else (400, 50, 100, 3)
     strategy = "scratch" if scratch else {"name": "full", "backbone_lr_scale": 0.05}
-    recipe = Recipe(name=name, seed=0, source="all-minilm-l6-v2",
-                    data={"dataset": str(csv), "per_class": per_class, "val_per_class": val,
-                          "test_size": 2 * test, "max_length": 64},
-                    train={"strategy": strategy, "epochs": epochs, "batch_size": 16,
-                           "lr": 0.0005 if scratch else 0.001})
+    recipe = Recipe(
+        name=name,
+        seed=0,
+        source="all-minilm-l6-v2",
+        data={
+            "dataset": str(csv),
+            "per_class": per_class,
+            "val_per_class": val,
+            "test_size": 2 * test,
+            "max_length": 64,
+        },
+        train={"strategy": strategy, "epochs": epochs, "batch_size": 16, "lr": 0.0005 if scratch else 0.001},
+    )
     return train_source(recipe, work, 2 * per_class, 2 * test)
 
 
-def build_text_sources(work: Path, target: PreparedData, quick: bool,
-                       more: bool = True) -> tuple[dict[str, Path], dict[str, Any]]:
+def build_text_sources(
+    work: Path, target: PreparedData, quick: bool, more: bool = True
+) -> tuple[dict[str, Path], dict[str, Any]]:
     """The MiniLM sources built here, on Rotten Tomatoes texts outside the target's split: two fine-tuned, and with
     ``more`` the architecture trained from random weights on the plot-vs-review texts."""
     used = {str(t) for split in ("train", "val", "test") for t in as_list(target.items(split))}
@@ -265,14 +324,24 @@ def build_text_sources(work: Path, target: PreparedData, quick: bool,
     rest = reviews[600:]
     models, info = {}, {}
     models["minilm+plot-vs-review"], info["minilm+plot-vs-review"] = text_source(
-        work, "plot-vs-review", [texts[i] for i in pvr], ["plot" if names[i] == "plot" else "review" for i in pvr],
-        quick)
+        work,
+        "plot-vs-review",
+        [texts[i] for i in pvr],
+        ["plot" if names[i] == "plot" else "review" for i in pvr],
+        quick,
+    )
     models["minilm+sentiment"], info["minilm+sentiment"] = text_source(
-        work, "sentiment", [texts[i] for i in rest], [str(names[i]) for i in rest], quick)
+        work, "sentiment", [texts[i] for i in rest], [str(names[i]) for i in rest], quick
+    )
     if more:
         models["minilm scratch+plot-vs-review"], info["minilm scratch+plot-vs-review"] = text_source(
-            work, "scratch-plot-vs-review", [texts[i] for i in pvr],
-            ["plot" if names[i] == "plot" else "review" for i in pvr], quick, scratch=True)
+            work,
+            "scratch-plot-vs-review",
+            [texts[i] for i in pvr],
+            ["plot" if names[i] == "plot" else "review" for i in pvr],
+            quick,
+            scratch=True,
+        )
     return models, info
 
 
@@ -289,12 +358,18 @@ def text_candidates(models: dict[str, Path], more: bool = True) -> list[Candidat
         Candidate("all-minilm-l6-v2", lambda: load_source("all-minilm-l6-v2"), "all-minilm-l6-v2"),
         Candidate("minilm[:2 layers]", lambda: truncated_minilm(2), "all-minilm-l6-v2, first 2 of 6 layers"),
         Candidate("minilm (random init)", lambda: load_source(random_spec), random_spec),
-        *[Candidate(name, lambda p=path: load_source(str(p)), f"all-minilm-l6-v2 built here: {name}")
-          for name, path in models.items()],
+        *[
+            Candidate(name, lambda p=path: load_source(str(p)), f"all-minilm-l6-v2 built here: {name}")
+            for name, path in models.items()
+        ],
     ]
     if more:
-        out += [Candidate(f"minilm[:{k} layers]", lambda k=k: truncated_minilm(k),
-                          f"all-minilm-l6-v2, first {k} of 6 layers") for k in (1, 4, 5)]
+        out += [
+            Candidate(
+                f"minilm[:{k} layers]", lambda k=k: truncated_minilm(k), f"all-minilm-l6-v2, first {k} of 6 layers"
+            )
+            for k in (1, 4, 5)
+        ]
     return out
 
 
@@ -320,12 +395,20 @@ def finetune(cand: Candidate, base: PreparedData, cfg: TrainConfig, seed: int) -
     t1 = time.perf_counter()
     test = evaluate(target, data.dataset("test"), len(data.classes))
     t2 = time.perf_counter()
-    return {"seed": seed, "test_accuracy": test["accuracy"], "val_accuracy": result["val"].get("accuracy"),
-            "best_epoch": result["best_epoch"], "train_s": t1 - t0, "test_s": t2 - t1, "total_s": t2 - t0}
+    return {
+        "seed": seed,
+        "test_accuracy": test["accuracy"],
+        "val_accuracy": result["val"].get("accuracy"),
+        "best_epoch": result["best_epoch"],
+        "train_s": t1 - t0,
+        "test_s": t2 - t1,
+        "total_s": t2 - t0,
+    }
 
 
-def timed_ranking(recipe: Recipe, cands: list[Candidate], repeats: int,
-                  max_examples: int | None = None) -> tuple[list[dict[str, Any]], list[float]]:
+def timed_ranking(
+    recipe: Recipe, cands: list[Candidate], repeats: int, max_examples: int | None = None
+) -> tuple[list[dict[str, Any]], list[float]]:
     """``rank_candidates`` on the recipe's data, ``repeats`` times: the last call's rows and every call's wall time."""
     rows, walls = [], []
     for _ in range(repeats):
@@ -341,15 +424,19 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for score in SCORE_NAMES:
         have = [row for row in rows if score in row["scores"]]
         if len(have) >= 2:
-            corr[score] = {**correlation([row["scores"][score] for row in have],
-                                         [row["test_accuracy_mean"] for row in have]), "n": len(have)}
+            corr[score] = {
+                **correlation([row["scores"][score] for row in have], [row["test_accuracy_mean"] for row in have]),
+                "n": len(have),
+            }
     return corr
 
 
 def correlation_table(corr: dict[str, dict[str, Any]]) -> str:
     """``correlations``' result as a table: score, n, Pearson, weighted Kendall's tau."""
-    return table(["score", "n", "pearson", "weighted Kendall tau"],
-                 [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr.items()])
+    return table(
+        ["score", "n", "pearson", "weighted Kendall tau"],
+        [[s, v["n"], v["pearson"], v["weighted_kendall_tau"]] for s, v in corr.items()],
+    )
 
 
 def robustness(rows: list[dict[str, Any]], score: str = "logme") -> dict[str, Any]:
@@ -358,11 +445,15 @@ def robustness(rows: list[dict[str, Any]], score: str = "logme") -> dict[str, An
     rows = [row for row in rows if score in row["scores"]]
     scores = [row["scores"][score] for row in rows]
     seeds = len(rows[0]["test_accuracy"])
-    per_seed = [correlation(scores, [row["test_accuracy"][k] for row in rows])["weighted_kendall_tau"]
-                for k in range(seeds)]
-    left_out = {row["candidate"]: correlation([x["scores"][score] for x in rows if x is not row],
-                                              [x["test_accuracy_mean"] for x in rows if x is not row]
-                                              )["weighted_kendall_tau"] for row in rows}
+    per_seed = [
+        correlation(scores, [row["test_accuracy"][k] for row in rows])["weighted_kendall_tau"] for k in range(seeds)
+    ]
+    left_out = {
+        row["candidate"]: correlation(
+            [x["scores"][score] for x in rows if x is not row], [x["test_accuracy_mean"] for x in rows if x is not row]
+        )["weighted_kendall_tau"]
+        for row in rows
+    }
     return {"score": score, "tau_per_seed": per_seed, "tau_leaving_one_out": left_out}
 
 
@@ -370,9 +461,11 @@ def report_robustness(path: Path) -> None:
     """Print (and add to the result file) ``robustness`` of LogME for a finished run's result."""
     result = json.loads(path.read_text())
     result["robustness"] = rob = robustness(result["candidates"])
-    print(f"{path.name}: LogME weighted tau per seed {', '.join(f'{t:.3f}' for t in rob['tau_per_seed'])}; "
-          f"leaving one candidate out {min(rob['tau_leaving_one_out'].values()):.3f} to "
-          f"{max(rob['tau_leaving_one_out'].values()):.3f}")
+    print(
+        f"{path.name}: LogME weighted tau per seed {', '.join(f'{t:.3f}' for t in rob['tau_per_seed'])}; "
+        f"leaving one candidate out {min(rob['tau_leaving_one_out'].values()):.3f} to "
+        f"{max(rob['tau_leaving_one_out'].values()):.3f}"
+    )
     for name, tau in rob["tau_leaving_one_out"].items():
         print(f"  without {name:<34} {tau:.3f}")
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -383,21 +476,37 @@ def report_robustness(path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", choices=["image", "text"], default="image",
-                    help="image: MNIST-5k (demo.yaml); text: Rotten Tomatoes (demo_text.yaml)")
+    ap.add_argument(
+        "--target",
+        choices=["image", "text"],
+        default="image",
+        help="image: MNIST-5k (demo.yaml); text: Rotten Tomatoes (demo_text.yaml)",
+    )
     ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the demo recipe's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     ap.add_argument("--strategy", help="train with this strategy instead of the recipe's (diagnostic: linear_probe)")
     ap.add_argument("--rank-repeats", type=int, default=3, help="rank_candidates calls timed (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (0: leave torch's default)")
     ap.add_argument("--quick", action="store_true", help="code-path check: 1 seed, 1 epoch, a small source run")
-    ap.add_argument("--fewer-examples", type=int, nargs="*", default=[100, 50],
-                    help="also rank (and time) on this many training examples, stratified (max_examples)")
-    ap.add_argument("--first-five", action="store_true",
-                    help="only the five candidates of the first tables (no other cuts, no source trained from scratch)")
+    ap.add_argument(
+        "--fewer-examples",
+        type=int,
+        nargs="*",
+        default=[100, 50],
+        help="also rank (and time) on this many training examples, stratified (max_examples)",
+    )
+    ap.add_argument(
+        "--first-five",
+        action="store_true",
+        help="only the five candidates of the first tables (no other cuts, no source trained from scratch)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/rank[-TAG].json")
-    ap.add_argument("--robustness", type=Path, metavar="RESULT_JSON",
-                    help="only analyse a finished run: LogME's tau per seed and leaving each candidate out")
+    ap.add_argument(
+        "--robustness",
+        type=Path,
+        metavar="RESULT_JSON",
+        help="only analyse a finished run: LogME's tau per seed and leaving each candidate out",
+    )
     args = ap.parse_args()
     if args.robustness:
         report_robustness(args.robustness)
@@ -416,14 +525,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     info = machine()
     recipe = load_recipe(demo_recipe_path(args.target))
-    cfg = recipe.train.model_copy(update={**({"epochs": args.epochs} if args.epochs else {}),
-                                          **({"strategy": args.strategy} if args.strategy else {})})
+    cfg = recipe.train.model_copy(
+        update={
+            **({"epochs": args.epochs} if args.epochs else {}),
+            **({"strategy": args.strategy} if args.strategy else {}),
+        }
+    )
     source = load_source(recipe.source)
     base = prepare_data(recipe.data, source, recipe.seed)
     size = f"{recipe.data.max_length} tokens" if args.target == "text" else f"{recipe.data.image_size} px"
-    print(f"target {recipe.data.dataset}: {base.splits.sizes()}, {size}; fine-tuning "
-          f"'{cfg.strategy_name}' {cfg.epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seeds {args.seeds}; "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+    print(
+        f"target {recipe.data.dataset}: {base.splits.sizes()}, {size}; fine-tuning "
+        f"'{cfg.strategy_name}' {cfg.epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, seeds {args.seeds}; "
+        f"{torch.get_num_threads()} thread(s)",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory(prefix="tk-rank-bench-") as tmp:
         if args.target == "text":
@@ -436,21 +552,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 models["mnist1d (scratch)"], built["mnist1d (scratch)"] = build_mnist1d_source(Path(tmp), args.quick)
             cands = candidates(models, more=not args.first_five)
         for name, b in built.items():
-            print(f"{name} source: {b['train_examples']} examples, {b['epochs']} epochs, "
-                  f"{b['seconds']:.1f} s, its own test accuracy {b['source_test_accuracy']:.3f}", flush=True)
+            print(
+                f"{name} source: {b['train_examples']} examples, {b['epochs']} epochs, "
+                f"{b['seconds']:.1f} s, its own test accuracy {b['source_test_accuracy']:.3f}",
+                flush=True,
+            )
 
         # ranking: the whole call (data read, every candidate's load, forward pass and scores), repeated
         ranked, rank_walls = timed_ranking(recipe, cands, args.rank_repeats)
         for r in ranked:
             assert r["status"] == "ok", r["error"]
-        print(f"ranking all {len(cands)} candidates: {median(rank_walls):.2f} s (median of {len(rank_walls)})",
-              flush=True)
+        print(
+            f"ranking all {len(cands)} candidates: {median(rank_walls):.2f} s (median of {len(rank_walls)})", flush=True
+        )
         # the same ranking on fewer examples (stratified, rank_candidates' max_examples): cheaper, how much worse?
         fewer: dict[int, dict[str, Any]] = {}
         for n in args.fewer_examples:
             rows_n, walls = timed_ranking(recipe, cands, args.rank_repeats, max_examples=n)
-            fewer[n] = {"rank_all_s": median(walls), "rank_walls_s": walls,
-                        "scores": {r["candidate"]: r["scores"] for r in rows_n}}
+            fewer[n] = {
+                "rank_all_s": median(walls),
+                "rank_walls_s": walls,
+                "scores": {r["candidate"]: r["scores"] for r in rows_n},
+            }
             print(f"ranking all {len(cands)} candidates on {n} examples: {median(walls):.2f} s", flush=True)
 
         # fine-tuning: seeds in the outer loop, so that a slow spell of the machine hits every candidate alike
@@ -459,20 +582,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for c in cands:
                 res = finetune(c, base, cfg, seed)
                 runs[c.name].append(res)
-                print(f"  seed {seed} {c.name:<34} test acc {res['test_accuracy']:.4f}  "
-                      f"{res['total_s']:.1f} s", flush=True)
+                print(
+                    f"  seed {seed} {c.name:<34} test acc {res['test_accuracy']:.4f}  {res['total_s']:.1f} s",
+                    flush=True,
+                )
 
     by_name = {r["candidate"]: r for r in ranked}
     rows_out = []
     for c in cands:
         accs = [x["test_accuracy"] for x in runs[c.name]]
         r = by_name[c.name]
-        rows_out.append({
-            "candidate": c.name, "spec": c.spec, "num_features": r["num_features"], "scores": r["scores"],
-            "score_times": r["times"], "rank_by_logme": r["rank"], "test_accuracy": accs,
-            "test_accuracy_mean": float(np.mean(accs)),
-            "test_accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-            "finetune_s_median": median([x["total_s"] for x in runs[c.name]]), "runs": runs[c.name]})
+        rows_out.append(
+            {
+                "candidate": c.name,
+                "spec": c.spec,
+                "num_features": r["num_features"],
+                "scores": r["scores"],
+                "score_times": r["times"],
+                "rank_by_logme": r["rank"],
+                "test_accuracy": accs,
+                "test_accuracy_mean": float(np.mean(accs)),
+                "test_accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                "finetune_s_median": median([x["total_s"] for x in runs[c.name]]),
+                "runs": runs[c.name],
+            }
+        )
 
     corr = correlations(rows_out)
     five = [row for row in rows_out if row["candidate"] in FIRST_FIVE]
@@ -484,22 +618,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f["cost_ratio"] = finetune_all / f["rank_all_s"]
     per_candidate_rank = {row["candidate"]: by_name[row["candidate"]]["times"]["total_s"] for row in rows_out}
     result = {
-        "machine": info, "args": vars(args),
+        "machine": info,
+        "args": vars(args),
         "target": {"data": recipe.data.model_dump(), "splits": base.splits.sizes()},
-        "train": cfg.model_dump(), "built_sources": built, "candidates": rows_out, "correlation": corr,
-        "correlation_first_five": corr_five, "fewer_examples": fewer, "robustness": robustness(rows_out),
-        "rank_all_s": rank_all, "rank_walls_s": rank_walls, "rank_per_candidate_s": per_candidate_rank,
-        "finetune_all_s": finetune_all, "cost_ratio": finetune_all / rank_all,
+        "train": cfg.model_dump(),
+        "built_sources": built,
+        "candidates": rows_out,
+        "correlation": corr,
+        "correlation_first_five": corr_five,
+        "fewer_examples": fewer,
+        "robustness": robustness(rows_out),
+        "rank_all_s": rank_all,
+        "rank_walls_s": rank_walls,
+        "rank_per_candidate_s": per_candidate_rank,
+        "finetune_all_s": finetune_all,
+        "cost_ratio": finetune_all / rank_all,
         "cost_ratio_without_data_read": finetune_all / sum(per_candidate_rank.values()),
         "bench_total_s": time.perf_counter() - t_start,
     }
 
     headers = ["candidate", "D", *SCORE_NAMES, "rank s", "test acc (mean ± sd)", "fine-tune s"]
-    rows = [[row["candidate"], row["num_features"],
-             *[row["scores"].get(s, "-") for s in SCORE_NAMES],
-             per_candidate_rank[row["candidate"]],
-             f"{row['test_accuracy_mean']:.4f} ± {row['test_accuracy_sd']:.4f}", row["finetune_s_median"]]
-            for row in sorted(rows_out, key=lambda x: -x["test_accuracy_mean"])]
+    rows = [
+        [
+            row["candidate"],
+            row["num_features"],
+            *[row["scores"].get(s, "-") for s in SCORE_NAMES],
+            per_candidate_rank[row["candidate"]],
+            f"{row['test_accuracy_mean']:.4f} ± {row['test_accuracy_sd']:.4f}",
+            row["finetune_s_median"],
+        ]
+        for row in sorted(rows_out, key=lambda x: -x["test_accuracy_mean"])
+    ]
     print()
     print(table(headers, rows))
     print()
@@ -510,9 +659,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n, f in fewer.items():
         print(f"\nranking on {n} examples: {f['rank_all_s']:.2f} s, cost ratio {f['cost_ratio']:.1f}x")
         print(correlation_table(f["correlation"]))
-    print(f"\ncost: ranking all {rank_all:.2f} s vs fine-tuning all (once each) {finetune_all:.1f} s -> "
-          f"{result['cost_ratio']:.1f}x ({result['cost_ratio_without_data_read']:.1f}x without the data read); "
-          f"bench total {result['bench_total_s'] / 60:.1f} min")
+    print(
+        f"\ncost: ranking all {rank_all:.2f} s vs fine-tuning all (once each) {finetune_all:.1f} s -> "
+        f"{result['cost_ratio']:.1f}x ({result['cost_ratio_without_data_read']:.1f}x without the data read); "
+        f"bench total {result['bench_total_s'] / 60:.1f} min"
+    )
     return result
 
 

@@ -50,18 +50,36 @@ def evaluate(seeds: list[int], ks: list[int], cfg: CrossDomainConfig) -> dict[st
         start = time.perf_counter()
         runs = [run_cross_domain(seed, cfg_k, split) for seed in seeds]
         summary = summarise(runs)
-        out[f"k={k}"] = {"split": split.describe(), "config": dataclasses.asdict(cfg_k), "runs": runs,
-                         "test_summary": summary, "seconds": round(time.perf_counter() - start, 1)}
-        print(f"\n{cfg.loss}: k = {k} target training ratings per user "
-              f"({split.describe()['target']['test']['users']} users, {len(split.target_items)} films), "
-              f"{len(seeds)} seeds, {out[f'k={k}']['seconds']} s")
+        out[f"k={k}"] = {
+            "split": split.describe(),
+            "config": dataclasses.asdict(cfg_k),
+            "runs": runs,
+            "test_summary": summary,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(
+            f"\n{cfg.loss}: k = {k} target training ratings per user "
+            f"({split.describe()['target']['test']['users']} users, {len(split.target_items)} films), "
+            f"{len(seeds)} seeds, {out[f'k={k}']['seconds']} s"
+        )
         print(summary_table(summary, len(seeds)))
         main_metric = "rmse" if cfg.loss == "mse" else "ndcg@10"
         arms = list(runs[0]["arms"])
-        rows = [[r["seed"], *(r["arms"][a]["test"][main_metric] for a in arms), r["arms"]["transfer"]["best_epoch"],
-                 r["arms"]["target_only"]["best_epoch"], r["source"]["best_epoch"]] for r in runs]
-        print(table(["seed", *(f"{main_metric} {a}" for a in arms), "epoch transfer", "epoch target", "epoch source"],
-                    rows))
+        rows = [
+            [
+                r["seed"],
+                *(r["arms"][a]["test"][main_metric] for a in arms),
+                r["arms"]["transfer"]["best_epoch"],
+                r["arms"]["target_only"]["best_epoch"],
+                r["source"]["best_epoch"],
+            ]
+            for r in runs
+        ]
+        print(
+            table(
+                ["seed", *(f"{main_metric} {a}" for a in arms), "epoch transfer", "epoch target", "epoch source"], rows
+            )
+        )
     return out
 
 
@@ -95,21 +113,39 @@ def tune(seed: int, task: str) -> dict[str, Any]:
         target_rows.append(["target_only", False, dim, lr, f"{l2:g}", out["val"][select], out["best_epoch"]])
     target_rows.sort(key=lambda r: (r[0], -r[5] if select != "rmse" else r[5]))
     print(table(["arm", "freeze users", "dim", "target lr", "l2", f"val {select}", "best epoch"], target_rows))
-    return {"seed": seed, "task": task, "grid": grid,
-            "source": {"headers": ["dim", "lr", "l2", f"val_{select}", "best_epoch", "s"], "rows": source_rows},
-            "target": {"headers": ["arm", "freeze_users", "dim", "lr", "l2", f"val_{select}", "best_epoch"],
-                       "rows": target_rows}}
+    return {
+        "seed": seed,
+        "task": task,
+        "grid": grid,
+        "source": {"headers": ["dim", "lr", "l2", f"val_{select}", "best_epoch", "s"], "rows": source_rows},
+        "target": {
+            "headers": ["arm", "freeze_users", "dim", "lr", "l2", f"val_{select}", "best_epoch"],
+            "rows": target_rows,
+        },
+    }
 
 
 GRIDS = {  # widened until the best value of every arm lay inside the grid (or the curve was flat at its edge)
-    "ranking": {"dim": [16, 32, 64], "source_lr": [0.003, 0.01, 0.03], "source_l2": [0.0, 1e-4, 1e-3],
-                "transfer_lr": [0.01, 0.03, 0.1], "transfer_l2": [0.0, 1e-3, 1e-2],
-                "target_only_dim": [8, 16, 32], "target_only_lr": [0.1, 0.3, 1.0],
-                "target_only_l2": [1e-3, 1e-2, 1e-1]},
-    "ratings": {"dim": [32], "source_lr": [0.003, 0.01, 0.03], "source_l2": [0.01, 0.1, 1.0],
-                "transfer_lr": [0.003, 0.01, 0.03], "transfer_l2": [1.0, 10.0, 100.0],
-                "target_only_dim": [8, 32], "target_only_lr": [0.003, 0.01, 0.03],
-                "target_only_l2": [10.0, 100.0, 1000.0]},
+    "ranking": {
+        "dim": [16, 32, 64],
+        "source_lr": [0.003, 0.01, 0.03],
+        "source_l2": [0.0, 1e-4, 1e-3],
+        "transfer_lr": [0.01, 0.03, 0.1],
+        "transfer_l2": [0.0, 1e-3, 1e-2],
+        "target_only_dim": [8, 16, 32],
+        "target_only_lr": [0.1, 0.3, 1.0],
+        "target_only_l2": [1e-3, 1e-2, 1e-1],
+    },
+    "ratings": {
+        "dim": [32],
+        "source_lr": [0.003, 0.01, 0.03],
+        "source_l2": [0.01, 0.1, 1.0],
+        "transfer_lr": [0.003, 0.01, 0.03],
+        "transfer_l2": [1.0, 10.0, 100.0],
+        "target_only_dim": [8, 32],
+        "target_only_lr": [0.003, 0.01, 0.03],
+        "target_only_l2": [10.0, 100.0, 1000.0],
+    },
 }
 
 
@@ -117,8 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[5], help="target training ratings per user")
-    parser.add_argument("--task", choices=["ranking", "ratings", "both"], default="both",
-                        help="ranking: BPR, HR/NDCG/recall; ratings: MSE, RMSE")
+    parser.add_argument(
+        "--task",
+        choices=["ranking", "ratings", "both"],
+        default="both",
+        help="ranking: BPR, HR/NDCG/recall; ratings: MSE, RMSE",
+    )
     parser.add_argument("--tune", action="store_true", help="the validation search behind the shipped settings")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
@@ -129,8 +169,11 @@ def main() -> None:
         name = "recsys-tune"
     else:
         configs = {"ranking": CrossDomainConfig(), "ratings": RATINGS_CONFIG}
-        result = {"mode": "evaluate", "seeds": args.seeds, **{t: evaluate(args.seeds, args.ks, configs[t])
-                                                              for t in tasks}}
+        result = {
+            "mode": "evaluate",
+            "seeds": args.seeds,
+            **{t: evaluate(args.seeds, args.ks, configs[t]) for t in tasks},
+        }
         name = "recsys"
     result.update(machine=machine(), total_s=round(time.perf_counter() - start, 1))
     path = write_result(name + (f"-{args.tag}" if args.tag else ""), result)

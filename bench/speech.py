@@ -76,21 +76,36 @@ def keywords(seeds: list[int], arch: str, out: Path) -> dict[str, Any]:
         pretrained: str | None = None
         for shots in SHOTS:
             start = time.perf_counter()
-            run = run_recipe(keyword_recipe(seed, shots, arch, pretrained), out=out / f"s{seed}-k{shots}",
-                             overwrite=True)
+            run = run_recipe(
+                keyword_recipe(seed, shots, arch, pretrained), out=out / f"s{seed}-k{shots}", overwrite=True
+            )
             metrics = read_json(run / "metrics.json")
             if pretrained is None:
                 pretrained = str(run / "pretrain" / "model")
                 pretrain = metrics["pretrain"]
-            runs.append({"seed": seed, "shots": shots, "pretrain_test_accuracy": pretrain["test"]["accuracy"],
-                         "pretrain_train_s": pretrain["train_s"], "seconds": round(time.perf_counter() - start, 1),
-                         "splits": metrics["data"]["splits"], "arms": {**arms(metrics),
-                                                                       "random_probe": random_probe(run, seed)}})
-            print(f"seed {seed} shots {shots}: " + "  ".join(f"{a} {runs[-1]['arms'][a]['test']:.3f}" for a in ARMS)
-                  + f"  ({runs[-1]['seconds']} s)", flush=True)
+            runs.append(
+                {
+                    "seed": seed,
+                    "shots": shots,
+                    "pretrain_test_accuracy": pretrain["test"]["accuracy"],
+                    "pretrain_train_s": pretrain["train_s"],
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "splits": metrics["data"]["splits"],
+                    "arms": {**arms(metrics), "random_probe": random_probe(run, seed)},
+                }
+            )
+            print(
+                f"seed {seed} shots {shots}: "
+                + "  ".join(f"{a} {runs[-1]['arms'][a]['test']:.3f}" for a in ARMS)
+                + f"  ({runs[-1]['seconds']} s)",
+                flush=True,
+            )
     pretrain_acc = [r["pretrain_test_accuracy"] for r in runs if r["shots"] == SHOTS[0]]
-    return {"runs": runs, "summary": summarise(runs),
-            "pretrain_test_accuracy": {"mean": statistics.mean(pretrain_acc), "per_seed": pretrain_acc}}
+    return {
+        "runs": runs,
+        "summary": summarise(runs),
+        "pretrain_test_accuracy": {"mean": statistics.mean(pretrain_acc), "per_seed": pretrain_acc},
+    }
 
 
 def random_probe(run: Path, seed: int) -> dict[str, Any]:
@@ -105,14 +120,19 @@ def random_probe(run: Path, seed: int) -> dict[str, Any]:
     target = build_target(source, data.classes, pretrained=False, seed=seed)
     target.preprocess = data.preprocess
     job = train(target, data, recipe.train.model_copy(update={"strategy": "linear_probe"}), seed=seed)
-    return {"test": evaluate(target, data.dataset("test"))["accuracy"], "val": job["val"]["accuracy"],
-            "train_s": job["timing"]["train_s"]}
+    return {
+        "test": evaluate(target, data.dataset("test"))["accuracy"],
+        "val": job["val"]["accuracy"],
+        "train_s": job["timing"]["train_s"],
+    }
 
 
 def arms(metrics: dict[str, Any]) -> dict[str, Any]:
     """Test and validation accuracy and training time of each model a run trained."""
-    return {arm: {"test": m["test"]["accuracy"], "val": m["val"]["accuracy"], "train_s": m["timing"]["train_s"]}
-            for arm, m in metrics["models"].items()}
+    return {
+        arm: {"test": m["test"]["accuracy"], "val": m["val"]["accuracy"], "train_s": m["timing"]["train_s"]}
+        for arm, m in metrics["models"].items()
+    }
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,8 +141,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for k in sorted({r["shots"] for r in runs}):
         rows = [r for r in runs if r["shots"] == k]
         tests = {a: [r["arms"][a]["test"] for r in rows] for a in rows[0]["arms"]}
-        out[str(k)] = {a: {"mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
-                           "per_seed": v} for a, v in tests.items()}
+        out[str(k)] = {
+            a: {"mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "per_seed": v}
+            for a, v in tests.items()
+        }
     return out
 
 
@@ -137,8 +159,10 @@ def print_summary(summary: dict[str, Any], key: str, n: int) -> None:
 # Speakers: Resemblyzer on espeak-ng voices (synthetic speech)
 
 VOICES = tuple(f"en-us+{v}" for v in ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"))
-WORDS = ("red green blue yellow purple orange black white seven three nine zero river mountain window garden "
-         "table kitchen morning evening quickly slowly happy tired doctor teacher music paper winter summer").split()
+WORDS = (
+    "red green blue yellow purple orange black white seven three nine zero river mountain window garden "
+    "table kitchen morning evening quickly slowly happy tired doctor teacher music paper winter summer"
+).split()
 
 
 def sentences(n: int) -> list[str]:
@@ -165,22 +189,39 @@ def speakers(seeds: list[int], per_voice: int, out: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         for shots in SHOTS:
-            recipe = Recipe(name=f"speakers-s{seed}-k{shots}", seed=seed, source="resemblyzer-speaker-encoder",
-                            data={"dataset": str(data), "per_class": shots, "val_per_class": 5,
-                                  "test_size": test_size},
-                            train={"strategy": "linear_probe", "epochs": 30, "lr": 0.01, "batch_size": 16},
-                            compare=[{"strategy": "full", "overrides": {"epochs": 10, "lr": 0.001}},
-                                     {"strategy": "scratch", "overrides": {"epochs": 10, "lr": 0.001}}])
+            recipe = Recipe(
+                name=f"speakers-s{seed}-k{shots}",
+                seed=seed,
+                source="resemblyzer-speaker-encoder",
+                data={"dataset": str(data), "per_class": shots, "val_per_class": 5, "test_size": test_size},
+                train={"strategy": "linear_probe", "epochs": 30, "lr": 0.01, "batch_size": 16},
+                compare=[
+                    {"strategy": "full", "overrides": {"epochs": 10, "lr": 0.001}},
+                    {"strategy": "scratch", "overrides": {"epochs": 10, "lr": 0.001}},
+                ],
+            )
             start = time.perf_counter()
             run = run_recipe(recipe, out=out / f"s{seed}-k{shots}", overwrite=True)
             metrics = read_json(run / "metrics.json")
-            runs.append({"seed": seed, "shots": shots, "seconds": round(time.perf_counter() - start, 1),
-                         "splits": metrics["data"]["splits"], "data": {k: metrics["data"].get(k) for k in (
-                             "skipped_count", "resampled", "sampling_rate")}, "arms": arms(metrics)})
+            runs.append(
+                {
+                    "seed": seed,
+                    "shots": shots,
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "splits": metrics["data"]["splits"],
+                    "data": {k: metrics["data"].get(k) for k in ("skipped_count", "resampled", "sampling_rate")},
+                    "arms": arms(metrics),
+                }
+            )
             scores = "  ".join(f"{a} {v['test']:.3f}" for a, v in runs[-1]["arms"].items())
             print(f"seed {seed} shots {shots}: {scores}  ({runs[-1]['seconds']} s)", flush=True)
-    return {"voices": list(VOICES), "per_voice": per_voice, "sentences": sentences(per_voice), "runs": runs,
-            "summary": summarise(runs)}
+    return {
+        "voices": list(VOICES),
+        "per_voice": per_voice,
+        "sentences": sentences(per_voice),
+        "runs": runs,
+        "summary": summarise(runs),
+    }
 
 
 def main() -> None:

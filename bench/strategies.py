@@ -42,19 +42,40 @@ from common import RESULTS, machine, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "transferkit" / "recipes" / "demo.yaml"
-ALL = ["linear_probe", "full", "freeze", "gradual_unfreeze", "llrd", "lp_ft", "l2sp", "delta", "bss", "bitfit",
-       "lora", "scratch"]
+ALL = [
+    "linear_probe",
+    "full",
+    "freeze",
+    "gradual_unfreeze",
+    "llrd",
+    "lp_ft",
+    "l2sp",
+    "delta",
+    "bss",
+    "bitfit",
+    "lora",
+    "scratch",
+]
 # options that make a strategy meaningful here (documented in the table)
 OPTIONS: dict[str, dict[str, Any]] = {"freeze": {"groups": 6}, "gradual_unfreeze": {"every": 2}}
 
 
-def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int, recipe_path: Path = DEMO,
-            overrides: list[str] | None = None, config: str = "") -> dict[str, Any]:
+def run_one(
+    strategy: str,
+    shots: int,
+    seed: int,
+    workdir: Path,
+    threads: int,
+    recipe_path: Path = DEMO,
+    overrides: list[str] | None = None,
+    config: str = "",
+) -> dict[str, Any]:
     """One ``transferkit run`` of ``strategy`` at ``shots`` per class; ``config`` holds ``key=value`` train settings."""
     recipe = yaml.safe_load(recipe_path.read_text())
     label = config.replace("=", "").replace(",", "_").replace(".", "p")
-    recipe.update(name=f"{strategy}-{shots}-{seed}" + (f"-{label}" if label else ""), seed=seed, compare=[],
-                  baselines=[])
+    recipe.update(
+        name=f"{strategy}-{shots}-{seed}" + (f"-{label}" if label else ""), seed=seed, compare=[], baselines=[]
+    )
     recipe["data"]["per_class"] = shots
     recipe["train"]["strategy"] = {"name": strategy, **OPTIONS.get(strategy, {})}
     path = workdir / f"{recipe['name']}.yaml"
@@ -63,9 +84,24 @@ def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int, r
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFERKIT_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     settings = [f"train.{kv}" for kv in config.split(",") if kv]
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "run", str(path), *(overrides or []), *settings,
-                             "--out", str(out), "--overwrite"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "run",
+            str(path),
+            *(overrides or []),
+            *settings,
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     stderr = proc.stderr.read() if proc.stderr else ""
@@ -73,12 +109,19 @@ def run_one(strategy: str, shots: int, seed: int, workdir: Path, threads: int, r
     if status != 0:
         return {**key, "error": stderr[-2000:]}
     m = json.loads((out / "metrics.json").read_text())["models"][strategy]
-    return {**key, "test_accuracy": m["test"]["accuracy"],
-            "val_accuracy": m["val"]["accuracy"], "train_s": sum(m["timing"].values()), "process_s": wall,
-            # CPU seconds the run consumed: unlike wall time, barely changed by other jobs on the machine
-            "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "trainable_params": m["trainable_params"],
-            "total_params": m["total_params"], "best_epoch": m["best_epoch"]}
+    return {
+        **key,
+        "test_accuracy": m["test"]["accuracy"],
+        "val_accuracy": m["val"]["accuracy"],
+        "train_s": sum(m["timing"].values()),
+        "process_s": wall,
+        # CPU seconds the run consumed: unlike wall time, barely changed by other jobs on the machine
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "trainable_params": m["trainable_params"],
+        "total_params": m["total_params"],
+        "best_epoch": m["best_epoch"],
+    }
 
 
 def select(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, Any]]:
@@ -100,21 +143,27 @@ def select(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, Any
 
 
 def table(rows: list[dict[str, Any]], configs: list[str]) -> str:
-    lines = ["| strategy | K/class | seeds | test accuracy (mean ± sd) | val accuracy | chosen config per seed | "
-             "train s (search) | peak RSS MB | trainable params |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | K/class | seeds | test accuracy (mean ± sd) | val accuracy | chosen config per seed | "
+        "train s (search) | peak RSS MB | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     chosen = select(rows, configs)
-    keys = sorted({(r["strategy"], r["shots"]) for r in chosen},
-                  key=lambda k: (k[1], ALL.index(k[0]) if k[0] in ALL else 99))
+    keys = sorted(
+        {(r["strategy"], r["shots"]) for r in chosen}, key=lambda k: (k[1], ALL.index(k[0]) if k[0] in ALL else 99)
+    )
     for strategy, shots in keys:
         rs = sorted((r for r in chosen if r["strategy"] == strategy and r["shots"] == shots), key=lambda r: r["seed"])
         acc = [r["test_accuracy"] for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         picked = " ".join(r["config"] or "-" for r in rs)
-        lines.append(f"| {strategy} | {shots} | {len(rs)} | {statistics.mean(acc):.4f} ± {sd:.4f} | "
-                     f"{statistics.mean(r['val_accuracy'] for r in rs):.3f} | {picked} | "
-                     f"{statistics.mean(r['train_s'] for r in rs):.1f} "
-                     f"({statistics.mean(r['cost_s'] for r in rs):.1f}) | "
-                     f"{max(r['peak_rss_mb'] for r in rs):.0f} | {rs[0]['trainable_params']:,} |")
+        lines.append(
+            f"| {strategy} | {shots} | {len(rs)} | {statistics.mean(acc):.4f} ± {sd:.4f} | "
+            f"{statistics.mean(r['val_accuracy'] for r in rs):.3f} | {picked} | "
+            f"{statistics.mean(r['train_s'] for r in rs):.1f} "
+            f"({statistics.mean(r['cost_s'] for r in rs):.1f}) | "
+            f"{max(r['peak_rss_mb'] for r in rs):.0f} | {rs[0]['trainable_params']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,11 +175,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the result file (strategies-TAG.json)")
     parser.add_argument("--recipe", type=Path, default=DEMO, help="the recipe every run starts from")
-    parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="recipe overrides for every run, e.g. train.epochs=5")
-    parser.add_argument("--search", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="train settings tried for every strategy, chosen on validation accuracy, e.g. "
-                             "lr=0.003 lr=0.001 lr=0.01")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="recipe overrides for every run, e.g. train.epochs=5",
+    )
+    parser.add_argument(
+        "--search",
+        nargs="+",
+        default=[""],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="train settings tried for every strategy, chosen on validation accuracy, e.g. lr=0.003 lr=0.001 lr=0.01",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads)")
     args = parser.parse_args()
     name = f"strategies-{args.tag}" if args.tag else "strategies"
@@ -138,9 +197,14 @@ def main() -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     done = {(r["strategy"], r["shots"], r["seed"], r.get("config", "")) for r in rows if "error" not in r}
-    todo = [(strategy, shots, seed, config) for shots in args.shots for seed in args.seeds
-            for strategy in args.strategies for config in args.search
-            if (strategy, shots, seed, config) not in done]
+    todo = [
+        (strategy, shots, seed, config)
+        for shots in args.shots
+        for seed in args.seeds
+        for strategy in args.strategies
+        for config in args.search
+        if (strategy, shots, seed, config) not in done
+    ]
     print(f"{len(todo)} runs to do, {len(done)} already in {log}", flush=True)
     lock = threading.Lock()
 
@@ -155,8 +219,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, todo))
-    result = {"machine": machine(), "args": {**vars(args), "recipe": str(args.recipe)}, "options": OPTIONS,
-              "search": args.search, "rows": rows}
+    result = {
+        "machine": machine(),
+        "args": {**vars(args), "recipe": str(args.recipe)},
+        "options": OPTIONS,
+        "search": args.search,
+        "rows": rows,
+    }
     path = write_result(name, result)
     print(table(rows, args.search))
     print(f"wrote {path}")

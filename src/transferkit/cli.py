@@ -42,7 +42,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inputs += texts_from_file(args.file)
     if not inputs:
         what = {"text": "texts (or --file with one text per line)", "recommendation": "user ids"}.get(
-            predictor.modality, f"{predictor.modality} files")
+            predictor.modality, f"{predictor.modality} files"
+        )
         raise TransferKitError(f"nothing to predict: give {what}")
     predictions = predictor.predict(inputs, top_k=args.top_k)
     if args.json:
@@ -69,8 +70,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     from transferkit.strategies.regularizers import REGULARIZERS
 
     sections = {
-        "sources (built-in; also " + ", ".join(f"{p}:NAME" for p in PREFIXES) + ", or a path)":
-            BUILTIN_SOURCES.describe(),
+        "sources (built-in; also "
+        + ", ".join(f"{p}:NAME" for p in PREFIXES)
+        + ", or a path)": BUILTIN_SOURCES.describe(),
         "strategies": STRATEGIES.describe(),
         "regularizers (train.regularizer; combine with any strategy)": REGULARIZERS.describe(),
         "datasets (built-in; also an image folder, a CSV manifest path,label, a CSV/JSONL/Parquet file of "
@@ -136,8 +138,9 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     rules = _parse_structured(args.rules, "rules")  # a file or an inline list of {from, to}
     kwargs = _parse_structured(args.kwargs, "kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise RecipeError(f"--kwargs must be a JSON/YAML mapping of architecture arguments, e.g. "
-                          f"'{{\"depth\": 6}}', not {kwargs!r}")
+        raise RecipeError(
+            f"--kwargs must be a JSON/YAML mapping of architecture arguments, e.g. '{{\"depth\": 6}}', not {kwargs!r}"
+        )
     twins = sorted({"in_chans", "img_size"} & set(kwargs))
     if twins:
         raise RecipeError(f"give {twins[0]} as --{twins[0].replace('_', '-')}, not inside --kwargs")
@@ -150,8 +153,10 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         try:
             blocks = [int(i) for i in blocks.split(",")]
         except ValueError:
-            raise RecipeError(f"--source-blocks {args.source_blocks!r}: give one of {', '.join(LAYER_CHOICES)} or "
-                              "comma-separated source block indices such as 0,2,4") from None
+            raise RecipeError(
+                f"--source-blocks {args.source_blocks!r}: give one of {', '.join(LAYER_CHOICES)} or "
+                "comma-separated source block indices such as 0,2,4"
+            ) from None
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     bad = [m for m in methods or [] if m not in ("names", "rules", "structure")]
     if bad or methods == []:
@@ -159,10 +164,18 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     extra = {"methods": methods} if methods else {}
     if getattr(args, "widen", None):
         extra["widen"] = args.widen
-    model, report = transfer(args.source, args.target, rules=rules, strict=args.strict,
-                             labels=args.labels.split(",") if args.labels else None,
-                             extra_blocks="identity" if args.identity_blocks else "fresh",
-                             source_blocks=blocks, resize=args.resize, target_kwargs=kwargs or None, **extra)
+    model, report = transfer(
+        args.source,
+        args.target,
+        rules=rules,
+        strict=args.strict,
+        labels=args.labels.split(",") if args.labels else None,
+        extra_blocks="identity" if args.identity_blocks else "fresh",
+        source_blocks=blocks,
+        resize=args.resize,
+        target_kwargs=kwargs or None,
+        **extra,
+    )
     out = save_transfer(model, report, args.out, overwrite=args.overwrite)
     print(format_report(report), end="")
     print(f"saved: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
@@ -189,18 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels for images or texts, from a run directory or model folder")
     p.add_argument("run_dir")
-    p.add_argument("inputs", nargs="*", help="image files (image model), texts (text model) or user ids "
-                   "(recommendation model)")
+    p.add_argument(
+        "inputs", nargs="*", help="image files (image model), texts (text model) or user ids (recommendation model)"
+    )
     p.add_argument("--file", help="text model: a UTF-8 file with one text per line")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="offline demos on real weights and data: image (EfficientNet-Lite0 -> MNIST), "
-                       "text (MiniLM -> Rotten Tomatoes), speech (GRU pretrained on spoken digits 0-4 -> 5-9), recsys "
-                       "(MovieLens 100K: old films -> new releases)")
-    p.add_argument("task", nargs="?", default="image", choices=["image", "text", "speech", "recsys"],
-                   help="which demo (default image)")
+    p = sub.add_parser(
+        "demo",
+        help="offline demos on real weights and data: image (EfficientNet-Lite0 -> MNIST), "
+        "text (MiniLM -> Rotten Tomatoes), speech (GRU pretrained on spoken digits 0-4 -> 5-9), recsys "
+        "(MovieLens 100K: old films -> new releases)",
+    )
+    p.add_argument(
+        "task",
+        nargs="?",
+        default="image",
+        choices=["image", "text", "speech", "recsys"],
+        help="which demo (default image)",
+    )
     p.add_argument("--out", default="demo_runs")
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_demo)
@@ -210,14 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ls)
     p = sub.add_parser("rank", help="rank candidate sources for a dataset: one forward pass each, then scores")
     p.add_argument("--data", required=True, help="a built-in dataset, an image folder or a CSV manifest")
-    p.add_argument("--candidates", nargs="+", required=True, metavar="SPEC",
-                   help='source specs, as in a recipe: a name, or JSON such as \'{"name": "efficientnet_lite0", '
-                        '"pretrained": false}\'')
+    p.add_argument(
+        "--candidates",
+        nargs="+",
+        required=True,
+        metavar="SPEC",
+        help='source specs, as in a recipe: a name, or JSON such as \'{"name": "efficientnet_lite0", '
+        '"pretrained": false}\'',
+    )
     p.add_argument("--max-examples", type=int, help="score on at most N training examples (stratified)")
     p.add_argument("--per-class", type=int, help="training examples per class, as data.per_class in a recipe")
     p.add_argument("--image-size", type=int, help="input size (default: each source's own)")
-    p.add_argument("--score", default="logme", choices=["logme", "leep", "nce", "hscore", "hscore_shrinkage"],
-                   help="the score to sort by (default logme)")
+    p.add_argument(
+        "--score",
+        default="logme",
+        choices=["logme", "leep", "nce", "hscore", "hscore_shrinkage"],
+        help="the score to sort by (default logme)",
+    )
     p.add_argument("--seed", type=int, default=0, help="fixes the split and the choice of examples (default 0)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_rank)
@@ -226,20 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a source name, model folder or weights file (.safetensors/.pt)")
     p.add_argument("target", help="the target architecture, e.g. timm:resnet34 (built with random weights)")
     p.add_argument("--out", required=True, help="folder for the model and transfer_report.json/.txt")
-    p.add_argument("--rules", help='rename rules: a YAML/JSON file or inline, e.g. \'[{"from": "^features", '
-                                   '"to": "blocks"}]\'')
+    p.add_argument(
+        "--rules", help='rename rules: a YAML/JSON file or inline, e.g. \'[{"from": "^features", "to": "blocks"}]\''
+    )
     p.add_argument("--strict", action="store_true", help="an ambiguous structural pairing is an error")
     p.add_argument("--labels", help="comma-separated target classes: a new head, rows kept for shared labels")
     p.add_argument("--in-chans", type=int, help="input channels of the target (e.g. 1 for grey images)")
     p.add_argument("--img-size", type=int, help="input size of a ViT-style target (position embeddings resized)")
-    p.add_argument("--kwargs", help='other architecture arguments: a JSON/YAML mapping or file, e.g. \'{"depth": 6}\'')
-    p.add_argument("--source-blocks", metavar="HOW", help="a shallower target takes these source blocks: every_other, "
-                   "uniform, first, last, or comma-separated indices (0,2,4)")
+    p.add_argument("--kwargs", help="other architecture arguments: a JSON/YAML mapping or file, e.g. '{\"depth\": 6}'")
+    p.add_argument(
+        "--source-blocks",
+        metavar="HOW",
+        help="a shallower target takes these source blocks: every_other, "
+        "uniform, first, last, or comma-separated indices (0,2,4)",
+    )
     p.add_argument("--methods", help="matching passes in order, comma-separated (default names,rules,structure)")
-    p.add_argument("--resize", action="store_true", help="slice/tile same-role tensors of other shapes (an "
-                   "initialisation, not exact)")
-    p.add_argument("--widen", choices=["net2net"], help="a wider target copies source channels (function-"
-                   "preserving), a narrower one keeps the largest; plain Linear/Conv(+BatchNorm) chains only")
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="slice/tile same-role tensors of other shapes (an initialisation, not exact)",
+    )
+    p.add_argument(
+        "--widen",
+        choices=["net2net"],
+        help="a wider target copies source channels (function-"
+        "preserving), a narrower one keeps the largest; plain Linear/Conv(+BatchNorm) chains only",
+    )
     p.add_argument("--identity-blocks", action="store_true", help="extra target blocks start as the identity")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.set_defaults(func=_cmd_transfer)

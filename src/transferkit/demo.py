@@ -22,8 +22,9 @@ def demo_recipe_path(task: str = "image") -> Path:
     return Path(str(resources.files("transferkit") / "recipes" / DEMOS[task]))
 
 
-def run_demo(task: str = "image", out: str | Path = "demo_runs", overwrite: bool = True,
-             overrides: list[str] | None = None) -> Path:
+def run_demo(
+    task: str = "image", out: str | Path = "demo_runs", overwrite: bool = True, overrides: list[str] | None = None
+) -> Path:
     """Run a demo under ``out``; prints a table (model, test accuracy, time) and the report path.
 
     ``recsys`` is not a recipe: it runs the MovieLens 100K cross-domain scenario of ``transferkit.recsys``
@@ -49,6 +50,8 @@ def print_summary(run_dir: Path) -> None:
         mark = "  <- selected on validation" if name == metrics["selected"] else ""
         print(f"{name:<14} {m['test']['accuracy']:>9.4f} {m['val']['accuracy']:>8.4f} {t:>9.1f}{mark}")
     for name, b in metrics.get("baselines", {}).items():
-        print(f"{name + ' (baseline)':<14} {b['test']['accuracy']:>9.4f} {b['val']['accuracy']:>8.4f} "
-              f"{b['train_s']:>9.1f}")
+        print(
+            f"{name + ' (baseline)':<14} {b['test']['accuracy']:>9.4f} {b['val']['accuracy']:>8.4f} "
+            f"{b['train_s']:>9.1f}"
+        )
     print(f"total {metrics['timings']['total_s']:.1f}s | report: {run_dir / 'report.html'}")

@@ -83,8 +83,14 @@ class PreparedData:
 
     def dataset(self, split: str, train: bool = False) -> Dataset:
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None
-        return make_dataset(self.modality, self.items(split), self.examples.labels[getattr(self.splits, split)],
-                            self.preprocess, self.processor, augment)
+        return make_dataset(
+            self.modality,
+            self.items(split),
+            self.examples.labels[getattr(self.splits, split)],
+            self.preprocess,
+            self.processor,
+            augment,
+        )
 
     def summary(self) -> dict[str, Any]:
         size: dict[str, Any] = {}
@@ -96,9 +102,17 @@ class PreparedData:
             from transferkit.data.audio import resampling_note
 
             size = {"audio": resampling_note(self.examples.items, int(self.preprocess["sampling_rate"]))}
-        return {"dataset": self.cfg.dataset, "modality": self.modality, "classes": self.classes,
-                "num_classes": len(self.classes), "splits": self.splits.sizes(), "per_class": self.cfg.per_class,
-                **size, "skipped": self.examples.skipped, "skipped_count": len(self.examples.skipped)}
+        return {
+            "dataset": self.cfg.dataset,
+            "modality": self.modality,
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "splits": self.splits.sizes(),
+            "per_class": self.cfg.per_class,
+            **size,
+            "skipped": self.examples.skipped,
+            "skipped_count": len(self.examples.skipped),
+        }
 
 
 def prepare_data(cfg: DataConfig, source: SourceModel | dict[str, Any], seed: int) -> PreparedData:
@@ -110,12 +124,14 @@ def prepare_data(cfg: DataConfig, source: SourceModel | dict[str, Any], seed: in
     processor = getattr(source, "processor", None)
     source_preprocess = source.preprocess if isinstance(source, SourceModel) else source
     modality = str(source_preprocess.get("modality", "image"))
-    examples = read_dataset(cfg.dataset, strict=cfg.strict, modality=modality, text_column=cfg.text_column,
-                            label_column=cfg.label_column)
+    examples = read_dataset(
+        cfg.dataset, strict=cfg.strict, modality=modality, text_column=cfg.text_column, label_column=cfg.label_column
+    )
     if cfg.classes:
         examples = examples.select_classes(cfg.classes)
-    splits = split_dataset(examples.labels, examples.classes, seed, cfg.test_size, cfg.per_class, cfg.val_per_class,
-                           cfg.val_fraction)
+    splits = split_dataset(
+        examples.labels, examples.classes, seed, cfg.test_size, cfg.per_class, cfg.val_per_class, cfg.val_fraction
+    )
     preprocess = dict(source_preprocess)
     if cfg.image_size and modality == "image":
         preprocess["input_size"] = [preprocess["input_size"][0], cfg.image_size, cfg.image_size]
@@ -128,8 +144,9 @@ def prepare_data(cfg: DataConfig, source: SourceModel | dict[str, Any], seed: in
 
 
 @torch.no_grad()
-def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32, device: Any = "cpu",
-                     desc: str = "features") -> torch.Tensor:
+def compute_features(
+    backbone: nn.Module, dataset: Dataset, batch_size: int = 32, device: Any = "cpu", desc: str = "features"
+) -> torch.Tensor:
     """Backbone features of every example, in order, in eval mode (what a frozen backbone sees).
 
     The default batch of 32 is faster per image on CPU than 64 (measured in bench/linear_probe.py: activations
@@ -144,10 +161,20 @@ def compute_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 32
 # Training one model
 
 
-def train(model: SourceModel, data: PreparedData, cfg: TrainConfig, *, seed: int = 0, accelerator: Any = None,
-          paths: JobPaths | None = None, resume: bool = False, features: dict[str, torch.Tensor] | None = None,
-          reference: dict[str, torch.Tensor] | None = None, source: SourceModel | None = None,
-          on_step: Any = None) -> dict[str, Any]:
+def train(
+    model: SourceModel,
+    data: PreparedData,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    accelerator: Any = None,
+    paths: JobPaths | None = None,
+    resume: bool = False,
+    features: dict[str, torch.Tensor] | None = None,
+    reference: dict[str, torch.Tensor] | None = None,
+    source: SourceModel | None = None,
+    on_step: Any = None,
+) -> dict[str, Any]:
     """Train ``model`` in place by ``cfg.strategy``, stage by stage; returns the summary (history, timings...).
 
     Args:
@@ -171,9 +198,19 @@ def train(model: SourceModel, data: PreparedData, cfg: TrainConfig, *, seed: int
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
-            return train(model, data, cfg.model_copy(update={"threads": None}), seed=seed, accelerator=accelerator,
-                         paths=paths, resume=resume, features=features, reference=reference, source=source,
-                         on_step=on_step)
+            return train(
+                model,
+                data,
+                cfg.model_copy(update={"threads": None}),
+                seed=seed,
+                accelerator=accelerator,
+                paths=paths,
+                resume=resume,
+                features=features,
+                reference=reference,
+                source=source,
+                on_step=on_step,
+            )
         finally:
             torch.set_num_threads(threads)
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
@@ -208,22 +245,54 @@ def train(model: SourceModel, data: PreparedData, cfg: TrainConfig, *, seed: int
                 # the backbone is frozen here: penalties on feature maps (delta) have nothing to act on
                 specs_here = [r for r in plan.regularizers + extra if r[0] != "delta"]
                 objective = ClassificationObjective(cfg.label_smoothing, build_penalties(specs_here, head_refs))
-                result = fit(model.head, _features_dataset(features, data, "train"),
-                             _features_dataset(features, data, "val"), stage_cfg, _head_only(plan),
-                             num_classes=len(data.classes), seed=seed + i, accelerator=accelerator, paths=stage_paths,
-                             resume=resume, objective=objective, on_step=on_step)
+                result = fit(
+                    model.head,
+                    _features_dataset(features, data, "train"),
+                    _features_dataset(features, data, "val"),
+                    stage_cfg,
+                    _head_only(plan),
+                    num_classes=len(data.classes),
+                    seed=seed + i,
+                    accelerator=accelerator,
+                    paths=stage_paths,
+                    resume=resume,
+                    objective=objective,
+                    on_step=on_step,
+                )
                 model.head.load_state_dict(result.best_state)
             else:
-                result = fit(model, data.dataset("train", train=True), data.dataset("val"), stage_cfg, plan,
-                             num_classes=len(data.classes), seed=seed + i, accelerator=accelerator, paths=stage_paths,
-                             resume=resume, objective=ClassificationObjective(cfg.label_smoothing, build_penalties(
-                                 plan.regularizers + extra, reference or {}, source.backbone if source else None)),
-                             num_workers=data.cfg.num_workers, on_step=on_step)
+                result = fit(
+                    model,
+                    data.dataset("train", train=True),
+                    data.dataset("val"),
+                    stage_cfg,
+                    plan,
+                    num_classes=len(data.classes),
+                    seed=seed + i,
+                    accelerator=accelerator,
+                    paths=stage_paths,
+                    resume=resume,
+                    objective=ClassificationObjective(
+                        cfg.label_smoothing,
+                        build_penalties(
+                            plan.regularizers + extra, reference or {}, source.backbone if source else None
+                        ),
+                    ),
+                    num_workers=data.cfg.num_workers,
+                    on_step=on_step,
+                )
                 model.load_state_dict(result.best_state)
-            summary = {"stage": plan.name, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                       "steps": result.steps, "history": result.history, "val": result.best_val,
-                       "train_s": result.train_s, "resumed_from_step": result.resumed_from_step,
-                       "trainable_params": sum(model.get_parameter(n).numel() for n in plan.trainable())}
+            summary = {
+                "stage": plan.name,
+                "best_epoch": result.best_epoch,
+                "epochs_run": len(result.history),
+                "steps": result.steps,
+                "history": result.history,
+                "val": result.best_val,
+                "train_s": result.train_s,
+                "resumed_from_step": result.resumed_from_step,
+                "trainable_params": sum(model.get_parameter(n).numel() for n in plan.trainable()),
+            }
             if done is not None and accelerator.is_main_process:
                 save_tensors(done.with_suffix(".safetensors"), model.state_dict())
                 write_json(done, summary)
@@ -238,17 +307,26 @@ def train(model: SourceModel, data: PreparedData, cfg: TrainConfig, *, seed: int
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"strategy": cfg.strategy_name, "from_scratch": strategy.from_scratch,
-            "best_epoch": summary["best_epoch"] + epochs_before - summary["epochs_run"],
-            "epochs_run": epochs_before, "history": history, "val": summary["val"], "timing": timing,
-            "resumed_from_step": summary["resumed_from_step"], "stages": describe_plans(plans),
-            "trainable_params": trainable,
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "cached_features": plans[-1].cached_features, **({"auto": auto_reason} if auto_reason else {})}
+    return {
+        "strategy": cfg.strategy_name,
+        "from_scratch": strategy.from_scratch,
+        "best_epoch": summary["best_epoch"] + epochs_before - summary["epochs_run"],
+        "epochs_run": epochs_before,
+        "history": history,
+        "val": summary["val"],
+        "timing": timing,
+        "resumed_from_step": summary["resumed_from_step"],
+        "stages": describe_plans(plans),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "cached_features": plans[-1].cached_features,
+        **({"auto": auto_reason} if auto_reason else {}),
+    }
 
 
-def resolve_strategy(cfg: TrainConfig, model: SourceModel,
-                     data: PreparedData) -> tuple[TrainConfig, Any, Any, str | None]:
+def resolve_strategy(
+    cfg: TrainConfig, model: SourceModel, data: PreparedData
+) -> tuple[TrainConfig, Any, Any, str | None]:
     """The strategy and its options; ``auto`` is replaced by the strategy its rule picks for this data and model."""
     strategy, options = get_strategy(cfg.strategy)
     if cfg.strategy_name != "auto":
@@ -277,14 +355,16 @@ def _stage_paths(paths: JobPaths | None, index: int, plan: TrainPlan, stages: in
     """One checkpoint per stage (``stage1-ft.pt``); a single-stage strategy keeps ``last.pt``."""
     if paths is None or stages == 1:
         return paths
-    return JobPaths(paths.checkpoint.with_name(f"stage{index}-{plan.name}.pt"), paths.metrics_log,
-                    f"{paths.job}/{plan.name}")
+    return JobPaths(
+        paths.checkpoint.with_name(f"stage{index}-{plan.name}.pt"), paths.metrics_log, f"{paths.job}/{plan.name}"
+    )
 
 
 def _head_only(plan: TrainPlan) -> TrainPlan:
     """The plan re-rooted at the head module: parameter names without the ``head.`` prefix."""
-    groups = [ParamGroup(g.name, [p.removeprefix("head.") for p in g.params], g.lr, g.weight_decay)
-              for g in plan.groups]
+    groups = [
+        ParamGroup(g.name, [p.removeprefix("head.") for p in g.params], g.lr, g.weight_decay) for g in plan.groups
+    ]
     return TrainPlan(groups)
 
 
@@ -292,9 +372,14 @@ def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, spl
     return TensorDataset(features[split], torch.as_tensor(data.examples.labels[getattr(data.splits, split)]))
 
 
-def feature_cache(model: SourceModel, data: PreparedData, device: Any = "cpu", cache_file: Path | None = None,
-                  splits: tuple[str, ...] = ("train", "val", "test"),
-                  known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def feature_cache(
+    model: SourceModel,
+    data: PreparedData,
+    device: Any = "cpu",
+    cache_file: Path | None = None,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    known: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Backbone features of the splits, computed once (and read back from ``cache_file`` when it exists).
 
     ``known`` holds splits already computed by the same backbone (the ``rank:`` step's forward pass over the
@@ -303,15 +388,21 @@ def feature_cache(model: SourceModel, data: PreparedData, device: Any = "cpu", c
     if cache_file is not None and cache_file.exists():
         return safe_torch_load(cache_file)
     feats = dict(known or {})
-    feats.update({s: compute_features(model.backbone, data.dataset(s), device=device, desc=f"features {s}")
-                  for s in splits if s not in feats})
+    feats.update(
+        {
+            s: compute_features(model.backbone, data.dataset(s), device=device, desc=f"features {s}")
+            for s in splits
+            if s not in feats
+        }
+    )
     if cache_file is not None:
         torch_save(cache_file, feats)
     return feats
 
 
-def evaluate(model: SourceModel, dataset: Dataset, num_classes: int | None = None, batch_size: int = 32,
-             device: Any = "cpu") -> dict[str, Any]:
+def evaluate(
+    model: SourceModel, dataset: Dataset, num_classes: int | None = None, batch_size: int = 32, device: Any = "cpu"
+) -> dict[str, Any]:
     """Accuracy, macro-F1, loss and confusion matrix of a model on a dataset."""
     model.to(device)
     return evaluate_model(model, dataset, batch_size, num_classes or len(model.labels or []), device, desc="test")
@@ -340,25 +431,32 @@ def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, ma
     if out.exists() and any(out.iterdir()):
         if overwrite:
             if not run_file.exists():
-                raise RunDirError(f"'{out}' is not a transferkit run directory (no run.json); --overwrite deletes only "
-                                  "runs. Choose another --out or empty it yourself.")
+                raise RunDirError(
+                    f"'{out}' is not a transferkit run directory (no run.json); --overwrite deletes only "
+                    "runs. Choose another --out or empty it yourself."
+                )
             if main:
                 shutil.rmtree(out)
         elif resume and run_file.exists():
             if read_json(run_file).get("recipe_hash") != _recipe_hash(recipe):
-                raise RunDirError(f"'{out}' holds a run of a different recipe; --resume continues only the same "
-                                  "recipe. Use another --out, or --overwrite to replace it.")
+                raise RunDirError(
+                    f"'{out}' holds a run of a different recipe; --resume continues only the same "
+                    "recipe. Use another --out, or --overwrite to replace it."
+                )
         elif resume:
-            raise RunDirError(f"'{out}' is not a transferkit run directory (no run.json): nothing to resume. "
-                              "Use another --out, or --overwrite to replace its contents.")
+            raise RunDirError(
+                f"'{out}' is not a transferkit run directory (no run.json): nothing to resume. "
+                "Use another --out, or --overwrite to replace its contents."
+            )
         else:
             what = "a run" if run_file.exists() else "files"
-            raise RunDirError(f"'{out}' already holds {what}. Pass --resume to continue it, --overwrite to replace "
-                              "it, or choose another --out.")
+            raise RunDirError(
+                f"'{out}' already holds {what}. Pass --resume to continue it, --overwrite to replace "
+                "it, or choose another --out."
+            )
 
 
-def make_target(source: SourceModel, recipe: Recipe, labels: list[str] | None,
-                pretrained: bool = True) -> SourceModel:
+def make_target(source: SourceModel, recipe: Recipe, labels: list[str] | None, pretrained: bool = True) -> SourceModel:
     """The target of a run: the source with a new head (``build_target``), or, with a ``transfer:`` step, the
     architecture it names filled from the source (``transfer_step``). ``labels=None``: only its input format."""
     if recipe.transfer is None:
@@ -371,8 +469,9 @@ def make_target(source: SourceModel, recipe: Recipe, labels: list[str] | None,
     return target
 
 
-def pretrain_step(recipe: Recipe, out: Path, resume: bool, accelerator: Any,
-                  log: Any) -> tuple[SourceSpec, dict[str, Any]]:
+def pretrain_step(
+    recipe: Recipe, out: Path, resume: bool, accelerator: Any, log: Any
+) -> tuple[SourceSpec, dict[str, Any]]:
     """Train the recipe's source on its own task (``pretrain:``) and save it as ``pretrain/model``; the run's
     ``train``/``compare`` then start from that folder. Returns its spec and a summary (data, test metrics).
 
@@ -394,26 +493,44 @@ def pretrain_step(recipe: Recipe, out: Path, resume: bool, accelerator: Any,
     model = build_target(source, data.classes, pretrained=True, seed=recipe.seed)
     model.preprocess = data.preprocess
     model.to(accelerator.device)
-    job = train(model, data, recipe.pretrain.train, seed=recipe.seed, accelerator=accelerator, resume=resume,
-                paths=JobPaths(folder / "checkpoints" / "last.pt", folder / "metrics.jsonl", "pretrain"))
+    job = train(
+        model,
+        data,
+        recipe.pretrain.train,
+        seed=recipe.seed,
+        accelerator=accelerator,
+        resume=resume,
+        paths=JobPaths(folder / "checkpoints" / "last.pt", folder / "metrics.jsonl", "pretrain"),
+    )
     job["test"] = evaluate(model, data.dataset("test"), len(data.classes), device=accelerator.device)
     summary = {"source": recipe.source.name, "data": data.summary(), **job}
     if accelerator.is_main_process:
-        save_model(model.cpu(), folder / "model", extra={"strategy": job["strategy"], "run": recipe.name,
-                                                          "pretrained_on": data.cfg.dataset})
+        save_model(
+            model.cpu(),
+            folder / "model",
+            extra={"strategy": job["strategy"], "run": recipe.name, "pretrained_on": data.cfg.dataset},
+        )
         write_json(done, summary)
     accelerator.wait_for_everyone()
-    log(f"[pretrain] test accuracy {job['test']['accuracy']:.4f} | val accuracy {job['val']['accuracy']:.4f} | "
-        f"train {job['timing']['train_s']:.1f}s")
+    log(
+        f"[pretrain] test accuracy {job['test']['accuracy']:.4f} | val accuracy {job['val']['accuracy']:.4f} | "
+        f"train {job['timing']['train_s']:.1f}s"
+    )
     return spec, _pretrain_summary(summary)
 
 
 def _pretrain_summary(summary: dict[str, Any]) -> dict[str, Any]:
     data = summary["data"]
-    return {"source": summary["source"], "dataset": data["dataset"], "classes": data["classes"],
-            "splits": data["splits"], "test": {k: summary["test"][k] for k in ("accuracy", "macro_f1", "n")},
-            "val_accuracy": summary["val"].get("accuracy"), "epochs_run": summary["epochs_run"],
-            "train_s": summary["timing"]["train_s"]}
+    return {
+        "source": summary["source"],
+        "dataset": data["dataset"],
+        "classes": data["classes"],
+        "splits": data["splits"],
+        "test": {k: summary["test"][k] for k in ("accuracy", "macro_f1", "n")},
+        "val_accuracy": summary["val"].get("accuracy"),
+        "epochs_run": summary["epochs_run"],
+        "train_s": summary["timing"]["train_s"],
+    }
 
 
 def _baselines_step(recipe: Recipe, data: PreparedData, log: Any) -> dict[str, Any]:
@@ -429,8 +546,9 @@ def _baselines_step(recipe: Recipe, data: PreparedData, log: Any) -> dict[str, A
     return baselines
 
 
-def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool,
-              log: Any) -> tuple[SourceSpec, dict[str, torch.Tensor] | None]:
+def rank_step(
+    recipe: Recipe, out: Path, resume: bool, main: bool, log: Any
+) -> tuple[SourceSpec, dict[str, torch.Tensor] | None]:
     """Rank the recipe's candidate sources (one forward pass each); the winner's spec and, when the ranking saw
     the whole training split, the winner's training features (a later linear probe reuses them).
 
@@ -444,8 +562,14 @@ def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool,
     if resume and rank_file.exists():
         rows = read_json(rank_file)["rows"]
     else:
-        rows = rank_candidates(recipe.data, [c.model_dump() for c in recipe.rank.candidates],
-                               recipe.rank.max_examples, recipe.rank.score, seed=recipe.seed, return_features=True)
+        rows = rank_candidates(
+            recipe.data,
+            [c.model_dump() for c in recipe.rank.candidates],
+            recipe.rank.max_examples,
+            recipe.rank.score,
+            seed=recipe.seed,
+            return_features=True,
+        )
         if main:
             kept = [{k: v for k, v in r.items() if k not in ("features", "example_positions")} for r in rows]
             write_json(rank_file, {"score": recipe.rank.score, "rows": kept})
@@ -454,15 +578,22 @@ def rank_step(recipe: Recipe, out: Path, resume: bool, main: bool,
         raise SourceError(f"no candidate source could be ranked: {reasons}")
     for r in rows:
         value = r["scores"].get(recipe.rank.score)
-        log(f"rank {r['rank']}: {r['candidate']}  {recipe.rank.score}="
-            f"{value if value is None else round(value, 4)}  {r['status']}")
+        log(
+            f"rank {r['rank']}: {r['candidate']}  {recipe.rank.score}="
+            f"{value if value is None else round(value, 4)}  {r['status']}"
+        )
     spec = SourceSpec(**rows[0]["spec"]) if isinstance(rows[0]["spec"], dict) else SourceSpec(name=rows[0]["spec"])
     whole_split = recipe.rank.max_examples is None and rows[0].get("features") is not None
     return spec, (rows[0]["features"] if whole_split else None)
 
 
-def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resume: bool = False,
-               overwrite: bool = False, overrides: list[str] | None = None) -> Path:
+def run_recipe(
+    recipe: Recipe | str | Path,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+) -> Path:
     """Run a whole recipe and write its run directory; returns the directory."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     out = Path(out or Path("runs") / recipe.name)
@@ -474,10 +605,17 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", dump_recipe(recipe))
-        write_json(out / "run.json", {"recipe_hash": _recipe_hash(recipe), "transferkit_version": __version__,
-                                      "status": "running", "world_size": accelerator.num_processes,
-                                      "distributed_type": str(accelerator.distributed_type.value),
-                                      "device": str(accelerator.device)})
+        write_json(
+            out / "run.json",
+            {
+                "recipe_hash": _recipe_hash(recipe),
+                "transferkit_version": __version__,
+                "status": "running",
+                "world_size": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type.value),
+                "device": str(accelerator.device),
+            },
+        )
     accelerator.wait_for_everyone()
     log = print if main else (lambda *a, **k: None)
     if recipe.recsys is not None:  # a recommendation task: its own data, models and metrics (transferkit.recsys.run)
@@ -486,8 +624,9 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         return run_recsys(recipe, out, resume, log) if main else out
 
     t = time.perf_counter()
-    source_spec, known_features = (recipe.source, None) if recipe.rank is None else \
-        rank_step(recipe, out, resume, main, log)
+    source_spec, known_features = (
+        (recipe.source, None) if recipe.rank is None else rank_step(recipe, out, resume, main, log)
+    )
     pretrain_summary = None
     if recipe.pretrain is not None:
         source_spec, pretrain_summary = pretrain_step(recipe, out, resume, accelerator, log)
@@ -499,11 +638,16 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
     t = time.perf_counter()
     # with a transfer: step the data takes the target's input format (e.g. 1 channel), not the source's: the
     # target architecture alone tells it (pretrained=False: built, not filled)
-    data = prepare_data(recipe.data, source if recipe.transfer is None else
-                        make_target(source, recipe, None, pretrained=False), recipe.seed)
+    data = prepare_data(
+        recipe.data,
+        source if recipe.transfer is None else make_target(source, recipe, None, pretrained=False),
+        recipe.seed,
+    )
     data_s = time.perf_counter() - t
-    log(f"source {source_spec.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
-        f"{len(data.classes)} classes | skipped {len(data.examples.skipped)} unreadable")
+    log(
+        f"source {source_spec.name} | data {data.cfg.dataset}: {data.splits.sizes()} | "
+        f"{len(data.classes)} classes | skipped {len(data.examples.skipped)} unreadable"
+    )
 
     results: dict[str, Any] = {}
     features: dict[str, torch.Tensor] | None = None
@@ -527,17 +671,27 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
         plan_caches = any(p.cached_features for p in plans)
         if plan_caches and features is None:
             t = time.perf_counter()
-            features = feature_cache(target, data, accelerator.device, out / "cache" / "features.pt" if main else None,
-                                     known=known_features)
+            features = feature_cache(
+                target, data, accelerator.device, out / "cache" / "features.pt" if main else None, known=known_features
+            )
             features_s = time.perf_counter() - t
         # every rank reads the checkpoint on resume; only the main process writes (fit checks)
         paths = JobPaths(job_dir / "last.pt", out / "metrics.jsonl", name)
         # w0 for regularisers: the source's own tensors (no copy) when the target has the source's names; after a
         # transfer: step, train() copies the target's starting weights (and delta its starting network)
         same_names = recipe.transfer is None and not strategy.from_scratch
-        job = train(target, data, cfg, seed=recipe.seed, accelerator=accelerator, paths=paths, resume=resume,
-                    features=features, reference=source.state_dict() if same_names else None,
-                    source=source if same_names else None)
+        job = train(
+            target,
+            data,
+            cfg,
+            seed=recipe.seed,
+            accelerator=accelerator,
+            paths=paths,
+            resume=resume,
+            features=features,
+            reference=source.state_dict() if same_names else None,
+            source=source if same_names else None,
+        )
         if plan_caches:
             job["timing"]["features_s"], features_s = features_s, 0.0
         t = time.perf_counter()
@@ -558,19 +712,27 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, resum
             save_model(target.cpu(), out / "models" / name, extra={"strategy": job["strategy"], "run": recipe.name})
             write_json(done_file, job)
         accelerator.wait_for_everyone()
-        log(f"[{name}] test accuracy {test['accuracy']:.4f} | macro-F1 {test['macro_f1']:.4f} | "
-            f"val accuracy {job['val'].get('accuracy', float('nan')):.4f} | train {job['timing']['train_s']:.1f}s")
+        log(
+            f"[{name}] test accuracy {test['accuracy']:.4f} | macro-F1 {test['macro_f1']:.4f} | "
+            f"val accuracy {job['val'].get('accuracy', float('nan')):.4f} | train {job['timing']['train_s']:.1f}s"
+        )
 
     baselines = _baselines_step(recipe, data, log)
     monitor = recipe.train.monitor.removeprefix("val_")
     pick = max if monitor != "loss" else min
     selected = pick(results, key=lambda n: results[n]["val"].get(monitor, float("-inf")))
-    metrics = {"run": recipe.name, "source": source_spec.name, "selected": selected,
-               "selected_by": recipe.train.monitor, "transferkit_version": __version__, "data": data.summary(),
-               "models": results, **({"baselines": baselines} if baselines else {}),
-               **({"pretrain": pretrain_summary} if pretrain_summary else {}),
-               "timings": {"load_source_s": load_s, "data_s": data_s,
-                                              "total_s": time.perf_counter() - t_start}}
+    metrics = {
+        "run": recipe.name,
+        "source": source_spec.name,
+        "selected": selected,
+        "selected_by": recipe.train.monitor,
+        "transferkit_version": __version__,
+        "data": data.summary(),
+        "models": results,
+        **({"baselines": baselines} if baselines else {}),
+        **({"pretrain": pretrain_summary} if pretrain_summary else {}),
+        "timings": {"load_source_s": load_s, "data_s": data_s, "total_s": time.perf_counter() - t_start},
+    }
     if main:
         if report is None:
             report = make_target(source, recipe, data.classes).report

@@ -37,8 +37,10 @@ class Predictor:
         """
         fast = len(inputs) > BATCH
         with inference_pass(self.model, len(inputs), BATCH) if fast else contextlib.nullcontext(self.model) as run:
-            out = [torch.softmax(run(make_batch(self.model, list(inputs[i:i + BATCH]))).float(), dim=1)
-                   for i in range(0, len(inputs), BATCH)]
+            out = [
+                torch.softmax(run(make_batch(self.model, list(inputs[i : i + BATCH]))).float(), dim=1)
+                for i in range(0, len(inputs), BATCH)
+            ]
         return torch.cat(out) if out else torch.empty(0, len(self.labels))
 
     def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
@@ -47,10 +49,15 @@ class Predictor:
         k = min(top_k, probs.shape[1])
         values, idx = probs.topk(k, dim=1)
         key = "text" if self.modality == "text" else "file"
-        return [{key: _describe(item, i, self.modality),
-                 "top": [{"label": self.labels[j], "probability": float(v)}
-                         for v, j in zip(vals.tolist(), ids.tolist())]}
-                for i, (item, vals, ids) in enumerate(zip(inputs, values, idx))]
+        return [
+            {
+                key: _describe(item, i, self.modality),
+                "top": [
+                    {"label": self.labels[j], "probability": float(v)} for v, j in zip(vals.tolist(), ids.tolist())
+                ],
+            }
+            for i, (item, vals, ids) in enumerate(zip(inputs, values, idx))
+        ]
 
 
 def _describe(item: Any, i: int, modality: str) -> str:

@@ -51,19 +51,25 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     """Which data, how it is split and prepared."""
 
-    dataset: str = Field(description="built-in name (transferkit ls); images: a folder or a CSV manifest path,label; "
-                         "text: a CSV, JSONL or Parquet file")
+    dataset: str = Field(
+        description="built-in name (transferkit ls); images: a folder or a CSV manifest path,label; "
+        "text: a CSV, JSONL or Parquet file"
+    )
     per_class: int | None = Field(default=None, ge=1, description="labelled training examples kept per class")
     val_per_class: int | None = Field(default=None, ge=1, description="validation examples per class")
     val_fraction: float = Field(default=0.1, gt=0, lt=1, description="used when val_per_class is not set")
     test_size: float = Field(default=0.2, gt=0, description="held-out test examples: a count (>=1) or a fraction")
     image_size: int | None = Field(default=None, ge=8, description="default: the source's own input size")
-    classes: list[str] | None = Field(default=None, min_length=2, description="keep only these classes, in this "
-                                      "order (e.g. a source task on digits 0-4, a target task on 5-9)")
+    classes: list[str] | None = Field(
+        default=None,
+        min_length=2,
+        description="keep only these classes, in this order (e.g. a source task on digits 0-4, a target task on 5-9)",
+    )
     text_column: str = Field(default="text", description="text data: the column holding the text")
     label_column: str = Field(default="label", description="text data: the column holding the label")
-    max_length: int | None = Field(default=None, ge=2, description="text: tokens kept per text (default 128, at most "
-                                   "the source's limit)")
+    max_length: int | None = Field(
+        default=None, ge=2, description="text: tokens kept per text (default 128, at most the source's limit)"
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
     num_workers: int = Field(default=0, ge=0)
@@ -83,15 +89,20 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(default=1, ge=1)
     max_grad_norm: float | None = Field(default=None, gt=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    regularizer: str | dict[str, Any] | None = Field(default=None, description="a penalty added to any strategy, "
-                                                     "e.g. {name: l2sp, alpha: 0.01} (transferkit ls)")
+    regularizer: str | dict[str, Any] | None = Field(
+        default=None, description="a penalty added to any strategy, e.g. {name: l2sp, alpha: 0.01} (transferkit ls)"
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
     early_stopping_patience: int | None = Field(default=None, ge=1, description="epochs without improvement")
     checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
     log_every: int = Field(default=10, ge=1)
-    threads: int | None = Field(default=None, ge=1, description="CPU threads of torch while training (default: "
-                                "torch's own); small models (GRUs, towers) often train faster on 1")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads of torch while training (default: "
+        "torch's own); small models (GRUs, towers) often train faster on 1",
+    )
 
     @property
     def strategy_name(self) -> str:
@@ -156,15 +167,23 @@ class Recipe(_Strict):
     source: SourceSpec | None = None
     rank: RankConfig | None = None
     pretrain: PretrainConfig | None = None
-    transfer: TransferConfig | None = Field(default=None, description="build the target from the source by the "
-                                            "transfer machinery: another architecture, in_chans, img_size, rules...")
+    transfer: TransferConfig | None = Field(
+        default=None,
+        description="build the target from the source by the "
+        "transfer machinery: another architecture, in_chans, img_size, rules...",
+    )
     data: DataConfig | None = Field(default=None, description="required, except with recsys:")
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
-    baselines: list[str] = Field(default_factory=list, description="computed on the same splits without the source, "
-                                 "e.g. [tfidf] for text (transferkit ls)")
-    recsys: RecsysConfig | None = Field(default=None, description="a recommendation task (interactions, two-tower or "
-                                        "MF model, transfer from source_run); data:/source: are then not used")
+    baselines: list[str] = Field(
+        default_factory=list,
+        description="computed on the same splits without the source, e.g. [tfidf] for text (transferkit ls)",
+    )
+    recsys: RecsysConfig | None = Field(
+        default=None,
+        description="a recommendation task (interactions, two-tower or "
+        "MF model, transfer from source_run); data:/source: are then not used",
+    )
 
     @model_validator(mode="after")
     def _data_unless_recsys(self) -> Recipe:
@@ -175,9 +194,11 @@ class Recipe(_Strict):
         used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
         used += [k for k in ("compare", "baselines") if getattr(self, k)]
         if used:
-            raise ValueError(f"recsys: runs a recommendation task on its own; {', '.join(used)} "
-                             f"{'is' if len(used) == 1 else 'are'} not used with it (put the source model in "
-                             "recsys.source_run and the baselines in recsys.baselines)")
+            raise ValueError(
+                f"recsys: runs a recommendation task on its own; {', '.join(used)} "
+                f"{'is' if len(used) == 1 else 'are'} not used with it (put the source model in "
+                "recsys.source_run and the baselines in recsys.baselines)"
+            )
         return self
 
     @field_validator("source", mode="before")
@@ -197,16 +218,19 @@ class Recipe(_Strict):
         if self.pretrain is not None and self.rank is not None:
             raise ValueError("pretrain: trains the recipe's source, rank: chooses among candidates; use one of them")
         if self.pretrain is not None and self.source is None:
-            raise ValueError("pretrain: needs source: the architecture to train, e.g. {name: timm:resnet18, "
-                             "pretrained: false}")
+            raise ValueError(
+                "pretrain: needs source: the architecture to train, e.g. {name: timm:resnet18, pretrained: false}"
+            )
         return self
 
     @model_validator(mode="after")
     def _one_image_size(self) -> Recipe:
         size = self.transfer.img_size if self.transfer else None
         if size and self.data is not None and self.data.image_size and size != self.data.image_size:
-            raise ValueError(f"transfer.img_size={size} builds the target for {size} px but data.image_size="
-                             f"{self.data.image_size}; set one of them (or both to the same size)")
+            raise ValueError(
+                f"transfer.img_size={size} builds the target for {size} px but data.image_size="
+                f"{self.data.image_size}; set one of them (or both to the same size)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -291,8 +315,10 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
         from transferkit.rank.candidates import SCORES
 
         if rank["score"] not in SCORES:
-            problems.append(f"rank.score: unknown score {rank['score']!r}.{did_you_mean(rank['score'], SCORES)} "
-                            f"Valid choices: {', '.join(SCORES)}.")
+            problems.append(
+                f"rank.score: unknown score {rank['score']!r}.{did_you_mean(rank['score'], SCORES)} "
+                f"Valid choices: {', '.join(SCORES)}."
+            )
     dataset = section("data").get("dataset")
     if isinstance(dataset, str):
         problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]
@@ -317,8 +343,12 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     if isinstance(baselines, list):
         from transferkit.evaluation.baselines import BASELINES
 
-        problems += [f"baselines.{i}: unknown baseline {b!r}.{did_you_mean(str(b), BASELINES)} Valid choices: "
-                     f"{', '.join(BASELINES)}." for i, b in enumerate(baselines) if b not in BASELINES]
+        problems += [
+            f"baselines.{i}: unknown baseline {b!r}.{did_you_mean(str(b), BASELINES)} Valid choices: "
+            f"{', '.join(BASELINES)}."
+            for i, b in enumerate(baselines)
+            if b not in BASELINES
+        ]
     compare = raw.get("compare")
     for i, c in enumerate(compare if isinstance(compare, list) else []):
         c = {"strategy": c} if isinstance(c, str) else c
@@ -331,8 +361,11 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
             try:
                 TrainConfig(**{**section("train"), **overrides, "strategy": "full"})
             except ValidationError as e:
-                problems += [f"compare.{i}.overrides." + _format_error(err, TrainConfig) for err in e.errors()
-                             if err["loc"] and err["loc"][0] in overrides]
+                problems += [
+                    f"compare.{i}.overrides." + _format_error(err, TrainConfig)
+                    for err in e.errors()
+                    if err["loc"] and err["loc"][0] in overrides
+                ]
     return problems
 
 
@@ -368,7 +401,7 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
         elif isinstance(child, str) and depth == 0 and part in ("source",):
             node[part] = child = {"name": child}  # source: NAME, then source.pretrained=false
         elif not isinstance(child, (dict, list)):
-            raise TypeError(f"'{'.'.join(path[:depth + 1])}' is a value ({child!r}), not a section with keys")
+            raise TypeError(f"'{'.'.join(path[: depth + 1])}' is a value ({child!r}), not a section with keys")
         node = child
     if isinstance(node, list):
         node[_index(path[-1], node)] = value
@@ -394,8 +427,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe '{p}' is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), "
-                          f"not {type(raw).__name__}")
+        raise RecipeError(
+            f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), not {type(raw).__name__}"
+        )
     return raw
 
 

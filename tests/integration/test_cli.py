@@ -23,8 +23,14 @@ TINY_RECIPE = {
     "name": "tiny",
     "seed": 0,
     "source": {"name": "timm:test_efficientnet", "pretrained": False},
-    "data": {"dataset": "mnist5k", "per_class": 4, "val_per_class": 2, "test_size": 40, "image_size": 32,
-             "augment": {"rotation": 10}},
+    "data": {
+        "dataset": "mnist5k",
+        "per_class": 4,
+        "val_per_class": 2,
+        "test_size": 40,
+        "image_size": 32,
+        "augment": {"rotation": 10},
+    },
     "train": {"strategy": "full", "epochs": 2, "batch_size": 8, "lr": 0.01, "checkpoint_every": 2, "log_every": 1},
     "compare": ["linear_probe", "scratch"],
 }
@@ -38,8 +44,12 @@ def _write_recipe(tmp_path: Path, recipe: dict | None = None) -> Path:
 
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[2] / "src")
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFERKIT_PROGRESS": "0",
-            "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFERKIT_PROGRESS": "0",
+        "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,17 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_run_directory_contents(run_dir: Path):
-    for name in ("recipe.yaml", "run.json", "metrics.json", "metrics.jsonl", "transfer_report.json", "report.html",
-                 "model/model.safetensors", "model/model.json", "checkpoints/full/last.pt"):
+    for name in (
+        "recipe.yaml",
+        "run.json",
+        "metrics.json",
+        "metrics.jsonl",
+        "transfer_report.json",
+        "report.html",
+        "model/model.safetensors",
+        "model/model.json",
+        "checkpoints/full/last.pt",
+    ):
         assert (run_dir / name).is_file(), name
     metrics = read_json(run_dir / "metrics.json")
     assert set(metrics["models"]) == {"full", "linear_probe", "scratch"}
@@ -132,8 +151,13 @@ def test_ls_lists_registered_names(capsys):
 
 
 def test_python_module_entry_point(tmp_path: Path):
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "validate", str(_write_recipe(tmp_path))],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferkit", "validate", str(_write_recipe(tmp_path))],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert proc.returncode == 0 and "valid" in proc.stdout
 
 
@@ -178,9 +202,16 @@ def test_rank_step_picks_the_source_and_resume_reuses_it(tmp_path: Path, monkeyp
     real = pipeline.compute_features
     monkeypatch.setattr(pipeline, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     recipe = {k: v for k, v in TINY_RECIPE.items() if k != "source"}
-    recipe.update(compare=[], train={**TINY_RECIPE["train"], "strategy": "linear_probe", "epochs": 1},
-                  rank={"candidates": [{"name": "timm:test_efficientnet", "pretrained": False},
-                                       {"name": "timm:test_resnet", "pretrained": False}]})
+    recipe.update(
+        compare=[],
+        train={**TINY_RECIPE["train"], "strategy": "linear_probe", "epochs": 1},
+        rank={
+            "candidates": [
+                {"name": "timm:test_efficientnet", "pretrained": False},
+                {"name": "timm:test_resnet", "pretrained": False},
+            ]
+        },
+    )
     path = _write_recipe(tmp_path, recipe)
     out = tmp_path / "ranked"
     assert main(["run", str(path), "--out", str(out)]) == 0

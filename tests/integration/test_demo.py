@@ -61,8 +61,12 @@ def test_text_demo_beats_the_tfidf_baseline_by_ten_points(tmp_path: Path, capsys
 
 def test_recsys_demo_writes_metrics_and_summary(tmp_path: Path):
     """``transferkit demo recsys`` (the MovieLens scenario, about 40 s): transfer ranks better than target-only."""
-    out = subprocess.run([sys.executable, "-m", "transferkit", "demo", "recsys", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env={**os.environ, "TRANSFERKIT_PROGRESS": "0"})
+    out = subprocess.run(
+        [sys.executable, "-m", "transferkit", "demo", "recsys", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRANSFERKIT_PROGRESS": "0"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = read_json(tmp_path / "recsys" / "metrics.json")
     assert {"ranking", "ratings"} <= set(metrics)

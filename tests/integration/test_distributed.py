@@ -20,22 +20,39 @@ RECIPE = {
     "source": {"name": "timm:test_efficientnet", "pretrained": False},
     "data": {"dataset": "mnist5k", "per_class": 4, "val_per_class": 2, "test_size": 40, "image_size": 32},
     "train": {"strategy": "full", "epochs": 2, "batch_size": 8, "lr": 0.01, "log_every": 1},
-    "compare": ["linear_probe", "l2sp", {"strategy": {"name": "gradual_unfreeze", "every": 1}},
-                {"strategy": {"name": "lp_ft", "lp_epochs": 1}}, {"strategy": {"name": "lora", "r": 2}}],
+    "compare": [
+        "linear_probe",
+        "l2sp",
+        {"strategy": {"name": "gradual_unfreeze", "every": 1}},
+        {"strategy": {"name": "lp_ft", "lp_epochs": 1}},
+        {"strategy": {"name": "lora", "r": 2}},
+    ],
 }
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun is not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun is not installed",
+)
 def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     out = tmp_path / "run"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFERKIT_PROGRESS": "0", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "transferkit", "run", str(recipe),
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFERKIT_PROGRESS": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"),
+    }
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "transferkit", "run", str(recipe), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = read_json(out / "run.json")
@@ -49,8 +66,19 @@ def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in lines if x["job"] == "full" and "loss" in x]
     assert steps == list(range(1, 11))
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "cache", "checkpoints", "metrics.json", "metrics.jsonl", "model", "models", "recipe.yaml", "report.html",
-        "run.json", "transfer_report.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "cache",
+            "checkpoints",
+            "metrics.json",
+            "metrics.jsonl",
+            "model",
+            "models",
+            "recipe.yaml",
+            "report.html",
+            "run.json",
+            "transfer_report.json",
+        ]
+    )
     # the summary is printed once, by rank 0
     assert proc.stdout.count("[full] test accuracy") == 1

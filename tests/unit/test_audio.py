@@ -142,9 +142,13 @@ def test_transformers_audio_encoders_pool_features_and_reload_with_their_extract
 
 
 def test_audio_run_trains_one_step_and_predicts_files_and_arrays(hf_folders, tones, tmp_path):
-    recipe = tk.Recipe(name="audio", source=f"hf:{hf_folders['wav2vec2']}",
-                       data={"dataset": str(tones), "per_class": 3, "val_per_class": 1, "test_size": 4},
-                       train={"strategy": "full", "epochs": 1, "batch_size": 8}, compare=["linear_probe"])
+    recipe = tk.Recipe(
+        name="audio",
+        source=f"hf:{hf_folders['wav2vec2']}",
+        data={"dataset": str(tones), "per_class": 3, "val_per_class": 1, "test_size": 4},
+        train={"strategy": "full", "epochs": 1, "batch_size": 8},
+        compare=["linear_probe"],
+    )
     run = tk.run_recipe(recipe, out=tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data"]["modality"] == "audio" and metrics["data"]["skipped_count"] == 1
@@ -156,8 +160,12 @@ def test_audio_run_trains_one_step_and_predicts_files_and_arrays(hf_folders, ton
     out = predictor.predict([str(tones / "low" / "low0.wav"), (tone(2100, rate=8000), 8000)], top_k=2)
     assert out[0]["file"].endswith("low0.wav") and {t["label"] for t in out[0]["top"]} == {"high", "low"}
     assert abs(sum(t["probability"] for t in out[1]["top"]) - 1) < 1e-5
-    cli = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(run),
-                          str(tones / "high" / "high0.wav"), "--json"], capture_output=True, text=True, check=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "transferkit", "predict", str(run), str(tones / "high" / "high0.wav"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(cli.stdout)[0]["file"].endswith("high0.wav")
 
 
@@ -198,27 +206,44 @@ def test_sequence_encoders_ignore_padding_frames(kind):
 
 
 def test_sequence_source_names_and_options_are_checked():
-    with pytest.raises(SourceError, match="seq:gru has no pretrained weights: use source: {name: 'seq:gru', "
-                                          "pretrained: false}"):
+    with pytest.raises(
+        SourceError, match="seq:gru has no pretrained weights: use source: {name: 'seq:gru', pretrained: false}"
+    ):
         tk.load_source("seq:gru")
     with pytest.raises(SourceError, match="unknown sequence encoder 'seq:lstm'; valid: seq:gru, seq:cnn1d"):
         tk.load_source({"name": "seq:lstm", "pretrained": False})
     from transferkit.transfer.api import model_from_arch
 
     wide = model_from_arch({"family": "seq", "name": "gru", "kwargs": {"width": 32, "layers": 3, "input_dim": 40}})
-    assert wide.num_features == 64 and [g for g, _ in wide.layer_groups()] == ["input", "layer0", "layer1",
-                                                                               "layer2", "head"]
+    assert wide.num_features == 64 and [g for g, _ in wide.layer_groups()] == [
+        "input",
+        "layer0",
+        "layer1",
+        "layer2",
+        "head",
+    ]
     with pytest.raises(SourceError, match=r"does not take \['depth'\]"):
         model_from_arch({"family": "seq", "name": "gru", "kwargs": {"depth": 3}})
 
 
 def test_pretrain_on_some_digits_then_transfer_to_others_and_predict(tmp_path):
     recipe = tk.Recipe(
-        name="speech", source={"name": "seq:cnn1d", "pretrained": False},
-        pretrain={"data": {"dataset": "fsdd_digits", "classes": ["0", "1", "2"], "per_class": 20, "val_per_class": 5,
-                           "test_size": 30}, "train": {"epochs": 1, "batch_size": 16, "lr": 0.003}},
+        name="speech",
+        source={"name": "seq:cnn1d", "pretrained": False},
+        pretrain={
+            "data": {
+                "dataset": "fsdd_digits",
+                "classes": ["0", "1", "2"],
+                "per_class": 20,
+                "val_per_class": 5,
+                "test_size": 30,
+            },
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.003},
+        },
         data={"dataset": "fsdd_digits", "classes": ["5", "6"], "per_class": 3, "val_per_class": 2, "test_size": 10},
-        train={"strategy": "full", "epochs": 1}, compare=["scratch"])
+        train={"strategy": "full", "epochs": 1},
+        compare=["scratch"],
+    )
     run = tk.run_recipe(recipe, out=tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["pretrain"]["classes"] == ["0", "1", "2"] and metrics["pretrain"]["test"]["n"] == 30
@@ -241,17 +266,39 @@ def test_mel_filterbank_matches_librosa_reference_values():
     filters, as published by librosa's docs and the mel_filter crate's tests."""
     fb = mel_filterbank(22050, 2048, 128)
     assert fb.shape == (128, 1025) and fb.dtype == np.float32
-    np.testing.assert_allclose(fb[0, :6], [0, 0.016182853208219942, 0.032365706416439884, 0.028990088037379964,
-                                           0.012807234829160026, 0], atol=1e-8)
-    np.testing.assert_allclose(fb[1, :9], [0, 0, 0, 0.009779235793639925, 0.025962089001859864,
-                                           0.035393705451959974, 0.01921085224374004, 0.003027999035520103, 0],
-                               atol=1e-8)
+    np.testing.assert_allclose(
+        fb[0, :6],
+        [0, 0.016182853208219942, 0.032365706416439884, 0.028990088037379964, 0.012807234829160026, 0],
+        atol=1e-8,
+    )
+    np.testing.assert_allclose(
+        fb[1, :9],
+        [
+            0,
+            0,
+            0,
+            0.009779235793639925,
+            0.025962089001859864,
+            0.035393705451959974,
+            0.01921085224374004,
+            0.003027999035520103,
+            0,
+        ],
+        atol=1e-8,
+    )
     assert float(hz_to_mel(1000)) == pytest.approx(15.0) and float(mel_to_hz(15.0)) == pytest.approx(1000.0)
     assert float(hz_to_mel(2000)) == pytest.approx(15 + np.log(2) * 27 / np.log(6.4))  # log above 1 kHz
     from transformers.audio_utils import mel_filter_bank
 
-    ref = mel_filter_bank(num_frequency_bins=201, num_mel_filters=40, min_frequency=0, max_frequency=8000,
-                          sampling_rate=16000, norm="slaney", mel_scale="slaney")
+    ref = mel_filter_bank(
+        num_frequency_bins=201,
+        num_mel_filters=40,
+        min_frequency=0,
+        max_frequency=8000,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
+    )
     np.testing.assert_allclose(mel_filterbank(16000, 400, 40), ref.T, atol=1e-8)
 
 

@@ -34,7 +34,13 @@ def test_image_folder_classes_sorted_and_labels_in_that_order(tmp_path: Path, wr
     assert ds.labels.tolist() == [0, 0, 0, 1, 2, 2]
     assert ds.labels.dtype == np.int64
     assert [Path(p).relative_to(tmp_path).as_posix() for p in ds.items] == [
-        "apple/0.png", "apple/1.png", "apple/2.png", "mango/0.png", "zebra/0.png", "zebra/1.png"]
+        "apple/0.png",
+        "apple/1.png",
+        "apple/2.png",
+        "mango/0.png",
+        "zebra/0.png",
+        "zebra/1.png",
+    ]
     assert ds.skipped == []
     assert ds.name == tmp_path.name
     assert len(ds) == 6
@@ -58,8 +64,9 @@ def _folder_with_bad_images(root: Path, write_image: WriteImage, write_truncated
     return corrupt, truncated
 
 
-def test_unreadable_images_are_skipped_and_listed(tmp_path: Path, write_image: WriteImage,
-                                                  write_truncated_jpeg: Callable) -> None:
+def test_unreadable_images_are_skipped_and_listed(
+    tmp_path: Path, write_image: WriteImage, write_truncated_jpeg: Callable
+) -> None:
     corrupt, truncated = _folder_with_bad_images(tmp_path, write_image, write_truncated_jpeg)
     ds = read_dataset(str(tmp_path), strict=False)
     assert len(ds) == 4
@@ -71,8 +78,9 @@ def test_unreadable_images_are_skipped_and_listed(tmp_path: Path, write_image: W
     assert "truncated" in skipped[str(truncated)]
 
 
-def test_strict_errors_on_an_unreadable_image(tmp_path: Path, write_image: WriteImage,
-                                              write_truncated_jpeg: Callable) -> None:
+def test_strict_errors_on_an_unreadable_image(
+    tmp_path: Path, write_image: WriteImage, write_truncated_jpeg: Callable
+) -> None:
     corrupt, _ = _folder_with_bad_images(tmp_path, write_image, write_truncated_jpeg)
     with pytest.raises(DataError) as info:
         read_dataset(str(tmp_path), strict=True)
@@ -82,8 +90,9 @@ def test_strict_errors_on_an_unreadable_image(tmp_path: Path, write_image: Write
     assert "Remove or replace it" in message
 
 
-def test_strict_errors_on_a_truncated_jpeg(tmp_path: Path, write_image: WriteImage,
-                                           write_truncated_jpeg: Callable) -> None:
+def test_strict_errors_on_a_truncated_jpeg(
+    tmp_path: Path, write_image: WriteImage, write_truncated_jpeg: Callable
+) -> None:
     write_image(tmp_path / "a" / "0.png")
     truncated = write_truncated_jpeg(tmp_path / "b" / "t.jpg")
     with pytest.raises(DataError) as info:
@@ -152,8 +161,9 @@ def _manifest(path: Path, rows: list[str], header: str = "path,label") -> Path:
     return path
 
 
-def test_csv_relative_paths_and_sorted_classes(tmp_path: Path, write_image: WriteImage,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_csv_relative_paths_and_sorted_classes(
+    tmp_path: Path, write_image: WriteImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     write_image(data / "img" / "z.png")
     write_image(data / "img" / "a.png")

@@ -21,11 +21,19 @@ from transferkit.registry import Registry
 from transferkit.strategies import STRATEGIES, get_strategy
 
 
-@pytest.mark.parametrize("cls, builtin", [
-    (RecipeError, ValueError), (UnknownNameError, KeyError), (SourceError, ValueError),
-    (UnsafeCheckpointError, SourceError), (DataError, ValueError), (DataNotFoundError, FileNotFoundError),
-    (RunDirError, FileExistsError), (TrainingError, RuntimeError),
-])
+@pytest.mark.parametrize(
+    "cls, builtin",
+    [
+        (RecipeError, ValueError),
+        (UnknownNameError, KeyError),
+        (SourceError, ValueError),
+        (UnsafeCheckpointError, SourceError),
+        (DataError, ValueError),
+        (DataNotFoundError, FileNotFoundError),
+        (RunDirError, FileExistsError),
+        (TrainingError, RuntimeError),
+    ],
+)
 def test_every_error_is_also_the_matching_builtin(cls: type, builtin: type) -> None:
     assert issubclass(cls, TransferKitError)
     assert issubclass(cls, builtin)

@@ -32,8 +32,11 @@ def _drawn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, type]]:
     """Values, object identities of the parameters, and the module types by name."""
-    return ({k: v.clone() for k, v in model.state_dict().items()}, {k: id(p) for k, p in model.named_parameters()},
-            {k: type(m) for k, m in model.named_modules()})
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {k: id(p) for k, p in model.named_parameters()},
+        {k: type(m) for k, m in model.named_modules()},
+    )
 
 
 def _assert_put_back(model: nn.Module, before: tuple[dict[str, torch.Tensor], dict[str, int], dict[str, type]]):
@@ -125,8 +128,17 @@ def test_a_fold_that_changes_the_outputs_is_undone_at_once() -> None:
 
 def test_conv1d_batchnorm1d_is_folded_and_train_mode_norms_are_not() -> None:
     torch.manual_seed(0)
-    model = _drawn_statistics(nn.Sequential(nn.Conv1d(2, 4, 5), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 3, 3),
-                                            nn.BatchNorm1d(3), nn.AdaptiveAvgPool1d(1), nn.Flatten()))
+    model = _drawn_statistics(
+        nn.Sequential(
+            nn.Conv1d(2, 4, 5),
+            nn.BatchNorm1d(4),
+            nn.ReLU(),
+            nn.Conv1d(4, 3, 3),
+            nn.BatchNorm1d(3),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+        )
+    )
     x = torch.randn(5, 2, 40)
     with torch.no_grad():
         plain = model(x)
@@ -161,9 +173,18 @@ def test_the_model_is_put_back_when_the_pass_raises() -> None:
 
 def test_predict_logits_folds_inside_channels_last_and_matches_the_plain_model() -> None:
     torch.manual_seed(0)
-    model = _drawn_statistics(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
-                                            nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                            nn.Linear(8, 3)))
+    model = _drawn_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+    )
     model.train()  # predict_logits switches to eval and back
     x = torch.randn(20, 3, 12, 12)
     before = _snapshot(model)
@@ -207,7 +228,7 @@ def test_predictor_folds_more_than_one_batch_and_gives_the_same_probabilities(mo
     fast = predictor.predict_proba(items)  # more than one batch: channels-last and folded
     _assert_put_back(model, before)
     assert len(folded) == 1 and len(folded[0]) > 5  # the tiny EfficientNet's batch norms were folded
-    plain = torch.cat([predictor.predict_proba(items[i:i + BATCH]) for i in range(0, len(items), BATCH)])
+    plain = torch.cat([predictor.predict_proba(items[i : i + BATCH]) for i in range(0, len(items), BATCH)])
     assert len(folded) == 1  # one batch at a time: the model as it is, no inference pass set up
     assert fast.shape == plain.shape and fast.shape[0] == len(items)
     assert torch.allclose(fast, plain, atol=1e-5)

@@ -65,8 +65,9 @@ def _export(model: nn.Module, path: Path, exporter: str, **kwargs: Any) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize(("exporter", "kwargs"), [("legacy", {"do_constant_folding": False}),
-                                                  ("dynamo", {"optimize": False})])
+@pytest.mark.parametrize(
+    ("exporter", "kwargs"), [("legacy", {"do_constant_folding": False}), ("dynamo", {"optimize": False})]
+)
 def test_onnx_export_maps_onto_a_fresh_twin_with_identical_outputs(tmp_path, exporter, kwargs):
     source = _random_cnn()
     path = _export(source, tmp_path / "cnn.onnx", exporter, **kwargs)
@@ -130,8 +131,13 @@ def test_onnx_gemm_without_transb_is_transposed_to_pytorch_layout(tmp_path):
     w, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
     node = helper.make_node("Gemm", ["x", "dense/kernel:0", "dense/bias:0"], ["y"], name="model/dense/Gemm", transB=0)
     inits = [numpy_helper.from_array(w, "dense/kernel:0"), numpy_helper.from_array(b, "dense/bias:0")]
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
     model = helper.make_model(graph)
     onnx.checker.check_model(model)
     path = tmp_path / "gemm.onnx"
@@ -169,8 +175,12 @@ def _randomize(model: Any, seed: int) -> None:
             continue
         if type(layer).__name__ == "BatchNormalization":
             gamma, beta, mean, var = weights
-            new = [rng.uniform(0.5, 2.0, gamma.shape), rng.normal(size=beta.shape), rng.normal(size=mean.shape),
-                   rng.uniform(0.5, 3.0, var.shape)]
+            new = [
+                rng.uniform(0.5, 2.0, gamma.shape),
+                rng.normal(size=beta.shape),
+                rng.normal(size=mean.shape),
+                rng.uniform(0.5, 3.0, var.shape),
+            ]
         else:
             new = [rng.normal(scale=0.5, size=w.shape) for w in weights]
         layer.set_weights([w.astype(np.float32) for w in new])
@@ -202,9 +212,15 @@ def keras_cnn(tmp_path_factory) -> tuple[Any, dict[str, Path]]:
 def _torch_twin() -> nn.Sequential:
     """The Keras CNN in PyTorch: channels first, 'same' = padding 1 for 3x3 at stride 1, Keras's BN epsilon 1e-3."""
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, eps=1e-3), nn.ReLU(),
-        nn.Conv2d(6, 12, 3, padding=1, groups=6), nn.BatchNorm2d(12, eps=1e-3), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6, eps=1e-3),
+        nn.ReLU(),
+        nn.Conv2d(6, 12, 3, padding=1, groups=6),
+        nn.BatchNorm2d(12, eps=1e-3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
     )
 
 
@@ -213,11 +229,20 @@ def test_keras_file_converts_to_pytorch_with_the_keras_outputs(keras_cnn, fmt):
     model, paths = keras_cnn
     weights = read_keras_weights(paths[fmt])
     assert [(k, tuple(v.shape)) for k, v in weights.items()] == [
-        ("stem_conv.weight", (6, 3, 3, 3)), ("stem_conv.bias", (6,)),
-        ("stem_bn.weight", (6,)), ("stem_bn.bias", (6,)), ("stem_bn.running_mean", (6,)), ("stem_bn.running_var", (6,)),
-        ("dw.weight", (12, 1, 3, 3)), ("dw.bias", (12,)),
-        ("dw_bn.weight", (12,)), ("dw_bn.bias", (12,)), ("dw_bn.running_mean", (12,)), ("dw_bn.running_var", (12,)),
-        ("classifier.weight", (5, 12)), ("classifier.bias", (5,)),
+        ("stem_conv.weight", (6, 3, 3, 3)),
+        ("stem_conv.bias", (6,)),
+        ("stem_bn.weight", (6,)),
+        ("stem_bn.bias", (6,)),
+        ("stem_bn.running_mean", (6,)),
+        ("stem_bn.running_var", (6,)),
+        ("dw.weight", (12, 1, 3, 3)),
+        ("dw.bias", (12,)),
+        ("dw_bn.weight", (12,)),
+        ("dw_bn.bias", (12,)),
+        ("dw_bn.running_mean", (12,)),
+        ("dw_bn.running_var", (12,)),
+        ("classifier.weight", (5, 12)),
+        ("classifier.bias", (5,)),
     ]
     kernel = model.get_layer("stem_conv").get_weights()[0]  # (kh, kw, in, out)
     assert torch.equal(weights["stem_conv.weight"][4, 1], torch.from_numpy(kernel[:, :, 1, 4]))
@@ -296,8 +321,13 @@ def test_keras_zip_without_weights_names_what_it_holds(tmp_path):
 
 def test_keras_batchnorm_without_scale_needs_the_config(tmp_path):
     keras = _keras()
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, use_bias=False, name="d"),
-                              keras.layers.BatchNormalization(scale=False, name="bn")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, use_bias=False, name="d"),
+            keras.layers.BatchNormalization(scale=False, name="bn"),
+        ]
+    )
     model.save(tmp_path / "noscale.keras")
     model.save_weights(tmp_path / "noscale.weights.h5")
 

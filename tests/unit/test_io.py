@@ -88,8 +88,11 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
         load_state_dict(tmp_path / "m.pt")
 
 
-@pytest.mark.parametrize("content", [np.random.default_rng(0).bytes(256), b"PK\x03\x04" + bytes(60), b""],
-                         ids=["random", "broken-zip", "empty"])
+@pytest.mark.parametrize(
+    "content",
+    [np.random.default_rng(0).bytes(256), b"PK\x03\x04" + bytes(60), b""],
+    ids=["random", "broken-zip", "empty"],
+)
 def test_garbage_file_is_a_source_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "g.pt"
     path.write_bytes(content)
@@ -259,16 +262,18 @@ def _failing_save_file(tensors: dict[str, torch.Tensor], filename: str, metadata
     raise OSError("No space left on device")  # ... then the disk is full
 
 
-def test_failed_save_leaves_no_half_written_folder(tmp_path: Path, tiny_model: Callable[..., Any],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_no_half_written_folder(
+    tmp_path: Path, tiny_model: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tkio, "save_file", _failing_save_file)
     with pytest.raises(OSError, match="No space left on device"):
         save_model(tiny_model(), tmp_path / "m")
     assert os.listdir(tmp_path) == []
 
 
-def test_failed_save_keeps_the_previous_model(tmp_path: Path, tiny_model: Callable[..., Any],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_keeps_the_previous_model(
+    tmp_path: Path, tiny_model: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     previous = tiny_model(labels=("p", "q"), seed=1)
     folder = save_model(previous, tmp_path / "m")
     before = _snapshot(folder)

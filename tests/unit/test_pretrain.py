@@ -18,12 +18,28 @@ from transferkit.recipe import load_recipe
 
 def _recipe(tmp_path, **extra):
     recipe = {
-        "name": "pretrain-test", "seed": 0, "source": TINY_SOURCE,
-        "pretrain": {"data": {"dataset": "mnist5k", "classes": ["0", "1", "2", "3", "4"], "per_class": 8,
-                              "val_per_class": 2, "test_size": 20, "image_size": 32},
-                     "train": {"epochs": 1, "batch_size": 8, "lr": 0.01}},
-        "data": {"dataset": "mnist5k", "classes": ["5", "6", "7", "8", "9"], "per_class": 4, "val_per_class": 2,
-                 "test_size": 20, "image_size": 32},
+        "name": "pretrain-test",
+        "seed": 0,
+        "source": TINY_SOURCE,
+        "pretrain": {
+            "data": {
+                "dataset": "mnist5k",
+                "classes": ["0", "1", "2", "3", "4"],
+                "per_class": 8,
+                "val_per_class": 2,
+                "test_size": 20,
+                "image_size": 32,
+            },
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        },
+        "data": {
+            "dataset": "mnist5k",
+            "classes": ["5", "6", "7", "8", "9"],
+            "per_class": 4,
+            "val_per_class": 2,
+            "test_size": 20,
+            "image_size": 32,
+        },
         "train": {"strategy": "full", "epochs": 1, "batch_size": 8, "lr": 0.01},
         "compare": ["scratch"],
         **extra,

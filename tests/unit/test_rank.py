@@ -43,9 +43,15 @@ def _direct_logme(f: np.ndarray, y: np.ndarray) -> tuple[float, list[float]]:
     total, alphas = 0.0, []
     for c in range(int(y.max()) + 1):
         t = (y == c).astype(float)
-        runs = [optimize.minimize(lambda p, t=t: -_gaussian_log_evidence(f, t, p[0], p[1]), x0, method="Nelder-Mead",
-                                  options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 20000})
-                for x0 in ([0.0, 0.0], [3.0, 3.0], [-3.0, 2.0])]
+        runs = [
+            optimize.minimize(
+                lambda p, t=t: -_gaussian_log_evidence(f, t, p[0], p[1]),
+                x0,
+                method="Nelder-Mead",
+                options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 20000},
+            )
+            for x0 in ([0.0, 0.0], [3.0, 3.0], [-3.0, 2.0])
+        ]
         best = min(runs, key=lambda r: r.fun)
         total += -best.fun
         alphas.append(math.exp(best.x[0]))
@@ -170,8 +176,11 @@ def test_logme_takes_the_higher_of_two_local_maxima_of_the_evidence() -> None:
     assert ours > fixed + 1.0
     # ours is the evidence at its (alpha, beta), computed independently, and nothing on a wide grid beats it
     assert ours == pytest.approx(_gaussian_log_evidence(f, t, math.log(alpha), math.log(beta)), rel=1e-9)
-    assert ours >= max(S.log_evidence(10.0**a, 10.0**b, x2, 0.0, sigma, n)
-                       for a in np.arange(-8, 9, 0.25) for b in np.arange(-8, 9, 0.25))
+    assert ours >= max(
+        S.log_evidence(10.0**a, 10.0**b, x2, 0.0, sigma, n)
+        for a in np.arange(-8, 9, 0.25)
+        for b in np.arange(-8, 9, 0.25)
+    )
     assert math.log(alpha / beta) == pytest.approx(grid[peaks[np.argmax(g[peaks])]], abs=0.02)
     # and logme, all columns at once, agrees with the two columns solved one by one
     per_class = [S._max_log_evidence((u.T @ (y == c).astype(float)) ** 2, 0.0, sigma, n)[0] for c in range(2)]
@@ -192,9 +201,7 @@ def test_logme_prefers_features_that_separate_the_classes() -> None:
 
 
 def test_leep_by_hand_on_3_examples_and_4_source_classes() -> None:
-    probs = np.array([[0.50, 0.25, 0.25, 0.00],
-                      [0.25, 0.50, 0.00, 0.25],
-                      [0.00, 0.25, 0.50, 0.25]])
+    probs = np.array([[0.50, 0.25, 0.25, 0.00], [0.25, 0.50, 0.00, 0.25], [0.00, 0.25, 0.50, 0.25]])
     labels = np.array([0, 1, 1])
     # joint P(y, z) = 1/3 sum of rows per class: y=0: [.5, .25, .25, 0]/3; y=1: [.25, .75, .5, .5]/3
     # P(z) = [.75, 1, .75, .5]/3; P(y=0|z) = [2/3, 1/4, 1/3, 0]; P(y=1|z) = [1/3, 3/4, 2/3, 1]
@@ -370,8 +377,11 @@ def test_feature_scores_refuse_bad_input(fn) -> None:
     bad = f.copy()
     bad[3, 1] = np.nan
     bad[5, 0] = np.inf
-    with pytest.raises(DataError, match=r"features hold 2 NaN and infinite value\(s\), in 2 of 12 examples "
-                                        r"\(first: example 3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"features hold 2 NaN and infinite value\(s\), in 2 of 12 examples "
+        r"\(first: example 3\)",
+    ):
         fn(bad, y)
     with pytest.raises(DataError, match="11 labels for 12 examples"):
         fn(f, y[:11])
@@ -431,8 +441,12 @@ def _tiny_variant(backbone: nn.Module | None = None, headless: bool = False):
 def test_rank_candidates_ranks_the_others_when_one_fails_to_load_or_gives_nan() -> None:
     from transferkit.rank import Candidate, rank_candidates
 
-    cands = ["no_such_source", TINY, Candidate("nan-features", _tiny_variant(_NaNBackbone())),
-             Candidate("headless", _tiny_variant(headless=True))]
+    cands = [
+        "no_such_source",
+        TINY,
+        Candidate("nan-features", _tiny_variant(_NaNBackbone())),
+        Candidate("headless", _tiny_variant(headless=True)),
+    ]
     rows = rank_candidates(_data(), cands, seed=0)
     assert [r["candidate"] for r in rows][2:] == ["no_such_source", "nan-features"]  # failed last, in given order
     ok = [r for r in rows if r["status"] == "ok"]
@@ -445,12 +459,15 @@ def test_rank_candidates_ranks_the_others_when_one_fails_to_load_or_gives_nan() 
     assert {"load_s", "features_s", "head_s", "logme_s", "leep_s", "nce_s", "total_s"} <= set(tiny["times"])
     headless = next(r for r in ok if r["candidate"] == "headless")
     assert set(headless["scores"]) == {"logme", "hscore", "hscore_shrinkage"}
-    assert headless["skipped"] == {"leep": "the source has no classifier head", "nce": "the source has no "
-                                   "classifier head"}
+    assert headless["skipped"] == {
+        "leep": "the source has no classifier head",
+        "nce": "the source has no classifier head",
+    }
     failed = {r["candidate"]: r for r in rows if r["status"] == "failed"}
     assert failed["no_such_source"]["error"].startswith("candidate 'no_such_source': UnknownNameError: unknown source")
     assert failed["nan-features"]["error"].startswith(
-        "candidate 'nan-features': DataError: features hold 10240 NaN value(s), in 40 of 40 examples")
+        "candidate 'nan-features': DataError: features hold 10240 NaN value(s), in 40 of 40 examples"
+    )
     assert failed["nan-features"]["scores"] == {}
 
 
@@ -467,11 +484,11 @@ def test_a_score_that_raises_fails_its_candidate_not_the_ranking(monkeypatch: py
         return real.fn(features, labels, num_classes=num_classes)
 
     monkeypatch.setitem(C.SCORES._items, "hscore", C.Score(once, "features"))
-    rows = rank_candidates(_data(), [Candidate("first", _tiny_variant()), Candidate("second", _tiny_variant())],
-                           seed=0)
+    rows = rank_candidates(_data(), [Candidate("first", _tiny_variant()), Candidate("second", _tiny_variant())], seed=0)
     assert [(r["candidate"], r["status"]) for r in rows] == [("second", "ok"), ("first", "failed")]
-    assert rows[1]["error"] == ("candidate 'first': score 'hscore' failed on its features: ZeroDivisionError: "
-                                "float division by zero")
+    assert rows[1]["error"] == (
+        "candidate 'first': score 'hscore' failed on its features: ZeroDivisionError: float division by zero"
+    )
     assert rows[1]["scores"] == {} and "hscore" in rows[0]["scores"]
 
 
@@ -481,7 +498,10 @@ def test_rank_candidates_sorts_by_the_chosen_score_and_keeps_rows_without_it_bef
     cands = [Candidate("headless", _tiny_variant(headless=True)), "no_such_source", TINY]
     rows = rank_candidates(_data(), cands, score="leep")
     assert [(r["candidate"], r["status"]) for r in rows] == [
-        ("timm:test_efficientnet (random init)", "ok"), ("headless", "ok"), ("no_such_source", "failed")]
+        ("timm:test_efficientnet (random init)", "ok"),
+        ("headless", "ok"),
+        ("no_such_source", "failed"),
+    ]
     with pytest.raises(UnknownNameError, match="unknown score 'logne'. Did you mean 'logme'.*hscore, hscore_shrinkage"):
         rank_candidates(_data(), [TINY], score="logne")
 
@@ -521,8 +541,7 @@ def test_candidates_that_preprocess_alike_share_the_preprocessed_examples(monkey
         model.preprocess = {**model.preprocess, "mean": [0.5] * 3, "std": [0.5] * 3}
         return model
 
-    cands = [TINY, Candidate("headless", _tiny_variant(headless=True)), Candidate("halves", other_normalisation),
-             TINY]
+    cands = [TINY, Candidate("headless", _tiny_variant(headless=True)), Candidate("halves", other_normalisation), TINY]
     rows = rank_candidates(_data(), cands, seed=0, max_examples=30, return_features=True)
     assert built == [30, 30]  # one preprocessing for the three alike, one for the other normalisation
     by_name = {r["candidate"]: r for r in rows}
@@ -579,8 +598,20 @@ def test_select_examples_is_stratified_and_seeded() -> None:
 def test_cli_rank_prints_a_table_and_json(capsys) -> None:
     from transferkit.cli import main
 
-    args = ["rank", "--data", "mnist5k", "--per-class", "3", "--image-size", "32", "--candidates", json.dumps(TINY),
-            "no_such_source", "--max-examples", "20"]
+    args = [
+        "rank",
+        "--data",
+        "mnist5k",
+        "--per-class",
+        "3",
+        "--image-size",
+        "32",
+        "--candidates",
+        json.dumps(TINY),
+        "no_such_source",
+        "--max-examples",
+        "20",
+    ]
     assert main(args + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in rows] == ["ok", "failed"]

@@ -77,8 +77,9 @@ def test_structural_problems_are_all_reported_with_key_paths_and_fixes() -> None
     trian = _problem(problems, "trian")
     assert "unknown key" in trian
     assert "Did you mean 'train'?" in trian
-    assert ("Valid keys here: name, seed, source, rank, pretrain, transfer, data, train, compare, baselines, "
-            "recsys.") in trian
+    assert (
+        "Valid keys here: name, seed, source, rank, pretrain, transfer, data, train, compare, baselines, recsys."
+    ) in trian
 
     per_clas = _problem(problems, "data.per_clas")
     assert "unknown key" in per_clas
@@ -114,8 +115,14 @@ def test_semantic_problems_are_all_reported_with_key_paths_and_fixes() -> None:
 def test_every_problem_is_reported_in_one_call() -> None:
     _, problems = validate_recipe(_recipe(STRUCTURAL, SEMANTIC))
     assert len(problems) == 6, problems
-    assert sorted(_keys(problems)) == ["compare.0.strategy", "data.dataset", "data.per_clas", "train.epochs",
-                                       "train.strategy", "trian"]
+    assert sorted(_keys(problems)) == [
+        "compare.0.strategy",
+        "data.dataset",
+        "data.per_clas",
+        "train.epochs",
+        "train.strategy",
+        "trian",
+    ]
     assert "Did you mean 'full'?" in _problem(problems, "train.strategy")
 
 
@@ -137,14 +144,16 @@ def test_unknown_source_is_reported() -> None:
 def test_missing_required_keys_are_reported() -> None:
     recipe, problems = validate_recipe({"name": "x"})
     assert recipe is None
-    assert sorted(problems) == ["data: required key is missing.",
-                                "source: required key is missing (or give rank: {candidates: [...]} to choose the "
-                                "source)."]
+    assert sorted(problems) == [
+        "data: required key is missing.",
+        "source: required key is missing (or give rank: {candidates: [...]} to choose the source).",
+    ]
 
 
 def test_nested_unknown_key_in_augment_and_compare_suggests_the_right_level() -> None:
-    _, problems = validate_recipe(_recipe({"data": {"augment": {"rotaton": 5}},
-                                           "compare": [{"strategy": "scratch", "lable": "s"}]}))
+    _, problems = validate_recipe(
+        _recipe({"data": {"augment": {"rotaton": 5}}, "compare": [{"strategy": "scratch", "lable": "s"}]})
+    )
     rot = _problem(problems, "data.augment.rotaton")
     assert "Did you mean 'rotation'?" in rot
     lab = _problem(problems, "compare.0.lable")
@@ -193,9 +202,16 @@ def test_load_recipe_raises_for_semantic_problems(tmp_path: Path) -> None:
 
 
 def test_load_recipe_from_yaml_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, {"name": "demo", "seed": 3, "source": "timm:test_efficientnet",
-                             "data": {"dataset": "mnist5k", "per_class": 20},
-                             "train": {"strategy": "linear_probe", "lr": 0.05}})
+    path = _write(
+        tmp_path,
+        {
+            "name": "demo",
+            "seed": 3,
+            "source": "timm:test_efficientnet",
+            "data": {"dataset": "mnist5k", "per_class": 20},
+            "train": {"strategy": "linear_probe", "lr": 0.05},
+        },
+    )
     recipe = load_recipe(path)
     assert (recipe.name, recipe.seed) == ("demo", 3)
     assert recipe.data.per_class == 20
@@ -257,8 +273,9 @@ def test_malformed_override_names_the_form() -> None:
 
 
 def test_overrides_apply(base_recipe: dict[str, Any]) -> None:
-    recipe = load_recipe(base_recipe, ["train.lr=0.01", "data.augment.rotation=10", "source.pretrained=false",
-                                       "compare=[scratch]"])
+    recipe = load_recipe(
+        base_recipe, ["train.lr=0.01", "data.augment.rotation=10", "source.pretrained=false", "compare=[scratch]"]
+    )
     assert recipe.train.lr == 0.01
     assert recipe.data.augment.rotation == 10.0
     assert recipe.data.augment.enabled
@@ -300,11 +317,13 @@ def test_override_with_a_bad_list_index_is_a_recipe_error(base_recipe: dict[str,
 
 
 def test_trainings_main_first_then_compare_with_overrides(base_recipe: dict[str, Any]) -> None:
-    recipe = load_recipe({
-        **base_recipe,
-        "train": {"strategy": {"name": "full", "backbone_lr": 0.001}, "lr": 0.1, "epochs": 3, "batch_size": 8},
-        "compare": ["linear_probe", {"strategy": "scratch", "label": "scr", "overrides": {"lr": 0.5, "epochs": 7}}],
-    })
+    recipe = load_recipe(
+        {
+            **base_recipe,
+            "train": {"strategy": {"name": "full", "backbone_lr": 0.001}, "lr": 0.1, "epochs": 3, "batch_size": 8},
+            "compare": ["linear_probe", {"strategy": "scratch", "label": "scr", "overrides": {"lr": 0.5, "epochs": 7}}],
+        }
+    )
     trainings = recipe.trainings()
     assert [name for name, _ in trainings] == ["full", "linear_probe", "scr"]
     (_, main_cfg), (_, probe), (_, scratch) = trainings
@@ -326,8 +345,9 @@ def test_duplicate_training_names_are_rejected(base_recipe: dict[str, Any]) -> N
 
 
 def test_labels_make_duplicate_strategies_distinct(base_recipe: dict[str, Any]) -> None:
-    recipe = load_recipe({**base_recipe, "compare": [{"strategy": "full", "label": "full_lr_small",
-                                                      "overrides": {"lr": 1e-4}}]})
+    recipe = load_recipe(
+        {**base_recipe, "compare": [{"strategy": "full", "label": "full_lr_small", "overrides": {"lr": 1e-4}}]}
+    )
     assert [n for n, _ in recipe.trainings()] == ["full", "full_lr_small"]
 
 
@@ -357,8 +377,9 @@ def test_cli_validate_prints_semantic_problems(tmp_path: Path, capsys: pytest.Ca
     assert "backbone_lr_scale must be > 0" in err
 
 
-def test_cli_validate_valid_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   base_recipe: dict[str, Any]) -> None:
+def test_cli_validate_valid_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], base_recipe: dict[str, Any]
+) -> None:
     path = _write(tmp_path, base_recipe)
     assert main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
@@ -366,15 +387,17 @@ def test_cli_validate_valid_recipe(tmp_path: Path, capsys: pytest.CaptureFixture
     assert err == ""
 
 
-def test_cli_validate_applies_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                        base_recipe: dict[str, Any]) -> None:
+def test_cli_validate_applies_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], base_recipe: dict[str, Any]
+) -> None:
     path = _write(tmp_path, base_recipe)
     assert main(["validate", str(path), "train.epochs=0"]) == 1
     assert "  - train.epochs: " in capsys.readouterr().err
 
 
-def test_cli_validate_missing_file_and_bad_override(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    base_recipe: dict[str, Any]) -> None:
+def test_cli_validate_missing_file_and_bad_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], base_recipe: dict[str, Any]
+) -> None:
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     path = _write(tmp_path, base_recipe)

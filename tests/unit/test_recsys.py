@@ -172,8 +172,9 @@ def test_feature_table_multi_valued_and_numeric(tmp_path):
 
 
 def test_leave_last_out_by_time_with_ties_in_file_order():
-    frame = _frame([("u", "a", 3), ("u", "b", 1), ("u", "c", 2), ("u", "d", 3), ("v", "a", 1), ("v", "b", 2),
-                    ("v", "c", 0)])
+    frame = _frame(
+        [("u", "a", 3), ("u", "b", 1), ("u", "c", 2), ("u", "d", 3), ("v", "a", 1), ("v", "b", 2), ("v", "c", 0)]
+    )
     split = leave_last_out(read_interactions(frame, rating_col=None), n_test=1, n_val=1)
     # u in time order: b(1) c(2) a(3) d(3) (a before d: file order at equal times)
     assert split.test.frame.values.tolist() == [["u", "d", 3], ["v", "b", 2]]
@@ -197,8 +198,11 @@ def test_unknown_ids_and_cold_users_in_the_test_split():
     train = read_interactions(_frame([("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 1)]), rating_col=None)
     model = matrix_factorization(train, dim=4)
     test = read_interactions(_frame([("u1", "z", 3), ("u1", "y", 3), ("u2", "b", 3)]), rating_col=None)
-    with pytest.raises(DataError, match=r"unknown item ids in the test split: 'z', 'y' \(2 of 3 items\); the model "
-                                        r"ranks 2 items"):
+    with pytest.raises(
+        DataError,
+        match=r"unknown item ids in the test split: 'z', 'y' \(2 of 3 items\); the model "
+        r"ranks 2 items",
+    ):
         evaluate_ranking(model, test, train)
     test = read_interactions(_frame([("u9", "a", 3)]), rating_col=None)
     with pytest.raises(DataError, match=r"unknown user ids in the test split: 'u9' \(1 of 1 users\)"):
@@ -212,8 +216,11 @@ def test_unknown_ids_and_cold_users_in_the_test_split():
 def test_bad_training_arguments_are_named():
     train = read_interactions(_frame([("u", "a", 1)]), rating_col=None)
     model = matrix_factorization(train, dim=4)
-    with pytest.raises(DataError, match=r"unknown loss 'bprr'; choose from \['bpr', 'bce', 'softmax', 'mse'\]\. "
-                                        r"Did you mean 'bpr'\?"):
+    with pytest.raises(
+        DataError,
+        match=r"unknown loss 'bprr'; choose from \['bpr', 'bce', 'softmax', 'mse'\]\. "
+        r"Did you mean 'bpr'\?",
+    ):
         train_recommender(model, train, loss="bprr")
     with pytest.raises(DataError, match="loss='mse' needs ratings"):
         train_recommender(model, train, loss="mse")
@@ -224,8 +231,9 @@ def test_bad_training_arguments_are_named():
 # ---------------------------------------------------------------- training on planted structure
 
 
-def planted(n_users: int = 90, n_items: int = 60, groups: int = 3, per_user: int = 10, seed: int = 0,
-            item_prefix: str = "i") -> pd.DataFrame:
+def planted(
+    n_users: int = 90, n_items: int = 60, groups: int = 3, per_user: int = 10, seed: int = 0, item_prefix: str = "i"
+) -> pd.DataFrame:
     """Users and items in ``groups`` groups; each user rates ``per_user`` random items of its own group
     (rating 5) and two of other groups (rating 1), at increasing times."""
     rng = np.random.default_rng(seed)
@@ -243,8 +251,9 @@ def planted(n_users: int = 90, n_items: int = 60, groups: int = 3, per_user: int
 
 def test_bpr_learns_planted_groups_beyond_popularity():
     data = read_interactions(planted(), rating_col=None)
-    likes = data.subset(data.frame["item"].map(lambda i: int(i[1:]) % 3) == data.frame["user"].map(
-        lambda u: int(u[1:]) % 3))  # implicit positives: each user's own-group items
+    likes = data.subset(
+        data.frame["item"].map(lambda i: int(i[1:]) % 3) == data.frame["user"].map(lambda u: int(u[1:]) % 3)
+    )  # implicit positives: each user's own-group items
     split = leave_last_out(likes, n_test=1, n_val=1)
     model = matrix_factorization(split.train, dim=8, items=likes.items, seed=0)
     result = train_recommender(model, split.train, loss="bpr", epochs=40, lr=0.05, batch_size=128, seed=0)
@@ -273,8 +282,9 @@ def test_mse_on_ratings_beats_the_mean_and_training_is_deterministic():
     runs = []
     for _ in range(2):
         model = matrix_factorization(split.train, dim=8, items=data.items, seed=3)
-        result = train_recommender(model, split.train, loss="mse", epochs=30, lr=0.05, batch_size=128, seed=3,
-                                   val=split.test, l2=1e-3)
+        result = train_recommender(
+            model, split.train, loss="mse", epochs=30, lr=0.05, batch_size=128, seed=3, val=split.test, l2=1e-3
+        )
         runs.append((model, result))
     (m1, r1), (m2, r2) = runs
     assert r1.history == r2.history
@@ -292,18 +302,33 @@ def test_mse_on_ratings_beats_the_mean_and_training_is_deterministic():
 def test_transfer_embeddings_maps_by_id_and_reports_coverage():
     src_items = FeatureTable(["x", "y"], np.array([[1, 0, 1], [0, 1, 0]], np.float32), ["g=A", "g=B", "g=C"])
     tgt_items = FeatureTable(["y", "new"], np.array([[1, 0], [0, 1]], np.float32), ["g=B", "g=D"])
-    source = build_two_tower(read_interactions(_frame([("a", "x", 1), ("b", "y", 1), ("c", "x", 1)]),
-                                               rating_col=None, item_features=src_items), dim=4, seed=0)
-    target = build_two_tower(read_interactions(_frame([("c", "y", 1), ("zed", "new", 1), ("a", "y", 1)]),
-                                               rating_col=None, item_features=tgt_items), dim=4, seed=1)
+    source = build_two_tower(
+        read_interactions(
+            _frame([("a", "x", 1), ("b", "y", 1), ("c", "x", 1)]), rating_col=None, item_features=src_items
+        ),
+        dim=4,
+        seed=0,
+    )
+    target = build_two_tower(
+        read_interactions(
+            _frame([("c", "y", 1), ("zed", "new", 1), ("a", "y", 1)]), rating_col=None, item_features=tgt_items
+        ),
+        dim=4,
+        seed=1,
+    )
     zed_before = target.user_tower.embedding.weight[2].clone()
     report = transfer_embeddings(source, target)
     assert target.user_ids == ["a", "c", "zed"] and target.item_ids == ["new", "y"]
     su, tu = source.user_tower.embedding.weight, target.user_tower.embedding.weight
     assert torch.equal(tu[0], su[0]) and torch.equal(tu[1], su[2])  # a -> a, c -> c, by id, not by row
     assert torch.equal(tu[2], zed_before)  # a new user, and no user features: it keeps its initial vector
-    assert report.users == {"matched": 2, "target": 3, "source": 3, "unmatched_examples": ["zed"],
-                            "coverage": pytest.approx(2 / 3)}
+    assert report.users == {
+        "matched": 2,
+        "target": 3,
+        "source": 3,
+        "unmatched_examples": ["zed"],
+        "coverage": pytest.approx(2 / 3),
+    }
     assert report.items["matched"] == 1 and report.items["unmatched_examples"] == ["new"]
     ti, si = target.item_tower, source.item_tower
     assert torch.equal(ti.embedding.weight[1], si.embedding.weight[1])  # y
@@ -332,8 +357,9 @@ def test_frozen_user_rows_stay_while_the_others_train():
 
 def test_transfer_refuses_other_embedding_sizes():
     data = read_interactions(_frame([("a", "x", 1)]), rating_col=None)
-    with pytest.raises(DataError, match="source model has 8-d embeddings and the target 4-d; build the target with "
-                                        "dim=8"):
+    with pytest.raises(
+        DataError, match="source model has 8-d embeddings and the target 4-d; build the target with dim=8"
+    ):
         transfer_embeddings(matrix_factorization(data, dim=8), matrix_factorization(data, dim=4))
 
 
@@ -342,9 +368,14 @@ def test_transfer_beats_target_only_on_sparse_planted_domain(kind, expected):
     """Source: 6 ratings per user of items i*; target: new items j* of the same 6 hidden groups (a 'genre' feature
     with the group), 3 ratings per user: 1 to train, 1 validation, 1 test. Only the users are shared."""
     groups = 6
-    genre = lambda prefix: FeatureTable([f"{prefix}{i}" for i in range(60)],  # noqa: E731
-                                        np.eye(groups, dtype=np.float32)[np.arange(60) % groups],
-                                        [f"genre={g}" for g in range(groups)])
+
+    def genre(prefix):
+        return FeatureTable(
+            [f"{prefix}{i}" for i in range(60)],
+            np.eye(groups, dtype=np.float32)[np.arange(60) % groups],
+            [f"genre={g}" for g in range(groups)],
+        )
+
     build = build_two_tower if kind == "two_tower" else matrix_factorization
     src = planted(per_user=6, groups=groups, seed=0)
     source_data = read_interactions(src[src["rating"] == 5.0], rating_col=None, item_features=genre("i"))
@@ -362,8 +393,16 @@ def test_transfer_beats_target_only_on_sparse_planted_domain(kind, expected):
         if arm == "transfer":
             report = transfer_embeddings(source, model)
             assert report.users["coverage"] == 1.0 and report.items["matched"] == 0
-        train_recommender(model, split.train, loss="bpr", epochs=20, lr=0.05, batch_size=64, seed=0,
-                          freeze=("user_embeddings",) if arm == "transfer" else ())
+        train_recommender(
+            model,
+            split.train,
+            loss="bpr",
+            epochs=20,
+            lr=0.05,
+            batch_size=64,
+            seed=0,
+            freeze=("user_embeddings",) if arm == "transfer" else (),
+        )
         hr[arm] = evaluate_ranking(model, split.test, [split.train, split.val])["hr@10"]
     pop = evaluate_ranking(Popularity(split.train, items), split.test, [split.train, split.val])["hr@10"]
     # 8 unseen items share the user's group: ranking the group first gives HR@10 = 1. With one training rating per
@@ -417,8 +456,13 @@ def test_recsys_demo_writes_metrics_and_summary(tmp_path):
     from transferkit.recsys.demo import RATINGS_CONFIG
 
     fast = {"source_epochs": 1, "target_epochs": 1}  # the flow and the files, not the numbers
-    metrics = run_recsys_demo(tmp_path / "out", seeds=(0,), cfg=CrossDomainConfig(**fast),
-                              ratings_cfg=dataclasses.replace(RATINGS_CONFIG, **fast), progress=False)
+    metrics = run_recsys_demo(
+        tmp_path / "out",
+        seeds=(0,),
+        cfg=CrossDomainConfig(**fast),
+        ratings_cfg=dataclasses.replace(RATINGS_CONFIG, **fast),
+        progress=False,
+    )
     assert read_json(tmp_path / "out" / "metrics.json") == metrics
     ranking, ratings = metrics["ranking"], metrics["ratings"]
     assert set(ranking["runs"][0]["arms"]) == {"transfer", "target_only", "popularity", "transfer_zero_shot"}

@@ -22,13 +22,17 @@ os.environ["TRANSFERKIT_PROGRESS"] = "0"
 GROUPS = 4
 
 
-def _domain(rng: np.random.Generator, users: int, items_per_group: int, per_user: int, prefix: str,
-            offset: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _domain(
+    rng: np.random.Generator, users: int, items_per_group: int, per_user: int, prefix: str, offset: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Planted structure: user u belongs to group u % 4 and only takes items of that group (genre g{group})."""
-    items = pd.DataFrame({"item_id": [f"{prefix}{g}_{k}" for g in range(GROUPS) for k in range(items_per_group)],
-                          "genre": [f"g{g}" for g in range(GROUPS) for _ in range(items_per_group)],
-                          "title": [f"{prefix.upper()} film {g}-{k}" for g in range(GROUPS)
-                                    for k in range(items_per_group)]})
+    items = pd.DataFrame(
+        {
+            "item_id": [f"{prefix}{g}_{k}" for g in range(GROUPS) for k in range(items_per_group)],
+            "genre": [f"g{g}" for g in range(GROUPS) for _ in range(items_per_group)],
+            "title": [f"{prefix.upper()} film {g}-{k}" for g in range(GROUPS) for k in range(items_per_group)],
+        }
+    )
     rows = []
     for u in range(users):
         g = u % GROUPS
@@ -45,35 +49,56 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     source, source_items = _domain(rng, 80, 12, 10, "s", 0)
     target, target_items = _domain(rng, 80, 15, 4, "t", 100)  # sparse: 2 training events per user
     paths = {}
-    for name, frame in [("source", source), ("target", target), ("source_items", source_items),
-                        ("target_items", target_items)]:
+    for name, frame in [
+        ("source", source),
+        ("target", target),
+        ("source_items", source_items),
+        ("target_items", target_items),
+    ]:
         paths[name] = str(folder / f"{name}.csv")
         frame.to_csv(paths[name], index=False)
     return paths
 
 
 def _recipe(interactions: str, items: str, **extra: object) -> dict[str, object]:
-    recsys = {"interactions": interactions, "user_column": "userId", "item_column": "itemId",
-              "timestamp_column": "ts",
-              "item_features": {"path": items, "id_column": "item_id", "columns": [], "title_column": "title"},
-              "dim": 16, "epochs": 15, "lr": 0.05, "seeds": [0, 1], "patience": None, **extra}
+    recsys = {
+        "interactions": interactions,
+        "user_column": "userId",
+        "item_column": "itemId",
+        "timestamp_column": "ts",
+        "item_features": {"path": items, "id_column": "item_id", "columns": [], "title_column": "title"},
+        "dim": 16,
+        "epochs": 15,
+        "lr": 0.05,
+        "seeds": [0, 1],
+        "patience": None,
+        **extra,
+    }
     return {"name": "recsys-test", "recsys": recsys}
 
 
 @pytest.fixture(scope="module")
 def runs(planted: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("runs")
-    source = run_recipe(load_recipe(_recipe(planted["source"], planted["source_items"], seeds=[0])),
-                        folder / "source")
-    target = run_recipe(load_recipe(_recipe(planted["target"], planted["target_items"],
-                                            source_run=str(source))), folder / "target")
+    source = run_recipe(load_recipe(_recipe(planted["source"], planted["source_items"], seeds=[0])), folder / "source")
+    target = run_recipe(
+        load_recipe(_recipe(planted["target"], planted["target_items"], source_run=str(source))), folder / "target"
+    )
     return {"source": source, "target": target}
 
 
 def test_run_directory_holds_every_file_with_the_right_keys(runs: dict[str, object]) -> None:
     out = runs["target"]
-    for name in ("recipe.yaml", "run.json", "metrics.json", "report.html", "model/model.json",
-                 "model/model.safetensors", "model/seen.json", "model/items.json"):
+    for name in (
+        "recipe.yaml",
+        "run.json",
+        "metrics.json",
+        "report.html",
+        "model/model.json",
+        "model/model.safetensors",
+        "model/seen.json",
+        "model/items.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "run.json").read_text())["status"] == "done"
     meta = json.loads((out / "model" / "model.json").read_text())
@@ -99,8 +124,9 @@ def test_transfer_from_a_source_run_beats_target_only_on_planted_data(runs: dict
     assert transfer["hr@10"]["mean"] > 0.5  # the planted groups: 15 right items out of 58 unseen
 
 
-def test_predict_gives_top_k_unseen_items_with_titles(runs: dict[str, object], planted: dict[str, str],
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_gives_top_k_unseen_items_with_titles(
+    runs: dict[str, object], planted: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     predictor = load_run(runs["target"])
     assert predictor.modality == "recommendation"
     out = predictor.predict(["u0", "u5"], top_k=5)
@@ -144,8 +170,15 @@ def test_ratings_with_mse_report_rmse(planted: dict[str, str], tmp_path: Path) -
     frame["stars"] = np.where(frame["userId"].str[1:].astype(int) % 2 == 0, 4.0, 2.0)
     path = tmp_path / "ratings.csv"
     frame.to_csv(path, index=False)
-    recipe = _recipe(str(path), planted["target_items"], rating_column="stars", loss="mse", seeds=[0],
-                     baselines=["target_only"], model="mf")
+    recipe = _recipe(
+        str(path),
+        planted["target_items"],
+        rating_column="stars",
+        loss="mse",
+        seeds=[0],
+        baselines=["target_only"],
+        model="mf",
+    )
     out = run_recipe(load_recipe(recipe), tmp_path / "run")
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"target_only"}

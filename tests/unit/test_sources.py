@@ -106,8 +106,9 @@ def test_bare_weights_file_asks_for_the_architecture(tmp_path):
 def test_hf_folder_source(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                    patch_size=8)
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     ViTModel(cfg).save_pretrained(tmp_path)
     for spec in (f"hf:{tmp_path}", str(tmp_path)):
         model = load_source(spec)

@@ -81,10 +81,12 @@ def test_regularizer_options_are_validated():
         regularizer_config({"name": "l2sp", "gamma": 1})
     with pytest.raises(RecipeError, match="alpha and beta must be >= 0"):
         regularizer_config({"name": "l2sp", "alpha": -1})
-    _, problems = validate_recipe({"source": "efficientnet_lite0", "data": {"dataset": "mnist5k"},
-                                   "train": {"regularizer": "l2p"}})
-    assert any(p.startswith("train.regularizer: unknown regularizer 'l2p'") and "Did you mean 'l2sp'" in p
-               for p in problems)
+    _, problems = validate_recipe(
+        {"source": "efficientnet_lite0", "data": {"dataset": "mnist5k"}, "train": {"regularizer": "l2p"}}
+    )
+    assert any(
+        p.startswith("train.regularizer: unknown regularizer 'l2p'") and "Did you mean 'l2sp'" in p for p in problems
+    )
 
 
 # ----------------------------------------------------------------------------------------------- parameter choice
@@ -186,8 +188,9 @@ def _train(data, tmp_path, strategy, resume=False, stop_at=None, **train_kw):
     from transferkit.engine.loop import JobPaths
 
     model = build_target(tiny_source(), data.classes, seed=0)
-    cfg = TrainConfig(strategy=strategy, batch_size=8, lr=0.02, checkpoint_every=2, log_every=1,
-                      **{"epochs": 4, **train_kw})
+    cfg = TrainConfig(
+        strategy=strategy, batch_size=8, lr=0.02, checkpoint_every=2, log_every=1, **{"epochs": 4, **train_kw}
+    )
     calls = {"n": 0}
 
     def on_step(step: int) -> None:
@@ -196,16 +199,20 @@ def _train(data, tmp_path, strategy, resume=False, stop_at=None, **train_kw):
             raise _Interrupt
 
     paths = JobPaths(tmp_path / "ckpt" / "last.pt", tmp_path / "metrics.jsonl", "job")
-    result = train(model, data, cfg, seed=0, accelerator=make_accelerator("no"), paths=paths, resume=resume,
-                   on_step=on_step)
+    result = train(
+        model, data, cfg, seed=0, accelerator=make_accelerator("no"), paths=paths, resume=resume, on_step=on_step
+    )
     return model, result
 
 
-@pytest.mark.parametrize(("strategy", "stop_at"), [
-    ("lp_ft", 3),  # in the probe stage
-    ("lp_ft", 12),  # in the fine-tuning stage (the probe has 5 steps per epoch, 1 epoch)
-    ({"name": "gradual_unfreeze", "every": 1}, 13),  # in the third stage
-])
+@pytest.mark.parametrize(
+    ("strategy", "stop_at"),
+    [
+        ("lp_ft", 3),  # in the probe stage
+        ("lp_ft", 12),  # in the fine-tuning stage (the probe has 5 steps per epoch, 1 epoch)
+        ({"name": "gradual_unfreeze", "every": 1}, 13),  # in the third stage
+    ],
+)
 def test_staged_strategies_resume_to_the_same_result(data, tmp_path, strategy, stop_at):
     reference, ref = _train(data, tmp_path / "a", strategy)
     with pytest.raises(_Interrupt):
@@ -236,8 +243,12 @@ def test_lora_trains_adapters_and_head_and_reloads_the_same(data, tmp_path):
 
     model = build_target(tiny_source(), data.classes, seed=0)
     frozen_before = model.backbone.conv_stem.weight.detach().clone()
-    result = train(model, data, TrainConfig(strategy={"name": "lora", "r": 4}, epochs=2, batch_size=8, lr=0.02),
-                   accelerator=make_accelerator("no"))
+    result = train(
+        model,
+        data,
+        TrainConfig(strategy={"name": "lora", "r": 4}, epochs=2, batch_size=8, lr=0.02),
+        accelerator=make_accelerator("no"),
+    )
     names = [n for n, _ in model.named_parameters()]
     lora = [n for n in names if ".lora_" in n]
     assert lora and all(".conv_pw" in n for n in lora)  # the EfficientNet default: 1x1 convolutions
@@ -255,16 +266,24 @@ def test_lora_merge_gives_plain_weights_with_the_same_outputs(data):
     from transferkit.strategies.lora import merge_lora
 
     model = build_target(tiny_source(), data.classes, seed=0)
-    train(model, data, TrainConfig(strategy={"name": "lora", "r": 2}, epochs=1, batch_size=8, lr=0.05),
-          accelerator=make_accelerator("no"))
+    train(
+        model,
+        data,
+        TrainConfig(strategy={"name": "lora", "r": 2}, epochs=1, batch_size=8, lr=0.05),
+        accelerator=make_accelerator("no"),
+    )
     x = torch.randn(2, 3, 32, 32)
     before = model.eval()(x)
     merge_lora(model)
     assert model.adapter is None and not any(".lora_" in n for n, _ in model.named_parameters())
     assert torch.allclose(model(x), before, atol=1e-5)
     merged = build_target(tiny_source(), data.classes, seed=0)
-    train(merged, data, TrainConfig(strategy={"name": "lora", "r": 2, "merge": True}, epochs=1, batch_size=8,
-                                    lr=0.05), accelerator=make_accelerator("no"))
+    train(
+        merged,
+        data,
+        TrainConfig(strategy={"name": "lora", "r": 2, "merge": True}, epochs=1, batch_size=8, lr=0.05),
+        accelerator=make_accelerator("no"),
+    )
     assert merged.adapter is None and set(merged.state_dict()) == set(model.state_dict())
 
 
@@ -323,8 +342,14 @@ def test_delta_strategy_trains_and_leaves_the_source_untouched(data):
     source = tiny_source()
     before = {k: v.clone() for k, v in source.state_dict().items()}
     model = build_target(source, data.classes, seed=0)
-    result = train(model, data, TrainConfig(strategy={"name": "delta", "alpha": 0.1}, epochs=1, batch_size=8),
-                   accelerator=make_accelerator("no"), source=source, reference=source.state_dict())
+    result = train(
+        model,
+        data,
+        TrainConfig(strategy={"name": "delta", "alpha": 0.1}, epochs=1, batch_size=8),
+        accelerator=make_accelerator("no"),
+        source=source,
+        reference=source.state_dict(),
+    )
     assert math.isfinite(result["val"]["loss"])
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
     assert not torch.equal(model.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
@@ -340,20 +365,23 @@ def test_auto_rule():
     assert choose_strategy(100, 3_400_000, 17)[0] == {"name": "freeze", "groups": 6}
     spec, reason = choose_strategy(5, 3_400_000, 17)
     assert spec == {"name": "freeze", "groups": 6}
-    assert ("5 labelled example(s) in the smallest class (fewer than 101): freeze the first 6 of 17 layer groups"
-            in reason)
+    assert (
+        "5 labelled example(s) in the smallest class (fewer than 101): freeze the first 6 of 17 layer groups" in reason
+    )
     assert choose_strategy(100, 400_000_000, 17)[0] == "lora"
     assert choose_strategy(5, 3_400_000, 17, AutoConfig(freeze_below=3))[0] == "full"
 
 
 def test_auto_resolves_from_the_data_and_says_why(data, capsys):
     model = build_target(tiny_source(), data.classes, seed=0)  # 4 examples per class -> freeze
-    result = train(model, data, TrainConfig(strategy="auto", epochs=1, batch_size=8),
-                   accelerator=make_accelerator("no"))
+    result = train(
+        model, data, TrainConfig(strategy="auto", epochs=1, batch_size=8), accelerator=make_accelerator("no")
+    )
     groups = len(model.layer_groups()) - 1
     assert result["strategy"] == "freeze" and not result["cached_features"]
-    assert (f"auto: 4 labelled example(s) in the smallest class (fewer than 101): freeze the first {-(-groups // 3)} "
-            "of") in result["auto"]
+    assert (
+        f"auto: 4 labelled example(s) in the smallest class (fewer than 101): freeze the first {-(-groups // 3)} of"
+    ) in result["auto"]
     assert result["auto"] in capsys.readouterr().out
 
 
@@ -380,5 +408,6 @@ def test_delta_on_a_text_encoder_compares_hidden_states(tmp_path):
     # only hidden unit 3 of layer 1 differs, by exactly 0.5 at every token: alpha/2 * 0.5^2
     assert delta(target, inputs=batch).item() == pytest.approx(2.0 / 2 * 0.25, rel=1e-5)
     with pytest.raises(ValueError, match="without attention"):
-        Delta(source.backbone, layers, {}, alpha=1.0, beta=0.0, attention=True)(target, inputs=batch,
-                                                                                targets=torch.tensor([0, 1]))
+        Delta(source.backbone, layers, {}, alpha=1.0, beta=0.0, attention=True)(
+            target, inputs=batch, targets=torch.tensor([0, 1])
+        )

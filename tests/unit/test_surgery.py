@@ -269,9 +269,21 @@ def _bn_stats(model: nn.Module) -> nn.Module:
 
 def _convnet(w1: int, w2: int, hidden: int) -> nn.Sequential:
     """Conv-BN-ReLU x 2, pooled to 2 x 2, flattened into a 2-layer MLP head: a chain with a flatten in it."""
-    return nn.Sequential(nn.Conv2d(3, w1, 3, padding=1), nn.BatchNorm2d(w1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(w2 * 4, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, w1, 3, padding=1),
+        nn.BatchNorm2d(w1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(w1, w2, 3, padding=1),
+        nn.BatchNorm2d(w2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(w2 * 4, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, 10),
+    )
 
 
 def test_net2net_wider_torchvision_mlp_computes_the_source_function():
@@ -283,8 +295,9 @@ def test_net2net_wider_torchvision_mlp_computes_the_source_function():
 
     torch.manual_seed(0)
     source = _bn_stats(MLP(16, [32, 24, 5], norm_layer=nn.BatchNorm1d))
-    target, report = transfer(source, lambda: MLP(16, [64, 40, 5], norm_layer=nn.BatchNorm1d), widen="net2net",
-                              strict=True)
+    target, report = transfer(
+        source, lambda: MLP(16, [64, 40, 5], norm_layer=nn.BatchNorm1d), widen="net2net", strict=True
+    )
     x = torch.randn(8, 16)
     with torch.no_grad():
         assert (target.eval()(x) - source(x)).abs().max() < 1e-5
@@ -294,15 +307,18 @@ def test_net2net_wider_torchvision_mlp_computes_the_source_function():
     rows = {r["name"]: r for r in report["tensors"]}
     assert rows["0.weight"]["transform"] == "net2net-wider outputs 32->64 (copied channels)"
     assert rows["1.running_var"]["transform"] == "net2net-wider outputs 32->64 (copied channels)"
-    assert rows["8.weight"]["transform"] == ("net2net-wider inputs 24->40 (divided among the copies of the previous "
-                                             "layer's channels)")
+    assert rows["8.weight"]["transform"] == (
+        "net2net-wider inputs 24->40 (divided among the copies of the previous layer's channels)"
+    )
     assert rows["8.bias"]["transform"] == "copied"
     # the first 32 channels are the source's, in order; each extra one copies one of them
     w = target.state_dict()["0.weight"]
     assert torch.equal(w[:32], source.state_dict()["0.weight"])
     assert all(any(torch.equal(w[j], w[i]) for i in range(32)) for j in range(32, 64))
-    assert ("4.weight (40, 64) <- 4.weight (24, 32): net2net-wider outputs 24->40 (copied channels), inputs 32->64 "
-            "(divided among the copies of the previous layer's channels)") in format_report(report)
+    assert (
+        "4.weight (40, 64) <- 4.weight (24, 32): net2net-wider outputs 24->40 (copied channels), inputs 32->64 "
+        "(divided among the copies of the previous layer's channels)"
+    ) in format_report(report)
 
 
 def test_net2net_wider_conv_chain_through_a_flatten_and_narrower_by_weight_norm():
@@ -320,8 +336,9 @@ def test_net2net_wider_conv_chain_through_a_flatten_and_narrower_by_weight_norm(
 
     narrow, report = transfer(source, lambda: _convnet(4, 16, 20), widen="net2net")
     rows = {r["name"]: r for r in report["tensors"]}
-    assert rows["0.weight"]["transform"] == ("net2net-narrower outputs 8->4 (kept the largest by weight norm; not "
-                                             "function-preserving)")
+    assert rows["0.weight"]["transform"] == (
+        "net2net-narrower outputs 8->4 (kept the largest by weight norm; not function-preserving)"
+    )
     # the channels kept are the 4 of largest |weight| x |BatchNorm scale|, and the next conv reads exactly those
     sd = source.state_dict()
     importance = sd["0.weight"].flatten(1).norm(dim=1) * sd["1.weight"].abs()
@@ -355,15 +372,23 @@ def test_net2net_width_refuses_what_it_cannot_preserve():
     from transferkit.transfer.match import TransferError
 
     resnet = timm.create_model("test_resnet")
-    with pytest.raises(TransferError, match=r"widen='net2net' refused for ResNet: 'maxpool' feeds 2 operations "
-                                            r"\(layer1_0_conv1, add\): a residual addition"):
+    with pytest.raises(
+        TransferError,
+        match=r"widen='net2net' refused for ResNet: 'maxpool' feeds 2 operations "
+        r"\(layer1_0_conv1, add\): a residual addition",
+    ):
         transfer(resnet, lambda: timm.create_model("test_resnet"), widen="net2net")
     with pytest.raises(TransferError, match=r"cannot carry copied channels through '1' \(LayerNorm\)"):
-        transfer(MLP(4, [8, 2], norm_layer=nn.LayerNorm), lambda: MLP(4, [16, 2], norm_layer=nn.LayerNorm),
-                 widen="net2net")
+        transfer(
+            MLP(4, [8, 2], norm_layer=nn.LayerNorm), lambda: MLP(4, [16, 2], norm_layer=nn.LayerNorm), widen="net2net"
+        )
     with pytest.raises(TransferError, match="the last layer '2' gives 4 outputs in the target and 3 in the source"):
-        transfer(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
-                 lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)), widen="net2net")
+        transfer(
+            nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)),
+            lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)),
+            widen="net2net",
+        )
+
     class ConvThenLinear(nn.Module):  # a Linear over the last spatial axis: positions, not channels
         def __init__(self, width: int):
             super().__init__()

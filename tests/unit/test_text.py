@@ -99,8 +99,9 @@ def test_minilm_source_gives_the_sentence_transformers_embedding(minilm):
 
 
 def test_dynamic_padding_pads_each_batch_to_its_longest_text(minilm):
-    ds = TextDataset(["short", "a much longer text with many more words in it"], np.array([0, 1]),
-                     minilm.processor, max_length=8)
+    ds = TextDataset(
+        ["short", "a much longer text with many more words in it"], np.array([0, 1]), minilm.processor, max_length=8
+    )
     x, y = ds.collate([ds[0], ds[1]])
     assert x["input_ids"].shape == (2, 8)  # the long text is truncated to max_length
     assert x["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # [CLS] short [SEP] + padding
@@ -135,9 +136,16 @@ def test_max_length_beyond_the_source_limit_is_a_recipe_error(tiny_text, tmp_pat
 def _recipe(tmp_path, tiny_text, **extra):
     data = write_reviews(tmp_path / "reviews.jsonl", "jsonl", text_column="review", empty=2)
     recipe = {
-        "name": "text-test", "source": f"hf:{tiny_text}",
-        "data": {"dataset": str(data), "text_column": "review", "per_class": 8, "val_per_class": 4,
-                 "test_size": 16, "max_length": 16},
+        "name": "text-test",
+        "source": f"hf:{tiny_text}",
+        "data": {
+            "dataset": str(data),
+            "text_column": "review",
+            "per_class": 8,
+            "val_per_class": 4,
+            "test_size": 16,
+            "max_length": 16,
+        },
         "train": {"strategy": "full", "epochs": 2, "batch_size": 8, "lr": 0.01},
         "compare": ["linear_probe", {"strategy": "lora", "label": "lora"}],
         "baselines": ["tfidf"],
@@ -188,14 +196,16 @@ def test_tfidf_baseline_learns_an_easy_task(tmp_path):
     from transferkit.evaluation.baselines import tfidf_baseline
 
     path = write_reviews(tmp_path / "r.csv")
-    data = prepare_data(DataConfig(dataset=str(path), per_class=12, val_per_class=4, test_size=8),
-                        {"modality": "text", "max_length": 16}, seed=0)
+    data = prepare_data(
+        DataConfig(dataset=str(path), per_class=12, val_per_class=4, test_size=8),
+        {"modality": "text", "max_length": 16},
+        seed=0,
+    )
     result = tfidf_baseline(data)
     assert result["test"]["accuracy"] >= 0.75
     assert result["features"] > 50  # unigrams and bigrams of the training reviews
     with pytest.raises(ValueError, match="needs text data"):
         tfidf_baseline(type("D", (), {"modality": "image"})())
-
 
 
 def test_rank_scores_text_sources_on_a_text_target(tiny_text):

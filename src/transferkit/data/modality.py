@@ -40,8 +40,14 @@ def get_modality(name: str) -> Modality:
     return MODALITIES[name]
 
 
-def make_dataset(modality: str, items: Sequence[Any], labels: np.ndarray, preprocess: dict[str, Any],
-                 processor: Any = None, augment: Any = None) -> Dataset:
+def make_dataset(
+    modality: str,
+    items: Sequence[Any],
+    labels: np.ndarray,
+    preprocess: dict[str, Any],
+    processor: Any = None,
+    augment: Any = None,
+) -> Dataset:
     """The modality's training/evaluation dataset for these items (``augment`` only for training splits)."""
     return get_modality(modality).dataset(items, labels, preprocess, processor, augment)
 

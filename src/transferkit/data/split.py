@@ -31,8 +31,9 @@ class Labelled:
         wanted = [str(c) for c in classes]
         missing = [c for c in wanted if c not in self.classes]
         if missing:
-            raise DataError(f"data.classes names {missing}, not classes of '{self.name}'; its classes are "
-                            f"{self.classes}")
+            raise DataError(
+                f"data.classes names {missing}, not classes of '{self.name}'; its classes are {self.classes}"
+            )
         if len(set(wanted)) != len(wanted):
             raise DataError(f"data.classes lists a class twice: {wanted}")
         old = np.array([self.classes.index(c) for c in wanted])
@@ -65,8 +66,15 @@ def _per_class_counts(labels: np.ndarray, total: int, classes: np.ndarray) -> di
     return {int(c): int(n) for c, n in zip(classes, counts)}
 
 
-def split_dataset(labels: np.ndarray, classes: list[str], seed: int, test_size: float, per_class: int | None = None,
-                  val_per_class: int | None = None, val_fraction: float = 0.1) -> Splits:
+def split_dataset(
+    labels: np.ndarray,
+    classes: list[str],
+    seed: int,
+    test_size: float,
+    per_class: int | None = None,
+    val_per_class: int | None = None,
+    val_fraction: float = 0.1,
+) -> Splits:
     """Stratified split: the test set first, then validation, then (up to ``per_class``) training examples.
 
     Args:
@@ -102,5 +110,5 @@ def split_dataset(labels: np.ndarray, classes: list[str], seed: int, test_size: 
                 "data.per_class / data.val_per_class / data.test_size, or add examples to this class."
             )
         val.append(rest[:n_val])
-        train.append(rest[n_val:n_val + n_train])
+        train.append(rest[n_val : n_val + n_train])
     return Splits(np.sort(np.concatenate(train)), np.sort(np.concatenate(val)), np.sort(np.concatenate(test)))

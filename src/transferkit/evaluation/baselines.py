@@ -53,9 +53,14 @@ def tfidf_baseline(data: Any) -> dict[str, Any]:
             best = (acc, c, clf)
     assert best is not None
     _, c, clf = best
-    return {"method": "TF-IDF (word 1-2-grams, sublinear tf) + logistic regression", "C": c,
-            "features": int(x_train.shape[1]), "val": scores(clf, x_val, labels["val"]),
-            "test": scores(clf, x_test, labels["test"]), "train_s": time.perf_counter() - t0}
+    return {
+        "method": "TF-IDF (word 1-2-grams, sublinear tf) + logistic regression",
+        "C": c,
+        "features": int(x_train.shape[1]),
+        "val": scores(clf, x_val, labels["val"]),
+        "test": scores(clf, x_test, labels["test"]),
+        "train_s": time.perf_counter() - t0,
+    }
 
 
 def run_baselines(names: list[str], data: Any) -> dict[str, dict[str, Any]]:

@@ -225,10 +225,14 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
     pretrain = metrics.get("pretrain")
     if isinstance(pretrain, Mapping):
         pre_classes = pretrain.get("classes") if isinstance(pretrain.get("classes"), list) else []
-        rows.append(("Source pretrained in this run",
-                     f"{_esc(pretrain.get('source', ''))} on {_esc(pretrain.get('dataset', ''))} "
-                     f"({len(pre_classes)} classes: {_esc(', '.join(map(str, pre_classes[:20])))}), test accuracy "
-                     f"{_fmt_float(_get(pretrain, 'test', 'accuracy'))}"))
+        rows.append(
+            (
+                "Source pretrained in this run",
+                f"{_esc(pretrain.get('source', ''))} on {_esc(pretrain.get('dataset', ''))} "
+                f"({len(pre_classes)} classes: {_esc(', '.join(map(str, pre_classes[:20])))}), test accuracy "
+                f"{_fmt_float(_get(pretrain, 'test', 'accuracy'))}",
+            )
+        )
 
     splits = data.get("splits")
     if isinstance(splits, Mapping) and splits:
@@ -241,8 +245,13 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
         rows.append(("Tokens per text (max)", _esc(data.get("max_length"))))
     audio = data.get("audio")
     if isinstance(audio, Mapping):
-        rows.append(("Audio", f"{_esc(audio.get('sampling_rate'))} Hz; {_fmt_int(audio.get('resampled'))} file(s) "
-                     f"resampled (from {_esc(audio.get('resampled_from') or {})})"))
+        rows.append(
+            (
+                "Audio",
+                f"{_esc(audio.get('sampling_rate'))} Hz; {_fmt_int(audio.get('resampled'))} file(s) "
+                f"resampled (from {_esc(audio.get('resampled_from') or {})})",
+            )
+        )
 
     skipped = data.get("skipped")
     skipped = skipped if isinstance(skipped, list) else []
@@ -328,13 +337,21 @@ def _baselines_section(baselines: Any) -> str:
     if not isinstance(baselines, Mapping) or not baselines:
         return ""
     head = "<tr><th>Baseline</th><th>Method</th><th>Test accuracy</th><th>Test macro-F1</th><th>Val accuracy</th></tr>"
-    rows = [f"<tr><td><code>{_esc(name)}</code></td><td>{_esc(b.get('method', ''))}</td>"
-            f'<td class="num">{_fmt_float(_get(b, "test", "accuracy"))}</td>'
-            f'<td class="num">{_fmt_float(_get(b, "test", "macro_f1"))}</td>'
-            f'<td class="num">{_fmt_float(_get(b, "val", "accuracy"))}</td></tr>'
-            for name, b in baselines.items() if isinstance(b, Mapping)]
-    return ('<h2>Baselines</h2>\n<p class="note">Same splits, no source model.</p>\n<table>\n' + head + "\n"
-            + "\n".join(rows) + "\n</table>")
+    rows = [
+        f"<tr><td><code>{_esc(name)}</code></td><td>{_esc(b.get('method', ''))}</td>"
+        f'<td class="num">{_fmt_float(_get(b, "test", "accuracy"))}</td>'
+        f'<td class="num">{_fmt_float(_get(b, "test", "macro_f1"))}</td>'
+        f'<td class="num">{_fmt_float(_get(b, "val", "accuracy"))}</td></tr>'
+        for name, b in baselines.items()
+        if isinstance(b, Mapping)
+    ]
+    return (
+        '<h2>Baselines</h2>\n<p class="note">Same splits, no source model.</p>\n<table>\n'
+        + head
+        + "\n"
+        + "\n".join(rows)
+        + "\n</table>"
+    )
 
 
 def _curves_section(models: Mapping[str, Any]) -> str:

@@ -28,9 +28,21 @@ from transferkit.errors import SourceError
 from transferkit.models.base import Backbone, register_family
 
 # transformers model types that take audio: their feature extractor is the processor
-AUDIO_MODEL_TYPES = ("wav2vec2", "wav2vec2-conformer", "wav2vec2-bert", "hubert", "wavlm", "data2vec-audio",
-                     "unispeech", "unispeech-sat", "sew", "sew-d", "audio-spectrogram-transformer", "whisper",
-                     "clap_audio_model")
+AUDIO_MODEL_TYPES = (
+    "wav2vec2",
+    "wav2vec2-conformer",
+    "wav2vec2-bert",
+    "hubert",
+    "wavlm",
+    "data2vec-audio",
+    "unispeech",
+    "unispeech-sat",
+    "sew",
+    "sew-d",
+    "audio-spectrogram-transformer",
+    "whisper",
+    "clap_audio_model",
+)
 DEFAULT_MAX_SECONDS = 10.0  # longer recordings are cut: a keyword or an utterance, not a podcast
 
 
@@ -44,8 +56,11 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 def is_audio_config(config: Any) -> bool:
     """Whether a transformers config describes an audio model (it takes waveforms or spectrograms)."""
-    return getattr(config, "model_type", None) in AUDIO_MODEL_TYPES or hasattr(config, "num_mel_bins") or \
-        hasattr(config, "feat_extract_norm")
+    return (
+        getattr(config, "model_type", None) in AUDIO_MODEL_TYPES
+        or hasattr(config, "num_mel_bins")
+        or hasattr(config, "feat_extract_norm")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,9 +147,11 @@ def _hf_audio_backbone(name: str, pretrained: bool, weights: str | None, kwargs:
             model = _build_from_config(AutoConfig.from_pretrained(name))
         extractor = AutoFeatureExtractor.from_pretrained(kwargs.get("processor_dir") or name)
     except OSError as e:
-        raise SourceError(f"cannot load Hugging Face audio model '{name}': {e}. Give a local folder with config.json "
-                          "and preprocessor_config.json (the feature extractor), or a hub name on a machine with a "
-                          "network.") from e
+        raise SourceError(
+            f"cannot load Hugging Face audio model '{name}': {e}. Give a local folder with config.json "
+            "and preprocessor_config.json (the feature extractor), or a hub name on a machine with a "
+            "network."
+        ) from e
     if weights:
         from transferkit.io import load_state_dict
 
@@ -146,17 +163,32 @@ def _hf_audio_backbone(name: str, pretrained: bool, weights: str | None, kwargs:
     max_seconds = float(kwargs.get("max_seconds") or DEFAULT_MAX_SECONDS)
     if cfg.model_type == "whisper":  # the extractor pads or cuts every recording to its window (30 s for Whisper)
         max_seconds = min(max_seconds, float(extractor.chunk_length))
-    preprocess = {"modality": "audio", "sampling_rate": rate, "max_seconds": max_seconds, "pooling": "mean",
-                  "input_key": model.main_input_name, "processor_kwargs": _processor_kwargs(cfg.model_type),
-                  "input_size": [1, None]}  # mono, any length
+    preprocess = {
+        "modality": "audio",
+        "sampling_rate": rate,
+        "max_seconds": max_seconds,
+        "pooling": "mean",
+        "input_key": model.main_input_name,
+        "processor_kwargs": _processor_kwargs(cfg.model_type),
+        "input_size": [1, None],
+    }  # mono, any length
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "encoder_layers", 0))
     stem = r"^model\.(feature_extractor|feature_projection|masked_spec_embed|conv1|conv2|embed_positions|embeddings)"
     groups = [("stem", stem)] + [(f"layer{i}", rf"\.layers?\.{i}\.") for i in range(layers)]
     pass_mask = getattr(cfg, "feat_extract_norm", "layer") == "layer" and cfg.model_type not in (
-        "whisper", "audio-spectrogram-transformer")
+        "whisper",
+        "audio-spectrogram-transformer",
+    )
     hidden = int(getattr(cfg, "hidden_size", 0) or cfg.d_model)
-    return Backbone(AudioEncoder(model, model.main_input_name, pass_mask), hidden, None, preprocess, groups,
-                    {"config": cfg.to_dict(), "max_seconds": max_seconds}, processor=extractor)
+    return Backbone(
+        AudioEncoder(model, model.main_input_name, pass_mask),
+        hidden,
+        None,
+        preprocess,
+        groups,
+        {"config": cfg.to_dict(), "max_seconds": max_seconds},
+        processor=extractor,
+    )
 
 
 register_family("hf_audio", _hf_audio_backbone, prefix=False)
@@ -166,8 +198,14 @@ register_family("hf_audio", _hf_audio_backbone, prefix=False)
 # seq: small encoders over precomputed frame features (MFCC...)
 
 SEQ_KINDS = ("gru", "cnn1d")
-SEQ_DEFAULTS: dict[str, Any] = {"input_dim": 13, "width": 64, "layers": 2, "dropout": 0.1, "bidirectional": True,
-                                "kernel_size": 5}
+SEQ_DEFAULTS: dict[str, Any] = {
+    "input_dim": 13,
+    "width": 64,
+    "layers": 2,
+    "dropout": 0.1,
+    "bidirectional": True,
+    "kernel_size": 5,
+}
 
 
 class SequenceEncoder(nn.Module):
@@ -183,12 +221,21 @@ class SequenceEncoder(nn.Module):
         kernel_size: CNN only (odd).
     """
 
-    def __init__(self, kind: str = "gru", input_dim: int = 13, width: int = 64, layers: int = 2, dropout: float = 0.1,
-                 bidirectional: bool = True, kernel_size: int = 5):
+    def __init__(
+        self,
+        kind: str = "gru",
+        input_dim: int = 13,
+        width: int = 64,
+        layers: int = 2,
+        dropout: float = 0.1,
+        bidirectional: bool = True,
+        kernel_size: int = 5,
+    ):
         super().__init__()
         if kind not in SEQ_KINDS:
-            raise SourceError(f"unknown sequence encoder 'seq:{kind}'; valid: "
-                              f"{', '.join('seq:' + k for k in SEQ_KINDS)}")
+            raise SourceError(
+                f"unknown sequence encoder 'seq:{kind}'; valid: {', '.join('seq:' + k for k in SEQ_KINDS)}"
+            )
         if kind == "cnn1d" and kernel_size % 2 == 0:
             raise SourceError(f"seq:cnn1d needs an odd kernel_size (same length in and out); got {kernel_size}")
         self.kind, self.input_dim = kind, input_dim
@@ -196,11 +243,14 @@ class SequenceEncoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         dirs = 2 if (bidirectional and kind == "gru") else 1
         if kind == "gru":
-            self.layers = nn.ModuleList(nn.GRU(width if i == 0 else width * dirs, width, batch_first=True,
-                                               bidirectional=dirs == 2) for i in range(layers))
+            self.layers = nn.ModuleList(
+                nn.GRU(width if i == 0 else width * dirs, width, batch_first=True, bidirectional=dirs == 2)
+                for i in range(layers)
+            )
         else:
-            self.layers = nn.ModuleList(nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2)
-                                        for _ in range(layers))
+            self.layers = nn.ModuleList(
+                nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2) for _ in range(layers)
+            )
         self.num_features = width * dirs
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -208,8 +258,10 @@ class SequenceEncoder(nn.Module):
             raise TypeError("a seq: backbone takes a dict with 'frames' (batch, time, features) and 'attention_mask'")
         frames = batch["frames"]
         if frames.shape[-1] != self.input_dim:
-            raise SourceError(f"seq:{self.kind} was built for {self.input_dim} features per frame but the data has "
-                              f"{frames.shape[-1]}; build it with input_dim={frames.shape[-1]}")
+            raise SourceError(
+                f"seq:{self.kind} was built for {self.input_dim} features per frame but the data has "
+                f"{frames.shape[-1]}; build it with input_dim={frames.shape[-1]}"
+            )
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones(frames.shape[:2], dtype=torch.long, device=frames.device)
@@ -230,9 +282,11 @@ def _seq_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict
     if name not in SEQ_KINDS:
         raise SourceError(f"unknown sequence encoder 'seq:{name}'; valid: {', '.join('seq:' + k for k in SEQ_KINDS)}")
     if pretrained and not weights:
-        raise SourceError(f"seq:{name} has no pretrained weights: use source: {{name: 'seq:{name}', pretrained: "
-                          "false}} (random initialisation, e.g. with pretrain: to train it on your source task), or "
-                          "weights: FILE")
+        raise SourceError(
+            f"seq:{name} has no pretrained weights: use source: {{name: 'seq:{name}', pretrained: "
+            "false}} (random initialisation, e.g. with pretrain: to train it on your source task), or "
+            "weights: FILE"
+        )
     unknown = sorted(set(kwargs) - set(SEQ_DEFAULTS) - {"processor_dir"})
     if unknown:
         raise SourceError(f"seq:{name} does not take {unknown}; its options are {', '.join(SEQ_DEFAULTS)}")
@@ -271,8 +325,9 @@ def mel_to_hz(mels: np.ndarray | float) -> np.ndarray:
     return np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
 
 
-def mel_filterbank(sampling_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
-                   fmax: float | None = None) -> np.ndarray:
+def mel_filterbank(
+    sampling_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """Triangular mel filters ``(n_mels, 1 + n_fft // 2)``, as ``librosa.filters.mel`` builds them by default:
     Slaney mel scale, each filter scaled to unit area (``norm='slaney'``)."""
     fmax = sampling_rate / 2 if fmax is None else fmax
@@ -296,21 +351,44 @@ class MelSpectrogram(nn.Module):
         super().__init__()
         self.sampling_rate, self.n_fft, self.hop_length, self.n_mels = sampling_rate, n_fft, hop_length, n_mels
         self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
-        self.register_buffer("filters", torch.from_numpy(mel_filterbank(sampling_rate, n_fft, n_mels)),
-                             persistent=False)
+        self.register_buffer(
+            "filters", torch.from_numpy(mel_filterbank(sampling_rate, n_fft, n_mels)), persistent=False
+        )
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(wav.float(), self.n_fft, self.hop_length, window=self.window, center=True,
-                          pad_mode="reflect", return_complex=True)
+        spec = torch.stft(
+            wav.float(),
+            self.n_fft,
+            self.hop_length,
+            window=self.window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )
         return (self.filters @ spec.abs().pow(2)).T
 
 
-RESEMBLYZER = {"sampling_rate": 16000, "n_mels": 40, "hidden": 256, "embedding": 256, "layers": 3,
-               "partial_frames": 160, "rate": 1.3, "min_coverage": 0.75, "target_dbfs": -30.0}
+RESEMBLYZER = {
+    "sampling_rate": 16000,
+    "n_mels": 40,
+    "hidden": 256,
+    "embedding": 256,
+    "layers": 3,
+    "partial_frames": 160,
+    "rate": 1.3,
+    "min_coverage": 0.75,
+    "target_dbfs": -30.0,
+}
 
 
-def partial_slices(n_samples: int, hop: int = 160, partial_frames: int = 160, rate: float = 1.3,
-                   min_coverage: float = 0.75, sampling_rate: int = 16000) -> list[tuple[int, int]]:
+def partial_slices(
+    n_samples: int,
+    hop: int = 160,
+    partial_frames: int = 160,
+    rate: float = 1.3,
+    min_coverage: float = 0.75,
+    sampling_rate: int = 16000,
+) -> list[tuple[int, int]]:
     """Resemblyzer's partial utterances: windows of ``partial_frames`` mel frames, ``rate`` windows per second,
     the last one kept only if the audio covers ``min_coverage`` of it (always at least one). Mel frame ranges."""
     n_frames = math.ceil((n_samples + 1) / hop)
@@ -345,8 +423,9 @@ class SpeakerEncoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not isinstance(batch, dict) or "input_values" not in batch:
-            raise TypeError("the speaker encoder takes a dict with 'input_values' (16 kHz waveforms) and "
-                            "'attention_mask'")
+            raise TypeError(
+                "the speaker encoder takes a dict with 'input_values' (16 kHz waveforms) and 'attention_mask'"
+            )
         waves = batch["input_values"]
         mask = batch.get("attention_mask")
         lengths = mask.sum(1).tolist() if mask is not None else [waves.shape[1]] * len(waves)
@@ -383,8 +462,10 @@ def resemblyzer_weights() -> dict[str, torch.Tensor]:
 
     spec = importlib.util.find_spec("resemblyzer")
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError("the built-in source 'resemblyzer-speaker-encoder' needs its weights package: "
-                          "pip install --no-deps resemblyzer==0.1.4")
+        raise SourceError(
+            "the built-in source 'resemblyzer-speaker-encoder' needs its weights package: "
+            "pip install --no-deps resemblyzer==0.1.4"
+        )
     path = Path(spec.submodule_search_locations[0]) / "pretrained.pt"
     if not path.is_file():
         raise SourceError(f"'{path}' is missing from the installed resemblyzer package; reinstall it")
@@ -393,14 +474,20 @@ def resemblyzer_weights() -> dict[str, torch.Tensor]:
 
 
 def _resemblyzer_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[str, Any]) -> Backbone:
-    module = SpeakerEncoder(RESEMBLYZER["n_mels"], RESEMBLYZER["hidden"], RESEMBLYZER["embedding"],
-                            RESEMBLYZER["layers"])
+    module = SpeakerEncoder(
+        RESEMBLYZER["n_mels"], RESEMBLYZER["hidden"], RESEMBLYZER["embedding"], RESEMBLYZER["layers"]
+    )
     if pretrained or weights:
         from transferkit.io import load_state_dict
 
         module.load_state_dict(resemblyzer_weights() if pretrained and not weights else load_state_dict(weights))
-    preprocess = {"modality": "audio", "sampling_rate": RESEMBLYZER["sampling_rate"],
-                  "max_seconds": DEFAULT_MAX_SECONDS, "input_key": "input_values", "input_size": [1, None]}
+    preprocess = {
+        "modality": "audio",
+        "sampling_rate": RESEMBLYZER["sampling_rate"],
+        "max_seconds": DEFAULT_MAX_SECONDS,
+        "input_key": "input_values",
+        "input_size": [1, None],
+    }
     groups = [(f"layer{i}", rf"^lstm\.\w+_l{i}$") for i in range(RESEMBLYZER["layers"])] + [("linear", r"^linear\.")]
     return Backbone(module, RESEMBLYZER["embedding"], None, preprocess, groups, {})
 

@@ -27,8 +27,12 @@ from transferkit.errors import SourceError
 from transferkit.io import load_state_dict, read_json, replace_dir, save_tensors, write_json
 
 MODEL_FORMAT = "transferkit.model/1"
-TASKS = {"image": "image_classification", "text": "text_classification", "audio": "audio_classification",
-         "frames": "sequence_classification"}
+TASKS = {
+    "image": "image_classification",
+    "text": "text_classification",
+    "audio": "audio_classification",
+    "frames": "sequence_classification",
+}
 
 
 @dataclass
@@ -60,8 +64,16 @@ class SourceModel(nn.Module):
         groups: layer groups as (name, regex) over backbone parameter names, input to output.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, arch: dict[str, Any], preprocess: dict[str, Any],
-                 labels: list[str] | None, num_features: int, groups: list[tuple[str, str]] | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        arch: dict[str, Any],
+        preprocess: dict[str, Any],
+        labels: list[str] | None,
+        num_features: int,
+        groups: list[tuple[str, str]] | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -81,8 +93,7 @@ class SourceModel(nn.Module):
     def features(self, x: Any) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: Any,
-                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: Any, return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits; with ``return_features`` also the pooled features (through ``forward``, so DDP sees the call)."""
         features = self.features(x)
         logits = self.head(features)
@@ -119,8 +130,12 @@ class SourceModel(nn.Module):
         if not linear:
             raise SourceError("the model head has no nn.Linear; transferkit saves linear heads only")
         dropout = [m.p for m in self.head.modules() if isinstance(m, nn.Dropout)]
-        return {"type": "linear", "in_features": linear[-1].in_features, "num_classes": linear[-1].out_features,
-                "dropout": dropout[0] if dropout else 0.0}
+        return {
+            "type": "linear",
+            "in_features": linear[-1].in_features,
+            "num_classes": linear[-1].out_features,
+            "dropout": dropout[0] if dropout else 0.0,
+        }
 
 
 Builder = Callable[[str, bool, "str | None", dict[str, Any]], Backbone]
@@ -215,8 +230,15 @@ def load_model(folder: str | Path) -> SourceModel:
         arch = {**arch, "kwargs": {**arch.get("kwargs", {}), "processor_dir": str(folder / "processor")}}
     backbone = build_backbone(arch, pretrained=False)
     head_spec = meta["head"]
-    model = SourceModel(backbone.module, nn.Identity(), meta["arch"], meta["preprocess"], meta["labels"],
-                        meta["num_features"], [tuple(g) for g in meta.get("groups", [])])
+    model = SourceModel(
+        backbone.module,
+        nn.Identity(),
+        meta["arch"],
+        meta["preprocess"],
+        meta["labels"],
+        meta["num_features"],
+        [tuple(g) for g in meta.get("groups", [])],
+    )
     model.reset_head(head_spec["num_classes"], meta["labels"], head_spec.get("dropout", 0.0))
     model.processor = backbone.processor
     if meta.get("adapter"):
@@ -226,7 +248,9 @@ def load_model(folder: str | Path) -> SourceModel:
     state = load_state_dict(folder / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise SourceError(f"'{folder}/model.safetensors' does not match its model.json: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise SourceError(
+            f"'{folder}/model.safetensors' does not match its model.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     model.eval()
     return model

@@ -67,8 +67,10 @@ def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: 
         model = load_hf_model(name, pretrained, config_dict)
         tokenizer = AutoTokenizer.from_pretrained(kwargs.get("processor_dir") or name)
     except OSError as e:
-        raise SourceError(f"cannot load Hugging Face text model '{name}': {e}. Give a local folder with config.json "
-                          "and tokenizer files, or a hub name on a machine with a network.") from e
+        raise SourceError(
+            f"cannot load Hugging Face text model '{name}': {e}. Give a local folder with config.json "
+            "and tokenizer files, or a hub name on a machine with a network."
+        ) from e
     if weights:
         from transferkit.io import load_state_dict
 
@@ -77,15 +79,27 @@ def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: 
         model.pooler = None
     pooling = kwargs.get("pooling") or (sentence_transformers_pooling(name) if Path(name).is_dir() else None) or "mean"
     cfg = model.config
-    limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), int(getattr(cfg, "max_position_embeddings",
-                                                                                      512)))
-    preprocess = {"modality": "text", "max_length": min(DEFAULT_MAX_LENGTH, limit), "max_length_limit": limit,
-                  "pooling": pooling}
+    limit = min(
+        int(getattr(tokenizer, "model_max_length", 512) or 512), int(getattr(cfg, "max_position_embeddings", 512))
+    )
+    preprocess = {
+        "modality": "text",
+        "max_length": min(DEFAULT_MAX_LENGTH, limit),
+        "max_length_limit": limit,
+        "pooling": pooling,
+    }
     layers = getattr(cfg, "num_hidden_layers", 0)
     groups = [("embeddings", r"^model\.embeddings\.")] + [(f"layer{i}", rf"\.layers?\.{i}\.") for i in range(layers)]
     config = cfg.to_dict()
-    return Backbone(TextEncoder(model, pooling), cfg.hidden_size, None, preprocess, groups,
-                    {"config": config, "pooling": pooling}, processor=tokenizer)
+    return Backbone(
+        TextEncoder(model, pooling),
+        cfg.hidden_size,
+        None,
+        preprocess,
+        groups,
+        {"config": config, "pooling": pooling},
+        processor=tokenizer,
+    )
 
 
 register_family("hf_text", _hf_text_backbone, prefix=False)

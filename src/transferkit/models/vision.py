@@ -46,8 +46,13 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
         head = None
     model.reset_classifier(0)
     cfg = resolve_data_config({}, model=model)
-    preprocess = {"input_size": list(cfg["input_size"]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-                  "interpolation": cfg.get("interpolation", "bilinear"), "crop_pct": cfg.get("crop_pct", 1.0)}
+    preprocess = {
+        "input_size": list(cfg["input_size"]),
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_pct": cfg.get("crop_pct", 1.0),
+    }
     groups = []
     if hasattr(model, "group_matcher"):
         groups = _groups_from_timm(model)
@@ -73,8 +78,9 @@ def _torchvision_backbone(name: str, pretrained: bool, weights: str | None, kwar
     try:
         tv_weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained and not weights else None
     except ValueError as e:
-        raise SourceError(f"torchvision has no model '{name}'. Choices include: "
-                          f"{', '.join(torchvision.models.list_models()[:20])}...") from e
+        raise SourceError(
+            f"torchvision has no model '{name}'. Choices include: {', '.join(torchvision.models.list_models()[:20])}..."
+        ) from e
     model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
     if weights:
         model.load_state_dict(load_state_dict(weights))
@@ -117,8 +123,10 @@ def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[
     try:
         model = load_hf_model(name, pretrained, config_dict)
     except OSError as e:
-        raise SourceError(f"cannot load Hugging Face model '{name}': {e}. Give a local folder with config.json, "
-                          "or a hub name on a machine with a network.") from e
+        raise SourceError(
+            f"cannot load Hugging Face model '{name}': {e}. Give a local folder with config.json, "
+            "or a hub name on a machine with a network."
+        ) from e
     cfg = model.config
     mean, std, size = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], getattr(cfg, "image_size", 224)
     try:
@@ -130,8 +138,13 @@ def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[
     except (OSError, ValueError):
         pass
     size = size if isinstance(size, int) else size[0]
-    preprocess = {"input_size": [getattr(cfg, "num_channels", 3), size, size], "mean": mean, "std": std,
-                  "interpolation": "bilinear", "crop_pct": 1.0}
+    preprocess = {
+        "input_size": [getattr(cfg, "num_channels", 3), size, size],
+        "mean": mean,
+        "std": std,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
     layers = getattr(cfg, "num_hidden_layers", 0)
     groups = [("embeddings", r"embeddings\.")] + [(f"layer{i}", rf"\.layers?\.{i}\.") for i in range(layers)]
     return Backbone(_HFPooled(model), cfg.hidden_size, None, preprocess, groups, {"config": cfg.to_dict()})

@@ -26,11 +26,24 @@ from transferkit.rank.scores import (
 )
 
 # imported on first use: they pull in torch and the pipeline, the scores need only NumPy
-_LAZY = {"rank_candidates": "transferkit.rank.candidates", "Candidate": "transferkit.rank.candidates",
-         "SCORES": "transferkit.rank.candidates", "select_examples": "transferkit.rank.candidates"}
+_LAZY = {
+    "rank_candidates": "transferkit.rank.candidates",
+    "Candidate": "transferkit.rank.candidates",
+    "SCORES": "transferkit.rank.candidates",
+    "select_examples": "transferkit.rank.candidates",
+}
 
-__all__ = ["check_features", "check_labels", "correlation", "hscore", "hscore_shrinkage", "leep", "logme", "nce",
-           *_LAZY]
+__all__ = [
+    "check_features",
+    "check_labels",
+    "correlation",
+    "hscore",
+    "hscore_shrinkage",
+    "leep",
+    "logme",
+    "nce",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -48,13 +48,16 @@ class Score:
 SCORES: Registry[Score] = Registry("score")
 SCORE_NAMES = ("logme", "leep", "nce", "hscore", "hscore_shrinkage")  # computed, and shown, in this order
 SCORES.register("logme", help="LogME (You et al. 2021): max log evidence of a linear model on the features")(
-    Score(logme, "features"))
+    Score(logme, "features")
+)
 SCORES.register("leep", help="LEEP (Nguyen et al. 2020): needs a source classifier head")(Score(leep, "source_probs"))
 SCORES.register("nce", help="NCE (Tran et al. 2019): needs a source classifier head")(Score(nce, "source_preds"))
 SCORES.register("hscore", help="H-score (Bao et al. 2019); degenerate (C - 1) when examples <= feature dims")(
-    Score(hscore, "features"))
+    Score(hscore, "features")
+)
 SCORES.register("hscore_shrinkage", help="H-score with Ledoit-Wolf shrinkage (Ibrahim et al. 2022)")(
-    Score(hscore_shrinkage, "features"))
+    Score(hscore_shrinkage, "features")
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,6 +188,7 @@ class _SharedInputs:
 
 def _nbytes(items: list[Any]) -> int:
     """Bytes of the tensors and arrays in a list of (inputs, label) items (nested dicts, lists, tuples)."""
+
     def size(x: Any) -> int:
         if isinstance(x, torch.Tensor):
             return x.element_size() * x.nelement()
@@ -195,6 +199,7 @@ def _nbytes(items: list[Any]) -> int:
         if isinstance(x, list | tuple):
             return sum(size(v) for v in x)
         return 8
+
     return sum(size(item) for item in items)
 
 
@@ -203,9 +208,17 @@ def _has_classifier(model: Any) -> bool:
     return isinstance(head, nn.Module) and any(isinstance(m, nn.Linear) for m in head.modules())
 
 
-def rank_candidates(data: Any, candidates: Sequence[Any], max_examples: int | None = None, score: str = "logme",
-                    seed: int = 0, *, batch_size: int = 32, device: Any = "cpu",
-                    return_features: bool = False) -> list[dict[str, Any]]:
+def rank_candidates(
+    data: Any,
+    candidates: Sequence[Any],
+    max_examples: int | None = None,
+    score: str = "logme",
+    seed: int = 0,
+    *,
+    batch_size: int = 32,
+    device: Any = "cpu",
+    return_features: bool = False,
+) -> list[dict[str, Any]]:
     """Score each candidate source on the target's labelled training examples; best first.
 
     Args:
@@ -240,17 +253,33 @@ def rank_candidates(data: Any, candidates: Sequence[Any], max_examples: int | No
     num_classes = len(prepared.classes)
     train_labels = prepared.examples.labels[prepared.splits.train]
     if max_examples is not None and max_examples < num_classes:
-        raise DataError(f"max_examples={max_examples} is fewer than the {num_classes} classes of "
-                        f"'{prepared.cfg.dataset}': ranking needs at least one example per class (use at least "
-                        f"{num_classes}, better several per class)")
+        raise DataError(
+            f"max_examples={max_examples} is fewer than the {num_classes} classes of "
+            f"'{prepared.cfg.dataset}': ranking needs at least one example per class (use at least "
+            f"{num_classes}, better several per class)"
+        )
     positions = select_examples(train_labels, max_examples, seed)
     labels = train_labels[positions]
     check_labels(labels, num_classes=num_classes)  # one class only / a class without examples: before any loading
 
     shared = _SharedInputs()
     with _blas_threads(torch.get_num_threads()):
-        rows = [_score_candidate(as_candidate(c), prepared, positions, labels, num_classes, seed, batch_size, device,
-                                 return_features, compute_features, shared) for c in candidates]
+        rows = [
+            _score_candidate(
+                as_candidate(c),
+                prepared,
+                positions,
+                labels,
+                num_classes,
+                seed,
+                batch_size,
+                device,
+                return_features,
+                compute_features,
+                shared,
+            )
+            for c in candidates
+        ]
     return sort_rows(rows, score)
 
 
@@ -268,12 +297,31 @@ def _blas_threads(n: int) -> Any:
     return threadpool_limits(limits=max(1, n), user_api="blas")
 
 
-def _score_candidate(cand: Candidate, prepared: Any, positions: np.ndarray, labels: np.ndarray, num_classes: int,
-                     seed: int, batch_size: int, device: Any, return_features: bool,
-                     compute_features: Callable[..., torch.Tensor], shared: _SharedInputs) -> dict[str, Any]:
-    row: dict[str, Any] = {"candidate": cand.name, "spec": cand.spec, "status": "ok", "error": None, "scores": {},
-                           "skipped": {}, "times": {}, "num_examples": len(positions), "num_features": None,
-                           "source_classes": None}
+def _score_candidate(
+    cand: Candidate,
+    prepared: Any,
+    positions: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    seed: int,
+    batch_size: int,
+    device: Any,
+    return_features: bool,
+    compute_features: Callable[..., torch.Tensor],
+    shared: _SharedInputs,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "candidate": cand.name,
+        "spec": cand.spec,
+        "status": "ok",
+        "error": None,
+        "scores": {},
+        "skipped": {},
+        "times": {},
+        "num_examples": len(positions),
+        "num_features": None,
+        "source_classes": None,
+    }
     t_start = time.perf_counter()
     try:
         t = time.perf_counter()
@@ -282,8 +330,9 @@ def _score_candidate(cand: Candidate, prepared: Any, positions: np.ndarray, labe
         row["times"]["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
         dataset = shared.get(_for_source(prepared, model), positions)
-        feats = compute_features(model.backbone, dataset, batch_size=batch_size, device=device,
-                                 desc=f"features {cand.name}")
+        feats = compute_features(
+            model.backbone, dataset, batch_size=batch_size, device=device, desc=f"features {cand.name}"
+        )
         row["times"]["features_s"] = time.perf_counter() - t
         row["num_features"] = int(feats.shape[1])
         inputs: dict[str, Any] = {"features": check_features(feats.numpy())}  # NaN features: the candidate fails
@@ -331,6 +380,7 @@ def _failed(row: dict[str, Any], cand: Candidate, e: Exception, t_start: float, 
 
 def sort_rows(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
     """Best ``score`` first; then rows without that score; failed rows last. Sets ``rank`` (1-based)."""
+
     def key(r: dict[str, Any]) -> tuple[int, float]:
         if r["status"] != "ok":
             return (2, 0.0)

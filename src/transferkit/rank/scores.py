@@ -68,8 +68,9 @@ LOGME_XTOL = 1e-10  # then golden-section search to this width in log(alpha / be
 # Input checks (shared by every score)
 
 
-def check_labels(labels: Any, num_examples: int | None = None,
-                 num_classes: int | None = None) -> tuple[np.ndarray, int]:
+def check_labels(
+    labels: Any, num_examples: int | None = None, num_classes: int | None = None
+) -> tuple[np.ndarray, int]:
     """Validate target labels; returns them as int64 and the number of classes ``C``.
 
     Args:
@@ -97,8 +98,10 @@ def check_labels(labels: Any, num_examples: int | None = None,
         raise DataError(f"labels must be integers in [0, C); found {int(y.min())}")
     present = np.unique(y)
     if len(present) < 2:
-        raise DataError(f"only one class ({int(present[0])}) among the {len(y)} labels: a transferability score "
-                        "compares classes, so it needs examples of at least 2 classes")
+        raise DataError(
+            f"only one class ({int(present[0])}) among the {len(y)} labels: a transferability score "
+            "compares classes, so it needs examples of at least 2 classes"
+        )
     c = int(num_classes) if num_classes is not None else int(y.max()) + 1
     if y.max() >= c:
         raise DataError(f"label {int(y.max())} is out of range for num_classes={c}: labels must be in [0, {c})")
@@ -107,8 +110,10 @@ def check_labels(labels: Any, num_examples: int | None = None,
     missing = np.setdiff1d(np.arange(c), present)
     if len(missing):
         shown = ", ".join(str(int(m)) for m in missing[:10]) + (", ..." if len(missing) > 10 else "")
-        raise DataError(f"{len(missing)} of the {c} classes have no example (class {shown}): every class in "
-                        f"[0, {c}) needs at least one (relabel to consecutive integers, or pass num_classes)")
+        raise DataError(
+            f"{len(missing)} of the {c} classes have no example (class {shown}): every class in "
+            f"[0, {c}) needs at least one (relabel to consecutive integers, or pass num_classes)"
+        )
     return y, c
 
 
@@ -124,9 +129,11 @@ def check_features(features: Any, name: str = "features") -> np.ndarray:
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
         kinds = " and ".join(k for k, m in (("NaN", np.isnan(f)), ("infinite", np.isinf(f))) if m.any())
-        raise DataError(f"{name} hold {int(bad.sum())} {kinds} value(s), in {len(rows)} of {len(f)} examples "
-                        f"(first: example {int(rows[0])}): the model's output is not usable (diverged weights, "
-                        "or inputs it cannot handle)")
+        raise DataError(
+            f"{name} hold {int(bad.sum())} {kinds} value(s), in {len(rows)} of {len(f)} examples "
+            f"(first: example {int(rows[0])}): the model's output is not usable (diverged weights, "
+            "or inputs it cannot handle)"
+        )
     if f.shape[1] == 0:
         raise DataError(f"{name} have 0 dimensions")
     return f
@@ -194,13 +201,18 @@ def log_evidence(alpha: Any, beta: Any, x2: np.ndarray, outside: Any, sigma: np.
     k = len(sigma)
     # D/2 log(alpha) - 1/2 sum over all D eigenvalues of log(alpha + beta sigma): the D - k zero eigenvalues
     # cancel D - k of the D halves of log(alpha), leaving k/2 log(alpha).
-    value = (k / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * sig), axis=0)
-             - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+    value = (
+        k / 2 * np.log(alpha)
+        + n / 2 * np.log(beta)
+        - 0.5 * np.sum(np.log(alpha + beta * sig), axis=0)
+        - beta / 2 * res2
+        - alpha / 2 * m2
+        - n / 2 * np.log(2 * np.pi)
+    )
     return float(value) if np.ndim(x2) == 1 else value
 
 
-def _profile_log_evidence(u: np.ndarray, x2: np.ndarray, outside: np.ndarray, sigma: np.ndarray,
-                          n: int) -> np.ndarray:
+def _profile_log_evidence(u: np.ndarray, x2: np.ndarray, outside: np.ndarray, sigma: np.ndarray, n: int) -> np.ndarray:
     """The log evidence at ``t = alpha / beta = exp(u)`` with beta at its optimum for that t, up to a constant.
 
     For fixed t the evidence is ``k/2 log t - 1/2 sum log(t + sigma) + n/2 log beta - beta/2 E(t)`` (+ const) with
@@ -250,8 +262,12 @@ def _max_log_evidence(x2: np.ndarray, outside: Any, sigma: np.ndarray, n: int) -
     lo, hi = np.log(float(sigma.min()) * 1e-15), np.log(float(sigma.max()) * 1e15)
     grid = np.linspace(lo, hi, LOGME_GRID)
     chunk = max(1, (1 << 22) // (len(sigma) * c))  # grid points per evaluation: at most 4M numbers at once
-    values = np.concatenate([_profile_log_evidence(np.repeat(grid[i:i + chunk, None], c, axis=1), x2, outside,
-                                                   sigma, n) for i in range(0, LOGME_GRID, chunk)])
+    values = np.concatenate(
+        [
+            _profile_log_evidence(np.repeat(grid[i : i + chunk, None], c, axis=1), x2, outside, sigma, n)
+            for i in range(0, LOGME_GRID, chunk)
+        ]
+    )
     best = np.argmax(values, axis=0)  # (C,)
     a = grid[np.maximum(best - 1, 0)]
     b = grid[np.minimum(best + 1, LOGME_GRID - 1)]
@@ -293,8 +309,10 @@ def leep(source_probs: Any, labels: Any, *, num_classes: int | None = None) -> f
     sums = p.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1)))
     if abs(sums[worst] - 1) > 1e-3:
-        raise DataError(f"source_probs rows must sum to 1 (softmax of the source logits, not the logits); row "
-                        f"{worst} sums to {sums[worst]:.4g}")
+        raise DataError(
+            f"source_probs rows must sum to 1 (softmax of the source logits, not the logits); row "
+            f"{worst} sums to {sums[worst]:.4g}"
+        )
     joint = np.eye(c)[y].T @ p / len(p)  # (C, C_s)
     pz = joint.sum(axis=0)
     cond = np.divide(joint, pz, out=np.zeros_like(joint), where=pz > 0)  # P(y | z); z never predicted -> 0
@@ -315,8 +333,10 @@ def nce(source_preds: Any, labels: Any, *, num_classes: int | None = None) -> fl
     """
     z = np.asarray(source_preds)
     if z.ndim != 1 or z.dtype.kind not in "iu":
-        raise DataError(f"source_preds must be integer class predictions, one per example (1-D); got shape "
-                        f"{z.shape}, dtype {z.dtype} (take the argmax of the source probabilities)")
+        raise DataError(
+            f"source_preds must be integer class predictions, one per example (1-D); got shape "
+            f"{z.shape}, dtype {z.dtype} (take the argmax of the source probabilities)"
+        )
     y, c = check_labels(labels, len(z), num_classes)
     if len(z) and z.min() < 0:
         raise DataError(f"source_preds must be class indices >= 0; found {int(z.min())}")

@@ -39,8 +39,9 @@ class FeatureFile(_Strict):
 
     path: str
     id_column: str
-    columns: list[str] | None = Field(default=None, description="feature columns (default: every other column, "
-                                      "except title_column)")
+    columns: list[str] | None = Field(
+        default=None, description="feature columns (default: every other column, except title_column)"
+    )
     multi_value_sep: str = "|"
     numeric: list[str] = Field(default_factory=list, description="columns read as numbers")
     title_column: str | None = Field(default=None, description="items: a name shown by predict (not a feature)")
@@ -115,8 +116,9 @@ class RecsysConfig(_Strict):
     @model_validator(mode="after")
     def _columns_or_builtin(self) -> RecsysConfig:
         if self.interactions in BUILTIN_INTERACTIONS and (self.item_features or self.user_features):
-            raise ValueError("movielens-100k brings its own item features (genres, titles); leave out "
-                             "item_features/user_features")
+            raise ValueError(
+                "movielens-100k brings its own item features (genres, titles); leave out item_features/user_features"
+            )
         return self
 
     @property

@@ -44,8 +44,10 @@ class FeatureTable:
 
     def __post_init__(self) -> None:
         if self.values.shape != (len(self.ids), len(self.names)):
-            raise DataError(f"feature matrix has shape {self.values.shape}; expected ({len(self.ids)}, "
-                            f"{len(self.names)}) for {len(self.ids)} ids and {len(self.names)} feature names")
+            raise DataError(
+                f"feature matrix has shape {self.values.shape}; expected ({len(self.ids)}, "
+                f"{len(self.names)}) for {len(self.ids)} ids and {len(self.names)} feature names"
+            )
 
     def rows_for(self, ids: Sequence[str], what: str = "item") -> np.ndarray:
         """The feature rows of ``ids`` in that order; ids without a row get zeros (no feature known)."""
@@ -131,10 +133,16 @@ class Interactions:
         return {"interactions": len(self), "users": self.frame["user"].nunique(), "items": self.frame["item"].nunique()}
 
 
-def read_interactions(source: str | Path | pd.DataFrame, user_col: str = "user", item_col: str = "item",
-                      rating_col: str | None = "rating", timestamp_col: str | None = "timestamp",
-                      item_features: FeatureTable | None = None, user_features: FeatureTable | None = None,
-                      sep: str | None = None) -> Interactions:
+def read_interactions(
+    source: str | Path | pd.DataFrame,
+    user_col: str = "user",
+    item_col: str = "item",
+    rating_col: str | None = "rating",
+    timestamp_col: str | None = "timestamp",
+    item_features: FeatureTable | None = None,
+    user_features: FeatureTable | None = None,
+    sep: str | None = None,
+) -> Interactions:
     """Interactions from a CSV/TSV/Parquet file or a pandas frame, with configurable column names.
 
     Args:
@@ -154,18 +162,23 @@ def read_interactions(source: str | Path | pd.DataFrame, user_col: str = "user",
     """
     name = f"'{source}'" if not isinstance(source, pd.DataFrame) else "the interactions frame"
     raw = read_table(source, sep)
-    _require_columns(raw, {"user_col": user_col, "item_col": item_col, "rating_col": rating_col,
-                           "timestamp_col": timestamp_col}, name,
-                     "Pass the right names as user_col= / item_col=; rating_col=None for implicit feedback, "
-                     "timestamp_col=None when there are no times.")
+    _require_columns(
+        raw,
+        {"user_col": user_col, "item_col": item_col, "rating_col": rating_col, "timestamp_col": timestamp_col},
+        name,
+        "Pass the right names as user_col= / item_col=; rating_col=None for implicit feedback, "
+        "timestamp_col=None when there are no times.",
+    )
     frame = pd.DataFrame({"user": _ids(raw[user_col], name, user_col), "item": _ids(raw[item_col], name, item_col)})
     if rating_col is not None:
         ratings = pd.to_numeric(raw[rating_col], errors="coerce")
         bad = np.flatnonzero(ratings.isna().to_numpy())
         if len(bad):
-            raise DataError(f"{name}: column '{rating_col}' has {len(bad)} value(s) that are not numbers (first at "
-                            f"data row {bad[0] + 1}: {raw[rating_col].iloc[bad[0]]!r}); fix them, or pass "
-                            "rating_col=None to read the rows as implicit feedback")
+            raise DataError(
+                f"{name}: column '{rating_col}' has {len(bad)} value(s) that are not numbers (first at "
+                f"data row {bad[0] + 1}: {raw[rating_col].iloc[bad[0]]!r}); fix them, or pass "
+                "rating_col=None to read the rows as implicit feedback"
+            )
         frame["rating"] = ratings.to_numpy(dtype=np.float32)
     if timestamp_col is not None:
         frame["timestamp"] = _timestamps(raw[timestamp_col], name, timestamp_col)
@@ -179,8 +192,10 @@ def _ids(column: pd.Series, name: str, col: str) -> np.ndarray:
         values = column.map(lambda v: str(int(v)) if pd.notna(v) and float(v).is_integer() else str(v))
     empty = np.flatnonzero((column.isna() | (values == "")).to_numpy())
     if len(empty):
-        raise DataError(f"{name}: column '{col}' has {len(empty)} empty id(s) (first at data row {empty[0] + 1}); "
-                        "drop or fill those rows")
+        raise DataError(
+            f"{name}: column '{col}' has {len(empty)} empty id(s) (first at data row {empty[0] + 1}); "
+            "drop or fill those rows"
+        )
     return values.to_numpy(dtype=object)
 
 
@@ -195,13 +210,21 @@ def _timestamps(column: pd.Series, name: str, col: str) -> np.ndarray:
             ts[dates.isna()] = np.nan
     bad = np.flatnonzero(ts.isna().to_numpy())
     if len(bad):
-        raise DataError(f"{name}: column '{col}' has {len(bad)} value(s) that are neither numbers nor dates (first "
-                        f"at data row {bad[0] + 1}: {column.iloc[bad[0]]!r})")
+        raise DataError(
+            f"{name}: column '{col}' has {len(bad)} value(s) that are neither numbers nor dates (first "
+            f"at data row {bad[0] + 1}: {column.iloc[bad[0]]!r})"
+        )
     return ts.to_numpy().astype(np.int64)
 
 
-def read_features(source: str | Path | pd.DataFrame, id_col: str, columns: Sequence[str] | None = None,
-                  multi_value_sep: str = "|", numeric: Sequence[str] = (), sep: str | None = None) -> FeatureTable:
+def read_features(
+    source: str | Path | pd.DataFrame,
+    id_col: str,
+    columns: Sequence[str] | None = None,
+    multi_value_sep: str = "|",
+    numeric: Sequence[str] = (),
+    sep: str | None = None,
+) -> FeatureTable:
     """A feature table (one row per user or item) as a numeric matrix.
 
     Numeric columns (those listed in ``numeric``, or with a numeric dtype) are standardised to mean 0, sd 1, with
@@ -223,14 +246,23 @@ def read_features(source: str | Path | pd.DataFrame, id_col: str, columns: Seque
     name = f"'{source}'" if not isinstance(source, pd.DataFrame) else "the feature frame"
     raw = read_table(source, sep)
     columns = [c for c in raw.columns if c != id_col] if columns is None else list(columns)
-    _require_columns(raw, {"id_col": id_col, **{f"columns[{k}]": c for k, c in enumerate(columns)},
-                           **{f"numeric[{k}]": c for k, c in enumerate(numeric)}}, name,
-                     "Pass the id column as id_col= and the feature columns as columns=.")
+    _require_columns(
+        raw,
+        {
+            "id_col": id_col,
+            **{f"columns[{k}]": c for k, c in enumerate(columns)},
+            **{f"numeric[{k}]": c for k, c in enumerate(numeric)},
+        },
+        name,
+        "Pass the id column as id_col= and the feature columns as columns=.",
+    )
     ids = _ids(raw[id_col], name, id_col)
     dup = pd.Series(ids).duplicated()
     if dup.any():
-        raise DataError(f"{name}: ids repeat in column '{id_col}' ({_show(pd.Series(ids)[dup].unique())}); "
-                        "a feature table needs one row per id")
+        raise DataError(
+            f"{name}: ids repeat in column '{id_col}' ({_show(pd.Series(ids)[dup].unique())}); "
+            "a feature table needs one row per id"
+        )
     blocks, names = [], []
     for col in columns:
         values = raw[col]
@@ -241,8 +273,9 @@ def read_features(source: str | Path | pd.DataFrame, id_col: str, columns: Seque
             blocks.append(np.where(known, (x - mean) / (sd or 1.0), 0.0)[:, None])
             names.append(col)
         else:
-            tokens = [[t.strip() for t in str(v).split(multi_value_sep) if t.strip()] if pd.notna(v) else []
-                      for v in values]
+            tokens = [
+                [t.strip() for t in str(v).split(multi_value_sep) if t.strip()] if pd.notna(v) else [] for v in values
+            ]
             vocab = sorted({t for ts in tokens for t in ts})
             index = {t: k for k, t in enumerate(vocab)}
             block = np.zeros((len(values), len(vocab)))
@@ -268,8 +301,10 @@ def _time_order(data: Interactions, by: str) -> pd.DataFrame:
     if by not in ("timestamp", "row"):
         raise DataError(f"by={by!r} is not a choice; use 'timestamp' or 'row' (the file order)")
     if by == "timestamp" and not data.has_timestamps:
-        raise DataError("leave-last-out by timestamp needs a timestamp column; read the data with "
-                        "timestamp_col=..., or pass by='row' to take the file order as the time order")
+        raise DataError(
+            "leave-last-out by timestamp needs a timestamp column; read the data with "
+            "timestamp_col=..., or pass by='row' to take the file order as the time order"
+        )
     frame = data.frame.assign(_row=np.arange(len(data.frame)))
     keys = ["user", "timestamp", "_row"] if by == "timestamp" else ["user", "_row"]
     frame = frame.sort_values(keys, kind="stable")
@@ -302,12 +337,16 @@ def leave_last_out(data: Interactions, n_test: int = 1, n_val: int = 0, by: str 
     counts = frame.groupby("user").size()
     short = counts.index[counts <= n_test + n_val]
     if len(short):
-        raise DataError(f"{len(short)} user(s) would have no training interactions after holding out their last "
-                        f"{n_test + n_val}: {_show(short)}. Drop them first with "
-                        f"filter_interactions(data, min_per_user={n_test + n_val + 1}), or hold out fewer.")
+        raise DataError(
+            f"{len(short)} user(s) would have no training interactions after holding out their last "
+            f"{n_test + n_val}: {_show(short)}. Drop them first with "
+            f"filter_interactions(data, min_per_user={n_test + n_val + 1}), or hold out fewer."
+        )
     pos = frame["_pos"].to_numpy()
-    parts = [frame[m].drop(columns=["_row", "_pos"]).reset_index(drop=True)
-             for m in (pos >= n_test + n_val, (pos >= n_test) & (pos < n_test + n_val), pos < n_test)]
+    parts = [
+        frame[m].drop(columns=["_row", "_pos"]).reset_index(drop=True)
+        for m in (pos >= n_test + n_val, (pos >= n_test) & (pos < n_test + n_val), pos < n_test)
+    ]
     return Split(*(replace(data, frame=p) for p in parts))
 
 
@@ -318,8 +357,9 @@ def keep_last_per_user(data: Interactions, k: int, by: str = "timestamp") -> Int
     return replace(data, frame=frame)
 
 
-def check_heldout(train: Interactions, heldout: Interactions, user_ids: Sequence[str], item_ids: Sequence[str],
-                  what: str = "test") -> None:
+def check_heldout(
+    train: Interactions, heldout: Interactions, user_ids: Sequence[str], item_ids: Sequence[str], what: str = "test"
+) -> None:
     """Raise when a held-out split cannot be scored: unknown users or items, or users without training events.
 
     Args:
@@ -333,17 +373,23 @@ def check_heldout(train: Interactions, heldout: Interactions, user_ids: Sequence
     users = pd.unique(heldout.frame["user"])
     unknown = [u for u in users if u not in known_users]
     if unknown:
-        raise DataError(f"unknown user ids in the {what} split: {_show(unknown)} ({len(unknown)} of {len(users)} "
-                        f"users); the model knows {len(known_users)} users. Split with leave_last_out so every "
-                        f"{what} user also has training interactions.")
+        raise DataError(
+            f"unknown user ids in the {what} split: {_show(unknown)} ({len(unknown)} of {len(users)} "
+            f"users); the model knows {len(known_users)} users. Split with leave_last_out so every "
+            f"{what} user also has training interactions."
+        )
     items = pd.unique(heldout.frame["item"])
     unknown = [i for i in items if i not in known_items]
     if unknown:
-        raise DataError(f"unknown item ids in the {what} split: {_show(unknown)} ({len(unknown)} of {len(items)} "
-                        f"items); the model ranks {len(known_items)} items. Build the model with an item catalogue "
-                        "that holds them (items=... or an item feature table), or drop those rows.")
+        raise DataError(
+            f"unknown item ids in the {what} split: {_show(unknown)} ({len(unknown)} of {len(items)} "
+            f"items); the model ranks {len(known_items)} items. Build the model with an item catalogue "
+            "that holds them (items=... or an item feature table), or drop those rows."
+        )
     trained = set(pd.unique(train.frame["user"]))
     cold = [u for u in users if u not in trained]
     if cold:
-        raise DataError(f"{len(cold)} user(s) in the {what} split have no training interactions: {_show(cold)}. "
-                        "Their ranking would be a guess; drop them, or split with leave_last_out.")
+        raise DataError(
+            f"{len(cold)} user(s) in the {what} split have no training interactions: {_show(cold)}. "
+            "Their ranking would be a guess; drop them, or split with leave_last_out."
+        )

@@ -69,18 +69,33 @@ class CrossDomainConfig:
 def train_source(split: CrossDomain, cfg: CrossDomainConfig, seed: int, desc: str | None = None) -> tuple[Any, Any]:
     """The source two-tower model over every source film, early-stopped on the source validation ratings."""
     model = build_two_tower(split.source.train, dim=cfg.dim, items=split.source_items, seed=seed)
-    result = train_recommender(model, split.source.train, loss=cfg.loss, epochs=cfg.source_epochs, lr=cfg.source_lr,
-                               batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=cfg.source_l2,
-                               seed=seed, val=split.source.test, patience=cfg.patience, desc=desc)
+    result = train_recommender(
+        model,
+        split.source.train,
+        loss=cfg.loss,
+        epochs=cfg.source_epochs,
+        lr=cfg.source_lr,
+        batch_size=cfg.batch_size,
+        num_negatives=cfg.num_negatives,
+        l2=cfg.source_l2,
+        seed=seed,
+        val=split.source.test,
+        patience=cfg.patience,
+        desc=desc,
+    )
     return model, result
 
 
-def train_target(split: CrossDomain, cfg: CrossDomainConfig, seed: int, source: Any | None = None,
-                 desc: str | None = None) -> dict[str, Any]:
+def train_target(
+    split: CrossDomain, cfg: CrossDomainConfig, seed: int, source: Any | None = None, desc: str | None = None
+) -> dict[str, Any]:
     """Train one target model (with ``source``: transfer first) and return its validation and test metrics."""
     target = split.target
-    dim, lr, l2 = ((cfg.dim, cfg.transfer_lr, cfg.transfer_l2) if source is not None
-                   else (cfg.target_only_dim, cfg.target_only_lr, cfg.target_only_l2))
+    dim, lr, l2 = (
+        (cfg.dim, cfg.transfer_lr, cfg.transfer_l2)
+        if source is not None
+        else (cfg.target_only_dim, cfg.target_only_lr, cfg.target_only_l2)
+    )
     model = build_two_tower(target.train, dim=dim, items=split.target_items, seed=seed)
     out: dict[str, Any] = {}
     if source is not None:
@@ -88,9 +103,21 @@ def train_target(split: CrossDomain, cfg: CrossDomainConfig, seed: int, source: 
         out["zero_shot"] = _val_test(model, split, cfg.loss)
     # the users the source knows keep its vectors; the few it does not know learn theirs from the target ratings
     frozen = sorted(set(source.user_ids) & set(model.user_ids)) if source is not None and cfg.freeze_users else None
-    result = train_recommender(model, target.train, loss=cfg.loss, epochs=cfg.target_epochs, lr=lr,
-                               batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=l2,
-                               seed=seed, val=target.val, patience=cfg.patience, frozen_users=frozen, desc=desc)
+    result = train_recommender(
+        model,
+        target.train,
+        loss=cfg.loss,
+        epochs=cfg.target_epochs,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        num_negatives=cfg.num_negatives,
+        l2=l2,
+        seed=seed,
+        val=target.val,
+        patience=cfg.patience,
+        frozen_users=frozen,
+        desc=desc,
+    )
     out.update(_val_test(model, split, cfg.loss), best_epoch=result.best_epoch, train_s=round(result.train_s, 2))
     return out
 
@@ -104,8 +131,10 @@ def _val_test(model: Any, split: CrossDomain, loss: str) -> dict[str, dict[str, 
     t = split.target
     if loss == "mse":
         return {"val": {"rmse": round(rmse(model, t.val), 4)}, "test": {"rmse": round(rmse(model, t.test), 4)}}
-    rank = lambda heldout, seen: {k: round(float(v), 4) for k, v in  # noqa: E731
-                                  evaluate_ranking(model, heldout, seen).items() if k in METRICS}
+
+    def rank(heldout, seen):
+        return {k: round(float(v), 4) for k, v in evaluate_ranking(model, heldout, seen).items() if k in METRICS}
+
     return {"val": rank(t.val, [t.train]), "test": rank(t.test, [t.train, t.val])}
 
 
@@ -116,8 +145,9 @@ def _mean_rating(split: CrossDomain) -> dict[str, dict[str, float]]:
     return {"val": {"rmse": err(split.target.val)}, "test": {"rmse": err(split.target.test)}}
 
 
-def run_cross_domain(seed: int = 0, cfg: CrossDomainConfig | None = None, split: CrossDomain | None = None,
-                     progress: bool = False) -> dict[str, Any]:
+def run_cross_domain(
+    seed: int = 0, cfg: CrossDomainConfig | None = None, split: CrossDomain | None = None, progress: bool = False
+) -> dict[str, Any]:
     """One seed of the scenario: source training, then transfer / target-only / a baseline on the target.
 
     The baseline is popularity for the ranking task (``loss`` bpr, bce, softmax) and the mean training rating for
@@ -135,13 +165,24 @@ def run_cross_domain(seed: int = 0, cfg: CrossDomainConfig | None = None, split:
         baseline = ("mean_rating", _mean_rating(split))
     else:
         baseline = ("popularity", _val_test(Popularity(split.target.train, split.target_items), split, cfg.loss))
-    arms = {"transfer": {k: transfer[k] for k in ("val", "test", "best_epoch", "train_s")},
-            "target_only": target_only, baseline[0]: baseline[1], "transfer_zero_shot": transfer["zero_shot"]}
+    arms = {
+        "transfer": {k: transfer[k] for k in ("val", "test", "best_epoch", "train_s")},
+        "target_only": target_only,
+        baseline[0]: baseline[1],
+        "transfer_zero_shot": transfer["zero_shot"],
+    }
     names = metric_names(cfg.loss)
-    return {"seed": seed, "arms": arms, "transfer_report": transfer["transfer_report"],
-            "source": {"val": {k: round(float(src_result.best_val[k]), 4) for k in names},
-                       "best_epoch": src_result.best_epoch, "train_s": round(source_s, 2)},
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "seed": seed,
+        "arms": arms,
+        "transfer_report": transfer["transfer_report"],
+        "source": {
+            "val": {k: round(float(src_result.best_val[k]), 4) for k in names},
+            "best_epoch": src_result.best_epoch,
+            "train_s": round(source_s, 2),
+        },
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -156,15 +197,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return out
 
 
-ARM_NAMES = {"transfer": "(a) transfer", "target_only": "(b) target only", "popularity": "(c) popularity",
-             "mean_rating": "(c) mean rating", "transfer_zero_shot": "transfer, no target training"}
+ARM_NAMES = {
+    "transfer": "(a) transfer",
+    "target_only": "(b) target only",
+    "popularity": "(c) popularity",
+    "mean_rating": "(c) mean rating",
+    "transfer_zero_shot": "transfer, no target training",
+}
 
 
 def summary_table(summary: dict[str, dict[str, dict[str, float]]], n_seeds: int) -> str:
     """A Markdown table of the test metrics, mean ± sd over the seeds."""
     metrics = list(next(iter(summary.values())))
-    lines = [f"| model ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | " + " | ".join(metrics) + " |",
-             "|---|" + "---|" * len(metrics)]
+    lines = [
+        f"| model ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
     for arm, values in summary.items():
         cells = [f"{values[m]['mean']:.3f} ± {values[m]['sd']:.3f}" for m in metrics]
         lines.append(f"| {ARM_NAMES.get(arm, arm)} | " + " | ".join(cells) + " |")
@@ -172,22 +220,40 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]], n_seeds: int)
 
 
 # the rating task (MSE, RMSE): the same split and model, settings picked on validation RMSE (bench/recsys.py --tune)
-RATINGS_CONFIG = CrossDomainConfig(loss="mse", source_lr=0.01, source_l2=1.0, source_epochs=30, transfer_lr=0.01,
-                                   transfer_l2=100.0, freeze_users=False, target_only_dim=32, target_only_lr=0.01,
-                                   target_only_l2=100.0)
+RATINGS_CONFIG = CrossDomainConfig(
+    loss="mse",
+    source_lr=0.01,
+    source_l2=1.0,
+    source_epochs=30,
+    transfer_lr=0.01,
+    transfer_l2=100.0,
+    freeze_users=False,
+    target_only_dim=32,
+    target_only_lr=0.01,
+    target_only_l2=100.0,
+)
 
 
 def run_task(split: CrossDomain, cfg: CrossDomainConfig, seeds: tuple[int, ...], progress: bool) -> dict[str, Any]:
     """Every seed of one task (ranking or ratings) on ``split``, with the mean ± sd of the test metrics."""
     start = time.perf_counter()
     runs = [run_cross_domain(seed, cfg, split, progress) for seed in seeds]
-    return {"config": asdict(cfg), "runs": runs, "test_summary": summarise(runs),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "config": asdict(cfg),
+        "runs": runs,
+        "test_summary": summarise(runs),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
-def run_recsys_demo(out_dir: str | Path = "demo_runs/recsys", seeds: tuple[int, ...] = (0, 1, 2),
-                    cfg: CrossDomainConfig | None = None, ratings: bool = True,
-                    ratings_cfg: CrossDomainConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def run_recsys_demo(
+    out_dir: str | Path = "demo_runs/recsys",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    cfg: CrossDomainConfig | None = None,
+    ratings: bool = True,
+    ratings_cfg: CrossDomainConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the MovieLens cross-domain scenario for ``seeds``; write ``metrics.json`` and ``summary.md``.
 
     Args:
@@ -207,28 +273,38 @@ def run_recsys_demo(out_dir: str | Path = "demo_runs/recsys", seeds: tuple[int, 
     split = cross_domain_split(read_movielens_100k(), k=cfg.k)
     metrics: dict[str, Any] = {
         "scenario": "MovieLens 100K: films released up to 1996 (source) -> films of 1997-1998 (target)",
-        "split": split.describe(), "seeds": list(seeds), "ranking": run_task(split, cfg, seeds, progress)}
+        "split": split.describe(),
+        "seeds": list(seeds),
+        "ranking": run_task(split, cfg, seeds, progress),
+    }
     if ratings:
         metrics["ratings"] = run_task(split, ratings_cfg or RATINGS_CONFIG, seeds, progress)
     metrics["total_s"] = round(time.perf_counter() - start, 1)
     out_dir = Path(out_dir)
     write_json(out_dir / "metrics.json", metrics)
-    tables = {task: summary_table(metrics[task]["test_summary"], len(seeds)) for task in ("ranking", "ratings")
-              if task in metrics}
+    tables = {
+        task: summary_table(metrics[task]["test_summary"], len(seeds))
+        for task in ("ranking", "ratings")
+        if task in metrics
+    }
     report = metrics["ranking"]["runs"][0]["transfer_report"]
     n_items = len(split.target_items)
-    text = (f"# {metrics['scenario']}\n\n"
-            f"Target: {metrics['split']['target']['test']['users']} users who rated at least {cfg.k + 2} of the "
-            f"{n_items} new films; each keeps {cfg.k} training ratings, the one after them is the validation and "
-            f"the last one the test.\n\n"
-            f"## Ranking (BPR): the test film against all {n_items} new films, seen ones excluded\n\n"
-            f"{tables['ranking']}\n\n")
+    text = (
+        f"# {metrics['scenario']}\n\n"
+        f"Target: {metrics['split']['target']['test']['users']} users who rated at least {cfg.k + 2} of the "
+        f"{n_items} new films; each keeps {cfg.k} training ratings, the one after them is the validation and "
+        f"the last one the test.\n\n"
+        f"## Ranking (BPR): the test film against all {n_items} new films, seen ones excluded\n\n"
+        f"{tables['ranking']}\n\n"
+    )
     if "ratings" in tables:
         text += f"## Rating prediction (MSE): RMSE on the test ratings\n\n{tables['ratings']}\n\n"
-    text += (f"Transfer: {report['users']['matched']}/{report['users']['target']} target users found in the source "
-             f"(by id); {len(report['features'].get('item', {}).get('matched', []))} genre features matched; "
-             f"{report['items']['matched']} films in common (new films start at their genres' projection).\n\n"
-             f"Total time: {metrics['total_s']} s.\n")
+    text += (
+        f"Transfer: {report['users']['matched']}/{report['users']['target']} target users found in the source "
+        f"(by id); {len(report['features'].get('item', {}).get('matched', []))} genre features matched; "
+        f"{report['items']['matched']} films in common (new films start at their genres' projection).\n\n"
+        f"Total time: {metrics['total_s']} s.\n"
+    )
     write_text(out_dir / "summary.md", text)
     print(f"\n{text}\nwrote {out_dir / 'metrics.json'} and {out_dir / 'summary.md'}")
     return metrics

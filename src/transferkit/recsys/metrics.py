@@ -53,15 +53,22 @@ def heldout_ranks(scores: torch.Tensor, relevant: torch.Tensor, exclude: torch.T
     live = ~exclude[rows]
     other_rel = relevant[rows]
     index = torch.arange(scores.shape[1])[None, :]
-    ahead = live & ((s > target) | ((s == target) & ~other_rel)  # ties with other items: against the held-out item
-                    | ((s == target) & other_rel & (index < cols[:, None])))  # ties among held-out items: by index
+    ahead = live & (
+        (s > target)
+        | ((s == target) & ~other_rel)  # ties with other items: against the held-out item
+        | ((s == target) & other_rel & (index < cols[:, None]))
+    )  # ties among held-out items: by index
     ahead[torch.arange(len(rows)), cols] = False
     ranks[rows, cols] = ahead.sum(1)
     return ranks
 
 
-def ranking_metrics(scores: torch.Tensor, relevant: torch.Tensor, exclude: torch.Tensor | None = None,
-                    ks: Sequence[tuple[str, int]] = DEFAULT_KS) -> dict[str, float]:
+def ranking_metrics(
+    scores: torch.Tensor,
+    relevant: torch.Tensor,
+    exclude: torch.Tensor | None = None,
+    ks: Sequence[tuple[str, int]] = DEFAULT_KS,
+) -> dict[str, float]:
     """Mean HR@k, NDCG@k and recall@k over the users that have at least one relevant item.
 
     HR@k: 1 if any relevant item is in the top k. Recall@k: the share of the user's relevant items in the top k.
@@ -78,8 +85,9 @@ def ranking_metrics(scores: torch.Tensor, relevant: torch.Tensor, exclude: torch
     return {name: (v / n_users if n_users else float("nan")) for name, v in sums.items()}
 
 
-def _metric_sums(scores: torch.Tensor, relevant: torch.Tensor, exclude: torch.Tensor | None,
-                 ks: Sequence[tuple[str, int]]) -> tuple[dict[str, float], int]:
+def _metric_sums(
+    scores: torch.Tensor, relevant: torch.Tensor, exclude: torch.Tensor | None, ks: Sequence[tuple[str, int]]
+) -> tuple[dict[str, float], int]:
     for metric, k in ks:
         if metric not in ("hr", "ndcg", "recall") or k < 1:
             raise DataError(f"unknown ranking metric {metric}@{k}; choose from hr, ndcg, recall with k >= 1")
@@ -105,14 +113,22 @@ def _metric_sums(scores: torch.Tensor, relevant: torch.Tensor, exclude: torch.Te
 def _user_items(data: Interactions, users: dict[str, int], items: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     frame = data.frame
     keep = frame["user"].isin(users.keys()) & frame["item"].isin(items.keys())
-    return (frame.loc[keep, "user"].map(users).to_numpy(np.int64),
-            frame.loc[keep, "item"].map(items).to_numpy(np.int64))
+    return (
+        frame.loc[keep, "user"].map(users).to_numpy(np.int64),
+        frame.loc[keep, "item"].map(items).to_numpy(np.int64),
+    )
 
 
 @torch.no_grad()
-def evaluate_ranking(model: Scorer, heldout: Interactions, seen: Interactions | Sequence[Interactions],
-                     ks: Sequence[tuple[str, int]] = DEFAULT_KS, batch_size: int = 1024, what: str = "test",
-                     desc: str | None = None) -> dict[str, Any]:
+def evaluate_ranking(
+    model: Scorer,
+    heldout: Interactions,
+    seen: Interactions | Sequence[Interactions],
+    ks: Sequence[tuple[str, int]] = DEFAULT_KS,
+    batch_size: int = 1024,
+    what: str = "test",
+    desc: str | None = None,
+) -> dict[str, Any]:
     """HR@10, NDCG@10 and recall@20 (by default) of ``model`` on the held-out interactions, over its full item set.
 
     Args:
@@ -146,7 +162,7 @@ def evaluate_ranking(model: Scorer, heldout: Interactions, seen: Interactions | 
     sums = {f"{m}@{k}": 0.0 for m, k in ks}
     starts = range(0, len(ranked), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None or not show_progress()):
-        batch = ranked[start:start + batch_size]
+        batch = ranked[start : start + batch_size]
         lo, hi = start, start + len(batch)
         scores = model.scores(torch.as_tensor(batch)).float()
         relevant = torch.zeros(scores.shape, dtype=torch.bool)

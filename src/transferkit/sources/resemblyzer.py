@@ -25,6 +25,7 @@ def load_resemblyzer(pretrained: bool = True) -> SourceModel:
 from transferkit.sources import BUILTIN_SOURCES  # noqa: E402
 
 BUILTIN_SOURCES.register(
-    NAME, help="Resemblyzer speaker encoder (audio, 16 kHz, 3-layer LSTM over 40 mel bands, 256-d speaker embedding; "
+    NAME,
+    help="Resemblyzer speaker encoder (audio, 16 kHz, 3-layer LSTM over 40 mel bands, 256-d speaker embedding; "
     "from the resemblyzer wheel)",
 )(load_resemblyzer)

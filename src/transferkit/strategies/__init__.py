@@ -26,8 +26,9 @@ def get_strategy(spec: str | dict[str, Any]) -> tuple[Strategy, Any]:
     fields = {f.name for f in dataclasses.fields(strategy.config)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise RecipeError(f"strategy '{name}' has no option(s) {unknown}; valid options: "
-                          f"{', '.join(sorted(fields)) or 'none'}")
+        raise RecipeError(
+            f"strategy '{name}' has no option(s) {unknown}; valid options: {', '.join(sorted(fields)) or 'none'}"
+        )
     try:
         return strategy, strategy.config(**options)
     except (TypeError, ValueError) as e:

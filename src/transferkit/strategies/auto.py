@@ -42,20 +42,26 @@ class AutoConfig:
             raise ValueError("freeze_below and lora_above must be >= 1")
 
 
-def choose_strategy(per_class: int, backbone_params: int, backbone_groups: int,
-                    cfg: AutoConfig | None = None) -> tuple[str | dict[str, Any], str]:
+def choose_strategy(
+    per_class: int, backbone_params: int, backbone_groups: int, cfg: AutoConfig | None = None
+) -> tuple[str | dict[str, Any], str]:
     """The strategy the rule picks (a name or ``{name, options}``), and why (one readable sentence)."""
     cfg = cfg or AutoConfig()
     if backbone_params > cfg.lora_above:
-        return "lora", (f"auto: the backbone has {backbone_params / 1e6:.0f} M parameters (> {cfg.lora_above / 1e6:.0f}"
-                        " M): lora keeps the trained part and the optimizer state small")
+        return "lora", (
+            f"auto: the backbone has {backbone_params / 1e6:.0f} M parameters (> {cfg.lora_above / 1e6:.0f}"
+            " M): lora keeps the trained part and the optimizer state small"
+        )
     if per_class < cfg.freeze_below:
         groups = math.ceil(backbone_groups / 3)
         return {"name": "freeze", "groups": groups}, (
             f"auto: {per_class} labelled example(s) in the smallest class (fewer than {cfg.freeze_below}): freeze the "
-            f"first {groups} of {backbone_groups} layer groups and every BatchNorm's statistics, train the rest")
-    return "full", (f"auto: {per_class} labelled examples per class and {backbone_params / 1e6:.1f} M backbone "
-                    "parameters: full fine-tuning (the head faster than the backbone)")
+            f"first {groups} of {backbone_groups} layer groups and every BatchNorm's statistics, train the rest"
+        )
+    return "full", (
+        f"auto: {per_class} labelled examples per class and {backbone_params / 1e6:.1f} M backbone "
+        "parameters: full fine-tuning (the head faster than the backbone)"
+    )
 
 
 def resolve_auto(options: AutoConfig, model: nn.Module, per_class: int) -> tuple[str | dict[str, Any], str]:

@@ -30,8 +30,9 @@ class LinearProbe:
 
     @staticmethod
     def plan(model: SourceModel, cfg: LinearProbeConfig, train: TrainConfig) -> TrainPlan:
-        return TrainPlan([ParamGroup("head", head_params(model), train.lr)], frozen_modules=["backbone"],
-                         cached_features=True)
+        return TrainPlan(
+            [ParamGroup("head", head_params(model), train.lr)], frozen_modules=["backbone"], cached_features=True
+        )
 
 
 @dataclass

@@ -84,9 +84,11 @@ def freeze_plan(model: SourceModel, cfg: FreezeConfig, train: TrainConfig) -> Tr
     groups = model.layer_groups()
     backbone_groups = [g for g in groups if g[0] != "head"]
     if cfg.groups >= len(backbone_groups) + 1:
-        raise ValueError(f"freeze groups={cfg.groups} would freeze everything: the model has "
-                         f"{len(backbone_groups)} backbone layer groups and a head")
-    frozen = {p for _, params in backbone_groups[:cfg.groups] for p in params}
+        raise ValueError(
+            f"freeze groups={cfg.groups} would freeze everything: the model has "
+            f"{len(backbone_groups)} backbone layer groups and a head"
+        )
+    frozen = {p for _, params in backbone_groups[: cfg.groups] for p in params}
     names = [n for n, _ in model.named_parameters()]
     for pattern in cfg.patterns:
         hits = [n for n in names if re.search(pattern, n)]
@@ -100,7 +102,8 @@ def freeze_plan(model: SourceModel, cfg: FreezeConfig, train: TrainConfig) -> Tr
 
 
 STRATEGIES.register("freeze", help="freeze the first K layer groups or parameters matching patterns")(
-    type("Freeze", (), {"config": FreezeConfig, "from_scratch": False, "plan": staticmethod(freeze_plan)}))
+    type("Freeze", (), {"config": FreezeConfig, "from_scratch": False, "plan": staticmethod(freeze_plan)})
+)
 
 
 # ------------------------------------------------------------------------------------------------ gradual unfreeze
@@ -133,21 +136,31 @@ def gradual_unfreeze_plan(model: SourceModel, cfg: GradualUnfreezeConfig, train:
     stages: list[TrainPlan] = []
     epochs_left, unfrozen = train.epochs, 1
     while epochs_left > 0:
-        top = groups[len(groups) - unfrozen:]
+        top = groups[len(groups) - unfrozen :]
         plan_groups = _layer_lrs(top, train.lr, train.lr * cfg.backbone_lr_scale)
         trainable = {p for g in plan_groups for p in g.params}
         last = unfrozen >= len(groups) or epochs_left <= cfg.every
         epochs = epochs_left if last else cfg.every
-        stages.append(TrainPlan(plan_groups, frozen_modules=_frozen_bn(model, trainable, cfg.train_bn),
-                                name=f"unfreeze{len(top) - 1}", epochs=epochs))
+        stages.append(
+            TrainPlan(
+                plan_groups,
+                frozen_modules=_frozen_bn(model, trainable, cfg.train_bn),
+                name=f"unfreeze{len(top) - 1}",
+                epochs=epochs,
+            )
+        )
         epochs_left -= epochs
         unfrozen = min(len(groups), unfrozen + cfg.groups_per_stage)
     return stages
 
 
 STRATEGIES.register("gradual_unfreeze", help="head first, then one more layer group from the top per stage (ULMFiT)")(
-    type("GradualUnfreeze", (), {"config": GradualUnfreezeConfig, "from_scratch": False,
-                                 "plan": staticmethod(gradual_unfreeze_plan)}))
+    type(
+        "GradualUnfreeze",
+        (),
+        {"config": GradualUnfreezeConfig, "from_scratch": False, "plan": staticmethod(gradual_unfreeze_plan)},
+    )
+)
 
 
 # ------------------------------------------------------------------------------------------- layer-wise lr decay
@@ -172,8 +185,9 @@ class LLRDConfig:
 def llrd_plan(model: SourceModel, cfg: LLRDConfig, train: TrainConfig) -> TrainPlan:
     groups = [(name, params) for name, params in model.layer_groups() if params]
     last = len(groups) - 1
-    return TrainPlan([ParamGroup(name, params, train.lr * cfg.decay ** (last - i))
-                      for i, (name, params) in enumerate(groups)])
+    return TrainPlan(
+        [ParamGroup(name, params, train.lr * cfg.decay ** (last - i)) for i, (name, params) in enumerate(groups)]
+    )
 
 
 _LLRD = type("LLRD", (), {"config": LLRDConfig, "from_scratch": False, "plan": staticmethod(llrd_plan)})
@@ -209,16 +223,25 @@ def lp_ft_plan(model: SourceModel, cfg: LpFtConfig, train: TrainConfig) -> list[
     lp_epochs = cfg.lp_epochs or max(1, train.epochs // 3)
     if lp_epochs >= train.epochs:
         raise ValueError(f"lp_epochs={lp_epochs} leaves no epoch for fine-tuning (train.epochs={train.epochs})")
-    probe = TrainPlan([ParamGroup("head", head_params(model), train.lr)], frozen_modules=["backbone"],
-                      cached_features=True, name="lp", epochs=lp_epochs)
+    probe = TrainPlan(
+        [ParamGroup("head", head_params(model), train.lr)],
+        frozen_modules=["backbone"],
+        cached_features=True,
+        name="lp",
+        epochs=lp_epochs,
+    )
     ft_lr = train.lr * cfg.ft_lr_scale
-    ft = TrainPlan(full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), ft_lr), name="ft",
-                   epochs=train.epochs - lp_epochs)
+    ft = TrainPlan(
+        full_groups(model, FullConfig(backbone_lr_scale=cfg.backbone_lr_scale), ft_lr),
+        name="ft",
+        epochs=train.epochs - lp_epochs,
+    )
     return [probe, ft]
 
 
 STRATEGIES.register("lp_ft", help="linear probe on cached features, then full fine-tuning from that head")(
-    type("LpFt", (), {"config": LpFtConfig, "from_scratch": False, "plan": staticmethod(lp_ft_plan)}))
+    type("LpFt", (), {"config": LpFtConfig, "from_scratch": False, "plan": staticmethod(lp_ft_plan)})
+)
 
 
 # -------------------------------------------------------------------------------------------------------- BitFit
@@ -239,13 +262,16 @@ def bitfit_plan(model: SourceModel, cfg: BitFitConfig, train: TrainConfig) -> Tr
     biases = [f"backbone.{n}" for n, _ in model.backbone.named_parameters() if n.endswith("bias")]
     if not biases:
         raise ValueError("bitfit: the backbone has no bias parameters to train")
-    groups = [ParamGroup("biases", biases, train.lr * cfg.backbone_lr_scale, weight_decay=0.0),
-              ParamGroup("head", head_params(model), train.lr)]
+    groups = [
+        ParamGroup("biases", biases, train.lr * cfg.backbone_lr_scale, weight_decay=0.0),
+        ParamGroup("head", head_params(model), train.lr),
+    ]
     return TrainPlan(groups, frozen_modules=_bn_modules(model, "backbone."))
 
 
 STRATEGIES.register("bitfit", help="train only the backbone's biases and the new head")(
-    type("BitFit", (), {"config": BitFitConfig, "from_scratch": False, "plan": staticmethod(bitfit_plan)}))
+    type("BitFit", (), {"config": BitFitConfig, "from_scratch": False, "plan": staticmethod(bitfit_plan)})
+)
 
 
 # ---------------------------------------------------------------------------------------- regularised fine-tuning
@@ -288,18 +314,40 @@ def regularised_full(regularizer: str, regularizer_config: type, no_weight_decay
 
 for _name, _config, _base, _no_wd, _help in (
     # L2-SP replaces weight decay, which would pull towards 0 instead of towards the source
-    ("l2sp", L2SPStrategyConfig, L2SPConfig, True, "full fine-tuning kept near the source weights (L2-SP, Li et al. "
-     "2018)"),
-    ("delta", DeltaStrategyConfig, DeltaConfig, False, "full fine-tuning with feature maps kept near the source's "
-     "(DELTA, Li et al. 2019)"),
+    (
+        "l2sp",
+        L2SPStrategyConfig,
+        L2SPConfig,
+        True,
+        "full fine-tuning kept near the source weights (L2-SP, Li et al. 2018)",
+    ),
+    (
+        "delta",
+        DeltaStrategyConfig,
+        DeltaConfig,
+        False,
+        "full fine-tuning with feature maps kept near the source's (DELTA, Li et al. 2019)",
+    ),
     ("bss", BSSStrategyConfig, BSSConfig, False, "full fine-tuning with batch spectral shrinkage (Chen et al. 2019)"),
 ):
-    STRATEGIES.register(_name, help=_help)(type(f"{_name}_strategy", (), {
-        "config": _config, "from_scratch": False, "plan": staticmethod(regularised_full(_name, _base, _no_wd))}))
+    STRATEGIES.register(_name, help=_help)(
+        type(
+            f"{_name}_strategy",
+            (),
+            {"config": _config, "from_scratch": False, "plan": staticmethod(regularised_full(_name, _base, _no_wd))},
+        )
+    )
 
 
 def describe_plans(plans: list[TrainPlan]) -> list[dict[str, Any]]:
     """A JSON summary of the stages (for metrics.json and the printed run)."""
-    return [{"stage": p.name, "epochs": p.epochs, "cached_features": p.cached_features,
-             "groups": {g.name: {"lr": g.lr, "params": len(g.params)} for g in p.groups},
-             "regularizers": [n for n, _ in p.regularizers]} for p in plans]
+    return [
+        {
+            "stage": p.name,
+            "epochs": p.epochs,
+            "cached_features": p.cached_features,
+            "groups": {g.name: {"lr": g.lr, "params": len(g.params)} for g in p.groups},
+            "regularizers": [n for n, _ in p.regularizers],
+        }
+        for p in plans
+    ]

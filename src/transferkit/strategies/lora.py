@@ -72,8 +72,9 @@ def inject_lora(model: SourceModel, spec: dict[str, Any]) -> None:
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
-    config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
-                        target_modules=spec["target_modules"])
+    config = LoraConfig(
+        r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=spec["target_modules"]
+    )
     try:
         LoraModel(model.backbone, config, "default")  # modifies model.backbone in place
     except ValueError as e:
@@ -99,10 +100,13 @@ def lora_plan(model: SourceModel, cfg: LoRAConfig, train: TrainConfig) -> TrainP
         targets = cfg.target_modules if cfg.target_modules is not None else default_targets(model)
         inject_lora(model, {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": targets})
     adapters = [f"backbone.{n}" for n, _ in model.backbone.named_parameters() if ".lora_" in n]
-    return TrainPlan([ParamGroup("adapters", adapters, train.lr * cfg.backbone_lr_scale, weight_decay=0.0),
-                      ParamGroup("head", head_params(model), train.lr)],
-                     frozen_modules=[n for n, m in model.named_modules()
-                                     if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+    return TrainPlan(
+        [
+            ParamGroup("adapters", adapters, train.lr * cfg.backbone_lr_scale, weight_decay=0.0),
+            ParamGroup("head", head_params(model), train.lr),
+        ],
+        frozen_modules=[n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+    )
 
 
 def lora_finish(model: SourceModel, cfg: LoRAConfig) -> None:
@@ -111,5 +115,14 @@ def lora_finish(model: SourceModel, cfg: LoRAConfig) -> None:
 
 
 STRATEGIES.register("lora", help="low-rank adapters on the backbone (peft) + the new head; merge on request")(
-    type("LoRA", (), {"config": LoRAConfig, "from_scratch": False, "plan": staticmethod(lora_plan),
-                      "finish": staticmethod(lora_finish)}))
+    type(
+        "LoRA",
+        (),
+        {
+            "config": LoRAConfig,
+            "from_scratch": False,
+            "plan": staticmethod(lora_plan),
+            "finish": staticmethod(lora_finish),
+        },
+    )
+)

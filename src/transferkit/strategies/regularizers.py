@@ -156,8 +156,15 @@ class Delta(nn.Module):
 
     needs_features = False
 
-    def __init__(self, source: nn.Module, layers: list[str], reference: dict[str, torch.Tensor], alpha: float,
-                 beta: float, attention: bool = False):
+    def __init__(
+        self,
+        source: nn.Module,
+        layers: list[str],
+        reference: dict[str, torch.Tensor],
+        alpha: float,
+        beta: float,
+        attention: bool = False,
+    ):
         super().__init__()
         object.__setattr__(self, "source", source)  # not a submodule: not moved, saved or wrapped with the model
         source.eval().requires_grad_(False)
@@ -175,8 +182,11 @@ class Delta(nn.Module):
                 module = backbone.get_submodule(name)
             except AttributeError as e:
                 raise ValueError(f"delta layer '{name}' is not a module of the backbone") from e
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, n=name: store.__setitem__(n, o[0] if isinstance(o, tuple) else o)))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, i, o, n=name: store.__setitem__(n, o[0] if isinstance(o, tuple) else o)
+                )
+            )
         return handles
 
     @torch.no_grad()
@@ -202,6 +212,7 @@ class Delta(nn.Module):
             channels = self._source_maps(x[:1])[name].shape[1]
             increase = torch.zeros(channels)
             for c in range(channels):
+
                 def drop(m: nn.Module, i: Any, o: torch.Tensor, c: int = c) -> torch.Tensor:
                     o = o.clone()
                     o[:, c] = 0
@@ -222,17 +233,26 @@ class Delta(nn.Module):
             self._hook(target.backbone, self._maps)
             self._hooked = target
 
-    def forward(self, model: nn.Module, features: torch.Tensor | None = None, *,
-                inputs: torch.Tensor | dict[str, torch.Tensor], targets: torch.Tensor | None = None,
-                **batch: Any) -> torch.Tensor:
+    def forward(
+        self,
+        model: nn.Module,
+        features: torch.Tensor | None = None,
+        *,
+        inputs: torch.Tensor | dict[str, torch.Tensor],
+        targets: torch.Tensor | None = None,
+        **batch: Any,
+    ) -> torch.Tensor:
         target = unwrap(model)
         tokens = isinstance(inputs, dict)  # a tokenized batch: hidden units are the last dimension
         if self.weights is None:
             if self.attention and tokens:
-                raise ValueError("delta attention weighs the channels of convolutional feature maps; for a text "
-                                 "backbone use delta without attention")
-            self.weights = (self._channel_attention(target.head, inputs, targets) if self.attention and
-                            targets is not None else {})
+                raise ValueError(
+                    "delta attention weighs the channels of convolutional feature maps; for a text "
+                    "backbone use delta without attention"
+                )
+            self.weights = (
+                self._channel_attention(target.head, inputs, targets) if self.attention and targets is not None else {}
+            )
         device = next(target.parameters()).device  # where the inputs and the target's maps are
         if next(self.source.parameters()).device != device:
             self.source.to(device)
@@ -264,12 +284,17 @@ def default_delta_layers(backbone: nn.Module) -> list[str]:
 # name -> (config dataclass, builder(config, reference, source backbone) -> penalty module)
 REGULARIZERS: Registry[tuple[type, Callable[..., nn.Module]]] = Registry("regularizer")
 REGULARIZERS.register("l2sp", help="pull transferred weights towards the source (Li et al. 2018)")(
-    (L2SPConfig, lambda c, ref, src: L2SP(ref, c.alpha, c.beta)))
+    (L2SPConfig, lambda c, ref, src: L2SP(ref, c.alpha, c.beta))
+)
 REGULARIZERS.register("bss", help="shrink the smallest singular values of batch features (Chen et al. 2019)")(
-    (BSSConfig, lambda c, ref, src: BSS(c.k, c.weight)))
+    (BSSConfig, lambda c, ref, src: BSS(c.k, c.weight))
+)
 REGULARIZERS.register("delta", help="keep feature maps near the frozen source's (Li et al. 2019)")(
-    (DeltaConfig, lambda c, ref, src: Delta(src, c.layers or default_delta_layers(src), ref, c.alpha, c.beta,
-                                            c.attention)))
+    (
+        DeltaConfig,
+        lambda c, ref, src: Delta(src, c.layers or default_delta_layers(src), ref, c.alpha, c.beta, c.attention),
+    )
+)
 
 
 def regularizer_config(spec: str | dict[str, Any]) -> tuple[str, Any]:
@@ -280,16 +305,18 @@ def regularizer_config(spec: str | dict[str, Any]) -> tuple[str, Any]:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise RecipeError(f"regularizer '{name}' has no option(s) {unknown}; valid options: "
-                          f"{', '.join(sorted(fields))}")
+        raise RecipeError(
+            f"regularizer '{name}' has no option(s) {unknown}; valid options: {', '.join(sorted(fields))}"
+        )
     try:
         return name, config_cls(**options)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"regularizer '{name}': {e}") from e
 
 
-def build_penalties(specs: list[tuple[str, dict[str, Any]]], reference: dict[str, torch.Tensor],
-                    source: nn.Module | None = None) -> list[nn.Module]:
+def build_penalties(
+    specs: list[tuple[str, dict[str, Any]]], reference: dict[str, torch.Tensor], source: nn.Module | None = None
+) -> list[nn.Module]:
     """Penalty modules for ``specs``; ``source`` is the frozen source backbone (needed by ``delta``)."""
     out = []
     for name, options in specs:

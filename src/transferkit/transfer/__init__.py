@@ -10,8 +10,9 @@ import torch
 from transferkit.models.base import SourceModel, build_backbone
 
 
-def build_target(source: SourceModel, labels: list[str], pretrained: bool = True, seed: int = 0,
-                 head_dropout: float = 0.0) -> SourceModel:
+def build_target(
+    source: SourceModel, labels: list[str], pretrained: bool = True, seed: int = 0, head_dropout: float = 0.0
+) -> SourceModel:
     """The source backbone with a new linear head for ``labels``.
 
     Args:
@@ -30,14 +31,22 @@ def build_target(source: SourceModel, labels: list[str], pretrained: bool = True
         target.origin = dict(source.origin)
     else:
         bb = build_backbone(source.arch, pretrained=False)
-        target = SourceModel(bb.module, torch.nn.Identity(), source.arch, dict(source.preprocess), None,
-                             source.num_features, source.groups)
+        target = SourceModel(
+            bb.module,
+            torch.nn.Identity(),
+            source.arch,
+            dict(source.preprocess),
+            None,
+            source.num_features,
+            source.groups,
+        )
         target.processor = source.processor
         target.origin = {}
     source_head = source.head_spec() if any(isinstance(m, torch.nn.Linear) for m in source.head.modules()) else None
     target.reset_head(len(labels), list(labels), head_dropout)
-    target.report = transfer_report(target, source_name=_source_name(source), source_head=source_head,
-                                    pretrained=pretrained)
+    target.report = transfer_report(
+        target, source_name=_source_name(source), source_head=source_head, pretrained=pretrained
+    )
     return target
 
 
@@ -46,8 +55,9 @@ def _source_name(source: SourceModel) -> str:
     return first.rsplit(":", 1)[0] if first else f"{source.arch['family']}:{source.arch['name']}"
 
 
-def transfer_report(target: SourceModel, source_name: str, source_head: dict[str, Any] | None,
-                    pretrained: bool) -> dict[str, Any]:
+def transfer_report(
+    target: SourceModel, source_name: str, source_head: dict[str, Any] | None, pretrained: bool
+) -> dict[str, Any]:
     """Every target tensor: transferred (from which source tensor, how) or fresh (and why)."""
     rows = []
     for name, tensor in target.state_dict().items():
@@ -74,8 +84,13 @@ def transfer_report(target: SourceModel, source_name: str, source_head: dict[str
     return {
         "source": source_name,
         "target": f"{target.arch['family']}:{target.arch['name']} + linear head ({head['num_classes']} classes)",
-        "summary": {"tensors": len(rows), "transferred": len(moved), "fresh": len(rows) - len(moved),
-                    "params_transferred": p_moved, "params_fresh": p_all - p_moved,
-                    "coverage": p_moved / p_all if p_all else 0.0},
+        "summary": {
+            "tensors": len(rows),
+            "transferred": len(moved),
+            "fresh": len(rows) - len(moved),
+            "params_transferred": p_moved,
+            "params_fresh": p_all - p_moved,
+            "coverage": p_moved / p_all if p_all else 0.0,
+        },
         "tensors": rows,
     }

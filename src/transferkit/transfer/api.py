@@ -57,8 +57,15 @@ class _Source:
     ``dropped`` lists the source tensors left out before matching (blocks a shallower target does not take).
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], name: str, groups: dict[str, str] | None = None,
-                 labels: list[str] | None = None, head: Sequence[str] = (), order: str = "as stored"):
+    def __init__(
+        self,
+        state: dict[str, torch.Tensor],
+        name: str,
+        groups: dict[str, str] | None = None,
+        labels: list[str] | None = None,
+        head: Sequence[str] = (),
+        order: str = "as stored",
+    ):
         self.state, self.name, self.groups, self.labels, self.head = state, name, groups, labels, list(head)
         self.order = order
         self.original: dict[str, str] = {}
@@ -135,7 +142,7 @@ def _hf_order(folder: Path, state: Mapping[str, torch.Tensor]) -> tuple[list[str
         return None
     names = list(model.state_dict())
     prefix = f"{getattr(model, 'base_model_prefix', '')}."  # a head model's file saved from its base model
-    stripped = [n[len(prefix):] if n.startswith(prefix) else n for n in names]
+    stripped = [n[len(prefix) :] if n.startswith(prefix) else n for n in names]
     names = max(names, stripped, key=lambda ns: len(set(ns) & set(state)))
     known = set(names) & set(state)
     if len(known) < len(state) / 2:
@@ -177,12 +184,19 @@ def read_source(source: Any) -> _Source:
     else:
         label = None
     if isinstance(source, SourceModel):
-        return _Source(source.state_dict(), str(label or source_label(source)), _state_groups(source), source.labels,
-                       _head_names(source))
+        return _Source(
+            source.state_dict(),
+            str(label or source_label(source)),
+            _state_groups(source),
+            source.labels,
+            _head_names(source),
+        )
     if isinstance(source, nn.Module):
         return _Source(source.state_dict(), type(source).__name__, None, None, _head_names(source))
-    raise TransferError(f"cannot use a {type(source).__name__} as a transfer source: give a source name, a weights "
-                        "file, a model folder, an nn.Module or a state_dict")
+    raise TransferError(
+        f"cannot use a {type(source).__name__} as a transfer source: give a source name, a weights "
+        "file, a model folder, an nn.Module or a state_dict"
+    )
 
 
 def model_from_arch(arch: Mapping[str, Any]) -> SourceModel:
@@ -198,9 +212,10 @@ def model_from_arch(arch: Mapping[str, Any]) -> SourceModel:
     try:
         model = _from_backbone(build_backbone(arch, pretrained=False), arch, None)
     except TypeError as e:  # timm passes unknown keyword arguments down to the model class
-        raise TransferError(f"cannot build {arch['family']}:{arch['name']} with {arch['kwargs']}: {e}. Drop the "
-                            "architecture arguments this model does not take (img_size is for ViT-style models)"
-                            ) from e
+        raise TransferError(
+            f"cannot build {arch['family']}:{arch['name']} with {arch['kwargs']}: {e}. Drop the "
+            "architecture arguments this model does not take (img_size is for ViT-style models)"
+        ) from e
     pre, kw = model.preprocess, arch["kwargs"]
     chans = int(kw.get("in_chans", 0))
     if chans and "mean" in pre and chans != len(pre["mean"]):
@@ -232,8 +247,10 @@ def build_target_model(target: Any, kwargs: Mapping[str, Any] | None = None) -> 
         return target
     if callable(target):
         if kwargs:
-            raise TransferError(f"architecture arguments {dict(kwargs)} apply to family:NAME targets; a builder "
-                                "takes its own arguments (functools.partial)")
+            raise TransferError(
+                f"architecture arguments {dict(kwargs)} apply to family:NAME targets; a builder "
+                "takes its own arguments (functools.partial)"
+            )
         model = target()
         if not isinstance(model, nn.Module):
             raise TransferError(f"the target builder returned a {type(model).__name__}, not an nn.Module")
@@ -268,7 +285,7 @@ def block_stack(names: Sequence[str]) -> tuple[str, list[int]] | None:
     stacks: dict[str, set[int]] = {}
     for n in names:
         for m in re.finditer(r"(?:^|\.)(\d+)(?=\.)", n):
-            stacks.setdefault(n[:m.start()], set()).add(int(m.group(1)))
+            stacks.setdefault(n[: m.start()], set()).add(int(m.group(1)))
     if not stacks:
         return None
     ranked = sorted(stacks, key=lambda p: (-len(stacks[p]), len(p)))
@@ -277,9 +294,11 @@ def block_stack(names: Sequence[str]) -> tuple[str, list[int]] | None:
     # stack wins; two separate stacks (ResNet's layer1, layer2) are
     rivals = [p for p in ranked[1:] if len(stacks[p]) == len(stacks[best]) and not p.startswith(f"{best}.")]
     if rivals:
-        raise TransferError(f"the blocks to choose from are ambiguous: '{best}' and '{rivals[0]}' both hold "
-                            f"{len(stacks[best])} numbered blocks. source_blocks works on a model with one stack of "
-                            "repeated blocks (BERT's encoder.layer, a ViT's blocks); rename with rules instead.")
+        raise TransferError(
+            f"the blocks to choose from are ambiguous: '{best}' and '{rivals[0]}' both hold "
+            f"{len(stacks[best])} numbered blocks. source_blocks works on a model with one stack of "
+            "repeated blocks (BERT's encoder.layer, a ViT's blocks); rename with rules instead."
+        )
     return best, sorted(stacks[best])
 
 
@@ -299,9 +318,11 @@ def _take_source_blocks(src: _Source, target_names: Sequence[str], how: str | Se
         taken = [int(i) for i in how]
         bad = [i for i in taken if i not in s_idx]
         if bad or len(taken) != len(t_idx):
-            raise TransferError(f"source_blocks {taken}: the source stack '{s_prefix}' has blocks {s_idx} and the "
-                                f"target stack '{t_prefix}' has {len(t_idx)}; give {len(t_idx)} of the source's "
-                                f"blocks" + (f" ({bad} do not exist)" if bad else ""))
+            raise TransferError(
+                f"source_blocks {taken}: the source stack '{s_prefix}' has blocks {s_idx} and the "
+                f"target stack '{t_prefix}' has {len(t_idx)}; give {len(t_idx)} of the source's "
+                f"blocks" + (f" ({bad} do not exist)" if bad else "")
+            )
     new_index = {i: k for k, i in enumerate(taken)}
     lead = f"{s_prefix}." if s_prefix else ""
     rx = re.compile(rf"^{re.escape(lead)}(\d+)\.(.+)$")
@@ -323,8 +344,14 @@ def _take_source_blocks(src: _Source, target_names: Sequence[str], how: str | Se
     if src.groups:
         src.groups = {n: src.groups.get(src.orig(n), "(ungrouped)") for n in state}
     src.state = state
-    return {"source_stack": s_prefix, "target_stack": t_prefix, "source_blocks": len(s_idx),
-            "target_blocks": len(t_idx), "taken": taken, "how": how if isinstance(how, str) else "explicit"}
+    return {
+        "source_stack": s_prefix,
+        "target_stack": t_prefix,
+        "source_blocks": len(s_idx),
+        "target_blocks": len(t_idx),
+        "taken": taken,
+        "how": how if isinstance(how, str) else "explicit",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,8 +361,15 @@ def _take_source_blocks(src: _Source, target_names: Sequence[str], how: str | Se
 class _Adapter:
     """Knows which target tensors surgery can adapt (first convolution, position embeddings, head by labels)."""
 
-    def __init__(self, target: nn.Module, state: dict[str, torch.Tensor], source: _Source,
-                 labels: list[str] | None, resize: bool, widen: bool = False):
+    def __init__(
+        self,
+        target: nn.Module,
+        state: dict[str, torch.Tensor],
+        source: _Source,
+        labels: list[str] | None,
+        resize: bool,
+        widen: bool = False,
+    ):
         self.state, self.source, self.labels, self.resize, self.widen = state, source, labels, resize, widen
         self.first_conv = next((n for n, t in state.items() if t.dim() == 4 and n.endswith("weight")), None)
         self.head = set(_head_names(target))
@@ -345,8 +379,9 @@ class _Adapter:
 
     def is_pos_embed(self, name: str) -> bool:
         if name not in self._pos:
-            self._pos[name] = name.rsplit(".", 1)[-1] in POS_EMBED_NAMES or \
-                normalize(name).endswith("position_embeddings.weight")
+            self._pos[name] = name.rsplit(".", 1)[-1] in POS_EMBED_NAMES or normalize(name).endswith(
+                "position_embeddings.weight"
+            )
         return self._pos[name]
 
     def adaptable(self, sname: str, ss: tuple[int, ...], tname: str, ts: tuple[int, ...]) -> bool:
@@ -383,16 +418,22 @@ class _Adapter:
             out = resize_pos_embed(src, (side, side), prefix_tokens(ss[1]))
             if out.shape[1] != ts[1]:
                 return None
-            return out, f"interpolated (bicubic) {ss[1] - p}->{ts[1] - p} grid tokens, {p} prefix token(s) kept", \
-                out.numel()
+            return (
+                out,
+                f"interpolated (bicubic) {ss[1] - p}->{ts[1] - p} grid tokens, {p} prefix token(s) kept",
+                out.numel(),
+            )
         if len(ts) == 2 and ss == ts[::-1]:
             return src.t(), "transposed", dst.numel()  # a view, read by the copy
         if tname in self.head and self.head_by_labels and ss[1:] == ts[1:]:
             rows_src, rows_dst = src.reshape(ss[0], -1), dst.reshape(ts[0], -1)
             w, _, pairs = head_from_labels(rows_src, None, self.source.labels or [], rows_dst, None, self.labels or [])
             shared = [self.labels[t] for t, _ in pairs]  # type: ignore[index]
-            return w.reshape(ts), f"rows for {len(pairs)} shared label(s) from the source head ({', '.join(shared)})" \
-                , len(pairs) * rows_dst.shape[1]
+            return (
+                w.reshape(ts),
+                f"rows for {len(pairs)} shared label(s) from the source head ({', '.join(shared)})",
+                len(pairs) * rows_dst.shape[1],
+            )
         out, how = slice_or_tile(src, ts)
         return out, how, dst.numel()
 
@@ -412,11 +453,21 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Sequence[Mapping[str, str]] | None = None,
-             strict: bool = False, methods: Sequence[str] = METHODS, labels: Sequence[str] | None = None,
-             extra_blocks: str = "fresh", source_blocks: str | Sequence[int] | None = None, resize: bool = False,
-             target_kwargs: Mapping[str, Any] | None = None, seed: int = 0,
-             widen: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def transfer(
+    source: Any,
+    target: Any | Callable[[], nn.Module],
+    *,
+    rules: Sequence[Mapping[str, str]] | None = None,
+    strict: bool = False,
+    methods: Sequence[str] = METHODS,
+    labels: Sequence[str] | None = None,
+    extra_blocks: str = "fresh",
+    source_blocks: str | Sequence[int] | None = None,
+    resize: bool = False,
+    target_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    widen: str | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Move every source weight that fits into the target; return the target and the transfer report.
 
     Args:
@@ -478,8 +529,16 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
     blocks = _take_source_blocks(src, list(state), source_blocks) if source_blocks is not None else None
     adapter = _Adapter(model, state, src, list(labels) if labels is not None else None, resize, chain is not None)
     tgt_groups = _state_groups(model) if isinstance(model, SourceModel) and src.groups else None
-    result = match_state_dicts(src.state, state, rules=rules, methods=methods, source_groups=src.groups,
-                               target_groups=tgt_groups, adaptable=adapter.adaptable, strict=strict)
+    result = match_state_dicts(
+        src.state,
+        state,
+        rules=rules,
+        methods=methods,
+        source_groups=src.groups,
+        target_groups=tgt_groups,
+        adaptable=adapter.adaptable,
+        strict=strict,
+    )
 
     # adapt every pair before touching the target: an impossible pair leaves the target as it was
     moved: dict[str, tuple[torch.Tensor, str, int]] = {}
@@ -528,8 +587,9 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
                 continue
             zeroed = identity_init_block(block)
             for n in names:
-                identity[n] = f"extra block '{bname}', initialised as the identity (net2net-deeper: zeroed " \
-                              f"{', '.join(zeroed)})"
+                identity[n] = (
+                    f"extra block '{bname}', initialised as the identity (net2net-deeper: zeroed {', '.join(zeroed)})"
+                )
 
     applied = {t: (how, carried) for t, (_, how, carried) in moved.items()}
     del moved  # the adapted tensors: their values now live in the target
@@ -540,8 +600,13 @@ def transfer(source: Any, target: Any | Callable[[], nn.Module], *, rules: Seque
     return model, report
 
 
-def transfer_step(source: SourceModel, cfg: TransferConfig | Mapping[str, Any], labels: Sequence[str] | None,
-                  seed: int = 0, pretrained: bool = True) -> SourceModel:
+def transfer_step(
+    source: SourceModel,
+    cfg: TransferConfig | Mapping[str, Any],
+    labels: Sequence[str] | None,
+    seed: int = 0,
+    pretrained: bool = True,
+) -> SourceModel:
     """The recipe's ``transfer:`` step: the target ``cfg`` describes, initialised from ``source``, ready to train.
 
     The target is ``cfg.target`` (default: the source's own architecture) built with ``cfg``'s architecture
@@ -581,19 +646,33 @@ def transfer_step(source: SourceModel, cfg: TransferConfig | Mapping[str, Any], 
             model.reset_head(len(labels), list(labels))
         model.report = transfer_report(model, source_name=source_label(source), source_head=None, pretrained=False)
     else:
-        model, _ = transfer(source, target, rules=cfg.rules or None, strict=cfg.strict, methods=cfg.methods,
-                            labels=labels, extra_blocks=cfg.extra_blocks, source_blocks=cfg.source_blocks,
-                            resize=cfg.resize, target_kwargs=kwargs, seed=seed, widen=cfg.widen)
+        model, _ = transfer(
+            source,
+            target,
+            rules=cfg.rules or None,
+            strict=cfg.strict,
+            methods=cfg.methods,
+            labels=labels,
+            extra_blocks=cfg.extra_blocks,
+            source_blocks=cfg.source_blocks,
+            resize=cfg.resize,
+            target_kwargs=kwargs,
+            seed=seed,
+            widen=cfg.widen,
+        )
     if not isinstance(model, SourceModel):
-        raise TransferError(f"transfer.target '{cfg.target}' did not give a transferkit model; use timm:NAME, "
-                            "torchvision:NAME, hf:NAME or a model folder")
+        raise TransferError(
+            f"transfer.target '{cfg.target}' did not give a transferkit model; use timm:NAME, "
+            "torchvision:NAME, hf:NAME or a model folder"
+        )
     if getattr(model, "processor", None) is None:
         model.processor = getattr(source, "processor", None)  # a tokenizer follows the weights
     return model
 
 
-def _head_reason(name: str, tensor: torch.Tensor, src: _Source, head_fresh: dict[str, str],
-                 labels: Sequence[str] | None) -> str:
+def _head_reason(
+    name: str, tensor: torch.Tensor, src: _Source, head_fresh: dict[str, str], labels: Sequence[str] | None
+) -> str:
     """Why a classifier tensor of the target stays fresh."""
     was = f" '{src.orig(head_fresh[name])}' {tuple(src.state[head_fresh[name]].shape)}" if name in head_fresh else ""
     if labels is not None:  # a new head was asked for
@@ -607,10 +686,19 @@ def _head_reason(name: str, tensor: torch.Tensor, src: _Source, head_fresh: dict
     return f"the target's classifier ({tensor.shape[0]} outputs); no source classifier tensor fits it ({parts})"
 
 
-def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, result: Any,
-            applied: dict[str, tuple[str, int]], head_fresh: dict[str, str], identity: dict[str, str],
-            labels: Sequence[str] | None, strict: bool, rules: Sequence[Mapping[str, str]] | None,
-            blocks: dict[str, Any] | None = None) -> dict[str, Any]:
+def _report(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    src: _Source,
+    result: Any,
+    applied: dict[str, tuple[str, int]],
+    head_fresh: dict[str, str],
+    identity: dict[str, str],
+    labels: Sequence[str] | None,
+    strict: bool,
+    rules: Sequence[Mapping[str, str]] | None,
+    blocks: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     params = {n for n, _ in model.named_parameters()}
     head = set(_head_names(model))
     rows = []
@@ -636,13 +724,17 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
                 row["reason"] = "no matching source tensor"
         rows.append(row)
     p_all = sum(r["numel"] for r in rows if r["name"] in params)
-    p_moved = sum(r.get("numel_transferred", r["numel"]) for r in rows
-                  if r["status"] == "transferred" and r["name"] in params)
+    p_moved = sum(
+        r.get("numel_transferred", r["numel"]) for r in rows if r["status"] == "transferred" and r["name"] in params
+    )
     n_moved = sum(r["status"] == "transferred" for r in rows)
     arch = getattr(model, "arch", None)
-    ambiguities = [a if a["level"] == "group" else
-                   {**a, "chosen": src.orig(a["chosen"]), "candidates": [src.orig(c) for c in a["candidates"]]}
-                   for a in result.ambiguities]
+    ambiguities = [
+        a
+        if a["level"] == "group"
+        else {**a, "chosen": src.orig(a["chosen"]), "candidates": [src.orig(c) for c in a["candidates"]]}
+        for a in result.ambiguities
+    ]
     unused = [src.orig(n) for n in result.unused_source] + src.dropped
     report = {
         "source": src.name,
@@ -651,11 +743,18 @@ def _report(model: nn.Module, state: dict[str, torch.Tensor], src: _Source, resu
         "rules": list(rules or []),
         "strict": strict,
         "source_order": src.order,
-        "summary": {"tensors": len(rows), "transferred": n_moved, "fresh": len(rows) - n_moved,
-                    "params_transferred": p_moved, "params_fresh": p_all - p_moved,
-                    "coverage": p_moved / p_all if p_all else 0.0, "matched_by": result.counts(),
-                    "transforms": dict(Counter(r["transform"].split(" ")[0] for r in rows if "transform" in r)),
-                    "ambiguities": len(ambiguities), "source_tensors_unused": len(unused)},
+        "summary": {
+            "tensors": len(rows),
+            "transferred": n_moved,
+            "fresh": len(rows) - n_moved,
+            "params_transferred": p_moved,
+            "params_fresh": p_all - p_moved,
+            "coverage": p_moved / p_all if p_all else 0.0,
+            "matched_by": result.counts(),
+            "transforms": dict(Counter(r["transform"].split(" ")[0] for r in rows if "transform" in r)),
+            "ambiguities": len(ambiguities),
+            "source_tensors_unused": len(unused),
+        },
         "ambiguities": ambiguities,
         "unused_source": unused,
         "tensors": rows,
@@ -679,20 +778,27 @@ def format_report(report: Mapping[str, Any], max_rows: int = 40) -> str:
     ]
     if report.get("source_blocks"):
         b = report["source_blocks"]
-        lines.append(f"source blocks: {b['target_blocks']} of {b['source_blocks']} taken ({b['how']}): "
-                     f"'{b['source_stack']}' {', '.join(map(str, b['taken']))} -> '{b['target_stack']}' "
-                     f"{', '.join(map(str, range(len(b['taken']))))}")
+        lines.append(
+            f"source blocks: {b['target_blocks']} of {b['source_blocks']} taken ({b['how']}): "
+            f"'{b['source_stack']}' {', '.join(map(str, b['taken']))} -> '{b['target_stack']}' "
+            f"{', '.join(map(str, range(len(b['taken']))))}"
+        )
     if report["ambiguities"]:
         lines.append(f"ambiguous pairings ({len(report['ambiguities'])}; chosen as shown, strict would refuse):")
-        lines += [f"  {a['level']} {a['target']}: chose {a['chosen']} among {a['candidates']}"
-                  for a in report["ambiguities"][:max_rows]]
+        lines += [
+            f"  {a['level']} {a['target']}: chose {a['chosen']} among {a['candidates']}"
+            for a in report["ambiguities"][:max_rows]
+        ]
     else:
         lines.append("ambiguous pairings: none")
     changed = [r for r in report["tensors"] if r["status"] == "transferred" and r["transform"] != "copied"]
     if changed:
         lines.append("adapted tensors:")
-        lines += [f"  {r['name']} {tuple(r['shape'])} <- {r['from']} {tuple(r.get('source_shape', r['shape']))}: "
-                  f"{r['transform']}" for r in changed[:max_rows]]
+        lines += [
+            f"  {r['name']} {tuple(r['shape'])} <- {r['from']} {tuple(r.get('source_shape', r['shape']))}: "
+            f"{r['transform']}"
+            for r in changed[:max_rows]
+        ]
     fresh = [r for r in report["tensors"] if r["status"] == "fresh" and r["reason"] != BOOKKEEPING]
     counters = sum(r["status"] == "fresh" and r["reason"] == BOOKKEEPING for r in report["tensors"])
     if fresh:
@@ -728,9 +834,11 @@ def save_transfer(model: nn.Module, report: Mapping[str, Any], out: str | Path, 
     out = Path(out)
     hf = callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
     if not isinstance(model, SourceModel) and not hf:
-        raise TransferError(f"cannot save a {type(model).__name__} target: save_transfer writes transferkit models "
-                            "(targets built from a spec such as timm:NAME) and transformers models "
-                            "(save_pretrained); save this one with torch.save(model.state_dict()) and keep the report")
+        raise TransferError(
+            f"cannot save a {type(model).__name__} target: save_transfer writes transferkit models "
+            "(targets built from a spec such as timm:NAME) and transformers models "
+            "(save_pretrained); save this one with torch.save(model.state_dict()) and keep the report"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RunDirError(f"'{out}' is not empty; choose another --out or pass --overwrite")
 

@@ -32,26 +32,44 @@ class TransferConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    target: str | None = Field(default=None, description="target architecture (timm:NAME, torchvision:NAME, hf:NAME); "
-                               "default: the source's own architecture")
-    in_chans: int | None = Field(default=None, ge=1, description="input channels of the target (1 = grey images: "
-                                 "the first convolution summed over RGB; N: repeated and scaled)")
-    img_size: int | None = Field(default=None, ge=8, description="input size of a ViT-style target (position "
-                                 "embeddings resized); set data.image_size to the same or leave it unset")
+    target: str | None = Field(
+        default=None,
+        description="target architecture (timm:NAME, torchvision:NAME, hf:NAME); "
+        "default: the source's own architecture",
+    )
+    in_chans: int | None = Field(
+        default=None,
+        ge=1,
+        description="input channels of the target (1 = grey images: "
+        "the first convolution summed over RGB; N: repeated and scaled)",
+    )
+    img_size: int | None = Field(
+        default=None,
+        ge=8,
+        description="input size of a ViT-style target (position "
+        "embeddings resized); set data.image_size to the same or leave it unset",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="other architecture arguments, e.g. {depth: 6}")
     rules: list[dict[str, str]] = Field(default_factory=list, description="regex renames [{from: REGEX, to: REPL}]")
     methods: list[Literal["names", "rules", "structure"]] = Field(
-        default_factory=lambda: ["names", "rules", "structure"], min_length=1, description="matching passes, in order")
+        default_factory=lambda: ["names", "rules", "structure"], min_length=1, description="matching passes, in order"
+    )
     strict: bool = Field(default=False, description="an ambiguous structural pairing is an error")
-    extra_blocks: Literal["fresh", "identity"] = Field(default="fresh", description="target blocks that get no "
-                                                       "weights: random, or the identity (net2net-deeper)")
+    extra_blocks: Literal["fresh", "identity"] = Field(
+        default="fresh", description="target blocks that get no weights: random, or the identity (net2net-deeper)"
+    )
     source_blocks: Literal["every_other", "uniform", "first", "last"] | list[int] | None = Field(
-        default=None, description="a shallower target takes these source blocks (or explicit indices)")
-    resize: bool = Field(default=False, description="slice/tile same-role tensors of other shapes (an initialisation, "
-                         "not exact)")
-    widen: Literal["net2net"] | None = Field(default=None, description="net2net: a wider target copies channels "
-                                             "(function-preserving), a narrower one keeps the largest by weight "
-                                             "norm; plain Linear/Conv(+BatchNorm) chains only")
+        default=None, description="a shallower target takes these source blocks (or explicit indices)"
+    )
+    resize: bool = Field(
+        default=False, description="slice/tile same-role tensors of other shapes (an initialisation, not exact)"
+    )
+    widen: Literal["net2net"] | None = Field(
+        default=None,
+        description="net2net: a wider target copies channels "
+        "(function-preserving), a narrower one keeps the largest by weight "
+        "norm; plain Linear/Conv(+BatchNorm) chains only",
+    )
 
     @field_validator("rules")
     @classmethod

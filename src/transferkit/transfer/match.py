@@ -78,7 +78,7 @@ def normalize(name: str, prefixes: Sequence[str] = PREFIXES) -> str:
         changed = False
         for p in prefixes:
             if name.startswith(p) and len(name) > len(p):
-                name, changed = name[len(p):], True
+                name, changed = name[len(p) :], True
     return name
 
 
@@ -126,8 +126,10 @@ def apply_rules(names: Sequence[str], rules: Sequence[Mapping[str, str] | Sequen
         hits = [n for n, cur in current.items() if rx.search(cur)]
         if not hits:
             sample = ", ".join(list(current.values())[:4])
-            raise RecipeError(f"transfer rule {i} ({rx.pattern!r} -> {repl!r}) matches no source tensor name "
-                              f"(names look like: {sample})")
+            raise RecipeError(
+                f"transfer rule {i} ({rx.pattern!r} -> {repl!r}) matches no source tensor name "
+                f"(names look like: {sample})"
+            )
         for n in hits:
             current[n] = rx.sub(repl, current[n])
     return current
@@ -142,8 +144,11 @@ def role(name: str, shape: Shape) -> tuple[str, int]:
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor | Sequence[int]]) -> dict[str, Shape]:
-    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in tensors.items()
-            if not k.endswith("num_batches_tracked")}  # a step counter, not knowledge
+    return {
+        k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+        for k, v in tensors.items()
+        if not k.endswith("num_batches_tracked")
+    }  # a step counter, not knowledge
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,8 +223,9 @@ def align(score: list[list[int | None]]) -> tuple[int, list[tuple[int, int]], di
     return best, pairs[::-1], ambiguous
 
 
-def _tensor_scores(src: list[tuple[str, Shape]], tgt: list[tuple[str, Shape]],
-                   adaptable: Adaptable | None) -> list[list[int | None]]:
+def _tensor_scores(
+    src: list[tuple[str, Shape]], tgt: list[tuple[str, Shape]], adaptable: Adaptable | None
+) -> list[list[int | None]]:
     by_role: dict[tuple[str, int], list[int]] = {}  # only same-role pairs can score: visit those alone
     for j, (tn, ts) in enumerate(tgt):
         by_role.setdefault(role(tn, ts), []).append(j)
@@ -273,9 +279,13 @@ def _groups(names: list[str], groups: Mapping[str, str] | None) -> list[tuple[st
     return out
 
 
-def _align_structure(src: dict[str, Shape], tgt: dict[str, Shape], src_groups: Mapping[str, str] | None,
-                     tgt_groups: Mapping[str, str] | None, adaptable: Adaptable | None
-                     ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+def _align_structure(
+    src: dict[str, Shape],
+    tgt: dict[str, Shape],
+    src_groups: Mapping[str, str] | None,
+    tgt_groups: Mapping[str, str] | None,
+    adaptable: Adaptable | None,
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """{target: source} from the structural alignment, and the ambiguities met."""
     src = {n: src[n] for n in canonical_order(list(src))}
     tgt = {n: tgt[n] for n in canonical_order(list(tgt))}
@@ -296,9 +306,14 @@ def _align_structure(src: dict[str, Shape], tgt: dict[str, Shape], src_groups: M
     ambiguities = []
     chosen_g = {c: a for a, c in gpairs}
     for c, options in gamb.items():
-        ambiguities.append({"level": "group", "target": tg[c][0],
-                            "chosen": sg[chosen_g[c]][0] if c in chosen_g else None,
-                            "candidates": [None if o is None else sg[o][0] for o in options]})
+        ambiguities.append(
+            {
+                "level": "group",
+                "target": tg[c][0],
+                "chosen": sg[chosen_g[c]][0] if c in chosen_g else None,
+                "candidates": [None if o is None else sg[o][0] for o in options],
+            }
+        )
     out: dict[str, str] = {}
     for a, c in gpairs:
         _, pairs, amb = inner[a, c]
@@ -307,9 +322,14 @@ def _align_structure(src: dict[str, Shape], tgt: dict[str, Shape], src_groups: M
         for i, j in pairs:
             out[t_names[j]] = s_names[i]
         for j, options in amb.items():
-            ambiguities.append({"level": "tensor", "target": t_names[j],
-                                "chosen": s_names[chosen[j]] if j in chosen else None,
-                                "candidates": [None if o is None else s_names[o] for o in options]})
+            ambiguities.append(
+                {
+                    "level": "tensor",
+                    "target": t_names[j],
+                    "chosen": s_names[chosen[j]] if j in chosen else None,
+                    "candidates": [None if o is None else s_names[o] for o in options],
+                }
+            )
     return out, ambiguities
 
 
@@ -325,12 +345,18 @@ def closest_pairs(source: Mapping[str, Shape], target: Mapping[str, Shape], k: i
     return [f"target '{tn}' {ts} ~ source '{sn}' {ss}" for _, tn, ts, sn, ss in scored[:k]]
 
 
-def match_state_dicts(source: Mapping[str, torch.Tensor | Sequence[int]],
-                      target: Mapping[str, torch.Tensor | Sequence[int]], *,
-                      rules: Sequence[Mapping[str, str]] | None = None, methods: Sequence[str] = METHODS,
-                      source_groups: Mapping[str, str] | None = None, target_groups: Mapping[str, str] | None = None,
-                      adaptable: Adaptable | None = None, strict: bool = False,
-                      prefixes: Sequence[str] = PREFIXES) -> MatchResult:
+def match_state_dicts(
+    source: Mapping[str, torch.Tensor | Sequence[int]],
+    target: Mapping[str, torch.Tensor | Sequence[int]],
+    *,
+    rules: Sequence[Mapping[str, str]] | None = None,
+    methods: Sequence[str] = METHODS,
+    source_groups: Mapping[str, str] | None = None,
+    target_groups: Mapping[str, str] | None = None,
+    adaptable: Adaptable | None = None,
+    strict: bool = False,
+    prefixes: Sequence[str] = PREFIXES,
+) -> MatchResult:
     """Pair target tensors with source tensors: names, then rules, then structure (see the module docstring).
 
     Args:
@@ -383,14 +409,19 @@ def match_state_dicts(source: Mapping[str, torch.Tensor | Sequence[int]],
     if not result.pairs and src and tgt:
         raise TransferError(
             f"the source ({len(src)} tensors) and the target ({len(tgt)} tensors) have nothing in common by "
-            f"{', '.join(result.methods)}. Closest pairs found:\n  " + "\n  ".join(closest_pairs(src, tgt))
+            f"{', '.join(result.methods)}. Closest pairs found:\n  "
+            + "\n  ".join(closest_pairs(src, tgt))
             + "\nAdd rename rules ({from: REGEX, to: REPLACEMENT}) or check that these are the models you meant."
         )
     if strict and result.ambiguities:
-        lines = [f"{a['level']} '{a['target']}': candidates {a['candidates']} (chose {a['chosen']})"
-                 for a in result.ambiguities[:10]]
-        raise TransferError(f"{len(result.ambiguities)} ambiguous pairing(s) under strict matching (None = leave "
-                            "fresh):\n  " + "\n  ".join(lines) + "\nAdd rename rules to decide, or strict=false to "
-                            "accept the reported choice.")
+        lines = [
+            f"{a['level']} '{a['target']}': candidates {a['candidates']} (chose {a['chosen']})"
+            for a in result.ambiguities[:10]
+        ]
+        raise TransferError(
+            f"{len(result.ambiguities)} ambiguous pairing(s) under strict matching (None = leave "
+            "fresh):\n  " + "\n  ".join(lines) + "\nAdd rename rules to decide, or strict=false to "
+            "accept the reported choice."
+        )
     result.unused_source = [n for n in src if n not in taken]
     return result

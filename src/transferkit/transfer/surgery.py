@@ -31,9 +31,14 @@ def _label_key(label: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(label)).strip().lower()
 
 
-def head_from_labels(source_weight: torch.Tensor, source_bias: torch.Tensor | None, source_labels: Sequence[str],
-                     target_weight: torch.Tensor, target_bias: torch.Tensor | None,
-                     target_labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+def head_from_labels(
+    source_weight: torch.Tensor,
+    source_bias: torch.Tensor | None,
+    source_labels: Sequence[str],
+    target_weight: torch.Tensor,
+    target_bias: torch.Tensor | None,
+    target_labels: Sequence[str],
+) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
     """A new head whose rows for classes the source also knows (same label name) start from the source's rows.
 
     Labels are compared case-insensitively with spaces, ``_`` and ``-`` equated, so ImageNet's ``daisy`` is the
@@ -51,11 +56,15 @@ def head_from_labels(source_weight: torch.Tensor, source_bias: torch.Tensor | No
         (weight, bias, pairs) where pairs lists (target row, source row) copied.
     """
     if source_weight.shape[1:] != target_weight.shape[1:]:
-        raise SurgeryError(f"head rows differ in width: source {tuple(source_weight.shape)} vs target "
-                           f"{tuple(target_weight.shape)}; the features feeding the heads must have the same size")
+        raise SurgeryError(
+            f"head rows differ in width: source {tuple(source_weight.shape)} vs target "
+            f"{tuple(target_weight.shape)}; the features feeding the heads must have the same size"
+        )
     if len(source_labels) != source_weight.shape[0] or len(target_labels) != target_weight.shape[0]:
-        raise SurgeryError(f"labels do not match head rows: source {len(source_labels)} labels for "
-                           f"{source_weight.shape[0]} rows, target {len(target_labels)} for {target_weight.shape[0]}")
+        raise SurgeryError(
+            f"labels do not match head rows: source {len(source_labels)} labels for "
+            f"{source_weight.shape[0]} rows, target {len(target_labels)} for {target_weight.shape[0]}"
+        )
     index: dict[str, int] = {}
     for i, label in enumerate(source_labels):
         index.setdefault(_label_key(label), i)  # ImageNet repeats a few names ('crane'): the first one wins
@@ -113,8 +122,9 @@ def prefix_tokens(num_tokens: int, max_prefix: int = 8) -> int:
     raise SurgeryError(f"{num_tokens} position embeddings are not a square grid plus up to {max_prefix} tokens")
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int | None = None
-                     ) -> torch.Tensor:
+def resize_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int | None = None
+) -> torch.Tensor:
     """Resize ViT position embeddings ``(1, prefix + H*W, D)`` to a new grid: bicubic on the 2-D grid.
 
     The class token (and any other prefix token) is kept as it is: it has no position in the image.
@@ -155,13 +165,16 @@ def select_layers(num_source: int, num_target: int, how: str = "every_other") ->
             first and last kept), ``first`` or ``last``.
     """
     if num_target > num_source:
-        raise SurgeryError(f"a shallower target takes a subset: {num_target} target blocks > {num_source} source "
-                           "blocks (use a deeper transfer: matching blocks + identity blocks)")
+        raise SurgeryError(
+            f"a shallower target takes a subset: {num_target} target blocks > {num_source} source "
+            "blocks (use a deeper transfer: matching blocks + identity blocks)"
+        )
     if how == "every_other":
         idx = list(range(0, num_source, 2))[:num_target]
         if len(idx) < num_target:
-            raise SurgeryError(f"every other of {num_source} source blocks gives {len(idx)}, not {num_target}; "
-                               "use how='uniform'")
+            raise SurgeryError(
+                f"every other of {num_source} source blocks gives {len(idx)}, not {num_target}; use how='uniform'"
+            )
         return idx
     if how == "uniform":
         if num_target == 1:
@@ -216,8 +229,10 @@ def identity_init_block(block: nn.Module) -> list[str]:
         SurgeryError: the block has no identity shortcut, so no choice of weights makes it the identity.
     """
     if not can_be_identity(block):
-        raise SurgeryError(f"{type(block).__name__} changes the shape of its input (projection shortcut or no skip): "
-                           "it cannot be initialised as the identity")
+        raise SurgeryError(
+            f"{type(block).__name__} changes the shape of its input (projection shortcut or no skip): "
+            "it cannot be initialised as the identity"
+        )
     mods = dict(block.named_modules())
     if "attn.proj" in mods and "mlp.fc2" in mods:
         last = ["attn.proj", "mlp.fc2"]
@@ -243,8 +258,9 @@ def identity_init_block(block: nn.Module) -> list[str]:
 def _channel_pair(layer: nn.Module, next_layer: nn.Module) -> None:
     ok = (nn.Linear, nn.Conv2d)
     if not isinstance(layer, ok) or not isinstance(next_layer, ok):
-        raise SurgeryError(f"width surgery works on Linear/Conv2d pairs, not {type(layer).__name__} -> "
-                           f"{type(next_layer).__name__}")
+        raise SurgeryError(
+            f"width surgery works on Linear/Conv2d pairs, not {type(layer).__name__} -> {type(next_layer).__name__}"
+        )
     if getattr(layer, "groups", 1) != 1 or getattr(next_layer, "groups", 1) != 1:
         raise SurgeryError("width surgery on grouped/depthwise convolutions is not supported")
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -257,8 +273,16 @@ def _rebuild(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) 
     if isinstance(layer, nn.Linear):
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
-        new = nn.Conv2d(weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
-                        layer.dilation, bias=bias is not None, padding_mode=layer.padding_mode)
+        new = nn.Conv2d(
+            weight.shape[1],
+            weight.shape[0],
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=bias is not None,
+            padding_mode=layer.padding_mode,
+        )
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -269,8 +293,9 @@ def _rebuild(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) 
 def _select_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         raise SurgeryError(f"width surgery handles BatchNorm between the layers, not {type(norm).__name__}")
-    new = type(norm)(len(idx), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                     track_running_stats=norm.track_running_stats)
+    new = type(norm)(
+        len(idx), eps=norm.eps, momentum=norm.momentum, affine=norm.affine, track_running_stats=norm.track_running_stats
+    )
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             src = getattr(norm, name, None)
@@ -281,9 +306,14 @@ def _select_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
     return new
 
 
-def wider(layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.Module | None = None,
-          generator: torch.Generator | None = None, noise: float = 0.0
-          ) -> tuple[nn.Module, nn.Module, nn.Module | None, list[int]]:
+def wider(
+    layer: nn.Module,
+    next_layer: nn.Module,
+    new_width: int,
+    norm: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+    noise: float = 0.0,
+) -> tuple[nn.Module, nn.Module, nn.Module | None, list[int]]:
     """Net2net-wider: widen ``layer``'s output to ``new_width`` channels without changing the function.
 
     New channel j copies an existing channel g(j) (chosen at random); the next layer's input weights for every
@@ -323,8 +353,9 @@ def channel_importance(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().flatten(1).norm(dim=1)
 
 
-def narrower(layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.Module | None = None
-             ) -> tuple[nn.Module, nn.Module, nn.Module | None, list[int]]:
+def narrower(
+    layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.Module | None = None
+) -> tuple[nn.Module, nn.Module, nn.Module | None, list[int]]:
     """Narrow ``layer``'s output to ``new_width`` channels, keeping the channels of largest weight norm.
 
     Not function-preserving in general (what the dropped channels contributed is lost); exactly preserving when
@@ -356,11 +387,44 @@ def narrower(layer: nn.Module, next_layer: nn.Module, new_width: int, norm: nn.M
 WIDTH_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 WIDTH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # parameter-free modules that act on each channel alone (or pool over positions): a copied channel stays a copy
-CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Hardswish,
-               nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d,
-               nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-CHANNELWISE_FUNCTIONS = {"relu", "relu6", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "dropout", "flatten",
-                         "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "hardswish"}
+CHANNELWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+CHANNELWISE_FUNCTIONS = {
+    "relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "tanh",
+    "sigmoid",
+    "leaky_relu",
+    "dropout",
+    "flatten",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "hardswish",
+}
 
 
 def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -380,9 +444,11 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # fx raises many types on data-dependent control flow
-        raise SurgeryError(f"net2net width needs a model torch.fx can trace ({type(model).__name__} cannot: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); widen it with resize=True "
-                           "instead (an initialisation, not function-preserving)") from e
+        raise SurgeryError(
+            f"net2net width needs a model torch.fx can trace ({type(model).__name__} cannot: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); widen it with resize=True "
+            "instead (an initialisation, not function-preserving)"
+        ) from e
     modules = dict(model.named_modules())
     chain: list[tuple[str, nn.Module]] = []
     flat = False  # a flatten since the last convolution: a Linear after a conv must read flattened channels
@@ -390,11 +456,13 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if node.op == "output":
             continue
         if len(node.users) > 1:
-            raise SurgeryError(f"'{node.name}' feeds {len(node.users)} operations "
-                               f"({', '.join(u.name for u in node.users)}): a residual addition or a branch, where "
-                               "copied channels would not add up to the source's function. net2net width supports "
-                               "plain chains of Linear/Conv(+BatchNorm) layers; use resize=True to widen this model "
-                               "(an initialisation, not function-preserving)")
+            raise SurgeryError(
+                f"'{node.name}' feeds {len(node.users)} operations "
+                f"({', '.join(u.name for u in node.users)}): a residual addition or a branch, where "
+                "copied channels would not add up to the source's function. net2net width supports "
+                "plain chains of Linear/Conv(+BatchNorm) layers; use resize=True to widen this model "
+                "(an initialisation, not function-preserving)"
+            )
         if node.op == "placeholder":
             continue
         if node.op == "call_module":
@@ -402,9 +470,11 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(mod, WIDTH_LAYERS) and getattr(mod, "groups", 1) == 1:
                 convs = [m for _, m in chain if isinstance(m, WIDTH_LAYERS)]
                 if isinstance(mod, nn.Linear) and convs and not isinstance(convs[-1], nn.Linear) and not flat:
-                    raise SurgeryError(f"'{node.target}' (Linear) reads a convolution's output without a flatten "
-                                       "between them: it would mix positions, not channels, so net2net width "
-                                       "cannot follow the channels into it")
+                    raise SurgeryError(
+                        f"'{node.target}' (Linear) reads a convolution's output without a flatten "
+                        "between them: it would mix positions, not channels, so net2net width "
+                        "cannot follow the channels into it"
+                    )
                 chain.append((node.target, mod))
                 flat = False
             elif isinstance(mod, WIDTH_NORMS):
@@ -412,25 +482,31 @@ def width_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
             elif isinstance(mod, nn.Flatten):
                 flat = True
             elif not isinstance(mod, CHANNELWISE):
-                raise SurgeryError(f"net2net width cannot carry copied channels through '{node.target}' "
-                                   f"({type(mod).__name__}): supported are Linear/Conv without groups, BatchNorm and "
-                                   "element-wise activations, dropout, pooling and flattening between them")
+                raise SurgeryError(
+                    f"net2net width cannot carry copied channels through '{node.target}' "
+                    f"({type(mod).__name__}): supported are Linear/Conv without groups, BatchNorm and "
+                    "element-wise activations, dropout, pooling and flattening between them"
+                )
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             if name not in CHANNELWISE_FUNCTIONS or sum(isinstance(a, torch.fx.Node) for a in node.args) != 1:
-                raise SurgeryError(f"net2net width cannot carry copied channels through '{node.name}' ({name}): "
-                                   "only element-wise, pooling and flattening operations may sit between layers")
+                raise SurgeryError(
+                    f"net2net width cannot carry copied channels through '{node.name}' ({name}): "
+                    "only element-wise, pooling and flattening operations may sit between layers"
+                )
             flat = flat or name == "flatten"
         else:
-            raise SurgeryError(f"net2net width does not support the {node.op} '{node.name}' (parameters used outside "
-                               "a module)")
+            raise SurgeryError(
+                f"net2net width does not support the {node.op} '{node.name}' (parameters used outside a module)"
+            )
     if not any(isinstance(m, WIDTH_LAYERS) for _, m in chain):
         raise SurgeryError("net2net width found no Linear/Conv layer in the target")
     return chain
 
 
-def net2net_chain(chain: Sequence[tuple[str, nn.Module]], source: dict[str, torch.Tensor],
-                  generator: torch.Generator | None = None) -> dict[str, tuple[torch.Tensor, str]]:
+def net2net_chain(
+    chain: Sequence[tuple[str, nn.Module]], source: dict[str, torch.Tensor], generator: torch.Generator | None = None
+) -> dict[str, tuple[torch.Tensor, str]]:
     """Initialise a chain of layers of other widths from the source's: wider by copying channels (net2net-wider,
     function-preserving), narrower by keeping the channels of largest weight norm (not function-preserving).
 
@@ -463,21 +539,27 @@ def net2net_chain(chain: Sequence[tuple[str, nn.Module]], source: dict[str, torc
         bs = source.get(f"{name}.bias")
         wt = mod.weight
         if ws.shape[2:] != wt.shape[2:]:
-            raise SurgeryError(f"net2net width: '{name}' has kernel {tuple(wt.shape[2:])} in the target and "
-                               f"{tuple(ws.shape[2:])} in the source; only the number of channels may differ")
+            raise SurgeryError(
+                f"net2net width: '{name}' has kernel {tuple(wt.shape[2:])} in the target and "
+                f"{tuple(ws.shape[2:])} in the source; only the number of channels may differ"
+            )
         # inputs: follow the previous layer's channel choice (a flatten turns a channel into a block of features)
         w = ws
         if in_idx is not None and in_div is not None:
             block = ws.shape[1] // prev_ns if ws.shape[1] % prev_ns == 0 else 0  # flattened: C x positions inputs
             if block * len(in_idx) != wt.shape[1]:
-                raise SurgeryError(f"net2net width: '{name}' takes {wt.shape[1]} inputs in the target, which is not "
-                                   f"{len(in_idx)} channels x {block} positions of the layer before it")
+                raise SurgeryError(
+                    f"net2net width: '{name}' takes {wt.shape[1]} inputs in the target, which is not "
+                    f"{len(in_idx)} channels x {block} positions of the layer before it"
+                )
             feat = (in_idx.view(-1, 1) * block + torch.arange(block)).reshape(-1)
             div = in_div.repeat_interleave(block).to(ws.dtype)
             w = ws[:, feat] / div.view(1, -1, *([1] * (ws.dim() - 2)))
         elif ws.shape[1] != wt.shape[1]:
-            raise SurgeryError(f"net2net width: the first layer '{name}' takes {wt.shape[1]} inputs in the target and "
-                               f"{ws.shape[1]} in the source; the model's input must keep its width")
+            raise SurgeryError(
+                f"net2net width: the first layer '{name}' takes {wt.shape[1]} inputs in the target and "
+                f"{ws.shape[1]} in the source; the model's input must keep its width"
+            )
         # outputs
         n_s, n_t = ws.shape[0], wt.shape[0]
         nxt = chain[i + 1] if i + 1 < len(chain) and isinstance(chain[i + 1][1], WIDTH_NORMS) else None
@@ -485,9 +567,11 @@ def net2net_chain(chain: Sequence[tuple[str, nn.Module]], source: dict[str, torc
         if n_t == n_s:
             idx, how = torch.arange(n_s), "copied"
         elif last:
-            raise SurgeryError(f"net2net width: the last layer '{name}' gives {n_t} outputs in the target and {n_s} "
-                               "in the source; the model's outputs must keep their width (a new head is another "
-                               "step)")
+            raise SurgeryError(
+                f"net2net width: the last layer '{name}' gives {n_t} outputs in the target and {n_s} "
+                "in the source; the model's outputs must keep their width (a new head is another "
+                "step)"
+            )
         elif n_t > n_s:
             extra = torch.randint(0, n_s, (n_t - n_s,), generator=generator)
             idx, how = torch.cat([torch.arange(n_s), extra]), f"net2net-wider outputs {n_s}->{n_t} (copied channels)"
@@ -499,9 +583,11 @@ def net2net_chain(chain: Sequence[tuple[str, nn.Module]], source: dict[str, torc
             how = f"net2net-narrower outputs {n_s}->{n_t} (kept the largest by weight norm; not function-preserving)"
         if w is not ws:  # the inputs follow the previous layer's choice
             grew = wt.shape[1] > ws.shape[1]
-            ins = f"inputs {ws.shape[1]}->{wt.shape[1]} " + ("(divided among the copies of the previous layer's "
-                                                             "channels)" if grew else "(the previous layer's kept "
-                                                             "channels)")
+            ins = f"inputs {ws.shape[1]}->{wt.shape[1]} " + (
+                "(divided among the copies of the previous layer's channels)"
+                if grew
+                else "(the previous layer's kept channels)"
+            )
             if n_t == n_s:
                 how = f"net2net-{'wider' if grew else 'narrower'} {ins}"
             else:
