@@ -37,12 +37,12 @@ import torch
 from common import machine, table, write_result
 
 import transferkit
+from transferkit.config.transfer import TransferConfig
 from transferkit.pipeline import evaluate, prepare_data, train
 from transferkit.recipe import load_recipe
 from transferkit.sources import load_source
 from transferkit.transfer import build_target
 from transferkit.transfer.api import transfer_step
-from transferkit.transfer.config import TransferConfig
 
 DEMO = Path(transferkit.__file__).parent / "recipes" / "demo.yaml"
 GREY = TransferConfig(in_chans=1)

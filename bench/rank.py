@@ -78,10 +78,11 @@ from transferkit.data import read_dataset
 from transferkit.data.text import rotten_tomatoes
 from transferkit.demo import demo_recipe_path
 from transferkit.models.vision import SourceModel
-from transferkit.pipeline import PreparedData, evaluate, prepare_data, run_recipe, train
+from transferkit.pipeline import PreparedData, evaluate, prepare_data, train
 from transferkit.rank import Candidate, correlation, rank_candidates
 from transferkit.rank.candidates import SCORE_NAMES
 from transferkit.recipe import Recipe, TrainConfig, load_recipe
+from transferkit.runner import run_recipe
 from transferkit.sources import load_source
 from transferkit.transfer import build_target
 

@@ -48,8 +48,8 @@ from common import machine, table, write_result
 
 from transferkit.demo import demo_recipe_path
 from transferkit.io import read_json
-from transferkit.pipeline import run_recipe
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.runner import run_recipe
 
 SHOTS = (1, 5, 10)
 ARMS = ("full", "full_lr0.1", "linear_probe", "scratch", "random_probe")

@@ -25,16 +25,16 @@ _API = {
     "prepare_data": "transferkit.pipeline",
     "train": "transferkit.pipeline",
     "evaluate": "transferkit.pipeline",
-    "run_recipe": "transferkit.pipeline",
+    "run_recipe": "transferkit.runner",
     "load_run": "transferkit.predict",
     "rank_candidates": "transferkit.rank",
     "transfer": "transferkit.transfer.api",
     "save_model": "transferkit.models.vision",
     "load_model": "transferkit.models.vision",
     "load_recipe": "transferkit.recipe",
-    "Recipe": "transferkit.recipe",
-    "DataConfig": "transferkit.recipe",
-    "TrainConfig": "transferkit.recipe",
+    "Recipe": "transferkit.config",
+    "DataConfig": "transferkit.config",
+    "TrainConfig": "transferkit.config",
 }
 
 __all__ = ["__version__", *_API]

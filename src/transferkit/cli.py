@@ -10,9 +10,24 @@ from transferkit.errors import RecipeError, TransferKitError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from transferkit.pipeline import run_recipe
+    from transferkit.runner import run_recipe
 
-    out = run_recipe(args.recipe, out=args.out, resume=args.resume, overwrite=args.overwrite, overrides=args.overrides)
+    out = run_recipe(
+        args.recipe,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        overrides=args.overrides,
+        from_run=args.from_run,
+    )
+    print(f"run directory: {out}\nreport: {out / 'report.html'}")
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from transferkit.runner import run_stage
+
+    out = run_stage(args.command, args.run_dir, args.options)
     print(f"run directory: {out}\nreport: {out / 'report.html'}")
     return 0
 
@@ -32,18 +47,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from transferkit.data.modality import MODALITIES
     from transferkit.predict import load_run, texts_from_file
 
     predictor = load_run(args.run_dir)
+    modality = MODALITIES.get(predictor.modality)
     inputs = list(args.inputs)
     if args.file:
-        if predictor.modality != "text":
+        if modality is None or not modality.reads_lines:
             raise TransferKitError("--file reads one text per line, for text models; give image paths as arguments")
         inputs += texts_from_file(args.file)
     if not inputs:
-        what = {"text": "texts (or --file with one text per line)", "recommendation": "user ids"}.get(
-            predictor.modality, f"{predictor.modality} files"
-        )
+        what = modality.inputs_help if modality is not None else "user ids"  # a recommendation model
         raise TransferKitError(f"nothing to predict: give {what}")
     predictions = predictor.predict(inputs, top_k=args.top_k)
     if args.json:
@@ -90,8 +105,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
+    from transferkit.config import DataConfig
     from transferkit.rank.candidates import SCORE_NAMES, rank_candidates
-    from transferkit.recipe import DataConfig
 
     data = DataConfig(dataset=args.data, per_class=args.per_class, image_size=args.image_size)
     specs = [json.loads(c) if c.lstrip().startswith("{") else c for c in args.candidates]
@@ -132,8 +147,8 @@ def _parse_structured(value: str | None, what: str) -> object:
 
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
+    from transferkit.config.transfer import LAYER_CHOICES
     from transferkit.transfer.api import format_report, save_transfer, transfer
-    from transferkit.transfer.config import LAYER_CHOICES
 
     rules = _parse_structured(args.rules, "rules")  # a file or an inline list of {from, to}
     kwargs = _parse_structured(args.kwargs, "kwargs") or {}
@@ -193,7 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    g.add_argument(
+        "--from",
+        dest="from_run",
+        metavar="RUN_DIR",
+        help="run the recipe's stages on this finished run: what it holds is read back, new stages and models added",
+    )
     p.set_defaults(func=_cmd_run)
+
+    from transferkit.stages import STAGES
+
+    for stage in STAGES.values():
+        if stage.extend is None:
+            continue
+        p = sub.add_parser(stage.name, help=f"add to a finished run: {stage.help}")
+        p.add_argument("run_dir", help="a run directory written by `transferkit run`")
+        p.add_argument("options", nargs="*", help="key=value options of the stage (see the README)")
+        p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("validate", help="report every problem of a recipe")
     p.add_argument("recipe")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transferkit.errors import UnknownNameError, did_you_mean
 from transferkit.io import read_json
-from transferkit.pipeline import run_recipe
 from transferkit.recipe import load_recipe
+from transferkit.runner import run_recipe
 
 DEMOS = {"image": "demo.yaml", "text": "demo_text.yaml", "speech": "demo_speech.yaml"}
 

@@ -74,7 +74,7 @@ def pickle_globals(path: Path) -> list[str]:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``.pt/.pth/.bin`` file (a ``state_dict``/``model`` key is unwrapped).
 
-    ``.onnx``, ``.h5``/``.hdf5`` and ``.keras`` files are read by ``transferkit.sources.foreign`` (initializers and
+    ``.onnx``, ``.h5``/``.hdf5`` and ``.keras`` files are read by ``transferkit.foreign`` (initializers and
     Keras weights, converted to PyTorch names and layouts).
     """
     path = Path(path)
@@ -82,7 +82,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise DataNotFoundError(f"weights file '{path}' does not exist")
     # other frameworks' files: their own readers (imported here: onnx and h5py are needed only for these files)
     if path.suffix in (".onnx", ".h5", ".hdf5", ".keras"):
-        from transferkit.sources.foreign import read_foreign_weights
+        from transferkit.foreign import read_foreign_weights
 
         return read_foreign_weights(path)
     if path.suffix == ".safetensors":

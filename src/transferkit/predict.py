@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from transferkit.data.modality import make_batch
+from transferkit.data.modality import get_modality, make_batch
 from transferkit.engine.loop import inference_pass
 from transferkit.errors import DataError, DataNotFoundError
 from transferkit.models.base import SourceModel, load_model
@@ -48,7 +48,7 @@ class Predictor:
         probs = self.predict_proba(inputs)
         k = min(top_k, probs.shape[1])
         values, idx = probs.topk(k, dim=1)
-        key = "text" if self.modality == "text" else "file"
+        key = get_modality(self.modality).input_key
         return [
             {
                 key: _describe(item, i, self.modality),
@@ -61,7 +61,8 @@ class Predictor:
 
 
 def _describe(item: Any, i: int, modality: str) -> str:
-    if modality == "text" or isinstance(item, (str, Path)):
+    """A prediction row's input: the path or text itself, else its position (an array, a PIL image...)."""
+    if isinstance(item, (str, Path)):
         return str(item)
     return f"<{modality} {i}>"
 

@@ -1,445 +1,68 @@
-"""The recipe: one YAML file that describes a whole run, validated in one pass.
+"""Reading and validating a recipe: one YAML file that describes a whole run, checked in one pass.
 
-``load_recipe`` reads YAML, applies ``key.path=value`` overrides and validates everything at once: every
-problem is reported with its key path, the bad value and the valid choices, not only the first one.
+``load_recipe`` reads YAML, applies ``key.path=value`` overrides and validates everything at once: the schema
+(``transferkit.config``) and every stage's own checks (names in the registries: sources, strategies, datasets,
+scores, baselines). Every problem is reported with its key path, the bad value and the valid choices, not only the
+first one.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from transferkit.errors import RecipeError, UnknownNameError, did_you_mean
-from transferkit.recsys.config import RecsysConfig
-from transferkit.transfer.config import TransferConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SourceSpec(_Strict):
-    """Where the pretrained weights come from.
-
-    ``name`` is ``timm:NAME``, ``hf:NAME_OR_FOLDER``, ``torchvision:NAME``, a path to a weights file or a
-    transferkit model folder, or a built-in name (``transferkit ls``).
-    """
-
-    name: str
-    pretrained: bool = True
-    weights: str | None = Field(default=None, description="local weights file for a timm/torchvision architecture")
+from transferkit.config import (
+    AugmentConfig,
+    CompareEntry,
+    DataConfig,
+    PretrainConfig,
+    RankConfig,
+    Recipe,
+    SourceSpec,
+    TrainConfig,
+    apply_overrides,
+    dump_recipe,
+    format_error,
+    parse_override,
+    read_yaml,
+)
+from transferkit.errors import RecipeError
 
 
-class AugmentConfig(_Strict):
-    """Training-time augmentation; off by default (no flips: digits and text do not survive them)."""
-
-    random_resized_crop: tuple[float, float] | None = Field(default=None, description="scale range, e.g. [0.8, 1.0]")
-    hflip: bool = False
-    rotation: float = Field(default=0.0, ge=0, le=180)
-    translate: float = Field(default=0.0, ge=0, le=0.5)
-    color_jitter: float = Field(default=0.0, ge=0, le=1)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.random_resized_crop or self.hflip or self.rotation or self.translate or self.color_jitter)
-
-
-class DataConfig(_Strict):
-    """Which data, how it is split and prepared."""
-
-    dataset: str = Field(
-        description="built-in name (transferkit ls); images: a folder or a CSV manifest path,label; "
-        "text: a CSV, JSONL or Parquet file"
-    )
-    per_class: int | None = Field(default=None, ge=1, description="labelled training examples kept per class")
-    val_per_class: int | None = Field(default=None, ge=1, description="validation examples per class")
-    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="used when val_per_class is not set")
-    test_size: float = Field(default=0.2, gt=0, description="held-out test examples: a count (>=1) or a fraction")
-    image_size: int | None = Field(default=None, ge=8, description="default: the source's own input size")
-    classes: list[str] | None = Field(
-        default=None,
-        min_length=2,
-        description="keep only these classes, in this order (e.g. a source task on digits 0-4, a target task on 5-9)",
-    )
-    text_column: str = Field(default="text", description="text data: the column holding the text")
-    label_column: str = Field(default="label", description="text data: the column holding the label")
-    max_length: int | None = Field(
-        default=None, ge=2, description="text: tokens kept per text (default 128, at most the source's limit)"
-    )
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
-    num_workers: int = Field(default=0, ge=0)
-
-
-class TrainConfig(_Strict):
-    """How the target is trained. ``strategy`` is a name or ``{name: ..., option: value}``."""
-
-    strategy: str | dict[str, Any] = "full"
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0, description="learning rate of the head (strategies scale the backbone's)")
-    weight_decay: float = Field(default=0.01, ge=0)
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_epochs: float = Field(default=0.0, ge=0)
-    grad_accum: int = Field(default=1, ge=1)
-    max_grad_norm: float | None = Field(default=None, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    regularizer: str | dict[str, Any] | None = Field(
-        default=None, description="a penalty added to any strategy, e.g. {name: l2sp, alpha: 0.01} (transferkit ls)"
-    )
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
-    early_stopping_patience: int | None = Field(default=None, ge=1, description="epochs without improvement")
-    checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
-    log_every: int = Field(default=10, ge=1)
-    threads: int | None = Field(
-        default=None,
-        ge=1,
-        description="CPU threads of torch while training (default: "
-        "torch's own); small models (GRUs, towers) often train faster on 1",
-    )
-
-    @property
-    def strategy_name(self) -> str:
-        return self.strategy if isinstance(self.strategy, str) else str(self.strategy.get("name", ""))
-
-    @property
-    def strategy_options(self) -> dict[str, Any]:
-        return {} if isinstance(self.strategy, str) else {k: v for k, v in self.strategy.items() if k != "name"}
-
-
-class CompareEntry(_Strict):
-    """A baseline trained in the same run with the same budget: a strategy plus optional train overrides."""
-
-    strategy: str | dict[str, Any]
-    label: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        if self.label:
-            return self.label
-        return self.strategy if isinstance(self.strategy, str) else str(self.strategy.get("name", ""))
-
-
-class RankConfig(_Strict):
-    """Rank candidate sources before training; the best one becomes the run's source."""
-
-    candidates: list[SourceSpec] = Field(min_length=1)
-    score: str = Field(default="logme", description="logme | leep | nce | hscore | hscore_shrinkage")
-    max_examples: int | None = Field(default=None, ge=1)
-
-    @field_validator("candidates", mode="before")
-    @classmethod
-    def _candidates_from_strings(cls, v: Any) -> Any:
-        return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
-
-
-_PRETRAIN_STRATEGY = {"name": "full", "backbone_lr_scale": 1.0}
-
-
-class PretrainConfig(_Strict):
-    """Train the source network on its own (source) task first; ``train``/``compare`` then start from it.
-
-    ``train`` defaults to full training with every weight at the same rate (``backbone_lr_scale: 1``): a source
-    pretrained here usually starts from random weights (``source: {name: ..., pretrained: false}``).
-    """
-
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(strategy=dict(_PRETRAIN_STRATEGY)))
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _default_strategy(cls, v: Any) -> Any:
-        return {"strategy": dict(_PRETRAIN_STRATEGY), **v} if isinstance(v, dict) and "strategy" not in v else v
-
-
-class Recipe(_Strict):
-    """A whole run. With ``rank:``, ``source`` may be left out: the best-ranked candidate is used."""
-
-    name: str = "run"
-    seed: int = 0
-    source: SourceSpec | None = None
-    rank: RankConfig | None = None
-    pretrain: PretrainConfig | None = None
-    transfer: TransferConfig | None = Field(
-        default=None,
-        description="build the target from the source by the "
-        "transfer machinery: another architecture, in_chans, img_size, rules...",
-    )
-    data: DataConfig | None = Field(default=None, description="required, except with recsys:")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    compare: list[CompareEntry] = Field(default_factory=list)
-    baselines: list[str] = Field(
-        default_factory=list,
-        description="computed on the same splits without the source, e.g. [tfidf] for text (transferkit ls)",
-    )
-    recsys: RecsysConfig | None = Field(
-        default=None,
-        description="a recommendation task (interactions, two-tower or "
-        "MF model, transfer from source_run); data:/source: are then not used",
-    )
-
-    @model_validator(mode="after")
-    def _data_unless_recsys(self) -> Recipe:
-        if self.recsys is None:
-            if self.data is None:
-                raise ValueError("data: required key is missing.")
-            return self
-        used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
-        used += [k for k in ("compare", "baselines") if getattr(self, k)]
-        if used:
-            raise ValueError(
-                f"recsys: runs a recommendation task on its own; {', '.join(used)} "
-                f"{'is' if len(used) == 1 else 'are'} not used with it (put the source model in "
-                "recsys.source_run and the baselines in recsys.baselines)"
-            )
-        return self
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _source_from_string(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
-
-    @field_validator("compare", mode="before")
-    @classmethod
-    def _compare_from_strings(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return [{"strategy": e} if isinstance(e, str) else e for e in v]
-        return v
-
-    @model_validator(mode="after")
-    def _pretrain_needs_one_source(self) -> Recipe:
-        if self.pretrain is not None and self.rank is not None:
-            raise ValueError("pretrain: trains the recipe's source, rank: chooses among candidates; use one of them")
-        if self.pretrain is not None and self.source is None:
-            raise ValueError(
-                "pretrain: needs source: the architecture to train, e.g. {name: timm:resnet18, pretrained: false}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _one_image_size(self) -> Recipe:
-        size = self.transfer.img_size if self.transfer else None
-        if size and self.data is not None and self.data.image_size and size != self.data.image_size:
-            raise ValueError(
-                f"transfer.img_size={size} builds the target for {size} px but data.image_size="
-                f"{self.data.image_size}; set one of them (or both to the same size)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> Recipe:
-        names = [self.train.strategy_name] + [c.name for c in self.compare]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"trained models need distinct names; {dup} appear twice (give compare entries a label)")
-        return self
-
-    def trainings(self) -> list[tuple[str, TrainConfig]]:
-        """The models this run trains: the main one first, then the comparisons, each with its TrainConfig."""
-        out = [(self.train.strategy_name, self.train)]
-        for c in self.compare:
-            cfg = self.train.model_dump()
-            cfg.update(c.overrides)
-            cfg["strategy"] = c.strategy
-            out.append((c.name, TrainConfig(**cfg)))
-        return out
-
-
-def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
-    """Valid field names of the sub-model at ``path`` (for 'did you mean')."""
-    current: Any = model
-    for part in path:
-        if isinstance(part, int):
-            continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nxt = None
-        for c in candidates:
-            for inner in (c, *getattr(c, "__args__", ())):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    nxt = inner
-        if nxt is None:
-            return []
-        current = nxt
-    return list(getattr(current, "model_fields", {}))
-
-
-def _format_error(err: dict[str, Any], root: type[BaseModel] | None = None) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = ".".join(str(p) for p in loc) or "(recipe)"
-    if err["type"] == "extra_forbidden":
-        valid = _fields_at(root or Recipe, loc[:-1])
-        return f"{key}: unknown key.{did_you_mean(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}."
-    if err["type"] == "missing":
-        return f"{key}: required key is missing."
-    msg = err["msg"].removeprefix("Value error, ")
-    if not loc and msg.endswith("required key is missing."):  # a key required only in some recipes (data:)
-        return msg
-    return f"{key}: {msg}" if not loc else f"{key}: {msg} (got {err.get('input')!r})"
-
-
-def _semantic_problems(raw: dict[str, Any]) -> list[str]:
-    """Checks that need the registries (source, strategy and dataset names), run on the raw recipe so that
-    they are reported together with the structural problems, whatever else is wrong."""
+def _input_problems(raw: dict[str, Any]) -> list[str]:
+    """The run's inputs: a source (or candidates to rank), a source name that resolves, a dataset that exists."""
     from transferkit.data import check_dataset_spec
     from transferkit.sources import check_source_spec
-    from transferkit.strategies import check_strategy
-
-    def section(name: str) -> dict[str, Any]:
-        value = raw.get(name)
-        return value if isinstance(value, dict) else {}
 
     problems = []
     if raw.get("source") is None and raw.get("rank") is None and raw.get("recsys") is None:
         problems.append("source: required key is missing (or give rank: {candidates: [...]} to choose the source).")
     source = raw.get("source")
-    source_name = source if isinstance(source, str) else section("source").get("name")
+    source_name = source.get("name") if isinstance(source, dict) else source
     if isinstance(source_name, str):
         problems += [f"source.name: {p}" for p in check_source_spec(SourceSpec(name=source_name))]
-    rank = section("rank")
-    for i, c in enumerate(rank.get("candidates") or [] if isinstance(rank.get("candidates"), list) else []):
-        name = c if isinstance(c, str) else c.get("name") if isinstance(c, dict) else None
-        if isinstance(name, str):
-            problems += [f"rank.candidates.{i}: {p}" for p in check_source_spec(SourceSpec(name=name))]
-    if isinstance(rank.get("score"), str):
-        from transferkit.rank.candidates import SCORES
-
-        if rank["score"] not in SCORES:
-            problems.append(
-                f"rank.score: unknown score {rank['score']!r}.{did_you_mean(rank['score'], SCORES)} "
-                f"Valid choices: {', '.join(SCORES)}."
-            )
-    dataset = section("data").get("dataset")
+    data = raw.get("data")
+    dataset = data.get("dataset") if isinstance(data, dict) else None
     if isinstance(dataset, str):
         problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]
-    pretrain = section("pretrain")
-    pre_data, pre_train = pretrain.get("data"), pretrain.get("train")
-    if isinstance(pre_data, dict) and isinstance(pre_data.get("dataset"), str):
-        problems += [f"pretrain.data.dataset: {p}" for p in check_dataset_spec(pre_data["dataset"])]
-    if isinstance(pre_train, dict) and isinstance(pre_train.get("strategy"), (str, dict)):
-        problems += [f"pretrain.train.strategy: {p}" for p in check_strategy(pre_train["strategy"])]
-    strategy = section("train").get("strategy", "full")
-    if isinstance(strategy, (str, dict)):
-        problems += [f"train.strategy: {p}" for p in check_strategy(strategy)]
-    regularizer = section("train").get("regularizer")
-    if isinstance(regularizer, (str, dict)):
-        from transferkit.strategies.regularizers import regularizer_config
-
-        try:
-            regularizer_config(regularizer)
-        except (UnknownNameError, RecipeError) as e:
-            problems.append(f"train.regularizer: {e}")
-    baselines = raw.get("baselines")
-    if isinstance(baselines, list):
-        from transferkit.evaluation.baselines import BASELINES
-
-        problems += [
-            f"baselines.{i}: unknown baseline {b!r}.{did_you_mean(str(b), BASELINES)} Valid choices: "
-            f"{', '.join(BASELINES)}."
-            for i, b in enumerate(baselines)
-            if b not in BASELINES
-        ]
-    compare = raw.get("compare")
-    for i, c in enumerate(compare if isinstance(compare, list) else []):
-        c = {"strategy": c} if isinstance(c, str) else c
-        if not isinstance(c, dict):
-            continue
-        if isinstance(c.get("strategy"), (str, dict)):
-            problems += [f"compare.{i}.strategy: {p}" for p in check_strategy(c["strategy"])]
-        overrides = c.get("overrides")
-        if isinstance(overrides, dict):
-            try:
-                TrainConfig(**{**section("train"), **overrides, "strategy": "full"})
-            except ValidationError as e:
-                problems += [
-                    f"compare.{i}.overrides." + _format_error(err, TrainConfig)
-                    for err in e.errors()
-                    if err["loc"] and err["loc"][0] in overrides
-                ]
     return problems
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'train.lr=0.01'`` -> (['train', 'lr'], 0.01); values are parsed as YAML."""
-    if "=" not in text:
-        raise RecipeError(f"override '{text}' is not of the form key.path=value (e.g. train.epochs=5)")
-    key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``key.path=value`` overrides in a copy of ``raw``; list items are addressed by index (compare.0.label)."""
-    data = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        try:
-            _set_path(data, path, value)
-        except (IndexError, ValueError, TypeError) as e:
-            raise RecipeError(f"override '{text}' does not fit the recipe: {e}") from e
-    return data
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node: Any = data
-    for depth, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            node = node[_index(part, node)]
-            continue
-        child = node.get(part)
-        if child is None:
-            node[part] = child = {}
-        elif isinstance(child, str) and depth == 0 and part in ("source",):
-            node[part] = child = {"name": child}  # source: NAME, then source.pretrained=false
-        elif not isinstance(child, (dict, list)):
-            raise TypeError(f"'{'.'.join(path[: depth + 1])}' is a value ({child!r}), not a section with keys")
-        node = child
-    if isinstance(node, list):
-        node[_index(path[-1], node)] = value
-    else:
-        node[path[-1]] = value
-
-
-def _index(part: str, items: list[Any]) -> int:
-    if not part.lstrip("-").isdigit():
-        raise ValueError(f"'{part}' is not a list index (the list has items 0..{len(items) - 1})")
-    i = int(part)
-    if not -len(items) <= i < len(items):
-        raise IndexError(f"index {i} is out of range (the list has items 0..{len(items) - 1})")
-    return i
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe '{p}' is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise RecipeError(
-            f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), not {type(raw).__name__}"
-        )
-    return raw
-
-
 def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
-    """Validate a recipe dict; returns (recipe or None, every problem found)."""
-    semantic = _semantic_problems(raw)
+    """Validate a recipe dict; returns (recipe or None, every problem found).
+
+    The checks that need the registries run on the raw recipe, so that they are reported together with the
+    structural problems, whatever else is wrong.
+    """
+    from transferkit.stages import check_stages
+
+    semantic = _input_problems(raw) + check_stages(raw)
     try:
         recipe = Recipe(**raw)
     except ValidationError as e:
-        return None, [_format_error(err) for err in e.errors()] + semantic
+        return None, [format_error(err) for err in e.errors()] + semantic
     return recipe, semantic
 
 
@@ -455,5 +78,19 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
     return recipe
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+__all__ = [
+    "AugmentConfig",
+    "CompareEntry",
+    "DataConfig",
+    "PretrainConfig",
+    "RankConfig",
+    "Recipe",
+    "SourceSpec",
+    "TrainConfig",
+    "apply_overrides",
+    "dump_recipe",
+    "load_recipe",
+    "parse_override",
+    "read_yaml",
+    "validate_recipe",
+]

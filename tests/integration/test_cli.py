@@ -196,7 +196,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, run_dir: Path):
 def test_rank_step_picks_the_source_and_resume_reuses_it(tmp_path: Path, monkeypatch):
     """A recipe with `rank:` and no `source:`: the best-ranked candidate trains; rank.json records the ranking;
     the linear probe reuses the ranking's forward pass over the training split."""
-    import transferkit.pipeline as pipeline
+    import transferkit.engine.features as pipeline
 
     calls = []
     real = pipeline.compute_features

@@ -16,9 +16,8 @@ import torch
 from helpers import tiny_audio_folder, tone, write_tones
 
 import transferkit as tk
-from transferkit.data import read_dataset
+from transferkit.data import dataset_modality, read_dataset
 from transferkit.data.audio import load_audio, read_audio_folder, resampling_note
-from transferkit.data.images import dataset_modality
 from transferkit.data.modality import make_batch, make_dataset
 from transferkit.errors import DataError, DataNotFoundError, SourceError
 from transferkit.models.audio import (

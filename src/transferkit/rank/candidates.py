@@ -114,13 +114,11 @@ def select_examples(labels: np.ndarray, max_examples: int | None, seed: int) -> 
 
 def _prepare(data: Any, seed: int) -> Any:
     """A ``PreparedData`` from a dataset spec, a ``DataConfig`` or itself (the split depends on cfg and seed)."""
-    from transferkit.pipeline import PreparedData, prepare_data
-    from transferkit.recipe import DataConfig
+    from transferkit.config import DataConfig
+    from transferkit.data import PreparedData, dataset_modality, prepare_data
 
     if isinstance(data, PreparedData):
         return data
-    from transferkit.data.images import dataset_modality
-
     cfg = DataConfig(dataset=data) if isinstance(data, str) else data
     # each candidate's own preprocessing replaces this placeholder in _for_source; only the modality is read here
     modality = dataset_modality(cfg.dataset, cfg.text_column)
@@ -129,16 +127,14 @@ def _prepare(data: Any, seed: int) -> Any:
 
 
 def _for_source(data: Any, model: Any) -> Any:
-    """The same examples and split with a candidate's preprocessing and tokenizer (and the data's ``image_size``
-    or ``max_length``, as in ``prepare_data``)."""
-    pp = dict(model.preprocess)
-    modality = pp.get("modality", "image")
+    """The same examples and split with a candidate's preprocessing and tokenizer (and the data config's changes,
+    the image size or token length, as ``prepare_data`` makes them)."""
+    from transferkit.data.prepare import adjusted_preprocess
+
+    modality = model.preprocess.get("modality", "image")
     if modality != data.modality:
         raise DataError(f"the target data is {data.modality} but this source takes {modality} inputs")
-    if modality == "image" and data.cfg.image_size:
-        pp["input_size"] = [pp["input_size"][0], data.cfg.image_size, data.cfg.image_size]
-    if modality == "text" and data.cfg.max_length:
-        pp["max_length"] = min(data.cfg.max_length, int(pp.get("max_length_limit", data.cfg.max_length)))
+    pp = adjusted_preprocess(model.preprocess, data.cfg)
     return dataclasses.replace(data, preprocess=pp, processor=model.processor)
 
 
@@ -244,7 +240,7 @@ def rank_candidates(
         DataError: the data has one class only, or ``max_examples`` is below the number of classes.
         UnknownNameError: ``score`` is not a known score.
     """
-    from transferkit.pipeline import compute_features
+    from transferkit.engine.features import compute_features
 
     SCORES.get(score)  # an unknown score name fails before any work, listing the choices
     if max_examples is not None and max_examples < 1:

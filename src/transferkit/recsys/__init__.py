@@ -15,12 +15,12 @@ and, for a second domain, ``transfer_embeddings(source_model, target_model)`` be
 import importlib
 from typing import Any
 
-# imported on first use (PEP 562): transferkit.recipe imports transferkit.recsys.config, and the modules
+# imported on first use (PEP 562): transferkit.recipe imports transferkit.config.recsys, and the modules
 # below import the engine, which imports the recipe
 _EXPORTS = {
     "load_recsys_run": "transferkit.recsys.run",
     "run_recsys": "transferkit.recsys.run",
-    "RecsysConfig": "transferkit.recsys.config",
+    "RecsysConfig": "transferkit.config.recsys",
     "CrossDomainConfig": "transferkit.recsys.demo",
     "FeatureTable": "transferkit.recsys.data",
     "Interactions": "transferkit.recsys.data",

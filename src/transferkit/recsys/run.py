@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 
 from transferkit import __version__
+from transferkit.config.recsys import RecsysConfig
 from transferkit.errors import DataError, DataNotFoundError
 from transferkit.io import load_state_dict, read_json, replace_dir, save_tensors, write_json, write_text
-from transferkit.recsys.config import RecsysConfig
 from transferkit.recsys.data import (
     FeatureTable,
     Interactions,

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transferkit.config import SourceSpec
 from transferkit.errors import SourceError, UnknownNameError, did_you_mean
 from transferkit.models.base import PREFIXES as PREFIXES
 from transferkit.models.base import Backbone, SourceModel, build_backbone, load_model, source_prefixes
-from transferkit.recipe import SourceSpec
 from transferkit.registry import Registry
 
 BUILTIN_SOURCES: Registry[Callable[[bool], SourceModel]] = Registry("source")

@@ -8,11 +8,11 @@ for distributed training, never inside a wrapped model.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from transferkit.errors import RecipeError, UnknownNameError
 from transferkit.registry import Registry
+from transferkit.specs import parse_spec
 from transferkit.strategies.base import Strategy, TrainPlan
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
@@ -20,19 +20,8 @@ STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 def get_strategy(spec: str | dict[str, Any]) -> tuple[Strategy, Any]:
     """The registered strategy and its validated config, from a name or ``{name: ..., option: value}``."""
-    name = spec if isinstance(spec, str) else spec.get("name", "")
-    options = {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
-    strategy = STRATEGIES.get(name)
-    fields = {f.name for f in dataclasses.fields(strategy.config)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise RecipeError(
-            f"strategy '{name}' has no option(s) {unknown}; valid options: {', '.join(sorted(fields)) or 'none'}"
-        )
-    try:
-        return strategy, strategy.config(**options)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"strategy '{name}': {e}") from e
+    _, strategy, options = parse_spec(spec, STRATEGIES, lambda s: s.config)
+    return strategy, options
 
 
 def check_strategy(spec: str | dict[str, Any]) -> list[str]:

@@ -1,47 +1,12 @@
-"""The Strategy contract and the TrainPlan (one per stage) it produces."""
+"""The Strategy contract; the TrainPlan it produces lives in the engine (``engine.plan``), which runs it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import nn
 
-
-@dataclass
-class ParamGroup:
-    """Parameter names (of the trained module) that share a learning rate."""
-
-    name: str
-    params: list[str]
-    lr: float
-    weight_decay: float | None = None
-
-
-@dataclass
-class TrainPlan:
-    """What the loop trains in one stage.
-
-    Attributes:
-        groups: parameter groups with their learning rates; parameters in no group are frozen.
-        frozen_modules: names of modules held in eval mode while training (frozen BatchNorm statistics).
-        cached_features: train only the head, on backbone features computed once.
-        from_scratch: the target starts from random weights instead of the source's.
-        name: the stage's name (staged strategies: ``lp``, ``ft``, ``unfreeze3``...).
-        epochs: epochs of this stage; None = the whole ``train.epochs``.
-        regularizers: (name, options) of penalties added to the loss (see ``strategies.regularizers``).
-    """
-
-    groups: list[ParamGroup]
-    frozen_modules: list[str] = field(default_factory=list)
-    cached_features: bool = False
-    from_scratch: bool = False
-    name: str = "main"
-    epochs: int | None = None
-    regularizers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def trainable(self) -> set[str]:
-        return {p for g in self.groups for p in g.params}
+from transferkit.engine.plan import ParamGroup, TrainPlan, apply_plan, set_train_mode
 
 
 class Strategy(Protocol):
@@ -57,20 +22,4 @@ class Strategy(Protocol):
     def plan(self, model: nn.Module, cfg: Any, train: Any) -> TrainPlan | list[TrainPlan]: ...
 
 
-def apply_plan(model: nn.Module, plan: TrainPlan) -> None:
-    """Set ``requires_grad`` from the plan (before any DDP wrapping) and check every name exists."""
-    names = dict(model.named_parameters())
-    trainable = plan.trainable()
-    unknown = trainable - set(names)
-    if unknown:
-        raise ValueError(f"the plan names parameters the model does not have: {sorted(unknown)[:5]}")
-    for n, p in names.items():
-        p.requires_grad_(n in trainable)
-
-
-def set_train_mode(model: nn.Module, plan: TrainPlan) -> None:
-    """``model.train()`` but with the plan's frozen modules (and their BatchNorm statistics) in eval mode."""
-    model.train()
-    modules = dict(model.named_modules())
-    for name in plan.frozen_modules:
-        modules[name].eval()
+__all__ = ["ParamGroup", "Strategy", "TrainPlan", "apply_plan", "set_train_mode"]

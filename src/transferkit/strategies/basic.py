@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transferkit.config import TrainConfig
 from transferkit.models.vision import SourceModel
-from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from transferkit.config import TrainConfig
 from transferkit.models.vision import SourceModel
-from transferkit.recipe import TrainConfig
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 from transferkit.strategies.basic import FullConfig, full_groups, head_params

@@ -9,12 +9,12 @@ same adapters before its weights are loaded. ``merge: true`` folds the adapters 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
-from transferkit.models.vision import SourceModel
-from transferkit.recipe import TrainConfig
+from transferkit.config import TrainConfig
+from transferkit.models.adapters import inject_lora, merge_lora
+from transferkit.models.base import SourceModel
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 from transferkit.strategies.basic import head_params
@@ -65,34 +65,6 @@ def default_targets(model: SourceModel) -> str | list[str]:
     if any(n.endswith(("qkv", "q_proj", "query")) for n in names):
         return DEFAULT_TARGETS["vit"]
     return [n for n, m in model.backbone.named_modules() if isinstance(m, nn.Linear)]
-
-
-def inject_lora(model: SourceModel, spec: dict[str, Any]) -> None:
-    """Add LoRA adapters to ``model.backbone`` in place (peft's LoraModel) and record them in ``model.adapter``."""
-    from peft import LoraConfig
-    from peft.tuners.lora import LoraModel
-
-    config = LoraConfig(
-        r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=spec["target_modules"]
-    )
-    try:
-        LoraModel(model.backbone, config, "default")  # modifies model.backbone in place
-    except ValueError as e:
-        raise ValueError(f"LoRA target_modules {spec['target_modules']!r} match no layer of the backbone: {e}") from e
-    model.adapter = {"type": "lora", **spec}
-
-
-def merge_lora(model: SourceModel) -> None:
-    """Fold every adapter into its base layer and put the plain layer back: same outputs, no adapter left."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.backbone.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
-            setattr(parent, child, module.get_base_layer())
-    model.adapter = None
 
 
 def lora_plan(model: SourceModel, cfg: LoRAConfig, train: TrainConfig) -> TrainPlan:

@@ -7,7 +7,6 @@ They combine with any parameter selection: ``strategy: l2sp`` is ``full`` + L2-S
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferkit.errors import RecipeError
 from transferkit.registry import Registry
+from transferkit.specs import parse_spec
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -299,19 +298,8 @@ REGULARIZERS.register("delta", help="keep feature maps near the frozen source's 
 
 def regularizer_config(spec: str | dict[str, Any]) -> tuple[str, Any]:
     """Name and validated config from ``"l2sp"`` or ``{name: l2sp, alpha: 0.1}``."""
-    name = spec if isinstance(spec, str) else str(spec.get("name", ""))
-    options = {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
-    config_cls, _ = REGULARIZERS.get(name)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise RecipeError(
-            f"regularizer '{name}' has no option(s) {unknown}; valid options: {', '.join(sorted(fields))}"
-        )
-    try:
-        return name, config_cls(**options)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"regularizer '{name}': {e}") from e
+    name, _, cfg = parse_spec(spec, REGULARIZERS, lambda entry: entry[0])
+    return name, cfg
 
 
 def build_penalties(

@@ -24,9 +24,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from transferkit.config.transfer import TransferConfig
 from transferkit.errors import RecipeError, RunDirError
 from transferkit.models.vision import SourceModel, build_backbone, save_model
-from transferkit.transfer.config import TransferConfig
 from transferkit.transfer.match import METHODS, TransferError, match_state_dicts, natural_key, normalize
 from transferkit.transfer.surgery import (
     SurgeryError,
@@ -154,8 +154,8 @@ def _hf_order(folder: Path, state: Mapping[str, torch.Tensor]) -> tuple[list[str
 
 def read_source(source: Any) -> _Source:
     """A source given as a spec (``load_source``), a weights file, a model, or a state_dict."""
+    from transferkit.config import SourceSpec
     from transferkit.io import load_state_dict
-    from transferkit.recipe import SourceSpec
     from transferkit.sources import load_source
 
     if isinstance(source, Mapping) and source and all(isinstance(v, torch.Tensor) for v in source.values()):

@@ -1,0 +1,64 @@
+"""The stages of a run, by name, and the order a recipe's stages run in.
+
+Each stage is one module of this package with its config section in ``transferkit.config``, a ``run(ctx)``, its
+outputs in the run directory and its resume rule (``stages.base.Stage``). Adding a stage is one module here, its
+section in ``config/recipe.py`` and one line below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transferkit.config import Recipe
+from transferkit.stages import baselines, pretrain, rank, recsys, select, train, transfer
+from transferkit.stages.base import RunContext, Stage
+
+# the default order, for the stages a recipe does not write (transfer, select) and for ties
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        rank.STAGE,
+        pretrain.STAGE,
+        transfer.STAGE,
+        train.STAGE,
+        baselines.STAGE,
+        select.STAGE,
+        recsys.STAGE,
+    )
+}
+
+
+def stage_order(recipe: Recipe) -> list[Stage]:
+    """The recipe's stages in the order it writes them, each moved after the stages whose outputs it needs.
+
+    A stage's place is its first key in ``recipe.written`` (the keys the recipe writes, then the others); a stage
+    with no key of its own (``select``) comes after them, in the default order. Among the stages that are ready
+    (nothing still to run gives what they need), the first placed runs first.
+    """
+    present = [s for s in STAGES.values() if s.applies(recipe)]
+    written = recipe.written
+    default = list(STAGES)
+
+    def position(stage: Stage) -> tuple[int, int]:
+        places = [written.index(k) for k in stage.keys if k in written]
+        return (min(places), 0) if places else (len(written), default.index(stage.name))
+
+    def waits(stage: Stage, pending: list[Stage]) -> bool:
+        return any(set(stage.needs) & set(other.gives) for other in pending if other is not stage)
+
+    pending = sorted(present, key=position)
+    order: list[Stage] = []
+    while pending:
+        # stages that need and give the same thing (train -> distill -> prune) wait for each other: written order
+        ready = next((s for s in pending if not waits(s, pending)), pending[0])
+        order.append(ready)
+        pending.remove(ready)
+    return order
+
+
+def check_stages(raw: dict[str, Any]) -> list[str]:
+    """Every stage's own checks of its recipe section (those that need the registries)."""
+    return [p for stage in STAGES.values() for p in stage.check(raw)]
+
+
+__all__ = ["STAGES", "RunContext", "Stage", "check_stages", "stage_order"]

@@ -1,0 +1,151 @@
+"""The stage contract and the run context every stage reads and writes.
+
+A stage is one step of a run (rank, pretrain, transfer, train, baselines, select, recsys...). It declares:
+
+- ``name``: its name, the recipe section(s) it reads (``keys``), and ``transferkit STAGE RUN_DIR``;
+- ``applies(recipe)``: whether the recipe has the stage at all;
+- ``run(ctx)``: does the work from the run context and writes its outputs in the run directory;
+- ``done(ctx)`` and ``load(ctx)``: its resume rule: what "already done" means on disk, and how the results are read
+  back from there (``--resume`` and stages added to a finished run skip what is done, never retrain it);
+- ``needs`` / ``gives``: what it reads from earlier stages and what it provides (the order the stages run in:
+  the order the recipe writes them, each after the stages whose outputs it reads);
+- ``check(raw)``: problems of its recipe section that need the registries (reported with the structural ones);
+- ``extend(raw, options)``: how ``transferkit STAGE RUN_DIR key=value...`` adds it to a finished run's recipe
+  (None: the stage cannot be added after training, e.g. ``rank`` chooses the source before anything is trained).
+
+The stage modules import torch and the runtime inside their functions, so that reading the registry (``transferkit
+validate``, ``transferkit ls``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferkit.config import Recipe, SourceSpec
+
+
+def _no_problems(raw: dict[str, Any]) -> list[str]:
+    return []
+
+
+def _never(ctx: RunContext) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run (see the module docstring for each field)."""
+
+    name: str
+    run: Callable[[RunContext], None]
+    applies: Callable[[Recipe], bool]
+    done: Callable[[RunContext], bool] = _never
+    load: Callable[[RunContext], None] | None = None
+    keys: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    gives: tuple[str, ...] = ()
+    check: Callable[[dict[str, Any]], list[str]] = _no_problems
+    extend: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    help: str = ""
+
+
+@dataclass
+class RunContext:
+    """What a run knows while its stages run: the recipe, the run directory, the accelerator, and what earlier
+    stages produced (the source to use, the prepared data, the trained models' results...).
+
+    The source and the data are loaded on first use (``source``, ``data``), after the stages that choose the
+    source (rank, pretrain) have run.
+    """
+
+    recipe: Recipe
+    out: Path
+    accelerator: Any
+    resume: bool = False
+    log: Callable[..., Any] = print
+    source_spec: SourceSpec | None = None
+    known_features: dict[str, Any] | None = None  # the winner's features from ``rank`` (a linear probe reuses them)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # trained models by name (metrics.json models)
+    sections: dict[str, Any] = field(default_factory=dict)  # what stages add to metrics.json (baselines, pretrain...)
+    timings: dict[str, float] = field(default_factory=dict)
+    features: dict[str, Any] | None = None  # cached backbone features (train stage), computed once per run
+    t_start: float = field(default_factory=time.perf_counter)
+    _source: Any = None
+    _data: Any = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that writes the run directory (one of many under torchrun)."""
+        return bool(self.accelerator.is_main_process)
+
+    def source(self) -> Any:
+        """The source model (loaded once, after ``rank``/``pretrain`` chose it)."""
+        if self._source is None:
+            import torch
+
+            from transferkit.errors import RecipeError
+            from transferkit.sources import load_source
+
+            if self.source_spec is None:
+                raise RecipeError("the recipe names no source: give source: NAME, or rank: {candidates: [...]}")
+            t = time.perf_counter()
+            torch.manual_seed(self.recipe.seed)  # a source without pretrained weights is initialised reproducibly
+            self._source = load_source(self.source_spec)
+            self.timings["load_source_s"] = self.timings.get("load_source_s", 0.0) + time.perf_counter() - t
+        return self._source
+
+    def data(self) -> Any:
+        """The run's data, split and with the target's preprocessing (read once)."""
+        if self._data is None:
+            from transferkit.data import prepare_data
+
+            assert self.recipe.data is not None
+            source = self.source()
+            t = time.perf_counter()
+            # with a transfer: section the data takes the target's input format (e.g. 1 channel), not the
+            # source's: the target architecture alone tells it (pretrained=False: built, not filled)
+            shape_of = source if self.recipe.transfer is None else self.make_target(None, pretrained=False)
+            self._data = prepare_data(self.recipe.data, shape_of, self.recipe.seed)
+            self.timings["data_s"] = time.perf_counter() - t
+            d = self._data
+            self.log(
+                f"source {self.source_spec.name if self.source_spec else '?'} | data {d.cfg.dataset}: "
+                f"{d.splits.sizes()} | {len(d.classes)} classes | skipped {len(d.examples.skipped)} unreadable"
+            )
+        return self._data
+
+    def make_target(self, labels: list[str] | None, pretrained: bool = True) -> Any:
+        """The target: the source with a new head (``build_target``), or, with a ``transfer:`` section, the
+        architecture it names filled from the source (``transfer_step``). ``labels=None``: only its input format."""
+        source = self.source()
+        if self.recipe.transfer is None:
+            from transferkit.transfer import build_target
+
+            return build_target(source, labels or [], pretrained=pretrained, seed=self.recipe.seed)
+        from transferkit.transfer.api import transfer_step
+
+        target = transfer_step(source, self.recipe.transfer, labels, seed=self.recipe.seed, pretrained=pretrained)
+        if getattr(target, "processor", None) is None:
+            target.processor = source.processor
+        return target
+
+    def model(self, name: str) -> Any:
+        """A model an earlier stage trained, reloaded from ``models/NAME/`` (later stages start from it)."""
+        from transferkit.errors import RunDirError
+        from transferkit.models.base import load_model
+
+        folder = self.out / "models" / name
+        if not (folder / "model.json").is_file():
+            raise RunDirError(
+                f"'{self.out}' holds no trained model '{name}' (models/{name}/ is missing); trained: "
+                f"{', '.join(sorted(self.results)) or 'none'}"
+            )
+        return load_model(folder)
+
+    def wait(self) -> None:
+        """Every process reaches this point before any goes on (a no-op in one process)."""
+        self.accelerator.wait_for_everyone()
