@@ -6,6 +6,7 @@ split. It answers the first question about a text transfer: does the pretrained 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,14 +25,32 @@ def _texts(data: Any, split: str) -> list[str]:
     return [str(t) for t in data.items(split)]
 
 
+def reads(*modalities: str) -> Callable[[Callable[[Any], dict[str, Any]]], Callable[[Any], dict[str, Any]]]:
+    """Declare the modalities a baseline reads; data of another modality is refused with an error naming both."""
+
+    def declare(baseline: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+        name = baseline.__name__.removesuffix("_baseline")
+
+        @functools.wraps(baseline)
+        def checked(data: Any) -> dict[str, Any]:
+            if data.modality not in modalities:
+                raise ValueError(
+                    f"the {name} baseline needs {' or '.join(modalities)} data; this run's data is {data.modality}"
+                )
+            return baseline(data)
+
+        return checked
+
+    return declare
+
+
 @BASELINES.register("tfidf", help="text: TF-IDF word 1-2-grams + logistic regression (C chosen on validation)")
+@reads("text")
 def tfidf_baseline(data: Any) -> dict[str, Any]:
     """Fit on the training split, pick ``C`` by validation accuracy, report validation and test metrics."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    if data.modality != "text":
-        raise ValueError(f"the tfidf baseline needs text data; this run's data is {data.modality}")
     t0 = time.perf_counter()
     labels = {s: data.examples.labels[getattr(data.splits, s)] for s in ("train", "val", "test")}
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
