@@ -29,30 +29,33 @@ STAGES: dict[str, Stage] = {
 
 
 def stage_order(recipe: Recipe) -> list[Stage]:
-    """The recipe's stages in the order it writes them, each moved after the stages whose outputs it needs.
+    """The recipe's stages in the order it writes them, each preceded by the stages whose outputs it needs.
 
     A stage's place is its first key in ``recipe.written`` (the keys the recipe writes, then the others); a stage
-    with no key of its own (``select``) comes after them, in the default order. Among the stages that are ready
-    (nothing still to run gives what they need), the first placed runs first.
+    with no key of its own (``select``) comes after them, in the default order. Before a stage runs, the stages that
+    give what it needs run (``rank`` before ``train``, wherever it is written), except those that need what it gives
+    in turn: stages that read and write the same thing (train -> distill -> prune all give models) keep the written
+    order among themselves.
     """
-    present = [s for s in STAGES.values() if s.applies(recipe)]
-    written = recipe.written
-    default = list(STAGES)
+    written, default = recipe.written, list(STAGES)
 
     def position(stage: Stage) -> tuple[int, int]:
         places = [written.index(k) for k in stage.keys if k in written]
         return (min(places), 0) if places else (len(written), default.index(stage.name))
 
-    def waits(stage: Stage, pending: list[Stage]) -> bool:
-        return any(set(stage.needs) & set(other.gives) for other in pending if other is not stage)
-
-    pending = sorted(present, key=position)
+    present = sorted((s for s in STAGES.values() if s.applies(recipe)), key=position)
     order: list[Stage] = []
-    while pending:
-        # stages that need and give the same thing (train -> distill -> prune) wait for each other: written order
-        ready = next((s for s in pending if not waits(s, pending)), pending[0])
-        order.append(ready)
-        pending.remove(ready)
+
+    def add(stage: Stage, visiting: tuple[Stage, ...] = ()) -> None:
+        if stage in order or stage in visiting:
+            return
+        for giver in present:
+            if set(giver.gives) & set(stage.needs) and not set(giver.needs) & set(stage.gives):
+                add(giver, (*visiting, stage))
+        order.append(stage)
+
+    for stage in present:
+        add(stage)
     return order
 
 

@@ -83,6 +83,7 @@ STAGE = Stage(
     done,
     load,
     keys=("baselines",),
+    needs=("source",),  # the data is read with the source's preprocessing
     check=check,
     extend=extend,
     help="baselines computed on the run's splits without the source (e.g. tfidf)",

@@ -1,0 +1,130 @@
+"""Stages: the order a recipe's stages run in, their checks, and stages added to a finished run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from transferkit.cli import main
+from transferkit.config import dump_recipe
+from transferkit.errors import RecipeError, RunDirError, UnknownNameError
+from transferkit.io import read_json
+from transferkit.recipe import load_recipe
+from transferkit.runner import run_recipe, run_stage
+from transferkit.stages import STAGES, stage_order
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "source": {"name": "timm:test_efficientnet", "pretrained": False},
+    "data": {"dataset": "mnist5k", "per_class": 3, "val_per_class": 2, "test_size": 30, "image_size": 32},
+    "train": {"strategy": "full", "epochs": 1, "batch_size": 8, "lr": 0.01},
+}
+
+
+def _names(recipe: dict[str, Any]) -> list[str]:
+    return [s.name for s in stage_order(load_recipe(recipe))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Order
+
+
+def test_default_order_puts_transfer_before_train_and_select_last() -> None:
+    assert _names(TINY) == ["transfer", "train", "select"]
+
+
+def test_a_stage_written_after_the_one_that_needs_it_runs_first() -> None:
+    """rank gives the source that train needs: written last, it still runs before train, and transfer (which builds
+    the target train needs) right before it; baselines keep their written place."""
+    recipe = {k: v for k, v in TINY.items() if k != "source"}
+    recipe["baselines"] = ["tfidf"]
+    recipe["rank"] = {"candidates": ["timm:test_efficientnet", "timm:test_resnet"]}
+    assert _names(recipe) == ["rank", "transfer", "train", "baselines", "select"]
+    with_source = {**TINY, "baselines": ["tfidf"]}
+    assert _names(with_source) == ["transfer", "train", "baselines", "select"]
+    first = {"baselines": ["tfidf"], **with_source}
+    assert _names(first) == ["baselines", "transfer", "train", "select"]
+    ranked_first = {"baselines": ["tfidf"], **recipe}  # baselines read the data, read with the ranked source
+    assert _names(ranked_first) == ["rank", "baselines", "transfer", "train", "select"]
+
+
+def test_the_written_order_survives_the_run_directory_recipe() -> None:
+    recipe = load_recipe({"baselines": ["tfidf"], **TINY})
+    again = load_recipe(yaml.safe_load(dump_recipe(recipe)))
+    assert again.written == recipe.written and again.written[0] == "baselines"
+    assert [s.name for s in stage_order(again)] == [s.name for s in stage_order(recipe)]
+
+
+def test_every_stage_declares_its_contract() -> None:
+    for name, stage in STAGES.items():
+        assert stage.name == name and stage.help, name
+        assert callable(stage.run) and callable(stage.done) and callable(stage.applies)
+    assert {n for n, s in STAGES.items() if s.extend is not None} == {"train", "baselines"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages on a finished run
+
+
+def test_unknown_and_pre_training_stages_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError, match="unknown stage 'trian'. Did you mean 'train'?"):
+        run_stage("trian", tmp_path)
+    with pytest.raises(RecipeError, match="the stage 'rank' cannot be added to a finished run"):
+        run_stage("rank", tmp_path)
+    with pytest.raises(RunDirError, match="is not a transferkit run directory \\(recipe.yaml is missing\\)"):
+        run_stage("train", tmp_path, ["strategy=bitfit"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stages") / "run"
+    run_recipe(load_recipe(TINY), out=out)
+    return out
+
+
+def test_train_on_a_finished_run_adds_a_model_and_retrains_nothing(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(finished_run, out)
+    before = read_json(out / "metrics.json")
+    result_file = out / "checkpoints" / "full" / "result.json"
+    stamp = result_file.stat().st_mtime_ns
+    old_hash = read_json(out / "run.json")["recipe_hash"]
+
+    assert main(["train", str(out), "strategy=linear_probe", "label=probe"]) == 0
+    assert "[full] already trained" in capsys.readouterr().out
+    after = read_json(out / "metrics.json")
+    assert list(after["models"]) == ["full", "probe"]
+    assert after["models"]["full"]["weights_sha256"] == before["models"]["full"]["weights_sha256"]
+    assert result_file.stat().st_mtime_ns == stamp  # read back, not written again
+    assert after["models"]["probe"]["strategy"] == "linear_probe"
+    assert (out / "models" / "probe" / "model.safetensors").is_file()
+    assert "probe" in (out / "report.html").read_text()
+    run = read_json(out / "run.json")
+    assert run["status"] == "done" and run["history"] == [old_hash] and run["recipe_hash"] != old_hash
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["compare"] == [
+        {"strategy": "linear_probe", "label": "probe", "overrides": {}}
+    ]
+    # a second model of the same name is a recipe error; the same name with other settings (a recipe run --from
+    # the run) would silently mix two trainings: refused
+    with pytest.raises(RecipeError, match=r"trained models need distinct names; \['probe'\] appear twice"):
+        run_stage("train", out, ["strategy=linear_probe", "label=probe", "overrides.lr=0.5"])
+    other = yaml.safe_load((out / "recipe.yaml").read_text())
+    other["compare"][0]["overrides"] = {"lr": 0.5}
+    with pytest.raises(RunDirError, match="already holds a model 'probe' trained with other settings"):
+        run_recipe(load_recipe(other), from_run=out)
+
+
+def test_run_from_a_finished_run_keeps_its_inputs(finished_run: Path, tmp_path: Path) -> None:
+    changed = json.loads(json.dumps(TINY))
+    changed["data"]["per_class"] = 4
+    with pytest.raises(RunDirError, match="the recipe changes data, which the run's models were trained on"):
+        run_recipe(load_recipe(changed), from_run=finished_run)
