@@ -244,3 +244,23 @@ def test_invalid_metrics_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="JSON object"):
         write_report(tmp_path)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_tables_added_by_stages_are_rendered_escaped(tmp_path: Path) -> None:
+    """A stage's results reach the report as a table (title, note, columns, rows) with no change to the report."""
+    metrics = _metrics()
+    metrics["tables"] = [
+        {
+            "title": "Evaluation on <shifted>",
+            "note": "30 examples",
+            "columns": ["model", "accuracy", "n"],
+            "rows": [["full", 0.8125, 30], ["<b>x</b>", 0.5, 2]],
+        },
+        {"title": "a malformed table", "columns": "not a list", "rows": []},
+    ]
+    page = write_report(_write_run(tmp_path / "run", metrics)).read_text()
+    assert "<h2>Evaluation on &lt;shifted&gt;</h2>" in page and "30 examples" in page
+    assert "<tr><th>model</th><th>accuracy</th><th>n</th></tr>" in page
+    assert '<tr><td>full</td><td class="num">0.812</td><td class="num">30</td></tr>' in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert "a malformed table" not in page

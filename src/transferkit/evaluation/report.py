@@ -21,9 +21,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transferkit.errors import DataError, DataNotFoundError
 
@@ -103,6 +103,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 def _write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    write_text: Callable[[str | Path, str], Path] | None
     try:
         from transferkit.io import write_text
     except ImportError:
@@ -183,6 +184,7 @@ def _render_page(metrics: Mapping[str, Any], transfer: Mapping[str, Any] | None)
         _header_section(metrics, models),
         _metrics_section(models, selected),
         _baselines_section(metrics.get("baselines")),
+        _tables_section(metrics.get("tables")),
         _curves_section(models),
         _confusion_section(metrics, models, selected),
     ]
@@ -224,7 +226,7 @@ def _header_section(metrics: Mapping[str, Any], models: Mapping[str, Any]) -> st
     rows.append(("Classes", classes_cell))
     pretrain = metrics.get("pretrain")
     if isinstance(pretrain, Mapping):
-        pre_classes = pretrain.get("classes") if isinstance(pretrain.get("classes"), list) else []
+        pre_classes = cast("list[Any]", pretrain.get("classes")) if isinstance(pretrain.get("classes"), list) else []
         rows.append(
             (
                 "Source pretrained in this run",
@@ -352,6 +354,30 @@ def _baselines_section(baselines: Any) -> str:
         + "\n".join(rows)
         + "\n</table>"
     )
+
+
+def _tables_section(tables: Any) -> str:
+    """Tables that stages add to a run (``metrics.json`` ``tables``: title, note, columns, rows), rendered as they
+    come: a new stage shows its results here without a change to the report."""
+    if not isinstance(tables, list):
+        return ""
+    out = []
+    for t in tables:
+        if not isinstance(t, Mapping) or not isinstance(t.get("columns"), list) or not isinstance(t.get("rows"), list):
+            continue
+        head = "<tr>" + "".join(f"<th>{_esc(c)}</th>" for c in t["columns"]) + "</tr>"
+
+        def cell(v: Any) -> str:
+            if isinstance(v, float):
+                return f'<td class="num">{_fmt_float(v)}</td>'
+            if isinstance(v, int) and not isinstance(v, bool):
+                return f'<td class="num">{_fmt_int(v)}</td>'
+            return f"<td>{_esc(v)}</td>"
+
+        rows = ["<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in t["rows"] if isinstance(row, list)]
+        note = f'<p class="note">{_esc(t["note"])}</p>\n' if t.get("note") else ""
+        out.append(f"<h2>{_esc(t.get('title', ''))}</h2>\n{note}<table>\n{head}\n" + "\n".join(rows) + "\n</table>")
+    return "\n".join(out)
 
 
 def _curves_section(models: Mapping[str, Any]) -> str:

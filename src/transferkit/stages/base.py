@@ -71,6 +71,7 @@ class RunContext:
     known_features: dict[str, Any] | None = None  # the winner's features from ``rank`` (a linear probe reuses them)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # trained models by name (metrics.json models)
     sections: dict[str, Any] = field(default_factory=dict)  # what stages add to metrics.json (baselines, pretrain...)
+    tables: list[dict[str, Any]] = field(default_factory=list)  # tables stages add to report.html (title, columns...)
     timings: dict[str, float] = field(default_factory=dict)
     features: dict[str, Any] | None = None  # cached backbone features (train stage), computed once per run
     t_start: float = field(default_factory=time.perf_counter)

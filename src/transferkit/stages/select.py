@@ -33,6 +33,7 @@ def run(ctx: RunContext) -> None:
         "data": ctx.data().summary(),
         "models": results,
         **{k: v for k, v in ctx.sections.items() if v},
+        **({"tables": ctx.tables} if ctx.tables else {}),
         "timings": {**ctx.timings, "total_s": time.perf_counter() - ctx.t_start},
     }
     if ctx.main:
