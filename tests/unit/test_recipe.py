@@ -78,7 +78,8 @@ def test_structural_problems_are_all_reported_with_key_paths_and_fixes() -> None
     assert "unknown key" in trian
     assert "Did you mean 'train'?" in trian
     assert (
-        "Valid keys here: name, seed, source, rank, pretrain, transfer, data, train, compare, baselines, recsys."
+        "Valid keys here: name, seed, source, rank, pretrain, transfer, data, train, compare, baselines, evaluate, "
+        "recsys."
     ) in trian
 
     per_clas = _problem(problems, "data.per_clas")

@@ -127,6 +127,24 @@ class CompareEntry(_Strict):
         return self.label or spec_name(self.strategy)
 
 
+class EvaluateConfig(_Strict):
+    """Evaluate every trained model on another labelled dataset: a shifted domain, a second test set."""
+
+    dataset: str = Field(
+        description="a built-in name or a path, read as data.dataset is (its classes must be among the models' labels)"
+    )
+    label: str | None = Field(
+        default=None, description="the evaluation's name in metrics.json (default: the dataset's file or folder name)"
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    strict: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.label or Path(self.dataset).stem or self.dataset
+
+
 class RankConfig(_Strict):
     """Rank candidate sources before training; the best one becomes the run's source."""
 
@@ -185,6 +203,9 @@ class Recipe(_Strict):
         default_factory=list,
         description="computed on the same splits without the source, e.g. [tfidf] for text (transferkit ls)",
     )
+    evaluate: list[EvaluateConfig] = Field(
+        default_factory=list, description="after training, every model evaluated on each of these datasets too"
+    )
     recsys: RecsysConfig | None = Field(
         default=None,
         description="a recommendation task (interactions, two-tower or "
@@ -214,7 +235,7 @@ class Recipe(_Strict):
                 raise ValueError("data: required key is missing.")
             return self
         used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
-        used += [k for k in ("compare", "baselines") if getattr(self, k)]
+        used += [k for k in ("compare", "baselines", "evaluate") if getattr(self, k)]
         if used:
             raise ValueError(
                 f"recsys: runs a recommendation task on its own; {', '.join(used)} "
