@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from transferkit.errors import RecipeError, TransferKitError
 
@@ -150,7 +151,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     from transferkit.config.transfer import LAYER_CHOICES
     from transferkit.transfer.api import format_report, save_transfer, transfer
 
-    rules = _parse_structured(args.rules, "rules")  # a file or an inline list of {from, to}
+    rules: Any = _parse_structured(args.rules, "rules")  # a file or an inline list of {from, to}
     kwargs = _parse_structured(args.kwargs, "kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RecipeError(
@@ -164,9 +165,9 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     if args.img_size:
         kwargs["img_size"] = args.img_size
     blocks: str | list[int] | None = args.source_blocks
-    if blocks is not None and blocks not in LAYER_CHOICES:
+    if args.source_blocks is not None and args.source_blocks not in LAYER_CHOICES:
         try:
-            blocks = [int(i) for i in blocks.split(",")]
+            blocks = [int(i) for i in args.source_blocks.split(",")]
         except ValueError:
             raise RecipeError(
                 f"--source-blocks {args.source_blocks!r}: give one of {', '.join(LAYER_CHOICES)} or "
@@ -176,7 +177,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     bad = [m for m in methods or [] if m not in ("names", "rules", "structure")]
     if bad or methods == []:
         raise RecipeError(f"--methods {args.methods!r}: choose from names, rules, structure (comma-separated)")
-    extra = {"methods": methods} if methods else {}
+    extra: dict[str, Any] = {"methods": methods} if methods else {}
     if getattr(args, "widen", None):
         extra["widen"] = args.widen
     model, report = transfer(

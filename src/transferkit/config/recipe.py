@@ -8,6 +8,7 @@ valid choices, not only the first one.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -317,7 +318,7 @@ def fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def format_error(err: dict[str, Any], root: type[BaseModel] | None = None) -> str:
+def format_error(err: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = ".".join(str(p) for p in loc) or "(recipe)"
     if err["type"] == "extra_forbidden":

@@ -26,7 +26,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_INTERACTIONS = ("movielens-100k",)
-ARMS = ("target_only", "popularity")
+Arm = Literal["target_only", "popularity"]
+ARMS: tuple[Arm, ...] = ("target_only", "popularity")
 METRIC_NAMES = ("hr", "ndcg", "recall")
 
 
@@ -102,7 +103,7 @@ class RecsysConfig(_Strict):
     source_run: str | None = Field(default=None, description="a previous recsys run directory or model folder")
     transfer: TransferOptions = Field(default_factory=TransferOptions)
     target_only: TargetOnlyOptions = Field(default_factory=TargetOnlyOptions)
-    baselines: list[Literal["target_only", "popularity"]] = Field(default_factory=lambda: list(ARMS))
+    baselines: list[Arm] = Field(default_factory=lambda: list(ARMS))
 
     @field_validator("metrics")
     @classmethod

@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+Method = Literal["names", "rules", "structure"]
+METHOD_NAMES: tuple[Method, ...] = ("names", "rules", "structure")
+
 LAYER_CHOICES = ("every_other", "uniform", "first", "last")
 
 
@@ -51,8 +54,8 @@ class TransferConfig(BaseModel):
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="other architecture arguments, e.g. {depth: 6}")
     rules: list[dict[str, str]] = Field(default_factory=list, description="regex renames [{from: REGEX, to: REPL}]")
-    methods: list[Literal["names", "rules", "structure"]] = Field(
-        default_factory=lambda: ["names", "rules", "structure"], min_length=1, description="matching passes, in order"
+    methods: list[Method] = Field(
+        default_factory=lambda: list(METHOD_NAMES), min_length=1, description="matching passes, in order"
     )
     strict: bool = Field(default=False, description="an ambiguous structural pairing is an error")
     extra_blocks: Literal["fresh", "identity"] = Field(
