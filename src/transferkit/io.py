@@ -57,7 +57,8 @@ def pickle_globals(path: Path) -> list[str]:
             data = b"".join(z.read(n) for n in names)
     else:
         data = path.read_bytes()
-    found, strings = [], []
+    found: list[str] = []
+    strings: list[str] = []
     try:
         for op, arg, _ in pickletools.genops(data):
             if op.name in ("GLOBAL", "INST"):
@@ -100,7 +101,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; on any error nothing is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ def torch_save(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
 
 
-def replace_dir(final: Path, fill: Callable[[Path], None]) -> Path:
+def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
     """Build a folder under a temporary name with ``fill`` and swap it in whole."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ def compute_features(
     (``bench/linear_probe.py`` compares batch sizes).
     """
     backbone.eval().to(device)
-    with inference_pass(backbone, len(dataset), batch_size) as run:
+    with inference_pass(backbone, len(cast(Sized, dataset)), batch_size) as run:
         return in_order(dataset, batch_size, lambda x: run(to_device(x, device)), desc=desc)[0]
 
 

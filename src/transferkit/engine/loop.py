@@ -14,10 +14,10 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -168,8 +168,9 @@ def in_order(
         outs.append(fn(x).float().cpu())
         labels.append(y)
     out, lab = torch.cat(outs), torch.cat(labels)
-    if loader.order is not None:
-        inverse = torch.as_tensor(np.argsort(loader.order))
+    order: np.ndarray | None = cast(Any, loader).order  # set by make_loader: not a DataLoader attribute
+    if order is not None:
+        inverse = torch.as_tensor(np.argsort(order))
         out, lab = out[inverse], lab[inverse]
     return out, lab
 
@@ -190,7 +191,7 @@ def predict_logits(
     """Logits and labels for a whole dataset, in order, with the model in eval mode (batch norms folded)."""
     was_training = model.training
     model.eval()
-    with inference_pass(model, len(dataset), batch_size) as run:
+    with inference_pass(model, len(cast(Sized, dataset)), batch_size) as run:
         logits, labels = in_order(dataset, batch_size, lambda x: run(to_device(x, device)), num_workers, desc)
     model.train(was_training)
     return logits, labels
@@ -304,7 +305,7 @@ def fit(
         main = accelerator.is_main_process
         rank, world = accelerator.process_index, accelerator.num_processes
         per_rank_batch = max(1, cfg.batch_size // world)
-        micro_batches = len(_batches(epoch_order(len(train_set), seed, 0, rank, world), per_rank_batch))
+        micro_batches = len(_batches(epoch_order(len(cast(Sized, train_set)), seed, 0, rank, world), per_rank_batch))
         steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
@@ -371,7 +372,7 @@ def fit(
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             set_train_mode(accelerator.unwrap_model(wrapped), plan)
-            batches = _batches(epoch_order(len(train_set), seed, epoch, rank, world), per_rank_batch)
+            batches = _batches(epoch_order(len(cast(Sized, train_set)), seed, epoch, rank, world), per_rank_batch)
             start = state["batch"]
             running, seen = torch.zeros((), device=device), 0
             group: list[tuple[torch.Tensor, torch.Tensor]] = []

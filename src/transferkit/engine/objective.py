@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ class ClassificationObjective(nn.Module):
     def forward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         for p in self.penalties:
             if hasattr(p, "prepare"):
-                p.prepare(model)
+                cast("Callable[[nn.Module], None]", p.prepare)(model)
         features = None
         if any(p.needs_features for p in self.penalties):
             if isinstance(getattr(model, "module", model), SourceModel):

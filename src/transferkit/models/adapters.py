@@ -6,12 +6,13 @@ weights. The LoRA strategy (``strategies.lora``) decides where they go and train
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from transferkit.models.base import SourceModel
 
 
-def inject_lora(model: nn.Module, spec: dict[str, Any]) -> None:
+def inject_lora(model: SourceModel, spec: dict[str, Any]) -> None:
     """Add LoRA adapters to ``model.backbone`` in place (peft's LoraModel) and record them in ``model.adapter``."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
@@ -26,7 +27,7 @@ def inject_lora(model: nn.Module, spec: dict[str, Any]) -> None:
     model.adapter = {"type": "lora", **spec}
 
 
-def merge_lora(model: nn.Module) -> None:
+def merge_lora(model: SourceModel) -> None:
     """Fold every adapter into its base layer and put the plain layer back: same outputs, no adapter left."""
     from peft.tuners.lora import LoraLayer
 

@@ -17,7 +17,8 @@ and the Resemblyzer speaker encoder with its mel front end in torch.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ class AudioEncoder(nn.Module):
 def _encoder_only(model: nn.Module) -> nn.Module:
     """The encoder of an encoder-decoder model (Whisper); the model itself otherwise."""
     if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-        return model.get_encoder()
+        return cast("Callable[[], nn.Module]", model.get_encoder)()
     return model
 
 
@@ -156,19 +157,20 @@ def _hf_audio_backbone(name: str, pretrained: bool, weights: str | None, kwargs:
         from transferkit.io import load_state_dict
 
         model.load_state_dict(load_state_dict(weights))
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config: its fields depend on the model type
     if getattr(model, "pooler", None) is not None:  # unused by mean pooling of the hidden states
-        model.pooler = None
+        model.pooler = None  # type: ignore[assignment]  # torch types Module.__setattr__ without the None it accepts
     rate = int(extractor.sampling_rate)
     max_seconds = float(kwargs.get("max_seconds") or DEFAULT_MAX_SECONDS)
     if cfg.model_type == "whisper":  # the extractor pads or cuts every recording to its window (30 s for Whisper)
         max_seconds = min(max_seconds, float(extractor.chunk_length))
+    input_key = cast(str, model.main_input_name)  # a transformers model's class attribute
     preprocess = {
         "modality": "audio",
         "sampling_rate": rate,
         "max_seconds": max_seconds,
         "pooling": "mean",
-        "input_key": model.main_input_name,
+        "input_key": input_key,
         "processor_kwargs": _processor_kwargs(cfg.model_type),
         "input_size": [1, None],
     }  # mono, any length
@@ -181,7 +183,7 @@ def _hf_audio_backbone(name: str, pretrained: bool, weights: str | None, kwargs:
     )
     hidden = int(getattr(cfg, "hidden_size", 0) or cfg.d_model)
     return Backbone(
-        AudioEncoder(model, model.main_input_name, pass_mask),
+        AudioEncoder(model, input_key, pass_mask),
         hidden,
         None,
         preprocess,
@@ -347,6 +349,9 @@ class MelSpectrogram(nn.Module):
     window), squared magnitudes, mel filters. The defaults are Resemblyzer's: 16 kHz, 25 ms windows, 10 ms hops,
     40 bands, not log."""
 
+    window: torch.Tensor
+    filters: torch.Tensor
+
     def __init__(self, sampling_rate: int = 16000, n_fft: int = 400, hop_length: int = 160, n_mels: int = 40):
         super().__init__()
         self.sampling_rate, self.n_fft, self.hop_length, self.n_mels = sampling_rate, n_fft, hop_length, n_mels
@@ -368,7 +373,21 @@ class MelSpectrogram(nn.Module):
         return (self.filters @ spec.abs().pow(2)).T
 
 
-RESEMBLYZER = {
+class _ResemblyzerSettings(TypedDict):
+    """The fixed settings of Resemblyzer's encoder and preprocessing (sizes are ints, rates and levels floats)."""
+
+    sampling_rate: int
+    n_mels: int
+    hidden: int
+    embedding: int
+    layers: int
+    partial_frames: int
+    rate: float
+    min_coverage: float
+    target_dbfs: float
+
+
+RESEMBLYZER: _ResemblyzerSettings = {
     "sampling_rate": 16000,
     "n_mels": 40,
     "hidden": 256,
@@ -480,7 +499,10 @@ def _resemblyzer_backbone(name: str, pretrained: bool, weights: str | None, kwar
     if pretrained or weights:
         from transferkit.io import load_state_dict
 
-        module.load_state_dict(resemblyzer_weights() if pretrained and not weights else load_state_dict(weights))
+        # pretrained or weights holds here, so the branch that does not take the shipped weights has weights set
+        module.load_state_dict(
+            resemblyzer_weights() if pretrained and not weights else load_state_dict(cast(str, weights))
+        )
     preprocess = {
         "modality": "audio",
         "sampling_rate": RESEMBLYZER["sampling_rate"],

@@ -64,6 +64,11 @@ class SourceModel(nn.Module):
         groups: layer groups as (name, regex) over backbone parameter names, input to output.
     """
 
+    # set after construction, by the sources and by the transfer: where each tensor came from
+    # (name -> "source:name"), and a target's transfer report
+    origin: dict[str, str]
+    report: dict[str, Any]
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -76,9 +76,9 @@ def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: 
 
         model.load_state_dict(load_state_dict(weights))
     if getattr(model, "pooler", None) is not None:  # unused by mean/cls pooling of the hidden states
-        model.pooler = None
+        model.pooler = None  # type: ignore[assignment]  # torch types Module.__setattr__ without the None it accepts
     pooling = kwargs.get("pooling") or (sentence_transformers_pooling(name) if Path(name).is_dir() else None) or "mean"
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config: its fields depend on the model type
     limit = min(
         int(getattr(tokenizer, "model_max_length", 512) or 512), int(getattr(cfg, "max_position_embeddings", 512))
     )

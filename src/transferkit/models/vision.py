@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,10 +42,11 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
             close = timm.list_models(f"*{name[:6]}*")[:8]
             raise SourceError(f"timm has no model '{name}'. Similar timm names: {', '.join(close) or 'none'}.") from e
         raise
-    head = copy.deepcopy(model.get_classifier()) if model.num_classes else None
+    # get_classifier, reset_classifier and num_features are timm's additions to nn.Module
+    head = copy.deepcopy(cast("Callable[[], nn.Module]", model.get_classifier)()) if model.num_classes else None
     if isinstance(head, nn.Identity):
         head = None
-    model.reset_classifier(0)
+    cast("Callable[[int], None]", model.reset_classifier)(0)
     cfg = resolve_data_config({}, model=model)
     preprocess = {
         "input_size": list(cfg["input_size"]),
@@ -56,15 +58,15 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
     groups = []
     if hasattr(model, "group_matcher"):
         groups = _groups_from_timm(model)
-    return Backbone(model, model.num_features, head, preprocess, groups)
+    return Backbone(model, cast(int, model.num_features), head, preprocess, groups)
 
 
 def _groups_from_timm(model: nn.Module) -> list[tuple[str, str]]:
     """timm's fine-grained layer groups, as (name, exact-name regex), input to output."""
     from timm.models import group_parameters
 
-    grouped = group_parameters(model, model.group_matcher(coarse=False))
-    out = []
+    grouped = group_parameters(model, cast("Callable[..., Any]", model.group_matcher)(coarse=False))
+    out: list[tuple[str, str]] = []
     for _gid, names in sorted(grouped.items(), key=lambda kv: kv[0]):
         names = [n for n in names if not n.startswith(("classifier", "head", "fc."))]
         if names:
@@ -91,6 +93,7 @@ def _torchvision_backbone(name: str, pretrained: bool, weights: str | None, kwar
             break
     if head is None:
         raise SourceError(f"cannot find the classifier of torchvision '{name}' (looked for fc, classifier, head)")
+    assert attr is not None  # found together with the head
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     num_features = linears[0].in_features
     setattr(model, attr, nn.Identity())
@@ -127,7 +130,7 @@ def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[
             f"cannot load Hugging Face model '{name}': {e}. Give a local folder with config.json, "
             "or a hub name on a machine with a network."
         ) from e
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config: its fields depend on the model type
     mean, std, size = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], getattr(cfg, "image_size", 224)
     try:
         from transformers import AutoImageProcessor

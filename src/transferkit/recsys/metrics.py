@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from tqdm.auto import tqdm
 from transferkit.engine.loop import show_progress
 from transferkit.errors import DataError
 from transferkit.recsys.data import Interactions, check_heldout
+
+if TYPE_CHECKING:
+    from transferkit.recsys.models import TwoTower
 
 DEFAULT_KS = (("hr", 10), ("ndcg", 10), ("recall", 20))
 
@@ -178,7 +181,7 @@ def evaluate_ranking(
 
 
 @torch.no_grad()
-def rmse(model: torch.nn.Module, data: Interactions) -> float:
+def rmse(model: TwoTower, data: Interactions) -> float:
     """Root mean squared error of the predicted ratings on ``data`` (which must have a rating column)."""
     if not data.has_ratings:
         raise DataError("RMSE needs ratings; read the interactions with rating_col=... (this data is implicit)")

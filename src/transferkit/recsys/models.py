@@ -91,9 +91,9 @@ class Tower(nn.Module):
         self.feature_names = list(feature_names)
         if features is not None and features.shape[1] > 0:
             self.register_buffer("features", torch.as_tensor(features, dtype=torch.float32))
-            self.feature_proj = nn.Linear(features.shape[1], dim, bias=False)
+            self.feature_proj: nn.Linear | None = nn.Linear(features.shape[1], dim, bias=False)
             nn.init.normal_(self.feature_proj.weight, std=0.1)
-            self.feature_bias = nn.Linear(features.shape[1], 1, bias=False)
+            self.feature_bias: nn.Linear | None = nn.Linear(features.shape[1], 1, bias=False)
             nn.init.zeros_(self.feature_bias.weight)
         else:
             self.features = None
@@ -104,9 +104,10 @@ class Tower(nn.Module):
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         if hidden:
-            layers.append(nn.Linear(width, dim))
-            nn.init.zeros_(layers[-1].weight)  # the MLP starts as the identity (residual) and learns a correction
-            nn.init.zeros_(layers[-1].bias)
+            last = nn.Linear(width, dim)
+            layers.append(last)
+            nn.init.zeros_(last.weight)  # the MLP starts as the identity (residual) and learns a correction
+            nn.init.zeros_(last.bias)
         self.mlp = nn.Sequential(*layers) if layers else None
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

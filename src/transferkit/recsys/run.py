@@ -20,7 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -251,9 +251,10 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
         arms[arm] = {"seeds": {}}
         for seed in cfg.seeds:
             own = cfg.target_only
-            model = _build(cfg, split, items, seed, dim=source.dim if arm == "transfer" else own.dim)
+            model = _build(cfg, split, items, seed, dim=cast(TwoTower, source).dim if arm == "transfer" else own.dim)
             lr, l2, frozen = own.lr or cfg.lr, cfg.l2 if own.l2 is None else own.l2, None
             if arm == "transfer":
+                assert source is not None  # the transfer arm is trained only when there is a source
                 t = cfg.transfer
                 report = transfer_embeddings(
                     source, model, users=t.users, items=t.items, towers=t.towers, new_ids=t.new_ids
@@ -288,8 +289,8 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
     if "popularity" in cfg.baselines:
         pop = _evaluate(Popularity(split.train, items), split, cfg)
         arms["popularity"] = {"seeds": {str(s): pop for s in cfg.seeds}}
-    for arm in arms.values():
-        arm["mean_sd"] = _summary(arm["seeds"])
+    for arm_result in arms.values():
+        arm_result["mean_sd"] = _summary(arm_result["seeds"])
 
     # the saved model: the trained arm and seed with the best validation value
     def val_of(key: tuple[str, int]) -> float:
@@ -309,6 +310,7 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
         **({"source_run": str(cfg.source_run)} if cfg.source_run else {}),
     }
     replace_dir(out / "model", lambda tmp: save_recsys_model(tmp, selected, extra, seen, titles))
+    source_info = cast("dict[str, Any]", source_meta)  # loaded with the source; read below only when there is one
     metrics = {
         "run": recipe.name,
         "task": TASK,
@@ -329,9 +331,9 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
                 "transfer_report": transfer_report,
                 "source_run": str(cfg.source_run),
                 "source_model": {
-                    "kind": source_meta.get("kind"),
-                    "users": len(source_meta["user_ids"]),
-                    "items": len(source_meta["item_ids"]),
+                    "kind": source_info.get("kind"),
+                    "users": len(source_info["user_ids"]),
+                    "items": len(source_info["item_ids"]),
                 },
             }
             if source is not None

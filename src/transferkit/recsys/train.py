@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class TrainResult:
 
 
 def _frozen_params(model: TwoTower, freeze: Sequence[str]) -> set[int]:
-    parts = {
+    parts: dict[str, list[torch.nn.Module]] = {
         "user_embeddings": [model.user_tower.embedding, model.user_tower.bias],
         "user_tower": [model.user_tower],
         "item_embeddings": [model.item_tower.embedding, model.item_tower.bias],
@@ -89,7 +89,7 @@ def recommendation_loss(
     """
     pos = model(users, items)
     if loss == "mse":
-        value = F.mse_loss(pos, ratings)
+        value = F.mse_loss(pos, cast(torch.Tensor, ratings))  # callers pass ratings with the mse loss (see Args)
     else:
         neg = model(users, negatives)
         if loss == "bpr":
@@ -233,6 +233,7 @@ def _train(
     ratings = torch.tensor(train.frame["rating"].to_numpy(np.float32)) if loss == "mse" else None
     if loss == "mse" and float(model.global_bias.detach()) == 0.0:
         with torch.no_grad():  # start from the mean rating, so the embeddings learn deviations from it
+            assert ratings is not None  # set for mse just above
             model.global_bias.fill_(float(ratings.mean()))
     frozen = _frozen_params(model, freeze)
     params = [p for p in model.parameters() if id(p) not in frozen]
@@ -241,6 +242,7 @@ def _train(
     n_items = len(model.items)
 
     def validate() -> dict[str, Any]:
+        assert val is not None  # called only when there is validation data
         if loss == "mse":
             return {"rmse": rmse(model, val)}
         return evaluate_ranking(model, val, train, what="validation")

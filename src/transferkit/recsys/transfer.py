@@ -84,7 +84,7 @@ def _move_tower(
     report: RecsysTransferReport,
 ) -> dict[str, Any]:
     has_features = dst.features is not None
-    stats = {"matched": 0, "target": len(dst_ids), "source": len(src_ids), "unmatched_examples": []}
+    stats: dict[str, Any] = {"matched": 0, "target": len(dst_ids), "source": len(src_ids), "unmatched_examples": []}
     if ids:
         zero = new_ids == "zero" and has_features and tower
         for name in ("embedding", "bias"):
@@ -96,7 +96,7 @@ def _move_tower(
     if not tower:
         return stats
     if has_features:
-        src_cols = {n: k for k, n in enumerate(src.feature_names)} if src.features is not None else {}
+        src_cols: dict[str, int] = {n: k for k, n in enumerate(src.feature_names)} if src.features is not None else {}
         pairs = [(k, src_cols[n]) for k, n in enumerate(dst.feature_names) if n in src_cols]
         report.features[side] = {
             "matched": [dst.feature_names[k] for k, _ in pairs],

@@ -14,7 +14,7 @@ A source is named the same way everywhere (recipe, CLI, Python):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from transferkit.registry import Registry
 BUILTIN_SOURCES: Registry[Callable[[bool], SourceModel]] = Registry("source")
 
 
-def _as_spec(spec: str | SourceSpec | dict[str, Any]) -> SourceSpec:
+def _as_spec(spec: str | SourceSpec | Mapping[str, Any]) -> SourceSpec:
     if isinstance(spec, SourceSpec):
         return spec
     if isinstance(spec, str):
@@ -75,7 +75,7 @@ def _imagenet_names() -> tuple[str, ...]:
     return tuple(info.index_to_description(i).split(",")[0] for i in range(1000))
 
 
-def load_source(spec: str | SourceSpec | dict[str, Any]) -> SourceModel:
+def load_source(spec: str | SourceSpec | Mapping[str, Any]) -> SourceModel:
     """Load a source model: its backbone, its own classifier (if any) and its preprocessing.
 
     Args:

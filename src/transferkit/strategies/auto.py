@@ -17,8 +17,9 @@ The rule (printed in the run and recorded in metrics.json, and written down in t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -66,7 +67,10 @@ def choose_strategy(
 
 def resolve_auto(options: AutoConfig, model: nn.Module, per_class: int) -> tuple[str | dict[str, Any], str]:
     backbone = getattr(model, "backbone", model)
-    groups = len([g for g, _ in model.layer_groups() if g != "head"]) if hasattr(model, "layer_groups") else 1
+    groups = 1
+    if hasattr(model, "layer_groups"):  # a SourceModel
+        layer_groups = cast("Callable[[], list[tuple[str, list[str]]]]", model.layer_groups)
+        groups = len([g for g, _ in layer_groups() if g != "head"])
     return choose_strategy(per_class, sum(p.numel() for p in backbone.parameters()), max(1, groups), options)
 
 

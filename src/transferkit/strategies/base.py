@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from transferkit.engine.plan import ParamGroup, TrainPlan, apply_plan, set_train_mode
+
+if TYPE_CHECKING:
+    from transferkit.models.base import SourceModel
 
 
 class Strategy(Protocol):
@@ -16,10 +17,10 @@ class Strategy(Protocol):
     and the distributed wrapper; ``requires_grad`` is never flipped inside a wrapped model).
     """
 
-    config: type
+    config: type[Any]  # the strategy's own config dataclass
     from_scratch: bool
 
-    def plan(self, model: nn.Module, cfg: Any, train: Any) -> TrainPlan | list[TrainPlan]: ...
+    def plan(self, model: SourceModel, cfg: Any, train: Any) -> TrainPlan | list[TrainPlan]: ...
 
 
 __all__ = ["ParamGroup", "Strategy", "TrainPlan", "apply_plan", "set_train_mode"]

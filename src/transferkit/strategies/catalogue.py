@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from transferkit.config import TrainConfig
 from transferkit.models.vision import SourceModel
 from transferkit.strategies import STRATEGIES
-from transferkit.strategies.base import ParamGroup, TrainPlan
+from transferkit.strategies.base import ParamGroup, Strategy, TrainPlan
 from transferkit.strategies.basic import FullConfig, full_groups, head_params
 from transferkit.strategies.regularizers import BSSConfig, DeltaConfig, L2SPConfig
 
@@ -101,8 +101,11 @@ def freeze_plan(model: SourceModel, cfg: FreezeConfig, train: TrainConfig) -> Tr
     return TrainPlan(plan_groups, frozen_modules=_frozen_bn(model, trainable, cfg.train_bn))
 
 
+# the strategies built with type() are Strategy classes by their attributes, which mypy cannot see
 STRATEGIES.register("freeze", help="freeze the first K layer groups or parameters matching patterns")(
-    type("Freeze", (), {"config": FreezeConfig, "from_scratch": False, "plan": staticmethod(freeze_plan)})
+    cast(
+        Strategy, type("Freeze", (), {"config": FreezeConfig, "from_scratch": False, "plan": staticmethod(freeze_plan)})
+    )
 )
 
 
@@ -155,10 +158,13 @@ def gradual_unfreeze_plan(model: SourceModel, cfg: GradualUnfreezeConfig, train:
 
 
 STRATEGIES.register("gradual_unfreeze", help="head first, then one more layer group from the top per stage (ULMFiT)")(
-    type(
-        "GradualUnfreeze",
-        (),
-        {"config": GradualUnfreezeConfig, "from_scratch": False, "plan": staticmethod(gradual_unfreeze_plan)},
+    cast(
+        Strategy,
+        type(
+            "GradualUnfreeze",
+            (),
+            {"config": GradualUnfreezeConfig, "from_scratch": False, "plan": staticmethod(gradual_unfreeze_plan)},
+        ),
     )
 )
 
@@ -190,7 +196,7 @@ def llrd_plan(model: SourceModel, cfg: LLRDConfig, train: TrainConfig) -> TrainP
     )
 
 
-_LLRD = type("LLRD", (), {"config": LLRDConfig, "from_scratch": False, "plan": staticmethod(llrd_plan)})
+_LLRD = cast(Strategy, type("LLRD", (), {"config": LLRDConfig, "from_scratch": False, "plan": staticmethod(llrd_plan)}))
 STRATEGIES.register("llrd", help="layer-wise learning-rate decay lr * decay**(L - i) over layer groups")(_LLRD)
 STRATEGIES.register("discriminative", help="alias of llrd (fastai's discriminative learning rates)")(_LLRD)
 
@@ -240,7 +246,7 @@ def lp_ft_plan(model: SourceModel, cfg: LpFtConfig, train: TrainConfig) -> list[
 
 
 STRATEGIES.register("lp_ft", help="linear probe on cached features, then full fine-tuning from that head")(
-    type("LpFt", (), {"config": LpFtConfig, "from_scratch": False, "plan": staticmethod(lp_ft_plan)})
+    cast(Strategy, type("LpFt", (), {"config": LpFtConfig, "from_scratch": False, "plan": staticmethod(lp_ft_plan)}))
 )
 
 
@@ -270,7 +276,9 @@ def bitfit_plan(model: SourceModel, cfg: BitFitConfig, train: TrainConfig) -> Tr
 
 
 STRATEGIES.register("bitfit", help="train only the backbone's biases and the new head")(
-    type("BitFit", (), {"config": BitFitConfig, "from_scratch": False, "plan": staticmethod(bitfit_plan)})
+    cast(
+        Strategy, type("BitFit", (), {"config": BitFitConfig, "from_scratch": False, "plan": staticmethod(bitfit_plan)})
+    )
 )
 
 
@@ -331,10 +339,17 @@ for _name, _config, _base, _no_wd, _help in (
     ("bss", BSSStrategyConfig, BSSConfig, False, "full fine-tuning with batch spectral shrinkage (Chen et al. 2019)"),
 ):
     STRATEGIES.register(_name, help=_help)(
-        type(
-            f"{_name}_strategy",
-            (),
-            {"config": _config, "from_scratch": False, "plan": staticmethod(regularised_full(_name, _base, _no_wd))},
+        cast(
+            Strategy,
+            type(
+                f"{_name}_strategy",
+                (),
+                {
+                    "config": _config,
+                    "from_scratch": False,
+                    "plan": staticmethod(regularised_full(_name, _base, _no_wd)),
+                },
+            ),
         )
     )
 

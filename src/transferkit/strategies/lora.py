@@ -9,6 +9,7 @@ same adapters before its weights are loaded. ``merge: true`` folds the adapters 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -16,7 +17,7 @@ from transferkit.config import TrainConfig
 from transferkit.models.adapters import inject_lora, merge_lora
 from transferkit.models.base import SourceModel
 from transferkit.strategies import STRATEGIES
-from transferkit.strategies.base import ParamGroup, TrainPlan
+from transferkit.strategies.base import ParamGroup, Strategy, TrainPlan
 from transferkit.strategies.basic import head_params
 
 # sensible defaults per model family: regular expressions on backbone module names
@@ -86,15 +87,19 @@ def lora_finish(model: SourceModel, cfg: LoRAConfig) -> None:
         merge_lora(model)
 
 
+# a class built with type(): a Strategy by its attributes, which mypy cannot see
 STRATEGIES.register("lora", help="low-rank adapters on the backbone (peft) + the new head; merge on request")(
-    type(
-        "LoRA",
-        (),
-        {
-            "config": LoRAConfig,
-            "from_scratch": False,
-            "plan": staticmethod(lora_plan),
-            "finish": staticmethod(lora_finish),
-        },
+    cast(
+        Strategy,
+        type(
+            "LoRA",
+            (),
+            {
+                "config": LoRAConfig,
+                "from_scratch": False,
+                "plan": staticmethod(lora_plan),
+                "finish": staticmethod(lora_finish),
+            },
+        ),
     )
 )

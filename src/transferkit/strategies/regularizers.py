@@ -7,9 +7,9 @@ They combine with any parameter selection: ``strategy: l2sp`` is ``full`` + L2-S
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -154,6 +154,7 @@ class Delta(nn.Module):
     """
 
     needs_features = False
+    source: nn.Module  # set with object.__setattr__ in __init__: not a submodule
 
     def __init__(
         self,
@@ -189,7 +190,7 @@ class Delta(nn.Module):
         return handles
 
     @torch.no_grad()
-    def _source_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _source_maps(self, x: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         store: dict[str, torch.Tensor] = {}
         handles = self._hook(self.source, store)
         try:
@@ -229,7 +230,7 @@ class Delta(nn.Module):
         """Before the objective's forward: hooks on the trained backbone catch its feature maps during it."""
         target = unwrap(model)
         if self._hooked is not target:
-            self._hook(target.backbone, self._maps)
+            self._hook(cast(nn.Module, target.backbone), self._maps)
             self._hooked = target
 
     def forward(
@@ -249,8 +250,11 @@ class Delta(nn.Module):
                     "delta attention weighs the channels of convolutional feature maps; for a text "
                     "backbone use delta without attention"
                 )
+            # with attention the inputs are a tensor: a tokenized batch (a dict) raised just above
             self.weights = (
-                self._channel_attention(target.head, inputs, targets) if self.attention and targets is not None else {}
+                self._channel_attention(cast(nn.Module, target.head), cast(torch.Tensor, inputs), targets)
+                if self.attention and targets is not None
+                else {}
             )
         device = next(target.parameters()).device  # where the inputs and the target's maps are
         if next(self.source.parameters()).device != device:
@@ -273,7 +277,7 @@ def default_delta_layers(backbone: nn.Module) -> list[str]:
     backbone's top-level children)."""
     names = [n for n, _ in backbone.named_children()]
     if "blocks" in names:
-        return [f"blocks.{i}" for i in range(len(backbone.get_submodule("blocks")))]
+        return [f"blocks.{i}" for i in range(len(cast(Sized, backbone.get_submodule("blocks"))))]
     for name, module in backbone.named_modules():
         if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers") and len(module):
             return [f"{name}.{i}" for i in range(len(module))]

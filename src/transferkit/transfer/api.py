@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 from pydantic import ValidationError
@@ -71,6 +71,10 @@ class _Source:
         self.original: dict[str, str] = {}
         self.dropped: list[str] = []
 
+    @overload
+    def orig(self, name: str) -> str: ...
+    @overload
+    def orig(self, name: None) -> None: ...
     def orig(self, name: str | None) -> str | None:
         """The tensor's name in the source as given."""
         return None if name is None else self.original.get(name, name)
@@ -106,7 +110,7 @@ def _head_names(model: nn.Module) -> list[str]:
     if isinstance(model, SourceModel):
         return [f"head.{n}" for n in model.head.state_dict()]
     if hasattr(model, "get_classifier"):
-        classifier = model.get_classifier()
+        classifier = cast("Callable[[], nn.Module]", model.get_classifier)()  # timm's
         for mname, mod in model.named_modules():
             if mod is classifier and mname:
                 return [f"{mname}.{n}" for n in mod.state_dict()]
@@ -580,13 +584,13 @@ def transfer(
     identity: dict[str, str] = {}
     if extra_blocks == "identity":
         for bname, block in _blocks(model):
-            names = [f"{bname}.{n}" for n in block.state_dict()]
-            if any(n in moved for n in names):
+            block_names = [f"{bname}.{n}" for n in block.state_dict()]
+            if any(n in moved for n in block_names):
                 continue
             if not can_be_identity(block):
                 continue
             zeroed = identity_init_block(block)
-            for n in names:
+            for n in block_names:
                 identity[n] = (
                     f"extra block '{bname}', initialised as the identity (net2net-deeper: zeroed {', '.join(zeroed)})"
                 )
@@ -594,9 +598,10 @@ def transfer(
     applied = {t: (how, carried) for t, (_, how, carried) in moved.items()}
     del moved  # the adapted tensors: their values now live in the target
     report = _report(model, state, src, result, applied, head_fresh, identity, labels, strict, rules, blocks)
+    # torch types Module.__setattr__ as taking a Tensor or a Module; it stores any other value as a plain attribute
     if hasattr(model, "origin"):
-        model.origin = {t: f"{src.name}:{src.orig(result.pairs[t][0])}" for t in applied}
-    model.report = report
+        model.origin = {t: f"{src.name}:{src.orig(result.pairs[t][0])}" for t in applied}  # type: ignore[assignment]
+    model.report = report  # type: ignore[assignment]
     return model, report
 
 
@@ -641,10 +646,12 @@ def transfer_step(
         from transferkit.transfer import transfer_report
 
         torch.manual_seed(seed)
-        model = build_target_model(target, kwargs)
+        # the arch builder or a spec (cfg.target is a str): always a SourceModel
+        scratch = cast(SourceModel, build_target_model(target, kwargs))
         if labels is not None:
-            model.reset_head(len(labels), list(labels))
-        model.report = transfer_report(model, source_name=source_label(source), source_head=None, pretrained=False)
+            scratch.reset_head(len(labels), list(labels))
+        scratch.report = transfer_report(scratch, source_name=source_label(source), source_head=None, pretrained=False)
+        model: nn.Module = scratch
     else:
         model, _ = transfer(
             source,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +256,8 @@ def identity_init_block(block: nn.Module) -> list[str]:
 # Width
 
 
-def _channel_pair(layer: nn.Module, next_layer: nn.Module) -> None:
+def _channel_pair(layer: nn.Module, next_layer: nn.Module) -> tuple[nn.Linear | nn.Conv2d, nn.Linear | nn.Conv2d]:
+    """Check that ``layer`` feeds ``next_layer`` as a Linear/Conv2d pair; the same two modules, typed as such."""
     ok = (nn.Linear, nn.Conv2d)
     if not isinstance(layer, ok) or not isinstance(next_layer, ok):
         raise SurgeryError(
@@ -267,26 +269,29 @@ def _channel_pair(layer: nn.Module, next_layer: nn.Module) -> None:
     nin = next_layer.in_features if isinstance(next_layer, nn.Linear) else next_layer.in_channels
     if out != nin:
         raise SurgeryError(f"layer gives {out} channels but the next layer takes {nin}")
+    return layer, next_layer
 
 
-def _rebuild(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _rebuild(layer: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    new: nn.Linear | nn.Conv2d
     if isinstance(layer, nn.Linear):
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
+        # torch declares the sizes of every _ConvNd as tuple[int, ...]; a Conv2d holds pairs
         new = nn.Conv2d(
             weight.shape[1],
             weight.shape[0],
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
+            cast("tuple[int, int]", layer.kernel_size),
+            cast("tuple[int, int]", layer.stride),
+            cast("str | tuple[int, int]", layer.padding),
+            cast("tuple[int, int]", layer.dilation),
             bias=bias is not None,
             padding_mode=layer.padding_mode,
         )
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
-            new.bias.copy_(bias)
+            cast(torch.Tensor, new.bias).copy_(bias)  # built with a bias just above
     return new
 
 
@@ -302,7 +307,8 @@ def _select_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
             if src is not None:
                 getattr(new, name).copy_(src[idx])
         if norm.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+            # the same track_running_stats as norm, so new has the buffer too
+            cast(torch.Tensor, new.num_batches_tracked).copy_(norm.num_batches_tracked)
     return new
 
 
@@ -331,7 +337,7 @@ def wider(
     Returns:
         (new layer, new next layer, new norm or None, mapping g as a list: new channel -> old channel).
     """
-    _channel_pair(layer, next_layer)
+    layer, next_layer = _channel_pair(layer, next_layer)
     old = layer.weight.shape[0]
     if new_width < old:
         raise SurgeryError(f"wider needs new_width >= {old}, got {new_width}; use narrower")
@@ -350,7 +356,7 @@ def wider(
 
 def channel_importance(layer: nn.Module) -> torch.Tensor:
     """L2 norm of each output channel's weights: the cheap importance used to choose what a narrower net keeps."""
-    return layer.weight.detach().flatten(1).norm(dim=1)
+    return cast(torch.Tensor, layer.weight).detach().flatten(1).norm(dim=1)
 
 
 def narrower(
@@ -364,14 +370,14 @@ def narrower(
     Returns:
         (new layer, new next layer, new norm or None, kept channel indices).
     """
-    _channel_pair(layer, next_layer)
+    layer, next_layer = _channel_pair(layer, next_layer)
     old = layer.weight.shape[0]
     if not 0 < new_width <= old:
         raise SurgeryError(f"narrower needs 0 < new_width <= {old}, got {new_width}; use wider")
     importance = channel_importance(layer)
     if norm is not None and getattr(norm, "weight", None) is not None:
         # a channel whose BatchNorm scale is ~0 contributes ~nothing, whatever its conv weights
-        importance = importance * norm.weight.detach().abs()
+        importance = importance * cast(torch.Tensor, norm.weight).detach().abs()
     keep = torch.sort(torch.topk(importance, new_width, sorted=False).indices).values
     w1 = layer.weight.detach()[keep]
     b1 = None if layer.bias is None else layer.bias.detach()[keep]
@@ -537,7 +543,7 @@ def net2net_chain(
             raise SurgeryError(f"net2net width: layer '{name}' has no source weight; every chain layer needs one")
         ws = source[f"{name}.weight"].detach()
         bs = source.get(f"{name}.bias")
-        wt = mod.weight
+        wt = cast(torch.Tensor, mod.weight)  # a Linear/Conv layer (WIDTH_LAYERS)
         if ws.shape[2:] != wt.shape[2:]:
             raise SurgeryError(
                 f"net2net width: '{name}' has kernel {tuple(wt.shape[2:])} in the target and "
