@@ -384,4 +384,4 @@ def frames_batch(model: Any, inputs: list[Any]) -> dict[str, torch.Tensor]:
     return pad_frames(frames)
 
 
-register_modality("frames", frames_dataset, frames_batch)
+register_modality("frames", frames_dataset, frames_batch, task="sequence_classification")

@@ -50,6 +50,7 @@ class Modality:
         input_key: what a prediction row calls its input (``file``, ``text``).
         reads_lines: prediction inputs can come one per line of a text file (``predict --file``).
         inputs_help: what prediction takes, for messages.
+        task: the task a classifier of this modality does, as ``model.json`` records it.
     """
 
     name: str
@@ -62,10 +63,13 @@ class Modality:
     input_key: str = "file"
     reads_lines: bool = False
     inputs_help: str = ""
+    task: str = ""
 
     def __post_init__(self) -> None:
         if not self.inputs_help:
             object.__setattr__(self, "inputs_help", f"{self.name} files")
+        if not self.task:
+            object.__setattr__(self, "task", f"{self.name}_classification")
 
 
 MODALITIES: dict[str, Modality] = {}

@@ -23,16 +23,11 @@ import torch
 from torch import nn
 
 from transferkit import __version__
+from transferkit.data.modality import get_modality
 from transferkit.errors import SourceError
 from transferkit.io import load_state_dict, read_json, replace_dir, save_tensors, write_json
 
 MODEL_FORMAT = "transferkit.model/1"
-TASKS = {
-    "image": "image_classification",
-    "text": "text_classification",
-    "audio": "audio_classification",
-    "frames": "sequence_classification",
-}
 
 
 @dataclass
@@ -197,7 +192,7 @@ def save_model(model: SourceModel, folder: str | Path, extra: dict[str, Any] | N
     """Write ``folder/model.safetensors`` and ``folder/model.json`` (swapped in whole: never half-written)."""
     meta = {
         "format": MODEL_FORMAT,
-        "task": TASKS.get(model.modality, model.modality),
+        "task": get_modality(model.modality).task,
         "transferkit_version": __version__,
         "arch": model.arch,
         "num_features": model.num_features,
