@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from transferkit.cli import main
 from transferkit.errors import DataError, RecipeError
@@ -185,3 +186,35 @@ def test_ratings_with_mse_report_rmse(planted: dict[str, str], tmp_path: Path) -
     assert "rmse" in metrics["metrics"]
     assert 0.0 <= metrics["arms"]["target_only"]["mean_sd"]["rmse"]["mean"] < 1.5
     assert json.loads((out / "model" / "model.json").read_text())["kind"] == "mf"
+
+
+def test_an_interrupted_recsys_run_resumes_without_retraining_the_finished_seeds(
+    runs: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each arm and seed is its own unit of work on disk: --resume trains only the one whose result is missing and
+    gives the same metrics and the same saved model."""
+    import shutil
+
+    out = tmp_path / "target"
+    shutil.copytree(runs["target"], out)
+    before = json.loads((out / "metrics.json").read_text())
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    (out / "checkpoints" / "target_only-s1" / "result.json").unlink()
+    (out / "metrics.json").unlink()
+    recipe = load_recipe(yaml.safe_load((out / "recipe.yaml").read_text()))
+    capsys.readouterr()
+    run_recipe(recipe, out, resume=True)
+    log = capsys.readouterr().out
+    assert "[transfer seed 0] already trained" in log and "[transfer seed 1] already trained" in log
+    assert "[target_only seed 0] already trained" in log and "[target_only seed 1] test" in log
+    after = json.loads((out / "metrics.json").read_text())
+
+    def strip(arms: dict) -> dict:
+        return {
+            a: {s: {k: v for k, v in r.items() if k != "train_s"} for s, r in arm["seeds"].items()}
+            for a, arm in arms.items()
+        }
+
+    assert strip(after["arms"]) == strip(before["arms"])
+    assert after["selected"] == before["selected"]
+    assert (out / "model" / "model.safetensors").read_bytes() == weights

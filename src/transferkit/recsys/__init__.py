@@ -15,11 +15,11 @@ and, for a second domain, ``transfer_embeddings(source_model, target_model)`` be
 import importlib
 from typing import Any
 
-# imported on first use (PEP 562): transferkit.recipe imports transferkit.config.recsys, and the modules
-# below import the engine, which imports the recipe
+# imported on first use (PEP 562): the modules below import torch and the engine; the package itself stays cheap
 _EXPORTS = {
     "load_recsys_run": "transferkit.recsys.run",
-    "run_recsys": "transferkit.recsys.run",
+    "prepare_recsys": "transferkit.recsys.run",
+    "train_arm": "transferkit.recsys.run",
     "RecsysConfig": "transferkit.config.recsys",
     "CrossDomainConfig": "transferkit.recsys.demo",
     "FeatureTable": "transferkit.recsys.data",
@@ -66,14 +66,15 @@ __all__ = [
     "load_recsys_run",
     "matrix_factorization",
     "movielens_100k_dir",
+    "prepare_recsys",
     "ranking_metrics",
     "read_features",
     "read_interactions",
     "read_movielens_100k",
     "rmse",
     "run_cross_domain",
-    "run_recsys",
     "run_recsys_demo",
+    "train_arm",
     "train_recommender",
     "transfer_embeddings",
 ]

@@ -1,7 +1,9 @@
-"""A recommendation recipe run (``recsys:``) and the predictor of its run directory.
+"""A recommendation recipe run (``recsys:``), step by step, and the predictor of its run directory.
 
-``run_recsys(recipe, out)`` reads the interactions, splits them leave-last-out (each user's last event is the test,
-the one before the validation), then for every seed trains the arms:
+``prepare_recsys`` reads the interactions and splits them leave-last-out (each user's last event is the test, the
+one before the validation); ``train_arm`` trains one arm for one seed, ``popularity_arm`` scores the baseline,
+``best_arm`` and ``write_recsys_run`` select and write the run. The ``recsys`` stages (``stages/recsys.py``) run
+them, each trained arm and seed saved and resumable on its own. The arms:
 
 - ``transfer`` (only with ``source_run``): the source run's model moves into a fresh target model by
   ``transfer_embeddings`` (users and items by id, towers by feature name), then trains on the target;
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import html
 import statistics
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -228,11 +230,25 @@ def _summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
     return out
 
 
-def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable[..., Any] = print) -> Path:
-    """Run the recipe's ``recsys:`` task into the run directory ``out`` (already holding recipe.yaml, run.json)."""
-    cfg: RecsysConfig = recipe.recsys
-    out = Path(out)
-    t_start = time.perf_counter()
+@dataclass
+class RecsysData:
+    """What every step of a recommendation run reads: the split, the items to rank, titles, the source model."""
+
+    split: Split
+    items: list[str]
+    titles: dict[str, str]
+    source: TwoTower | None
+    source_meta: dict[str, Any] | None
+
+    def seen(self) -> dict[str, list[str]]:
+        """Every item each user has interacted with (predict leaves them out)."""
+        s = self.split
+        frame = pd.concat([s.train.frame, s.val.frame, s.test.frame])
+        return {u: sorted(g.unique()) for u, g in frame.groupby("user")["item"]}
+
+
+def prepare_recsys(cfg: RecsysConfig, log: Callable[..., Any] = print) -> RecsysData:
+    """Read the interactions, split them leave-last-out, and load the source run's model when there is one."""
     split, items, titles = load_interactions(cfg)
     log(f"recsys {cfg.interactions}: {split.describe()} | {len(items)} items ranked")
     source, source_meta = None, None
@@ -240,67 +256,84 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
         source, source_meta, _ = load_recsys_model(cfg.source_run)
         if cfg.model == "mf" and source.kind != "mf":
             log(f"source_run holds a {source.kind} model; its id embeddings move into the mf target")
-    select, lower = _select_metric(cfg)
-    arms: dict[str, dict[str, Any]] = {}
-    models: dict[tuple[str, int], TwoTower] = {}
-    transfer_report = None
-    trained = (["transfer"] if source is not None else []) + [a for a in cfg.baselines if a == "target_only"]
-    if not trained:
-        trained = ["target_only"]  # a run always trains a model (the one predict uses)
-    for arm in trained:
-        arms[arm] = {"seeds": {}}
-        for seed in cfg.seeds:
-            own = cfg.target_only
-            model = _build(cfg, split, items, seed, dim=cast(TwoTower, source).dim if arm == "transfer" else own.dim)
-            lr, l2, frozen = own.lr or cfg.lr, cfg.l2 if own.l2 is None else own.l2, None
-            if arm == "transfer":
-                assert source is not None  # the transfer arm is trained only when there is a source
-                t = cfg.transfer
-                report = transfer_embeddings(
-                    source, model, users=t.users, items=t.items, towers=t.towers, new_ids=t.new_ids
-                )
-                transfer_report = transfer_report or report.to_dict()
-                lr, l2 = t.lr or cfg.lr, cfg.l2 if t.l2 is None else t.l2
-                if t.freeze_users and t.users:
-                    frozen = sorted(set(source.user_ids) & set(model.user_ids)) or None
-            result = train_recommender(
-                model,
-                split.train,
-                loss=cfg.loss,
-                epochs=cfg.epochs,
-                lr=lr,
-                batch_size=cfg.batch_size,
-                num_negatives=cfg.num_negatives,
-                l2=l2,
-                seed=seed,
-                val=split.val,
-                select=select,
-                patience=cfg.patience,
-                frozen_users=frozen,
-            )
-            scores = _evaluate(model, split, cfg)
-            arms[arm]["seeds"][str(seed)] = {
-                **scores,
-                "best_epoch": result.best_epoch,
-                "train_s": round(result.train_s, 3),
-            }
-            models[(arm, seed)] = model
-            log(f"[{arm} seed {seed}] test {scores['test']} | best epoch {result.best_epoch}")
-    if "popularity" in cfg.baselines:
-        pop = _evaluate(Popularity(split.train, items), split, cfg)
-        arms["popularity"] = {"seeds": {str(s): pop for s in cfg.seeds}}
-    for arm_result in arms.values():
-        arm_result["mean_sd"] = _summary(arm_result["seeds"])
+    return RecsysData(split, items, titles, source, source_meta)
 
-    # the saved model: the trained arm and seed with the best validation value
+
+def trained_arms(cfg: RecsysConfig, data: RecsysData) -> list[str]:
+    """The arms that train a model: ``transfer`` with a source run, ``target_only`` when asked for (or alone)."""
+    trained = (["transfer"] if data.source is not None else []) + [a for a in cfg.baselines if a == "target_only"]
+    return trained or ["target_only"]  # a run always trains a model (the one predict uses)
+
+
+def train_arm(cfg: RecsysConfig, data: RecsysData, arm: str, seed: int) -> tuple[TwoTower, dict[str, Any]]:
+    """Train one arm for one seed; its scores (val, test), best epoch and time, and for ``transfer`` its report."""
+    split, source = data.split, data.source
+    own = cfg.target_only
+    model = _build(cfg, split, data.items, seed, dim=cast(TwoTower, source).dim if arm == "transfer" else own.dim)
+    lr, l2, frozen = own.lr or cfg.lr, cfg.l2 if own.l2 is None else own.l2, None
+    report = None
+    if arm == "transfer":
+        assert source is not None  # the transfer arm is trained only when there is a source
+        t = cfg.transfer
+        report = transfer_embeddings(source, model, users=t.users, items=t.items, towers=t.towers, new_ids=t.new_ids)
+        lr, l2 = t.lr or cfg.lr, cfg.l2 if t.l2 is None else t.l2
+        if t.freeze_users and t.users:
+            frozen = sorted(set(source.user_ids) & set(model.user_ids)) or None
+    select, _ = _select_metric(cfg)
+    result = train_recommender(
+        model,
+        split.train,
+        loss=cfg.loss,
+        epochs=cfg.epochs,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        num_negatives=cfg.num_negatives,
+        l2=l2,
+        seed=seed,
+        val=split.val,
+        select=select,
+        patience=cfg.patience,
+        frozen_users=frozen,
+    )
+    scores = {**_evaluate(model, split, cfg), "best_epoch": result.best_epoch, "train_s": round(result.train_s, 3)}
+    return model, {**scores, **({"transfer_report": report.to_dict()} if report is not None else {})}
+
+
+def popularity_arm(cfg: RecsysConfig, data: RecsysData) -> dict[str, Any]:
+    """The popularity baseline's scores (the same for every seed: it has no randomness)."""
+    pop = _evaluate(Popularity(data.split.train, data.items), data.split, cfg)
+    return {"seeds": {str(s): pop for s in cfg.seeds}}
+
+
+def summarise_arms(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each arm's per-seed scores with their mean ± sd over seeds."""
+    return {name: {**arm, "mean_sd": _summary(arm["seeds"])} for name, arm in arms.items()}
+
+
+def best_arm(cfg: RecsysConfig, arms: dict[str, dict[str, Any]], trained: list[str]) -> tuple[str, int]:
+    """The trained arm and seed with the best validation value (the saved model)."""
+    select, lower = _select_metric(cfg)
+
     def val_of(key: tuple[str, int]) -> float:
         value = arms[key[0]]["seeds"][str(key[1])]["val"][select]
         return -value if lower else value
 
-    best = max(models, key=val_of)
-    selected = models[best]
-    seen_frame = pd.concat([split.train.frame, split.val.frame, split.test.frame])
-    seen = {u: sorted(g.unique()) for u, g in seen_frame.groupby("user")["item"]}
+    return max(((arm, seed) for arm in trained for seed in cfg.seeds), key=val_of)
+
+
+def write_recsys_run(
+    out: Path,
+    recipe: Any,
+    data: RecsysData,
+    arms: dict[str, dict[str, Any]],
+    best: tuple[str, int],
+    selected: TwoTower,
+    transfer_report: dict[str, Any] | None,
+    total_s: float,
+) -> dict[str, Any]:
+    """``model/`` (the selected model), ``metrics.json`` and ``report.html`` of a recommendation run."""
+    cfg: RecsysConfig = recipe.recsys
+    select, _ = _select_metric(cfg)
     extra = {
         "arm": best[0],
         "seed": best[1],
@@ -309,8 +342,9 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
         "config": cfg.model_dump(mode="json"),
         **({"source_run": str(cfg.source_run)} if cfg.source_run else {}),
     }
-    replace_dir(out / "model", lambda tmp: save_recsys_model(tmp, selected, extra, seen, titles))
-    source_info = cast("dict[str, Any]", source_meta)  # loaded with the source; read below only when there is one
+    seen = data.seen()
+    replace_dir(out / "model", lambda tmp: save_recsys_model(tmp, selected, extra, seen, data.titles))
+    source_info = cast("dict[str, Any]", data.source_meta)  # loaded with the source; read below only when there is one
     metrics = {
         "run": recipe.name,
         "task": TASK,
@@ -319,8 +353,8 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
         "transferkit_version": __version__,
         "data": {
             "interactions": cfg.interactions,
-            "split": split.describe(),
-            "items_ranked": len(items),
+            "split": data.split.describe(),
+            "items_ranked": len(data.items),
             "protocol": "leave-last-out per user: last event = test, the one before = validation; "
             "ranked against the full item set, seen items excluded",
         },
@@ -336,15 +370,14 @@ def run_recsys(recipe: Any, out: str | Path, resume: bool = False, log: Callable
                     "items": len(source_info["item_ids"]),
                 },
             }
-            if source is not None
+            if data.source is not None
             else {}
         ),
-        "timings": {"total_s": round(time.perf_counter() - t_start, 3)},
+        "timings": {"total_s": round(total_s, 3)},
     }
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.html", recsys_report_html(metrics))
-    write_json(out / "run.json", {**read_json(out / "run.json"), "status": "done"})
-    return out
+    return metrics
 
 
 ARM_LABELS = {"transfer": "transfer (from source_run)", "target_only": "target only", "popularity": "popularity"}

@@ -24,7 +24,9 @@ STAGES: dict[str, Stage] = {
         baselines.STAGE,
         evaluate.STAGE,
         select.STAGE,
-        recsys.STAGE,
+        recsys.TRAIN,
+        recsys.BASELINES,
+        recsys.SELECT,
     )
 }
 

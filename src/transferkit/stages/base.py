@@ -74,6 +74,7 @@ class RunContext:
     tables: list[dict[str, Any]] = field(default_factory=list)  # tables stages add to report.html (title, columns...)
     timings: dict[str, float] = field(default_factory=dict)
     features: dict[str, Any] | None = None  # cached backbone features (train stage), computed once per run
+    cache: dict[str, Any] = field(default_factory=dict)  # what several stages read, loaded once (recsys data)
     t_start: float = field(default_factory=time.perf_counter)
     _source: Any = None
     _data: Any = None
