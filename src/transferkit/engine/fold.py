@@ -2,9 +2,9 @@
 
 In eval mode a batch norm is a fixed per-channel affine map, so after a convolution it can be merged into the
 convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``) and dropped. What is saved is a
-full pass over every activation for every batch norm: measured on the 2-core CPU (``bench/fold_bn.py``, batch 32,
-one thread), EfficientNet-Lite0 computes features 1.2-1.5x faster at 96 px, 1.3-1.4x at 224 px; ResNet-18, whose
-batch norms are a small share of its time, 2% slower (the per-pass cost); numbers in ``docs/benchmarks.md``.
+full pass over every activation for every batch norm: a large share of the time of networks with many cheap
+depthwise convolutions (EfficientNets), a small one where convolutions dominate (ResNets), which then pay only
+the per-pass cost of folding. ``bench/fold_bn.py`` measures it; the figures are in ``docs/benchmarks.md``.
 
 ``with folded_batch_norms(model) as run:`` gives a callable that is called like the model, batch by batch, for
 one pass over a dataset (the weights must not change during the pass: ``predict_logits`` and ``compute_features``
@@ -14,8 +14,8 @@ nothing else ran between them), each called once. It folds those pairs in place 
 for the convolutions, the norms taken out of their parents - runs the model again on the same two examples, and
 keeps the fold only if the outputs agree to ``FOLD_RTOL`` of their largest magnitude. A fold that would be wrong
 (the convolution's output also used elsewhere, say) shows up there, and is undone at once. On leaving the block
-the model's own parameter and module objects are put back. Folding in place instead of in a copy matters: the
-copy cost 27 ms for EfficientNet-Lite0 and 68 ms for ResNet-18, against 80 ms for a batch of 32 at 96 px.
+the model's own parameter and module objects are put back. Folding in place instead of in a copy matters: a copy
+of the model costs about as much as a forward pass of a batch (docs/benchmarks.md).
 
 Folded: convolutions (1-, 2- and 3-D, not transposed) followed by ``nn.BatchNorm1d/2d/3d`` with running
 statistics, or by timm's ``BatchNormAct2d`` (its dropout and activation stay). Models without such a pair
@@ -180,9 +180,9 @@ def folded_batch_norms(model: nn.Module) -> Iterator[Callable[[Any], Any]]:
 def folded_for_pass(model: nn.Module, num_examples: int, batch_size: int) -> Any:
     """``folded_batch_norms(model)`` for a pass of more than one batch; for one batch, the model as it is.
 
-    Folding costs about one small forward pass and the fused weights (37 ms for EfficientNet-Lite0 against 80 ms
-    for a batch of 32 at 96 px), which one batch does not earn back (``fit`` validates on 8 examples in
-    ``bench/engine_overhead.py``). Either way the block yields a callable that runs the model.
+    Folding costs about one small forward pass and the fused weights, which one batch does not earn back (``fit``
+    validates on a few examples in ``bench/engine_overhead.py``). Either way the block yields a callable that runs
+    the model.
     """
     return folded_batch_norms(model) if num_examples > batch_size else contextlib.nullcontext(model)
 

@@ -55,10 +55,9 @@ def conv_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Run a model that has 2-D convolutions with its 4-D weights in channels-last layout; restore them after.
 
     Convolutions with channels-last weights take the usual NCHW inputs and compute in channels-last, which
-    oneDNN (CPU) and cuDNN run faster. Measured on the 2-core CPU (``bench/channels_last.py``, batch 32, one
-    thread): EfficientNet-Lite0 at 96 px trains 1.69x and infers 1.60x faster, at 224 px 1.42x and 1.49x;
-    ResNet-18 1.12x and 1.15x; a ViT (one convolution) is unchanged. Outputs agree to float rounding (1e-5 of 5).
-    Afterwards the weights are contiguous again, so saved files, exports and later code see ordinary tensors.
+    oneDNN (CPU) and cuDNN run faster for depthwise and pointwise convolutions; the outputs agree to float
+    rounding (``bench/channels_last.py`` measures both; the figures are in docs/benchmarks.md). Afterwards the
+    weights are contiguous again, so saved files, exports and later code see ordinary tensors.
     Nested use is a no-op (the validation inside ``fit`` runs under ``fit``'s layout); models without ``Conv2d``
     are left alone.
     """
@@ -159,8 +158,8 @@ def in_order(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(inputs)`` over every batch and the labels, both in dataset order.
 
-    Datasets with ``lengths()`` (text) are batched by length, which cuts the padding (measured on Rotten Tomatoes
-    reviews: 18.5 s instead of 23.8 s for 600 of them); the outputs are put back in dataset order.
+    Datasets with ``lengths()`` (text) are batched by length, which cuts the padding (docs/benchmarks.md); the
+    outputs are put back in dataset order.
     """
     loader = make_loader(dataset, batch_size, num_workers=num_workers)
     outs, labels = [], []
@@ -468,7 +467,7 @@ def fit(
         bar.close()
         accelerator.wait_for_everyone()
         if accelerator.device.type != "cpu":
-            accelerator.free_memory()  # give accelerator memory back; on CPU only a costly gc.collect() (~0.2 s)
+            accelerator.free_memory()  # give accelerator memory back; on a CPU it would only run a costly gc.collect()
         return FitResult(
             best_state,
             state["best_epoch"],

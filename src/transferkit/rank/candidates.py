@@ -162,8 +162,8 @@ class _Inputs(torch.utils.data.Dataset):
 class _SharedInputs:
     """Preprocessed inputs by preprocessing: candidates that preprocess alike (most ImageNet models: 224 px, the
     same mean and std; or the same tokenizer object) read and transform the examples once per ranking, not once
-    each. Measured: 0.06 s of EfficientNet-Lite0's 0.6 s per candidate on 200 MNIST images at 96 px.
-    Entries larger than ``max_bytes`` are not kept (the next candidate preprocesses again)."""
+    each (docs/benchmarks.md: a tenth of a small candidate's time). Entries larger than ``max_bytes`` are not kept
+    (the next candidate preprocesses again)."""
 
     def __init__(self, max_bytes: int = 1 << 29) -> None:
         self.entries: dict[str, tuple[_Inputs, Any]] = {}
@@ -224,7 +224,7 @@ def rank_candidates(
         max_examples: use at most this many training examples (stratified over classes); all when None.
         score: the score to sort by (``SCORES``: logme, leep, nce, hscore, hscore_shrinkage).
         seed: fixes the split (as in a recipe), the choice of examples, and random initialisations.
-        batch_size: forward-pass batch (32 is faster per image than 64 on CPU; see ``compute_features``).
+        batch_size: forward-pass batch (see ``compute_features`` for the default).
         device: where the forward passes run.
         return_features: keep each candidate's features under ``row["features"] = {"train": tensor}`` (the
             ``feature_cache`` format) and the chosen positions in the train split under ``row["example_positions"]``.
@@ -282,9 +282,9 @@ def rank_candidates(
 def _blas_threads(n: int) -> Any:
     """Hold NumPy's BLAS to torch's thread count while scoring.
 
-    The scores' SVDs are small (N x D, N a few hundred): measured here, a 200 x 1280 SVD took 0.02 s on one
-    OpenBLAS thread and 3.8 s on two while another job used the second core (threads spin waiting for a
-    preempted sibling), the same effect bench/ notes for torch. One knob, ``torch.set_num_threads``, sets both.
+    The scores' SVDs are small (N x D, N a few hundred): on a shared machine two BLAS threads can be a hundred
+    times slower than one (threads spin waiting for a preempted sibling; docs/benchmarks.md), the same effect
+    bench/ notes for torch. One knob, ``torch.set_num_threads``, sets both.
     """
     try:
         from threadpoolctl import threadpool_limits

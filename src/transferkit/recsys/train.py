@@ -198,8 +198,8 @@ def _freeze_rows(tower: Tower, vocab: Vocab, ids: Sequence[str] | None) -> list[
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch threads (``None``: unchanged), then restore the previous number.
 
-    Embedding lookups of a few thousand rows are too small to split: on the 2-core machine an epoch of the
-    MovieLens source model took 0.5 s on one thread and 3 to 15 s on two while other jobs shared the cores.
+    Embedding lookups of a few thousand rows are too small to split: on a shared 2-core machine two threads made
+    an epoch several times slower than one (docs/benchmarks.md).
     """
     before = torch.get_num_threads()
     if n is not None:

@@ -7,9 +7,8 @@ The rule (printed in the run and recorded in metrics.json, and written down in t
 2. fewer than ``freeze_below`` labelled examples in the smallest class (default 101: up to 100 per class, the
    largest level measured) -> ``freeze`` the first third of the backbone's layer groups with every BatchNorm's
    statistics frozen. In the comparison table (docs/benchmarks.md, EfficientNet-Lite0 -> MNIST, 3 seeds) it is the
-   best or within noise of the best at every level, and never below ``full``: 0.780 +- 0.034 at 5 per class (the
-   linear probe 0.679, ``full`` 0.588, whose BatchNorm statistics drift on 50 images), 0.922 +- 0.013 at 20 (the
-   best validation accuracy; ``full`` 0.915), 0.958 +- 0.009 at 100 (``full`` 0.937), in 80% of ``full``'s time;
+   best or within noise of the best at every level, and never below ``full``, whose BatchNorm statistics drift on
+   a few images per class; it is also cheaper than ``full``;
 3. otherwise -> ``full``: fine-tuning every weight, the head faster than the backbone. Above 100 per class the
    table has no evidence; with many labels the usual practice of fine-tuning everything is the default.
 """
