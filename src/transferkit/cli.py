@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(stage.name, help=f"add to a finished run: {stage.help}")
         p.add_argument("run_dir", help="a run directory written by `transferkit run`")
-        p.add_argument("options", nargs="*", help="key=value options of the stage (see the README)")
+        p.add_argument("options", nargs="*", help=f"key=value options of its recipe section, e.g. {stage.example}")
         p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("validate", help="report every problem of a recipe")

@@ -94,6 +94,11 @@ def run_stage(name: str, run_dir: str | Path, options: list[str] | None = None) 
             f"the stage '{name}' cannot be added to a finished run (it comes before training); "
             f"stages that can: {', '.join(addable)}. Start a new run with it in the recipe."
         )
+    bad = [o for o in options or [] if "=" not in o]
+    if bad:
+        raise RecipeError(
+            f"transferkit {name}: '{bad[0]}' is not a key=value option; e.g. transferkit {name} RUN_DIR {stage.example}"
+        )
     raw = read_yaml(_run_file(run_dir, "recipe.yaml"))
     extended = stage.extend(raw, apply_overrides({}, options or []))
     return run_recipe(load_recipe(extended), from_run=run_dir)

@@ -128,3 +128,26 @@ def test_run_from_a_finished_run_keeps_its_inputs(finished_run: Path, tmp_path: 
     changed["data"]["per_class"] = 4
     with pytest.raises(RunDirError, match="the recipe changes data, which the run's models were trained on"):
         run_recipe(load_recipe(changed), from_run=finished_run)
+
+
+def test_bad_options_of_a_stage_on_a_finished_run_name_the_fix(finished_run: Path) -> None:
+    with pytest.raises(RecipeError) as info:
+        run_stage("train", finished_run, ["strategy=full", "lable=x"])
+    assert str(info.value) == (
+        "train on a finished run takes a compare entry (strategy=NAME label=... overrides.KEY=value): lable: unknown "
+        "key. Did you mean 'label'? Valid keys here: strategy, label, overrides."
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"evaluate on a finished run takes dataset=PATH \[label=NAME\]: dataset: "
+        "required key is missing.",
+    ):
+        run_stage("evaluate", finished_run, ["label=x"])
+    with pytest.raises(
+        RecipeError,
+        match=r"transferkit baselines: 'tfidf' is not a key=value option; e.g. transferkit baselines RUN_DIR "
+        r"names=\[tfidf\]",
+    ):
+        run_stage("baselines", finished_run, ["tfidf"])
+    with pytest.raises(RecipeError, match=r"baselines on a finished run takes names=\[NAME, ...\]"):
+        run_stage("baselines", finished_run, ["name=tfidf"])

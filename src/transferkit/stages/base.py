@@ -11,7 +11,8 @@ A stage is one step of a run (rank, pretrain, transfer, train, baselines, select
   the order the recipe writes them, each after the stages whose outputs it reads);
 - ``check(raw)``: problems of its recipe section that need the registries (reported with the structural ones);
 - ``extend(raw, options)``: how ``transferkit STAGE RUN_DIR key=value...`` adds it to a finished run's recipe
-  (None: the stage cannot be added after training, e.g. ``rank`` chooses the source before anything is trained).
+  (None: the stage cannot be added after training, e.g. ``rank`` chooses the source before anything is trained),
+  with an ``example`` of its options.
 
 The stage modules import torch and the runtime inside their functions, so that reading the registry (``transferkit
 validate``, ``transferkit ls``) stays cheap.
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from transferkit.config import Recipe, SourceSpec
 
@@ -51,6 +54,7 @@ class Stage:
     check: Callable[[dict[str, Any]], list[str]] = _no_problems
     extend: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
     help: str = ""
+    example: str = ""  # options of ``transferkit NAME RUN_DIR ...``, for help and messages
 
 
 @dataclass
@@ -151,3 +155,21 @@ class RunContext:
     def wait(self) -> None:
         """Every process reaches this point before any goes on (a no-op in one process)."""
         self.accelerator.wait_for_everyone()
+
+
+def append_entry(
+    raw: dict[str, Any], key: str, entry: type[BaseModel], options: dict[str, Any], usage: str
+) -> dict[str, Any]:
+    """The raw recipe with one more validated entry in its list section ``key`` (a compare entry, an evaluation):
+    how ``Stage.extend`` adds a stage's work to a finished run. A bad option is a RecipeError naming ``usage``."""
+    from pydantic import ValidationError
+
+    from transferkit.config import format_error
+    from transferkit.errors import RecipeError
+
+    try:
+        value = entry(**options)
+    except ValidationError as e:
+        problems = "; ".join(format_error(err, entry) for err in e.errors())
+        raise RecipeError(f"{usage}: {problems}") from e
+    return {**raw, key: [*raw.get(key, []), value.model_dump(exclude_defaults=True)]}

@@ -86,5 +86,6 @@ STAGE = Stage(
     needs=("source",),  # the data is read with the source's preprocessing
     check=check,
     extend=extend,
+    example="names=[tfidf]",
     help="baselines computed on the run's splits without the source (e.g. tfidf)",
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 from transferkit.config import Recipe
 from transferkit.config.recipe import EvaluateConfig
-from transferkit.stages.base import RunContext, Stage
+from transferkit.stages.base import RunContext, Stage, append_entry
 
 
 def _file(ctx: RunContext, entry: EvaluateConfig) -> Path:
@@ -97,17 +97,8 @@ def check(raw: dict[str, Any]) -> list[str]:
 
 def extend(raw: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """``transferkit evaluate RUN_DIR dataset=PATH [label=NAME]``: one more evaluation dataset."""
-    from pydantic import ValidationError
-
-    from transferkit.config import format_error
-    from transferkit.errors import RecipeError
-
-    try:
-        entry = EvaluateConfig(**options)
-    except ValidationError as e:
-        problems = "; ".join(format_error(err, EvaluateConfig) for err in e.errors())
-        raise RecipeError(f"evaluate on a finished run takes dataset=PATH [label=NAME]: {problems}") from e
-    return {**raw, "evaluate": [*raw.get("evaluate", []), entry.model_dump(exclude_defaults=True)]}
+    usage = "evaluate on a finished run takes dataset=PATH [label=NAME]"
+    return append_entry(raw, "evaluate", EvaluateConfig, options, usage)
 
 
 def _applies(recipe: Recipe) -> bool:
@@ -124,5 +115,6 @@ STAGE = Stage(
     needs=("models",),
     check=check,
     extend=extend,
+    example="dataset=path/to/images label=shifted",
     help="evaluate every trained model on further labelled datasets (a shifted domain, a new test set)",
 )

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from transferkit.config import CompareEntry, Recipe, TrainConfig, format_error
-from transferkit.stages.base import RunContext, Stage
+from transferkit.stages.base import RunContext, Stage, append_entry
 
 
 def _result_file(ctx: RunContext, name: str) -> Any:
@@ -181,16 +181,8 @@ def check(raw: dict[str, Any]) -> list[str]:
 
 def extend(raw: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """``transferkit train RUN_DIR strategy=NAME [label=...] [overrides.lr=...]``: one more compare entry."""
-    from transferkit.errors import RecipeError
-
-    try:
-        entry = CompareEntry(**options)
-    except ValidationError as e:
-        problems = "; ".join(format_error(err, CompareEntry) for err in e.errors())
-        raise RecipeError(
-            f"train on a finished run takes a compare entry (strategy=NAME label=... overrides.KEY=value): {problems}"
-        ) from e
-    return {**raw, "compare": [*raw.get("compare", []), entry.model_dump(exclude_defaults=True)]}
+    usage = "train on a finished run takes a compare entry (strategy=NAME label=... overrides.KEY=value)"
+    return append_entry(raw, "compare", CompareEntry, options, usage)
 
 
 def _applies(recipe: Recipe) -> bool:
@@ -208,5 +200,6 @@ STAGE = Stage(
     gives=("models",),
     check=check,
     extend=extend,
+    example="strategy=bitfit label=bitfit-2 overrides.lr=0.01",
     help="train the main model and every compare entry on the same splits",
 )
