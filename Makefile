@@ -2,7 +2,7 @@
 #   make demo   installs into .venv and runs `transferkit demo`
 #   make test   installs into .venv (with test extras) and runs the test suite
 # and for the edit loop:
-#   make test-fast   the unit tests only (no end-to-end runs)
+#   make test-fast   the unit tests without the end-to-end runs (marked slow)
 #   make lint        ruff (style and formatting), the import contracts (.importlinter), mypy on src/
 PYTHON ?= python3
 VENV ?= .venv

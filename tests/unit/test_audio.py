@@ -140,6 +140,7 @@ def test_transformers_audio_encoders_pool_features_and_reload_with_their_extract
         assert torch.equal(target.eval()(batch), loaded(make_batch(loaded, inputs)))
 
 
+@pytest.mark.slow  # a whole recipe run on two audio encoders: left out of make test-fast
 def test_audio_run_trains_one_step_and_predicts_files_and_arrays(hf_folders, tones, tmp_path):
     recipe = tk.Recipe(
         name="audio",

@@ -178,6 +178,7 @@ def test_text_run_trains_strategies_and_baseline_and_predicts(tiny_text, tmp_pat
     assert abs(sum(t["probability"] for t in out[0]["top"]) - 1) < 1e-5
 
 
+@pytest.mark.slow  # command-line runs in subprocesses: left out of make test-fast
 def test_predict_cli_takes_texts_and_a_file_of_lines(tiny_text, tmp_path):
     run = tk.run_recipe(_recipe(tmp_path, tiny_text, compare=[]), out=tmp_path / "run")
     lines = tmp_path / "reviews.txt"

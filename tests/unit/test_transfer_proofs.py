@@ -431,6 +431,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # `transferkit transfer` in a subprocess: left out of make test-fast
 def test_cli_transfer_takes_blocks_image_size_kwargs_methods_and_resize(tmp_path):
     import timm
     from safetensors.torch import save_file
