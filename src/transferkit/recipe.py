@@ -29,6 +29,7 @@ from transferkit.config import (
     read_yaml,
 )
 from transferkit.errors import RecipeError
+from transferkit.specs import spec_name
 
 
 def _input_problems(raw: dict[str, Any]) -> list[str]:
@@ -40,8 +41,8 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     if raw.get("source") is None and raw.get("rank") is None and raw.get("recsys") is None:
         problems.append("source: required key is missing (or give rank: {candidates: [...]} to choose the source).")
     source = raw.get("source")
-    source_name = source.get("name") if isinstance(source, dict) else source
-    if isinstance(source_name, str):
+    source_name = spec_name(source) if isinstance(source, (str, dict)) else None
+    if source_name:
         problems += [f"source.name: {p}" for p in check_source_spec(SourceSpec(name=source_name))]
     data = raw.get("data")
     dataset = data.get("dataset") if isinstance(data, dict) else None

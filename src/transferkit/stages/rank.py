@@ -10,6 +10,7 @@ from typing import Any
 
 from transferkit.config import Recipe, SourceSpec
 from transferkit.errors import did_you_mean
+from transferkit.specs import spec_name
 from transferkit.stages.base import RunContext, Stage
 
 
@@ -75,8 +76,8 @@ def check(raw: dict[str, Any]) -> list[str]:
     problems = []
     candidates = rank.get("candidates")
     for i, c in enumerate(candidates if isinstance(candidates, list) else []):
-        name = c if isinstance(c, str) else c.get("name") if isinstance(c, dict) else None
-        if isinstance(name, str):
+        name = spec_name(c) if isinstance(c, (str, dict)) else None
+        if name:
             problems += [f"rank.candidates.{i}: {p}" for p in check_source_spec(SourceSpec(name=name))]
     score = rank.get("score")
     if isinstance(score, str) and score not in SCORES:
