@@ -13,14 +13,28 @@ import pytest
 from transferkit.demo import run_demo
 from transferkit.io import read_json
 from transferkit.recipe import load_recipe
+from transferkit.stages import stage_order
 
 RECIPES = sorted(Path(str(resources.files("transferkit") / "recipes")).glob("*.yaml"))
+
+# what each shipped recipe runs: its stages in order, and the models its train stage trains (None: it has none)
+SHIPPED = {
+    "demo.yaml": (["transfer", "train", "select"], ["freeze", "linear_probe", "scratch"]),
+    "demo_speech.yaml": (["pretrain", "transfer", "train", "select"], ["full", "scratch", "linear_probe"]),
+    "demo_text.yaml": (["transfer", "train", "baselines", "select"], ["freeze", "linear_probe"]),
+    "movielens.yaml": (["recsys", "recsys_baselines", "recsys_select"], None),
+    "movielens_source.yaml": (["recsys", "recsys_baselines", "recsys_select"], None),
+}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_validate(path: Path):
     recipe = load_recipe(path)
-    assert recipe.trainings()
+    assert path.name in SHIPPED, f"a new shipped recipe: add what {path.name} runs to SHIPPED"
+    stages, models = SHIPPED[path.name]
+    assert [s.name for s in stage_order(recipe)] == stages
+    if models is not None:
+        assert [name for name, _ in recipe.trainings()] == models
 
 
 def test_recipes_are_shipped():

@@ -124,6 +124,13 @@ def _selected_row(page: str) -> str:
     return rows[0]
 
 
+def _meta_cell(page: str, header: str) -> str:
+    """The value cell of the summary-table row headed ``header`` (exactly one such row)."""
+    cells = re.findall(rf"<tr><th>{re.escape(header)}</th><td>(.*?)</td></tr>", page)
+    assert len(cells) == 1, (header, cells)
+    return cells[0]
+
+
 def test_report_contents(tmp_path: Path) -> None:
     run_dir = _write_run(tmp_path / "run", _metrics())
     out = write_report(run_dir)
@@ -214,12 +221,13 @@ def test_transfer_summary(tmp_path: Path) -> None:
     page = out.read_text()
 
     assert "Weight transfer" in page
-    assert "298" in page
-    assert "245" in page
-    assert "53" in page
-    assert "3,371,984" in page
-    assert "12,810" in page
-    assert "99.6%" in page
+    # each count in its own cell of the summary table (the page's base64 images hold any short digit string)
+    assert _meta_cell(page, "Tensors") == "298"
+    assert _meta_cell(page, "Transferred tensors") == "245"
+    assert _meta_cell(page, "Fresh tensors") == "53"
+    assert _meta_cell(page, "Transferred parameters") == "3,371,984"
+    assert _meta_cell(page, "Fresh parameters") == "12,810"
+    assert _meta_cell(page, "Coverage (share of parameters transferred)") == "99.6%"
     assert "<details>" in page and "All 2 tensors" in page
     assert "backbone.conv_stem.weight" in page
     assert "efficientnet_lite0:_conv_stem.weight" in page
