@@ -33,6 +33,42 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from transferkit.errors import RunDirError
+    from transferkit.runner import add_stage
+
+    host, *others = args.runs
+    method: dict[str, Any] = {"name": args.method}
+    for key in ("density", "lam", "p", "scope", "combine", "vote", "seed"):
+        if getattr(args, key) is not None:
+            method[key] = getattr(args, key)
+    if args.out:  # a copy of the first run receives the merge; the first run stays as it was
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise RunDirError(f"'{out}' is not empty; choose another --out (the merge is added to a copy of {host})")
+        if not (Path(host) / "run.json").is_file():
+            raise RunDirError(f"'{host}' is not a transferkit run directory (run.json is missing)")
+        shutil.copytree(host, out, dirs_exist_ok=True)
+        host = str(out)
+    from transferkit.io import read_json
+
+    selected = read_json(Path(host) / "metrics.json")["selected"]  # each run gives its selected model
+    options: dict[str, Any] = {
+        "models": [selected],
+        "runs": others,
+        "method": method,
+        "recalibrate_bn": not args.no_recalibrate,
+    }
+    if args.label:
+        options["label"] = args.label
+    out_dir = add_stage("merge", host, options)
+    print(f"run directory: {out_dir}\nreport: {out_dir / 'report.html'}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from transferkit.recipe import apply_overrides, read_yaml, validate_recipe
 
@@ -217,10 +253,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("merge", help="merge the models of runs into one (soups, TIES, DARE) or an ensemble")
+    p.add_argument("runs", nargs="+", help="run directories: the first receives the merge (or a copy, with --out)")
+    p.add_argument(
+        "--method",
+        default="uniform_soup",
+        help="uniform_soup, greedy_soup, task_arithmetic, ties, dare or ensemble (default uniform_soup)",
+    )
+    p.add_argument("--density", type=float, help="ties: the fraction of each task vector kept")
+    p.add_argument("--lambda", dest="lam", type=float, help="task_arithmetic, ties, dare: the task vectors' scale")
+    p.add_argument("--p", type=float, help="dare: the drop rate")
+    p.add_argument("--scope", choices=["tensor", "global"], help="ties: trim per tensor or over the whole model")
+    p.add_argument("--combine", choices=["sum", "ties"], help="dare: then task arithmetic (sum) or TIES")
+    p.add_argument("--vote", choices=["mean", "majority"], help="ensemble: mean probabilities or majority vote")
+    p.add_argument("--seed", type=int, help="dare: the seed of the random drop")
+    p.add_argument("--label", help="the merged model's name (default merge-METHOD)")
+    p.add_argument("--no-recalibrate", action="store_true", help="keep the averaged BatchNorm statistics")
+    p.add_argument("--out", help="a new run directory: a copy of the first run, with the merge added")
+    p.set_defaults(func=_cmd_merge)
+
     from transferkit.stages import STAGES
 
     for stage in STAGES.values():
-        if stage.extend is None:
+        if stage.extend is None or stage.name in sub.choices:
             continue
         p = sub.add_parser(stage.name, help=f"add to a finished run: {stage.help}")
         p.add_argument("run_dir", help="a run directory written by `transferkit run`")

@@ -82,26 +82,38 @@ def run_stage(name: str, run_dir: str | Path, options: list[str] | None = None) 
 
     What the run holds is read back, not retrained; metrics.json and report.html are updated.
     """
-    run_dir = Path(run_dir)
-    if name not in STAGES:
-        raise UnknownNameError(
-            f"unknown stage '{name}'.{did_you_mean(name, STAGES)} Valid choices: {', '.join(STAGES)}."
-        )
-    stage = STAGES[name]
-    addable = [s.name for s in STAGES.values() if s.extend is not None]
-    if stage.extend is None:
-        raise RecipeError(
-            f"the stage '{name}' cannot be added to a finished run (it comes before training); "
-            f"stages that can: {', '.join(addable)}. Start a new run with it in the recipe."
-        )
+    stage = _addable(name)
     bad = [o for o in options or [] if "=" not in o]
     if bad:
         raise RecipeError(
             f"transferkit {name}: '{bad[0]}' is not a key=value option; e.g. transferkit {name} RUN_DIR {stage.example}"
         )
-    raw = read_yaml(_run_file(run_dir, "recipe.yaml"))
-    extended = stage.extend(raw, apply_overrides({}, options or []))
+    return add_stage(name, run_dir, apply_overrides({}, options or []))
+
+
+def add_stage(name: str, run_dir: str | Path, options: dict[str, Any]) -> Path:
+    """``run_stage`` with the options as a mapping (the Python API): the stage's section added to the run's
+    recipe, then the recipe run again on the run, every done stage read back."""
+    stage = _addable(name)
+    assert stage.extend is not None
+    run_dir = Path(run_dir)
+    extended = stage.extend(read_yaml(_run_file(run_dir, "recipe.yaml")), options)
     return run_recipe(load_recipe(extended), from_run=run_dir)
+
+
+def _addable(name: str) -> Any:
+    if name not in STAGES:
+        raise UnknownNameError(
+            f"unknown stage '{name}'.{did_you_mean(name, STAGES)} Valid choices: {', '.join(STAGES)}."
+        )
+    stage = STAGES[name]
+    if stage.extend is None:
+        addable = [s.name for s in STAGES.values() if s.extend is not None]
+        raise RecipeError(
+            f"the stage '{name}' cannot be added to a finished run (it comes before training); "
+            f"stages that can: {', '.join(addable)}. Start a new run with it in the recipe."
+        )
+    return stage
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

@@ -146,6 +146,24 @@ class EvaluateConfig(_Strict):
         return self.label or Path(self.dataset).stem or self.dataset
 
 
+class MergeEntry(_Strict):
+    """Several trained models merged into one (or an output ensemble), evaluated like a trained model."""
+
+    method: str | dict[str, Any] = Field(
+        default="uniform_soup",
+        description="uniform_soup | greedy_soup | task_arithmetic | ties | dare | ensemble, "
+        "or {name: ties, density: 0.2, lam: 0.5} (transferkit ls)",
+    )
+    models: list[str] = Field(default_factory=list, description="models this run trained (default: all of them)")
+    runs: list[str] = Field(default_factory=list, description="other run directories: their selected model joins")
+    label: str | None = Field(default=None, description="the merged model's name (default: merge-METHOD)")
+    recalibrate_bn: bool = Field(default=True, description="recompute BatchNorm statistics on the training split")
+
+    @property
+    def name(self) -> str:
+        return self.label or f"merge-{spec_name(self.method)}"
+
+
 class RankConfig(_Strict):
     """Rank candidate sources before training; the best one becomes the run's source."""
 
@@ -207,6 +225,9 @@ class Recipe(_Strict):
     evaluate: list[EvaluateConfig] = Field(
         default_factory=list, description="after training, every model evaluated on each of these datasets too"
     )
+    merge: list[MergeEntry] = Field(
+        default_factory=list, description="after training, models merged into one (soups, TIES, DARE) or ensembled"
+    )
     recsys: RecsysConfig | None = Field(
         default=None,
         description="a recommendation task (interactions, two-tower or "
@@ -236,7 +257,7 @@ class Recipe(_Strict):
                 raise ValueError("data: required key is missing.")
             return self
         used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
-        used += [k for k in ("compare", "baselines", "evaluate") if getattr(self, k)]
+        used += [k for k in ("compare", "baselines", "evaluate", "merge") if getattr(self, k)]
         if used:
             raise ValueError(
                 f"recsys: runs a recommendation task on its own; {', '.join(used)} "

@@ -1,0 +1,30 @@
+"""Model fusion: several fine-tuned models into one (soups, task arithmetic, TIES, DARE) or an output ensemble.
+
+``merge.methods`` holds the methods (declared parameters plus one pure tensor function); ``merge.api`` merges saved
+model folders tensor by tensor, recalibrates BatchNorm statistics and builds greedy soups and ensembles. The
+``merge`` stage (``stages/merge.py``) runs them on a run's models and other runs, evaluates and saves the result.
+"""
+
+from transferkit.merge.api import (
+    Ensemble,
+    check_compatible,
+    greedy_soup,
+    merge_state,
+    merged_model,
+    method_of,
+    recalibrate_batch_norms,
+)
+from transferkit.merge.methods import METHODS, MergeConfig, merge_tensor
+
+__all__ = [
+    "METHODS",
+    "Ensemble",
+    "MergeConfig",
+    "check_compatible",
+    "greedy_soup",
+    "merge_state",
+    "merge_tensor",
+    "merged_model",
+    "method_of",
+    "recalibrate_batch_norms",
+]

@@ -1,0 +1,243 @@
+"""``merge:``: trained models merged into one (uniform or greedy soup, task arithmetic, TIES, DARE) or ensembled.
+
+The members are models of this run (``models:``, default all) and the selected models of other runs that share
+the run's architecture, labels and source (``runs:``). The weights the members started from (the task vectors'
+base) are the run's target before training. A merged model is evaluated on the run's validation and test splits
+like a trained model, joins the models ``select`` chooses from, and is saved as ``models/NAME/``; an ensemble
+(several models kept) is evaluated and reported but not saved as one model.
+
+Outputs: ``models/NAME/`` and ``checkpoints/NAME/result.json`` (the merged model, its metrics and how it was
+made), a table in report.html comparing it with its members. Resume rule: the result file on disk, made with the
+same settings, is the merge (read back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from transferkit.config import Recipe
+from transferkit.config.recipe import MergeEntry
+from transferkit.stages.base import RunContext, Stage, append_entry
+
+
+def _result_file(ctx: RunContext, entry: MergeEntry) -> Path:
+    return ctx.out / "checkpoints" / entry.name / "result.json"
+
+
+def _settings_sha(entry: MergeEntry) -> str:
+    return hashlib.sha256(json.dumps(entry.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _members(ctx: RunContext, entry: MergeEntry) -> list[Path]:
+    """The model folders to merge: this run's (by name) and the selected model of each other run."""
+    from transferkit.errors import DataError
+    from transferkit.io import read_json
+
+    merged = {e.name for e in ctx.recipe.merge}
+    names = entry.models or [n for n in ctx.results if n not in merged]
+    unknown = [n for n in names if n not in ctx.results]
+    if unknown:
+        raise DataError(f"merge: {unknown} are not models of this run; trained: {', '.join(ctx.results)}")
+    folders = [ctx.out / "models" / n for n in names]
+    for run in map(Path, entry.runs):
+        metrics = run / "metrics.json"
+        source = read_json(metrics).get("source") if metrics.is_file() else None
+        here = ctx.source_spec.name if ctx.source_spec else None
+        if source != here:
+            raise DataError(
+                f"merge: the run '{run}' started from {source!r}, this run from {here!r}: merged models must share "
+                "their source (the task vectors' base)"
+            )
+        folders.append(run / "model" if (run / "model" / "model.json").is_file() else run)
+    return folders
+
+
+def _base(ctx: RunContext) -> dict[str, Any]:
+    """The weights every member started from: the run's target before training, without its new head."""
+    target = ctx.make_target(ctx.data().classes, pretrained=True)
+    return {k: v for k, v in target.state_dict().items() if not k.startswith("head.")}
+
+
+def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
+    """Merge (or ensemble) one entry's members; evaluate, save and describe the result."""
+    import dataclasses
+
+    from transferkit.io import write_json
+    from transferkit.merge.api import (
+        Ensemble,
+        check_compatible,
+        greedy_soup,
+        has_batch_norm,
+        merge_state,
+        merged_model,
+        method_of,
+        recalibrate_batch_norms,
+    )
+    from transferkit.models.base import load_model, save_model
+    from transferkit.pipeline import evaluate, fingerprint
+
+    data, device = ctx.data(), ctx.accelerator.device
+    folders = _members(ctx, entry)
+    check_compatible(folders)
+    name, method, options = method_of(entry.method)
+    t = time.perf_counter()
+    recalibrated = {"examples": 0}
+
+    def prepare(model: Any) -> None:
+        if entry.recalibrate_bn and has_batch_norm(model):
+            recalibrated["examples"] = recalibrate_batch_norms(model, data.dataset("train"), device=device)
+
+    def val_accuracy(model: Any) -> float:
+        return float(evaluate(model, data.dataset("val"), len(data.classes), device=device)["accuracy"])
+
+    how: dict[str, Any] = {}
+    if method.kind == "ensemble":
+        model: Any = Ensemble([load_model(f) for f in folders], options.vote).eval()
+    elif method.kind == "greedy":
+        model, kept, steps = greedy_soup(folders, val_accuracy, prepare)
+        how = {"kept": [str(folders[i]) for i in kept], "steps": steps}
+    else:
+        state, tensors = merge_state(folders, method.merge_config(options, len(folders)), _base(ctx))
+        model = merged_model(folders[0], state)
+        prepare(model)
+        how = {"tensors": {k: len(v) for k, v in tensors.items()}}
+    merge_s = time.perf_counter() - t
+    val = evaluate(model, data.dataset("val"), len(data.classes), device=device)
+    test = evaluate(model, data.dataset("test"), len(data.classes), device=device)
+    description = {
+        "method": name,
+        "options": dataclasses.asdict(options),
+        "members": [str(f) for f in folders],
+        "batchnorm_recalibrated_on": recalibrated["examples"],
+        **how,
+    }
+    result = {
+        "strategy": f"merge:{name}",
+        "from_scratch": False,
+        "merge": description,
+        "val": val,
+        "test": test,
+        "history": [],
+        "best_epoch": 0,
+        "epochs_run": 0,
+        "timing": {"merge_s": merge_s},
+        "trainable_params": 0,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "weights_sha256": fingerprint(model),
+        "settings_sha256": _settings_sha(entry),
+    }
+    if ctx.main:
+        if method.kind != "ensemble":  # an ensemble keeps its members: it is not one model folder
+            save_model(
+                model.cpu(),
+                ctx.out / "models" / entry.name,
+                extra={"strategy": result["strategy"], "run": ctx.recipe.name, "merge": description},
+            )
+        write_json(_result_file(ctx, entry), result)
+    ctx.wait()
+    return result
+
+
+def _use(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
+    """The merged model joins the run's models (an ensemble only the report), with a table beside its members."""
+    if not result["strategy"].endswith(":ensemble"):
+        ctx.results[entry.name] = result
+    else:
+        ctx.sections.setdefault("ensembles", {})[entry.name] = result
+    members = {str(ctx.out / "models" / n): n for n in ctx.results}
+    rows = [
+        [members.get(f, f), ctx.results[members[f]]["val"]["accuracy"], ctx.results[members[f]]["test"]["accuracy"]]
+        for f in result["merge"]["members"]
+        if f in members
+    ]
+    rows.append([f"{entry.name} ({result['merge']['method']})", result["val"]["accuracy"], result["test"]["accuracy"]])
+    ctx.tables.append(
+        {
+            "title": f"Merge {entry.name}",
+            "note": f"{len(result['merge']['members'])} models; members of other runs are listed in metrics.json",
+            "columns": ["model", "val accuracy", "test accuracy"],
+            "rows": rows,
+        }
+    )
+    ctx.log(
+        f"[{entry.name}] {result['merge']['method']} of {len(result['merge']['members'])} models: test accuracy "
+        f"{result['test']['accuracy']:.4f} | val accuracy {result['val']['accuracy']:.4f}"
+    )
+
+
+def done(ctx: RunContext) -> bool:
+    return all(_result_file(ctx, e).is_file() for e in ctx.recipe.merge)
+
+
+def _read(ctx: RunContext, entry: MergeEntry) -> dict[str, Any] | None:
+    from transferkit.errors import RunDirError
+    from transferkit.io import read_json
+
+    path = _result_file(ctx, entry)
+    if not path.is_file():
+        return None
+    result = read_json(path)
+    if result.get("settings_sha256") != _settings_sha(entry):
+        raise RunDirError(
+            f"'{ctx.out}' already holds a merge '{entry.name}' made with other settings; give the new one another label"
+        )
+    return result
+
+
+def load(ctx: RunContext) -> None:
+    for entry in ctx.recipe.merge:
+        result = _read(ctx, entry)
+        assert result is not None
+        _use(ctx, entry, result)
+
+
+def run(ctx: RunContext) -> None:
+    for entry in ctx.recipe.merge:
+        result = _read(ctx, entry) if ctx.resume else None
+        _use(ctx, entry, result if result is not None else merge_one(ctx, entry))
+
+
+def check(raw: dict[str, Any]) -> list[str]:
+    from transferkit.errors import RecipeError, UnknownNameError
+    from transferkit.merge.api import method_of
+
+    entries = raw.get("merge")
+    problems = []
+    for i, e in enumerate(entries if isinstance(entries, list) else []):
+        method = e.get("method", "uniform_soup") if isinstance(e, dict) else None
+        if isinstance(method, (str, dict)):
+            try:
+                method_of(method)
+            except (UnknownNameError, RecipeError) as err:
+                problems.append(f"merge.{i}.method: {err}")
+    return problems
+
+
+def extend(raw: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``transferkit merge RUN_DIR runs=[OTHER, ...] method=ties ...``: one more merge on a finished run."""
+    usage = "merge on a finished run takes runs=[RUN, ...] method=NAME|{name: ..., option: value} label=NAME"
+    return append_entry(raw, "merge", MergeEntry, options, usage)
+
+
+def _applies(recipe: Recipe) -> bool:
+    return bool(recipe.merge)
+
+
+STAGE = Stage(
+    "merge",
+    run,
+    _applies,
+    done,
+    load,
+    keys=("merge",),
+    needs=("models",),
+    gives=("models",),
+    check=check,
+    extend=extend,
+    help="merge trained models into one (soups, task arithmetic, TIES, DARE) or an ensemble",
+    example="runs=[runs/other] method={name: ties, density: 0.2}",
+)
