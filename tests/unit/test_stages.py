@@ -151,3 +151,19 @@ def test_bad_options_of_a_stage_on_a_finished_run_name_the_fix(finished_run: Pat
         run_stage("baselines", finished_run, ["tfidf"])
     with pytest.raises(RecipeError, match=r"baselines on a finished run takes names=\[NAME, ...\]"):
         run_stage("baselines", finished_run, ["name=tfidf"])
+
+
+def test_a_training_seed_changes_the_data_order_not_the_split(tmp_path: Path) -> None:
+    """train.seed (here a compare override): another data order and dropout, the same split and the same new head."""
+    recipe = {
+        **TINY,
+        "compare": [
+            {"strategy": "full", "label": "seed1", "overrides": {"seed": 1}},
+            {"strategy": "full", "label": "seed0", "overrides": {"seed": 0}},
+        ],
+    }
+    out = run_recipe(load_recipe(recipe), out=tmp_path / "run")
+    models = read_json(out / "metrics.json")["models"]
+    assert models["seed0"]["weights_sha256"] == models["full"]["weights_sha256"]  # seed 0 is the recipe's own
+    assert models["seed1"]["weights_sha256"] != models["full"]["weights_sha256"]
+    assert models["seed1"]["settings_sha256"] != models["seed0"]["settings_sha256"]

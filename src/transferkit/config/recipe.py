@@ -106,6 +106,11 @@ class TrainConfig(_Strict):
         description="CPU threads of torch while training (default: "
         "torch's own); small models (GRUs, towers) often train faster on 1",
     )
+    seed: int | None = Field(
+        default=None,
+        description="the seed of this model's data order, dropout and augmentation (default: the recipe's seed; "
+        "the split and the new head's initialisation keep the recipe's), e.g. fine-tunes for a soup",
+    )
 
     @property
     def strategy_name(self) -> str:

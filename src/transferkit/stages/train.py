@@ -104,7 +104,7 @@ def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
         target,
         data,
         cfg,
-        seed=recipe.seed,
+        seed=recipe.seed if cfg.seed is None else cfg.seed,
         accelerator=accelerator,
         paths=paths,
         resume=ctx.resume,
