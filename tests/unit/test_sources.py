@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from transferkit.errors import SourceError, UnknownNameError
+from transferkit.errors import SourceError, UnknownNameError, UnsafeCheckpointError
 from transferkit.io import save_tensors
 from transferkit.models.vision import save_model
 from transferkit.sources import load_source
@@ -71,6 +75,47 @@ def test_timm_source_with_local_weights_file(tmp_path):
     assert torch.equal(loaded.backbone.conv_stem.weight, full.conv_stem.weight)
     assert not torch.equal(loaded.backbone.conv_stem.weight, reference.backbone.conv_stem.weight)
     assert loaded.origin["backbone.conv_stem.weight"] == "timm:test_efficientnet:backbone.conv_stem.weight"
+
+
+class _Evil:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch " + str(self.marker),))
+
+
+def test_timm_source_refuses_a_weights_file_that_would_run_code(tmp_path):
+    """A local weights file for a timm architecture goes through transferkit's safe loader, not timm's."""
+    import timm
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({**timm.create_model("test_resnet").state_dict(), "evil": _Evil(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_source({"name": "timm:test_resnet", "weights": str(path)})
+    message = str(info.value)
+    assert f"refused to load '{path}'" in message
+    assert "(it names posix.system)" in message
+    assert "convert it once in a trusted environment to safetensors" in message
+    assert not marker.exists()
+
+
+def test_timm_source_reads_a_wrapped_ddp_checkpoint(tmp_path):
+    """A ``.pt`` training checkpoint (``state_dict`` key, DDP's ``module.`` prefixes) loads as timm's loader did."""
+    import timm
+
+    full = timm.create_model("test_resnet")
+    torch.manual_seed(3)
+    for p in full.parameters():
+        p.data.normal_()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}, "epoch": 9}, path)
+    loaded = load_source({"name": "timm:test_resnet", "weights": str(path)})
+    assert torch.equal(loaded.backbone.conv1[0].weight, full.conv1[0].weight)
+    assert torch.equal(loaded.head.weight, full.fc.weight)
 
 
 def test_unknown_timm_model_names_similar_ones():

@@ -34,7 +34,12 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
 
     create_kwargs = dict(kwargs)
     if weights:
-        create_kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        # transferkit reads the file (a pickle that would run code is refused, naming what it imports), never
+        # timm's own loader; timm then fits the tensors to the model as it does its checkpoints (checkpoint filter,
+        # classifier, input channels). clean_state_dict drops DDP / torch.compile prefixes, as timm's loader did.
+        from timm.models import clean_state_dict
+
+        create_kwargs["pretrained_cfg_overlay"] = {"state_dict": clean_state_dict(load_state_dict(weights))}
     try:
         model = timm.create_model(name, pretrained=pretrained or bool(weights), **create_kwargs)
     except RuntimeError as e:
