@@ -42,6 +42,7 @@ __all__ = [
     "prepare_data",
     "resolve_strategy",
     "train",
+    "transferred_params",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,6 +81,10 @@ def train(
 
     Stages that cache features (``linear_probe``, the probe of ``lp_ft``) train only the head, on features
     computed once: the same computation as training through a frozen backbone in eval mode.
+
+    A strategy that trains from random weights (``scratch``) refuses a model that holds transferred weights, as
+    its transfer report or origin says (``build_target(source, labels)``): training it would fine-tune them.
+    Build its target as a recipe does, ``build_target(source, labels, pretrained=False)``.
     """
     if cfg.threads:
         threads = torch.get_num_threads()
@@ -104,6 +109,8 @@ def train(
     cfg, strategy, options, auto_reason = resolve_strategy(cfg, model, data)
     if auto_reason and accelerator.is_main_process:
         print(auto_reason)
+    if strategy.from_scratch:
+        _refuse_transferred(model, cfg.strategy_name)
     plans = plan_stages(strategy, options, model, cfg)
     extra = [split_spec(cfg.regularizer, "regularizer")] if cfg.regularizer else []
     specs = [name for p in plans for name, _ in p.regularizers] + [name for name, _ in extra]
@@ -209,6 +216,40 @@ def train(
         "cached_features": plans[-1].cached_features,
         **({"auto": auto_reason} if auto_reason else {}),
     }
+
+
+def transferred_params(model: nn.Module) -> dict[str, str] | None:
+    """The model's parameters whose values came from a source, each with where from, by the record it carries.
+
+    The transfer report (``build_target``, ``transfer``: the tensors it marks ``transferred``) when it has one;
+    else its ``origin`` (``load_source``) less the head, which ``reset_head`` replaces without changing the
+    origin (the rule ``transfer_report`` follows). None when the model carries neither record (built by hand,
+    reloaded with ``load_model``): what its weights are is not known.
+    """
+    params = {n for n, _ in model.named_parameters()}
+    report = getattr(model, "report", None)
+    if isinstance(report, dict) and isinstance(report.get("tensors"), list):
+        rows = [r for r in report["tensors"] if isinstance(r, dict) and r.get("status") == "transferred"]
+        return {str(r["name"]): str(r.get("from", "")) for r in rows if r.get("name") in params}
+    origin = getattr(model, "origin", None)
+    if isinstance(origin, dict):
+        return {n: str(o) for n, o in origin.items() if n in params and not n.startswith("head.")}
+    return None
+
+
+def _refuse_transferred(model: nn.Module, strategy: str) -> None:
+    """A from-scratch strategy on transferred weights would fine-tune them and report ``from_scratch``: refused."""
+    moved = transferred_params(model)
+    if not moved:
+        return
+    name, origin = next(iter(moved.items()))
+    raise RecipeError(
+        f"train.strategy {strategy!r} trains from random weights, but the model holds {len(moved)} parameter "
+        f"tensors transferred from its source ({name} from {origin}, ...); training it would fine-tune them. "
+        "Build the target from random weights, as a recipe does: build_target(source, labels, pretrained=False) "
+        "(transfer_step(source, cfg, labels, pretrained=False) for a transfer: section), or choose a strategy "
+        "that fine-tunes the transferred weights (full)."
+    )
 
 
 def resolve_strategy(

@@ -12,8 +12,10 @@ from transferkit.engine import loop
 from transferkit.engine.loop import JobPaths, conv_layout, fit, make_accelerator
 from transferkit.engine.schedule import lr_factor
 from transferkit.errors import RecipeError, TrainingError
-from transferkit.pipeline import train
+from transferkit.models.base import save_model
+from transferkit.pipeline import fingerprint, train
 from transferkit.recipe import TrainConfig
+from transferkit.sources import load_source
 from transferkit.strategies import get_strategy
 from transferkit.strategies.base import ParamGroup, TrainPlan, apply_plan
 from transferkit.transfer import build_target
@@ -176,6 +178,36 @@ def test_python_api_is_plain_functions(data, tmp_path):
     tk.save_model(model, tmp_path / "m")
     probs = tk.load_run(tmp_path / "m").predict_proba([data.examples.items[0]])
     assert probs.shape == (1, 10) and abs(float(probs.sum()) - 1) < 1e-5
+
+
+def _pretrained_source(folder):
+    """A source loaded from a model folder: every tensor came from it, as a downloaded source's do."""
+    model = tiny_source(seed=5)
+    model.reset_head(3, ["x", "y", "z"])
+    save_model(model, folder)
+    return load_source(str(folder))
+
+
+def test_scratch_refuses_a_model_holding_transferred_weights(data, tmp_path):
+    source = _pretrained_source(tmp_path / "src")
+    model = build_target(source, data.classes, seed=0)
+    before = fingerprint(model)
+    cfg = TrainConfig(strategy="scratch", epochs=1, batch_size=8)
+    with pytest.raises(RecipeError) as info:
+        train(model, data, cfg, accelerator=make_accelerator("no"))
+    backbone = len(list(model.backbone.parameters()))
+    assert str(info.value).startswith(
+        f"train.strategy 'scratch' trains from random weights, but the model holds {backbone} parameter tensors "
+        f"transferred from its source (backbone.conv_stem.weight from {tmp_path / 'src'}:backbone.conv_stem.weight"
+        ", ...); training it would fine-tune them. Build the target from random weights, as a recipe does: "
+        "build_target(source, labels, pretrained=False)"
+    )
+    assert fingerprint(model) == before  # refused before any weight moved
+    # the target a recipe builds for scratch: random weights, nothing transferred
+    scratch = build_target(source, data.classes, pretrained=False, seed=0)
+    assert not torch.equal(scratch.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
+    result = train(scratch, data, cfg, accelerator=make_accelerator("no"))
+    assert result["from_scratch"] is True and result["epochs_run"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
