@@ -75,7 +75,9 @@ def train(
         resume: continue from the checkpoints: finished stages are skipped, the interrupted one resumes.
         features: cached backbone features by split (computed here when a stage needs them and none are given).
         reference: the starting weights ``w0`` for regularisers, by parameter name; pass the source's own tensors
-            to avoid a copy (default: a copy of the model's weights at the start).
+            to avoid a copy (default: a copy of the model's weights at the start). Only the weights that came from
+            the source (``transferred_params``; for a model without that record, the backbone) take their ``w0``
+            from it: every other weight, the new head first, is new (L2-SP gives it ``beta/2 ||w||^2``).
         source: the source model, used frozen by ``delta`` (default: a copy of the model at the start).
         on_step: called with the step number after each optimizer step (tests use it to interrupt).
 
@@ -114,8 +116,8 @@ def train(
     plans = plan_stages(strategy, options, model, cfg)
     extra = [split_spec(cfg.regularizer, "regularizer")] if cfg.regularizer else []
     specs = [name for p in plans for name, _ in p.regularizers] + [name for name, _ in extra]
-    if reference is None and specs:
-        reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if specs:
+        reference = _transferred_reference(model, reference)
     if source is None and "delta" in specs:
         source = copy.deepcopy(model)
     timing: dict[str, float] = {"train_s": 0.0}
@@ -235,6 +237,16 @@ def transferred_params(model: nn.Module) -> dict[str, str] | None:
     if isinstance(origin, dict):
         return {n: str(o) for n, o in origin.items() if n in params and not n.startswith("head.")}
     return None
+
+
+def _transferred_reference(model: SourceModel, reference: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``w0`` of the transferred weights only (from ``reference``, else a copy of the model's own): a new weight
+    (the fresh head, or the source's unrelated head of the same shape) is never pulled towards a start point."""
+    moved = transferred_params(model)
+    keep = set(moved) if moved is not None else {f"backbone.{n}" for n, _ in model.backbone.named_parameters()}
+    if reference is None:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n in keep}
+    return {n: t for n, t in reference.items() if n in keep}
 
 
 def _refuse_transferred(model: nn.Module, strategy: str) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from transferkit.engine.loop import make_accelerator
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.errors import RecipeError
+from transferkit.models.base import SourceModel
 from transferkit.pipeline import plan_stages, train
 from transferkit.recipe import TrainConfig, validate_recipe
 from transferkit.sources import load_source
@@ -50,6 +51,73 @@ def test_l2sp_penalty_against_hand_computed_value():
     penalty.backward()
     assert torch.allclose(model[0].weight.grad, 0.1 * torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
     assert torch.allclose(model[1].bias.grad, torch.tensor([0.01 * 3.0]))
+
+
+class _Captured(Exception):
+    pass
+
+
+def _tiny_transfer_target():
+    """A hand-sized source (a 2->2 linear backbone, its own 3-class head, every tensor recorded as coming from
+    it) and its target for 3 classes: the new head has the source head's shape but none of its values."""
+    source = SourceModel(
+        nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 3), {"family": "none", "name": "tiny"}, {}, None, 2
+    )
+    with torch.no_grad():
+        source.backbone[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        source.backbone[0].bias.copy_(torch.tensor([0.5, -0.5]))
+        source.head.weight.fill_(9.0)
+        source.head.bias.fill_(9.0)
+    source.origin = {k: f"tiny:{k}" for k in source.state_dict()}  # as load_source records a pretrained source
+    target = build_target(source, ["a", "b", "c"], seed=0)
+    with torch.no_grad():
+        target.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))  # ||w||^2 = 7
+        target.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))  # ||b||^2 = 1
+    return source, target
+
+
+@pytest.mark.parametrize("path", ["python_api", "recipe", "cached_features", "no_record"])
+def test_l2sp_in_train_pulls_only_transferred_weights(data, monkeypatch, path):
+    """w0 holds the transferred backbone only: the new head gets beta/2 ||w||^2, never a pull towards its random
+    start (Python API), towards the source's unrelated head of the same shape (recipe: w0 is the source's
+    state_dict) or, training on cached features, towards its start either. A model that records no provenance
+    (built by hand, reloaded with load_model) counts its backbone as transferred."""
+    import transferkit.pipeline as pipeline
+
+    source, target = _tiny_transfer_target()
+    if path == "no_record":
+        del target.report, target.origin
+    captured = {}
+
+    def fake_fit(model, *args, objective, **kwargs):
+        captured["module"], captured["penalty"] = model, objective.penalties[0]
+        raise _Captured
+
+    monkeypatch.setattr(pipeline, "fit", fake_fit)
+    l2sp = {"name": "l2sp", "alpha": 0.1, "beta": 0.01}
+    kwargs = {}
+    if path == "cached_features":
+        cfg = TrainConfig(strategy="linear_probe", regularizer=l2sp, epochs=1)
+        kwargs["features"] = {s: torch.zeros(len(getattr(data.splits, s)), 2) for s in ("train", "val")}
+    else:
+        cfg = TrainConfig(strategy=l2sp, epochs=1)
+        kwargs["reference"] = source.state_dict() if path == "recipe" else None
+    with pytest.raises(_Captured):
+        train(target, data, cfg, accelerator=make_accelerator("no"), **kwargs)
+    with torch.no_grad():  # the backbone moves away from w0 (the source's weights) by known amounts
+        target.backbone[0].weight.add_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        target.backbone[0].bias.add_(torch.tensor([0.0, 3.0]))
+    penalty = captured["penalty"](captured["module"])
+    if path == "cached_features":  # only the head trains: beta/2 * (7 + 1)
+        assert captured["module"] is target.head
+        assert penalty.item() == pytest.approx(0.005 * 8)
+    else:  # alpha/2 * (1 + 4 + 9) on the backbone + beta/2 * (7 + 1) on the new head
+        assert penalty.item() == pytest.approx(0.05 * 14 + 0.005 * 8)
+    penalty.backward()
+    assert torch.allclose(target.head.weight.grad, 0.01 * target.head.weight.detach())
+    assert torch.allclose(target.head.bias.grad, torch.tensor([0.0, 0.0, 0.01]))
+    if path != "cached_features":
+        assert torch.allclose(target.backbone[0].bias.grad, torch.tensor([0.0, 0.3]))
 
 
 def test_l2sp_skips_frozen_parameters():

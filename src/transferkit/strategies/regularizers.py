@@ -46,6 +46,7 @@ class L2SP(nn.Module):
     Args:
         reference: the starting point ``w0`` by parameter name (of the trained module). These are references to
             the source's tensors, not copies; a parameter whose name is missing or whose shape differs is "new".
+            ``train`` passes the transferred weights only, so the new head is always "new".
         alpha: see L2SPConfig.
         beta: see L2SPConfig.
     """
