@@ -125,6 +125,29 @@ def test_merge_state_merges_task_vectors_averages_the_head_and_keeps_integer_buf
     counters = [n for n in state if n.endswith("num_batches_tracked")]
     assert counters and set(counters) <= set(how["first model"])
     assert all(n in how["averaged"] for n in state if n.endswith("running_mean"))
+    assert how["statistics that differ"] == []  # the statistics were not trained: kept, not recomputed
+
+
+def test_only_batch_norms_whose_statistics_differ_are_recomputed(tmp_path: Path) -> None:
+    from helpers import small_mnist
+
+    from transferkit.merge import differing_norms, merged_model, recalibrate_batch_norms
+
+    fa, a = _saved(tmp_path, "a", 1)
+    norm = "backbone.bn1"
+    with torch.no_grad():
+        a.get_submodule(norm).running_mean.add_(0.5)  # model b: model a with this norm's statistics trained
+    fb = save_model(a, tmp_path / "b")
+    state, how = merge_state([fa, fb], _cfg("uniform_soup", 2))
+    assert how["statistics that differ"] == [f"{norm}.running_mean"] and differing_norms(how) == {norm}
+    model = merged_model(fa, state)
+    kept = {n: b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")}
+    data = small_mnist()
+    assert recalibrate_batch_norms(model, data.dataset("train"), only=differing_norms(how)) == 40
+    after = dict(model.named_buffers())
+    assert not torch.equal(after[f"{norm}.running_mean"], kept[f"{norm}.running_mean"])
+    assert all(torch.equal(after[n], v) for n, v in kept.items() if n != f"{norm}.running_mean")
+    assert recalibrate_batch_norms(model, data.dataset("train"), only=set()) == 0
 
 
 def test_models_that_cannot_merge_are_refused_naming_the_difference(tmp_path: Path) -> None:

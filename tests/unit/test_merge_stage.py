@@ -54,7 +54,10 @@ def test_merged_models_join_the_run_and_reload(merged_run: Path) -> None:
     # BatchNorm statistics averaged, the step counters taken from the first model
     tensors = soup["merge"]["tensors"]
     assert tensors["task vectors"] > 0 and tensors["averaged"] > 0 and tensors["first model"] > 0
-    assert sum(tensors.values()) == len(load_model(merged_run / "models" / "full").state_dict())
+    names = load_model(merged_run / "models" / "full").state_dict()
+    assert tensors["task vectors"] + tensors["averaged"] + tensors["first model"] == len(names)
+    # both members trained with every BatchNorm in training mode: all their statistics differ and are recomputed
+    assert tensors["statistics that differ"] == 2 * soup["merge"]["batchnorms_recalibrated"] > 0
     ties = metrics["models"]["ties"]
     assert ties["merge"]["options"] == {"density": 0.5, "lam": 1.0, "scope": "tensor", "sign": "total"}
     assert ties["merge"]["tensors"]["task vectors"] > 0

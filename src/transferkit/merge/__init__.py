@@ -8,6 +8,7 @@ model folders tensor by tensor, recalibrates BatchNorm statistics and builds gre
 from transferkit.merge.api import (
     Ensemble,
     check_compatible,
+    differing_norms,
     greedy_soup,
     merge_state,
     merged_model,
@@ -21,6 +22,7 @@ __all__ = [
     "Ensemble",
     "MergeConfig",
     "check_compatible",
+    "differing_norms",
     "greedy_soup",
     "merge_state",
     "merge_tensor",

@@ -4,8 +4,9 @@
 architecture and a starting point: tensor by tensor, reading one tensor of each model at a time from its
 safetensors file, so that beyond the running result no more than one model's tensors are in memory. The new head
 has no shared start (every run initialises its own), so heads are averaged; integer buffers (BatchNorm step
-counters) are the first model's; BatchNorm statistics are recomputed on training data afterwards
-(``recalibrate_batch_norms``), since the mean of running statistics is not the statistics of the merged network.
+counters) are the first model's. BatchNorm statistics that differ between the models are recomputed on training
+data afterwards (``recalibrate_batch_norms``), since their mean is not the statistics of the merged network;
+statistics every model kept (frozen at the source's) are exact as they are.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def _merge_open(
     mean = MergeConfig(lam=1.0 / len(files))
     generator = torch.Generator().manual_seed(cfg.seed)
     merged: dict[str, torch.Tensor] = {}
-    how: dict[str, list[str]] = {"task vectors": [], "averaged": [], "first model": []}
+    how: dict[str, list[str]] = {"task vectors": [], "averaged": [], "first model": [], "statistics that differ": []}
     for name in names:
         tensors = [f.get_tensor(name) for f in files]
+        if _is_statistic(name) and any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+            how["statistics that differ"].append(name)  # trained in some member: recompute after the merge
         if not tensors[0].is_floating_point():
             merged[name], key = tensors[0], "first model"
         elif name in task_vector:
@@ -150,11 +153,28 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def differing_norms(how: Mapping[str, Sequence[str]]) -> set[str]:
+    """The BatchNorm modules whose running statistics differ between the merged models (from ``merge_state``)."""
+    return {name.rsplit(".", 1)[0] for name in how.get("statistics that differ", [])}
+
+
 @torch.no_grad()
-def recalibrate_batch_norms(model: nn.Module, dataset: Dataset, batch_size: int = 32, device: Any = "cpu") -> int:
-    """Recompute every BatchNorm's running statistics on ``dataset`` (cumulative averages over one pass, the
-    network otherwise in eval mode); returns the number of examples seen (0: the model has no BatchNorm)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def recalibrate_batch_norms(
+    model: nn.Module, dataset: Dataset, batch_size: int = 32, device: Any = "cpu", only: set[str] | None = None
+) -> int:
+    """Recompute BatchNorm running statistics on ``dataset`` (cumulative averages over one pass, the network
+    otherwise in eval mode); returns the number of examples seen (0: nothing to recompute).
+
+    Args:
+        only: the names of the norms to recompute (default: all). Statistics that every merged model shares (kept
+            frozen at the source's while fine-tuning) are exact as they are, and the weights were trained for them:
+            recomputing those would change the function the models learned.
+    """
+    norms = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and (only is None or name in only)
+    ]
     if not norms:
         return 0
     from transferkit.engine.loop import to_device
@@ -199,7 +219,7 @@ class Ensemble(nn.Module):
 def greedy_soup(
     folders: Sequence[Path],
     val_accuracy: Callable[[Any], float],
-    prepare: Callable[[Any], None] = lambda m: None,
+    prepare: Callable[[Any, Mapping[str, Sequence[str]]], None] = lambda model, how: None,
 ) -> tuple[Any, list[int], list[dict[str, Any]]]:
     """Greedy soup: the models sorted by their own validation accuracy; each joins the soup only if the soup's
     validation accuracy improves. Returns the soup, the positions of the models in it and the steps taken.
@@ -207,23 +227,18 @@ def greedy_soup(
     Args:
         folders: the candidate models.
         val_accuracy: validation accuracy of a model.
-        prepare: applied to each soup before it is scored (BatchNorm recalibration).
+        prepare: applied to each soup, with how it was merged, before it is scored (BatchNorm recalibration).
     """
-    singles = []
-    for i, f in enumerate(folders):
-        model = _load(f)
-        prepare(model)
-        singles.append((val_accuracy(model), i))
+    singles = [(val_accuracy(_load(f)), i) for i, f in enumerate(folders)]  # each model as it was trained
     order = [i for _, i in sorted(singles, key=lambda t: -t[0])]
     kept, best = [order[0]], max(singles)[0]
     steps = [{"model": str(folders[order[0]]), "soup_val_accuracy": best, "joined": True}]
     soup = _load(folders[order[0]])
-    prepare(soup)
     for i in order[1:]:
         members = [folders[j] for j in [*kept, i]]
-        state, _ = merge_state(members, MergeConfig(lam=1.0 / len(members)))
+        state, how = merge_state(members, MergeConfig(lam=1.0 / len(members)))
         trial = merged_model(members[0], state)
-        prepare(trial)
+        prepare(trial, how)
         acc = val_accuracy(trial)
         joined = acc > best
         steps.append({"model": str(folders[i]), "soup_val_accuracy": acc, "joined": joined})

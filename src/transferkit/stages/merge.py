@@ -70,6 +70,7 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     from transferkit.merge.api import (
         Ensemble,
         check_compatible,
+        differing_norms,
         greedy_soup,
         has_batch_norm,
         merge_state,
@@ -85,11 +86,13 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     check_compatible(folders)
     name, method, options = method_of(entry.method)
     t = time.perf_counter()
-    recalibrated = {"examples": 0}
+    recalibrated = {"examples": 0, "norms": 0}
 
-    def prepare(model: Any) -> None:
+    def prepare(model: Any, how: Any) -> None:
         if entry.recalibrate_bn and has_batch_norm(model):
-            recalibrated["examples"] = recalibrate_batch_norms(model, data.dataset("train"), device=device)
+            only = differing_norms(how)
+            recalibrated["examples"] = recalibrate_batch_norms(model, data.dataset("train"), device=device, only=only)
+            recalibrated["norms"] = len(only)
 
     def val_accuracy(model: Any) -> float:
         return float(evaluate(model, data.dataset("val"), len(data.classes), device=device)["accuracy"])
@@ -103,7 +106,7 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     else:
         state, tensors = merge_state(folders, method.merge_config(options, len(folders)), _base(ctx))
         model = merged_model(folders[0], state)
-        prepare(model)
+        prepare(model, tensors)
         how = {"tensors": {k: len(v) for k, v in tensors.items()}}
     merge_s = time.perf_counter() - t
     val = evaluate(model, data.dataset("val"), len(data.classes), device=device)
@@ -113,6 +116,7 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
         "options": dataclasses.asdict(options),
         "members": [str(f) for f in folders],
         "batchnorm_recalibrated_on": recalibrated["examples"],
+        "batchnorms_recalibrated": recalibrated["norms"],
         **how,
     }
     result = {
