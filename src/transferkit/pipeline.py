@@ -69,7 +69,8 @@ def train(
         model: the target (from ``build_target``).
         data: from ``prepare_data``.
         cfg: the training configuration.
-        seed: fixes data order, dropout and augmentation (stage ``i`` uses ``seed + i``).
+        seed: fixes data order, dropout and augmentation (stage ``i`` uses ``seed + i``); ``cfg.seed``, when set,
+            takes its place (as in a recipe).
         accelerator: from ``make_accelerator``; made here when None.
         paths: checkpoint and log locations; each stage checkpoints next to ``paths.checkpoint``.
         resume: continue from the checkpoints: finished stages are skipped, the interrupted one resumes.
@@ -88,6 +89,8 @@ def train(
     its transfer report or origin says (``build_target(source, labels)``): training it would fine-tune them.
     Build its target as a recipe does, ``build_target(source, labels, pretrained=False)``.
     """
+    if cfg.seed is not None:
+        seed = cfg.seed
     if cfg.threads:
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)

@@ -306,3 +306,15 @@ def test_compute_features_agree_between_layouts(data):
         loop._CHANNELS_LAST.discard(backbone)
     assert fast.shape == plain.shape == (len(dataset), backbone.num_features)
     assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_the_config_seed_takes_the_place_of_the_seed_argument(data):
+    """TrainConfig.seed (a recipe's train.seed) is honoured by the Python API too: the same weights as seed=."""
+    cfg = TrainConfig(strategy="full", epochs=1, batch_size=8, lr=0.01)
+    by_argument = build_target(tiny_source(), data.classes)
+    train(by_argument, data, cfg, seed=3)
+    by_config = build_target(tiny_source(), data.classes)
+    train(by_config, data, cfg.model_copy(update={"seed": 3}), seed=0)
+    other = build_target(tiny_source(), data.classes)
+    train(other, data, cfg, seed=0)
+    assert fingerprint(by_config) == fingerprint(by_argument) != fingerprint(other)

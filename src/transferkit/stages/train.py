@@ -104,7 +104,7 @@ def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
         target,
         data,
         cfg,
-        seed=recipe.seed if cfg.seed is None else cfg.seed,
+        seed=recipe.seed,  # train() takes cfg.seed instead when it is set
         accelerator=accelerator,
         paths=paths,
         resume=ctx.resume,
