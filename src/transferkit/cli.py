@@ -117,6 +117,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     from transferkit.data import DATASETS
     from transferkit.evaluation.baselines import BASELINES
+    from transferkit.merge.methods import METHODS
     from transferkit.sources import BUILTIN_SOURCES, PREFIXES
     from transferkit.strategies import STRATEGIES
     from transferkit.strategies.regularizers import REGULARIZERS
@@ -130,6 +131,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         "datasets (built-in; also an image folder, a CSV manifest path,label, a CSV/JSONL/Parquet file of "
         "texts, or an audio folder of WAV/FLAC/OGG)": DATASETS.describe(),
         "baselines (recipe baselines: [...])": BASELINES.describe(),
+        "merge methods (recipe merge: [{method: ...}], transferkit merge)": METHODS.describe(),
     }
     if args.json:
         print(json.dumps({k.split(" ")[0]: v for k, v in sections.items()}, indent=2))

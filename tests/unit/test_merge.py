@@ -174,3 +174,12 @@ def test_an_ensemble_averages_probabilities_or_counts_votes() -> None:
     expected = torch.stack([torch.softmax(m(x)[0], 0) for m in members]).mean(0)
     assert torch.allclose(mean, expected, atol=1e-6)
     assert Ensemble(members, "majority")(x).argmax(dim=1).tolist() == [1, 1]  # two votes for class 1
+
+
+def test_ls_lists_the_merge_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from transferkit.cli import main
+
+    assert main(["ls", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["merge"]) == set(METHODS)
