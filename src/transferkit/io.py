@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,18 +102,67 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _create_temp(parent: Path, name: str, suffix: str, make: Callable[[Path], None]) -> Path:
+    """A new ``.NAME.RANDOM{suffix}`` next to the target, made by ``make`` (which fails if the name exists)."""
+    for _ in range(100):
+        candidate = parent / f".{name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            make(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not find a free temporary name for '{parent / name}' in 100 tries")
+
+
+def _new_file(path: Path) -> None:
+    # mode 0o666 through the umask: the mode a plain open(path, "w") gives (mkstemp would make it 0600)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+
+
+def _new_dir(path: Path) -> None:
+    path.mkdir(0o777)  # through the umask, as a plain mkdir (mkdtemp would make it 0700)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened (Windows)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; on any error nothing is left."""
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; on any error nothing is left.
+
+    The temporary file is created with the mode the process umask gives a plain ``open`` (a shared run stays
+    readable by the team), fsynced before the rename (so the rename never publishes a file whose bytes are still
+    only in the page cache) and the folder is fsynced after it (so the rename itself survives a power loss).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name, ".tmp", _new_file)
     try:
-        write(Path(tmp))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask (read back: no umask() call)
+        write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that makes its own file (safetensors: 0600)
+            os.chmod(tmp, mode)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -133,22 +183,108 @@ def torch_save(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (what ``fill`` wrote, e.g. by ``shutil.copytree``)."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                _fsync_file(Path(root, f))
+        _fsync_dir(Path(root))
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_SWAP = 2  # macOS stdio.h, renamex_np
+
+
+def _load_exchange() -> Callable[[Path, Path], None] | None:
+    """The system's atomic swap of two paths (Linux ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np``)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        at_fdcwd = -100
+
+        def call(a: Path, b: Path) -> int:
+            return int(fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE))
+
+    elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        fn = libc.renamex_np
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+
+        def call(a: Path, b: Path) -> int:
+            return int(fn(os.fsencode(a), os.fsencode(b), _RENAME_SWAP))
+
+    else:
+        return None
+
+    def exchange(a: Path, b: Path) -> None:
+        if call(a, b) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+    return exchange
+
+
+_EXCHANGE = _load_exchange()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the two paths atomically; False where the system or the file system has no such call."""
+    import errno
+
+    if _EXCHANGE is None:
+        return False
+    try:
+        _EXCHANGE(a, b)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False  # e.g. a file system without RENAME_EXCHANGE
+        raise
+    return True
+
+
 def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
-    """Build a folder under a temporary name with ``fill`` and swap it in whole."""
+    """Build a folder under a temporary name with ``fill`` and swap it in whole.
+
+    Readers see the old folder until the swap and the new one after it, never a missing path: the new folder is
+    built next to the old one (same file system), fsynced file by file, then the two are exchanged in one atomic
+    call (Linux ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np(RENAME_SWAP)``) and the old one, now under the
+    temporary name, is removed. A swap was chosen over a symlink flipped with ``os.replace`` because it keeps
+    ``final`` a plain folder (copying or archiving a run needs no link handling, and existing runs need no
+    migration). Where no exchange call exists (Windows, or a file system that refuses it) the old folder is
+    renamed aside and the new one renamed in: a short moment without ``final``, but never a half-written folder.
+    A failure before the swap leaves the old folder untouched. Folders get the mode a plain ``mkdir`` gives.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = _create_temp(final.parent, final.name, "", _new_dir)
     try:
         fill(tmp)
-        old = final.with_name(f".{final.name}.old")
-        if final.exists():
+        _fsync_tree(tmp)
+        if not final.exists() and not final.is_symlink():
+            os.replace(tmp, final)
+        elif final.is_dir() and not final.is_symlink() and _exchange(tmp, final):
+            pass  # tmp now holds the old folder
+        else:
+            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the old folder back in place
+                raise
+            tmp = old
+        _fsync_dir(final.parent)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -209,6 +209,163 @@ def test_replace_dir_failure_keeps_the_old_folder(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["m"]
 
 
+@pytest.fixture
+def umask() -> Any:
+    """Set the process umask for one test (``umask(0o022)``), restored afterwards."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(saved)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_written_files_and_folders_get_the_umask_modes(
+    tmp_path: Path, umask: Any, tiny_model: Callable[..., Any], mask: int, file_mode: int, dir_mode: int
+) -> None:
+    umask(mask)
+    target = write_json(tmp_path / "metrics.json", {"a": 1})
+    assert oct(os.stat(target).st_mode & 0o777) == oct(file_mode)
+    target.chmod(0o600)  # replacing a file gives the new one the umask's mode, as open() + rename would
+    write_json(target, {"a": 2})
+    assert oct(os.stat(target).st_mode & 0o777) == oct(file_mode)
+    final = replace_dir(tmp_path / "m", lambda d: write_json(d / "x.json", {}))
+    assert oct(os.stat(final).st_mode & 0o777) == oct(dir_mode)
+    assert oct(os.stat(final / "x.json").st_mode & 0o777) == oct(file_mode)
+    folder = save_model(tiny_model(), tmp_path / "model")
+    assert oct(os.stat(folder).st_mode & 0o777) == oct(dir_mode)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in folder.iterdir()} == {oct(file_mode)}
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc")
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", _fd_path(fd)))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    assert len(events) == 3
+    assert events[0][0] == "fsync" and Path(events[0][1]).name.startswith(".out.json.")  # the temporary file
+    assert events[1] == ("replace", events[0][1], str(target))
+    assert events[2] == ("fsync", str(tmp_path))
+
+
+def _has_exchange() -> bool:
+    import ctypes
+    import sys
+
+    libc = ctypes.CDLL(None)
+    return (sys.platform.startswith("linux") and hasattr(libc, "renameat2")) or (
+        sys.platform == "darwin" and hasattr(libc, "renamex_np")
+    )
+
+
+_HAS_EXCHANGE = _has_exchange()
+
+
+def _spy_replace_dir(final: Path, monkeypatch: pytest.MonkeyPatch, contents: set[str]) -> list[str]:
+    """After every rename and exchange, ``final`` must be a folder holding one of ``contents`` in ``x.txt``."""
+    calls: list[str] = []
+
+    def check(what: str) -> None:
+        calls.append(what)
+        assert final.is_dir(), f"'{final}' missing after {what}"
+        assert (final / "x.txt").read_text() in contents
+
+    real_replace, real_rename = os.replace, os.rename
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        check("os.replace")
+
+    def rename(src: Any, dst: Any) -> None:
+        real_rename(src, dst)
+        check("os.rename")
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    real_exchange = getattr(tkio, "_EXCHANGE", None)
+    if real_exchange is not None:
+
+        def exchange(a: Path, b: Path) -> None:
+            real_exchange(a, b)
+            check("exchange")
+
+        monkeypatch.setattr(tkio, "_EXCHANGE", exchange)
+    return calls
+
+
+@pytest.mark.skipif(not _HAS_EXCHANGE, reason="no renameat2/renamex_np on this system")
+def test_replace_dir_never_leaves_the_path_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    final = tmp_path / "m"
+    final.mkdir()
+    (final / "x.txt").write_text("old")
+    calls = _spy_replace_dir(final, monkeypatch, {"old", "new"})
+    seen_during_fill: list[str] = []
+
+    def fill(d: Path) -> None:
+        (d / "x.txt").write_text("half")
+        seen_during_fill.append((final / "x.txt").read_text())  # the old folder is still there, whole
+        (d / "x.txt").write_text("new")
+
+    replace_dir(final, fill)
+    assert seen_during_fill == ["old"]
+    assert calls == ["exchange"]  # one atomic swap, no rename leaving the path empty
+    assert (final / "x.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["m"]
+
+
+def test_replace_dir_without_an_exchange_call_still_swaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tkio, "_EXCHANGE", None, raising=False)
+    final = tmp_path / "m"
+    final.mkdir()
+    (final / "x.txt").write_text("old")
+    replace_dir(final, lambda d: (d / "x.txt").write_text("new"))
+    assert (final / "x.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["m"]
+    # a new folder: a single rename
+    replace_dir(tmp_path / "n", lambda d: (d / "x.txt").write_text("first"))
+    assert (tmp_path / "n" / "x.txt").read_text() == "first"
+    assert sorted(os.listdir(tmp_path)) == ["m", "n"]
+
+
+@pytest.mark.skipif(not _HAS_EXCHANGE, reason="no renameat2/renamex_np on this system")
+def test_replace_dir_failed_swap_keeps_the_old_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def refuse(a: Path, b: Path) -> None:
+        raise OSError(errno.EACCES, "Permission denied", str(a))
+
+    monkeypatch.setattr(tkio, "_EXCHANGE", refuse, raising=False)
+    final = tmp_path / "m"
+    final.mkdir()
+    (final / "x.txt").write_text("old")
+    with pytest.raises(PermissionError, match="Permission denied"):
+        replace_dir(final, lambda d: (d / "x.txt").write_text("new"))
+    assert (final / "x.txt").read_text() == "old"
+    assert os.listdir(tmp_path) == ["m"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # save_model / load_model
 
