@@ -66,40 +66,48 @@ class MergeConfig:
 
 
 def keep_largest(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """``delta`` with all but the ``density`` fraction of largest magnitudes set to zero (``int(density * n)``
-    entries kept, as TIES and peft count them)."""
+    """Zero, in place, all but the ``density`` fraction of largest magnitudes of ``delta`` (``int(density * n)``
+    entries kept, as TIES and peft count them); returns ``delta``."""
     if density >= 1.0:
         return delta
     k = int(density * delta.numel())
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.topk(delta.abs().reshape(-1), k=k, largest=True).indices] = True
-    return delta * mask.reshape(delta.shape)
+    keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    keep[torch.topk(delta.abs().reshape(-1), k=k, largest=True).indices] = True
+    return delta.mul_(keep.reshape(delta.shape))
 
 
 def keep_above(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``delta`` with the entries of magnitude below ``threshold`` set to zero (global magnitude trimming)."""
-    return delta * (delta.abs() >= threshold)
+    """Zero, in place, the entries of ``delta`` of magnitude below ``threshold`` (global trimming)."""
+    return delta.mul_(delta.abs() >= threshold)
 
 
 def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` and rescale the kept ones by ``1/density``."""
+    """DARE, in place: keep each entry with probability ``density`` and rescale the kept ones by ``1/density``."""
     if density >= 1.0:
         return delta
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
-    return delta * mask / density
+    return delta.mul_(torch.bernoulli(torch.full_like(delta, density), generator=generator)).div_(density)
 
 
-def combine(deltas: torch.Tensor, weights: torch.Tensor, how: Combine, sign: str = "total") -> torch.Tensor:
-    """Combine stacked task vectors (``n x ...``): the weighted sum, or TIES' elected sign and disjoint mean."""
-    w = weights.to(deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
+def combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, how: Combine, sign: str = "total") -> torch.Tensor:
+    """Combine task vectors: the weighted sum, or TIES' elected sign and the disjoint mean of the weighted entries
+    that agree with it. Accumulates model by model, so that it holds a few tensors beside the task vectors."""
+    w = [float(x) for x in weights]
+    out = torch.zeros_like(deltas[0])
     if how == "sum":
-        return (deltas * w).sum(dim=0)
-    signs = deltas.sign()
-    votes = deltas.sum(dim=0) if sign == "total" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
-    agree = signs == elected
-    kept = (deltas * w * agree).sum(dim=0)
-    return kept / agree.sum(dim=0).clamp(min=1)
+        for d, wi in zip(deltas, w):
+            out.add_(d, alpha=wi)
+        return out
+    votes = torch.zeros_like(deltas[0])
+    for d in deltas:
+        votes.add_(d if sign == "total" else d.sign())
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(deltas[0].dtype)
+    del votes
+    count = torch.zeros_like(deltas[0])
+    for d, wi in zip(deltas, w):
+        agree = d.sign() == elected  # a zero (trimmed) entry agrees with neither sign
+        out.add_(d * agree, alpha=wi)
+        count.add_(agree)
+    return out.div_(count.clamp_(min=1))
 
 
 def merge_tensor(
@@ -113,23 +121,26 @@ def merge_tensor(
 
     Args:
         base: the tensor of the shared starting model.
-        tensors: the same tensor of each model.
+        tensors: the same tensor of each model (not modified).
         cfg: the merge's parameters.
         generator: DARE's random source (seeded from ``cfg.seed`` when None).
         thresholds: for global magnitude trimming, each model's magnitude threshold over the whole model.
     """
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    deltas = [t.to(work) - base.to(work) for t in tensors]
-    if cfg.trim == "magnitude":
-        if cfg.scope == "global":
+    start = base.to(work)
+    g = generator or torch.Generator().manual_seed(cfg.seed)
+    deltas = []
+    for i, t in enumerate(tensors):
+        d = t.to(work, copy=True).sub_(start)  # one copy per model: its task vector, trimmed in place
+        if cfg.trim == "magnitude" and cfg.scope == "global":
             assert thresholds is not None, "global trimming needs each model's threshold (merge.api computes them)"
-            deltas = [keep_above(d, th) for d, th in zip(deltas, thresholds)]
-        else:
-            deltas = [keep_largest(d, cfg.density) for d in deltas]
-    elif cfg.trim == "random":
-        g = generator or torch.Generator().manual_seed(cfg.seed)
-        deltas = [drop_random(d, cfg.density, g) for d in deltas]
-    merged = base.to(work) + combine(torch.stack(deltas), cfg.weights(len(deltas)), cfg.combine, cfg.sign)
+            keep_above(d, thresholds[i])
+        elif cfg.trim == "magnitude":
+            keep_largest(d, cfg.density)
+        elif cfg.trim == "random":
+            drop_random(d, cfg.density, g)
+        deltas.append(d)
+    merged = combine(deltas, cfg.weights(len(deltas)), cfg.combine, cfg.sign).add_(start)
     return merged.to(base.dtype)
 
 
