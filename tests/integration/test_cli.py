@@ -69,9 +69,11 @@ def test_run_directory_contents(run_dir: Path):
         "report.html",
         "model/model.safetensors",
         "model/model.json",
-        "checkpoints/full/last.pt",
+        "checkpoints/full/result.json",
     ):
         assert (run_dir / name).is_file(), name
+    # train.checkpoints: until_done (the default): a finished model keeps no optimizer-state checkpoint
+    assert not list((run_dir / "checkpoints").glob("*/*.pt"))
     metrics = read_json(run_dir / "metrics.json")
     assert set(metrics["models"]) == {"full", "linear_probe", "scratch"}
     assert metrics["data"]["splits"] == {"train": 40, "val": 20, "test": 40}

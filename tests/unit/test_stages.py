@@ -167,3 +167,71 @@ def test_a_training_seed_changes_the_data_order_not_the_split(tmp_path: Path) ->
     assert models["seed0"]["weights_sha256"] == models["full"]["weights_sha256"]  # seed 0 is the recipe's own
     assert models["seed1"]["weights_sha256"] != models["full"]["weights_sha256"]
     assert models["seed1"]["settings_sha256"] != models["seed0"]["settings_sha256"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.checkpoints: what a finished model keeps
+
+
+def test_a_finished_model_keeps_its_result_but_not_its_optimizer_checkpoint(finished_run: Path) -> None:
+    assert sorted(p.name for p in (finished_run / "checkpoints" / "full").iterdir()) == ["result.json"]
+    assert (finished_run / "models" / "full" / "model.safetensors").is_file()
+    assert (finished_run / "model" / "model.safetensors").is_file()
+
+
+def test_checkpoints_keep_keeps_last_pt_with_the_same_fingerprint(finished_run: Path, tmp_path: Path) -> None:
+    from transferkit.io import safe_torch_load
+
+    out = run_recipe(load_recipe(TINY, ["train.checkpoints=keep"]), out=tmp_path / "run")
+    files = sorted(p.name for p in (out / "checkpoints" / "full").iterdir())
+    assert files == ["last.done.json", "last.done.safetensors", "last.pt", "result.json"]
+    sizes = {f: (out / "checkpoints" / "full" / f).stat().st_size for f in files}
+    print(f"checkpoint bytes kept by a finished tiny model: {sizes}")
+    assert "optimizer" in safe_torch_load(out / "checkpoints" / "full" / "last.pt")
+    # what is kept on disk is not a training setting: the fingerprint is the default run's
+    kept, default = read_json(out / "metrics.json"), read_json(finished_run / "metrics.json")
+    assert kept["models"]["full"]["settings_sha256"] == default["models"]["full"]["settings_sha256"]
+    assert kept["models"]["full"]["weights_sha256"] == default["models"]["full"]["weights_sha256"]
+
+
+def test_checkpoints_option_is_checked() -> None:
+    with pytest.raises(RecipeError, match="train.checkpoints"):
+        load_recipe(TINY, ["train.checkpoints=last_only"])
+
+
+def test_an_interrupted_model_keeps_its_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first model is done (its last.pt deleted); the second is interrupted at step 3, after the checkpoint of
+    step 2: it keeps it, and --resume continues from it, then deletes it."""
+    import transferkit.pipeline as pipeline
+
+    second = {"strategy": "full", "label": "second", "overrides": {"lr": 0.02, "checkpoint_every": 1}}
+    recipe = {**TINY, "compare": [second]}
+    real_train = pipeline.train
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["paths"].job == "second":
+            kwargs["on_step"] = stop
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(recipe), out=out)
+    assert sorted(p.name for p in (out / "checkpoints" / "full").iterdir()) == ["result.json"]
+    assert sorted(p.name for p in (out / "checkpoints" / "second").iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+
+    run_recipe(load_recipe(recipe), out=out, resume=True)
+    metrics = read_json(out / "metrics.json")
+    assert metrics["models"]["second"]["resumed_from_step"] == 2
+    assert metrics["models"]["full"]["resumed_from_step"] is None  # read back, not trained again
+    for name in ("full", "second"):
+        assert sorted(p.name for p in (out / "checkpoints" / name).iterdir()) == ["result.json"], name
+    # a stage added to the finished run reads both back
+    assert main(["train", str(out), "strategy=linear_probe", "label=probe"]) == 0
+    assert list(read_json(out / "metrics.json")["models"]) == ["full", "second", "probe"]
+    assert sorted(p.name for p in (out / "checkpoints" / "probe").iterdir()) == ["result.json"]

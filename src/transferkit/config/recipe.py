@@ -99,6 +99,11 @@ class TrainConfig(_Strict):
     monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
     early_stopping_patience: int | None = Field(default=None, ge=1, description="epochs without improvement")
     checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0 = each epoch")
+    checkpoints: Literal["until_done", "keep"] = Field(
+        default="until_done",
+        description="until_done: a model's resume checkpoints (last.pt, with the optimizer state) are deleted once "
+        "it is trained and saved (an interrupted model keeps its own and resumes); keep: kept after training",
+    )
     log_every: int = Field(default=10, ge=1)
     threads: int | None = Field(
         default=None,

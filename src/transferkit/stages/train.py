@@ -1,10 +1,12 @@
 """``train:`` + ``compare:``: train the main model and every comparison on the same splits with the same budget.
 
-Outputs, per model NAME: ``models/NAME/`` (the model), ``checkpoints/NAME/last.pt`` (written during training),
-``checkpoints/NAME/result.json`` (its metrics, once trained), ``cache/features.pt`` (backbone features shared by the
-strategies that train on cached features). Resume rule, per model: ``checkpoints/NAME/result.json`` on disk means
-trained (read back, never retrained; it must have been trained with the same settings); a checkpoint without it
-resumes exactly where it stopped.
+Outputs, per model NAME: ``models/NAME/`` (the model), ``checkpoints/NAME/last.pt`` (written during training;
+with ``train.checkpoints: until_done``, the default, deleted once the model's result is written: the optimizer state
+is of no use to a finished model, and the saved model holds its weights), ``checkpoints/NAME/result.json`` (its
+metrics, once trained), ``cache/features.pt`` (backbone features shared by the strategies that train on cached
+features). Resume rule, per model: ``checkpoints/NAME/result.json`` on disk means trained (read back, never
+retrained; it must have been trained with the same settings); a checkpoint without it resumes exactly where it
+stopped.
 """
 
 from __future__ import annotations
@@ -25,8 +27,28 @@ def _result_file(ctx: RunContext, name: str) -> Any:
 
 
 def _settings_sha(cfg: TrainConfig) -> str:
-    """A fingerprint of a model's training settings (a trained model is reused only for the same settings)."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    """A fingerprint of a model's training settings (a trained model is reused only for the same settings).
+
+    ``checkpoints`` is left out: what is kept on disk after training does not change the model, and leaving it out
+    keeps the fingerprints of runs made before the option existed.
+    """
+    settings = cfg.model_dump(mode="json", exclude={"checkpoints"})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_RESUME_FILES = ("*.pt", "*.done.json", "*.done.safetensors")  # checkpoints, and each finished stage's weights
+
+
+def _drop_checkpoints(ctx: RunContext, name: str, cfg: TrainConfig) -> None:
+    """With ``checkpoints: until_done``, delete what a trained model kept to resume (``last.pt`` with the optimizer
+    state, one per stage of a staged strategy, each finished stage's weights); only once its ``result.json`` is on
+    disk, so an interrupted model keeps what it resumes from. The model itself is in ``models/NAME/``."""
+    if cfg.checkpoints != "until_done" or not ctx.main or not _result_file(ctx, name).is_file():
+        return
+    folder = _result_file(ctx, name).parent
+    for pattern in _RESUME_FILES:
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _trained(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any] | None:
@@ -56,6 +78,7 @@ def load(ctx: RunContext) -> None:
         assert result is not None
         ctx.results[name] = result
         ctx.log(f"[{name}] already trained: test accuracy {result['test']['accuracy']:.4f}")
+        _drop_checkpoints(ctx, name, cfg)
 
 
 def run(ctx: RunContext) -> None:
@@ -64,8 +87,10 @@ def run(ctx: RunContext) -> None:
         if result is not None:
             ctx.results[name] = result
             ctx.log(f"[{name}] already trained: test accuracy {result['test']['accuracy']:.4f}")
+            _drop_checkpoints(ctx, name, cfg)  # e.g. interrupted between its result and the deletion
             continue
         ctx.results[name] = train_one(ctx, name, cfg)
+        _drop_checkpoints(ctx, name, cfg)
 
 
 def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
