@@ -48,6 +48,7 @@ tr.selected { background: #eaf6ea; font-weight: 600; }
          font-size: 0.8em; font-weight: 600; margin-left: 0.4em; }
 .meta th { width: 14em; }
 .note { color: #666; font-style: italic; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.5em 0.8em; }
 .transferred { color: #2e7d32; } .fresh { color: #b26a00; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 details summary { cursor: pointer; margin: 0.4em 0; }
@@ -182,6 +183,7 @@ def _render_page(metrics: Mapping[str, Any], transfer: Mapping[str, Any] | None)
 
     sections = [
         _header_section(metrics, models),
+        _warnings_section(metrics.get("warnings")),
         _metrics_section(models, selected),
         _baselines_section(metrics.get("baselines")),
         _tables_section(metrics.get("tables")),
@@ -332,6 +334,12 @@ def _metrics_section(models: Mapping[str, Any], selected: Any) -> str:
         row_attr = ' class="selected"' if is_sel else ""
         rows.append(f"<tr{row_attr}>" + "".join(cells) + "</tr>")
     return "<h2>Models</h2>\n<table>\n" + head + "\n" + "\n".join(rows) + "\n</table>"
+
+
+def _warnings_section(warnings: Any) -> str:
+    """What the run warns about (``metrics.json`` ``warnings``, e.g. a baseline that beats the selected model)."""
+    messages = [w.get("message") for w in warnings if isinstance(w, Mapping)] if isinstance(warnings, list) else []
+    return "\n".join(f'<p class="warning"><strong>Warning:</strong> {_esc(m)}</p>' for m in messages if m)
 
 
 def _baselines_section(baselines: Any) -> str:
