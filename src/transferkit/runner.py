@@ -152,9 +152,11 @@ def _start(ctx: RunContext, added: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run.json"
     history: list[str] = []
-    if added:
+    if added:  # the hashes the run had before stages were added to it (none when the recipe is unchanged)
         before = read_json(run_file)
-        history = [*before.get("history", []), before["recipe_hash"]]
+        history = list(before.get("history", []))
+        if before["recipe_hash"] != _recipe_hash(ctx.recipe):
+            history.append(before["recipe_hash"])
     write_text(out / "recipe.yaml", dump_recipe(ctx.recipe))
     write_json(
         run_file,

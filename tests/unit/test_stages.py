@@ -235,3 +235,17 @@ def test_an_interrupted_model_keeps_its_checkpoint_and_resumes(tmp_path: Path, m
     assert main(["train", str(out), "strategy=linear_probe", "label=probe"]) == 0
     assert list(read_json(out / "metrics.json")["models"]) == ["full", "second", "probe"]
     assert sorted(p.name for p in (out / "checkpoints" / "probe").iterdir()) == ["result.json"]
+
+
+def test_the_same_recipe_from_a_finished_run_retrains_nothing_and_adds_no_history(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = read_json(out / "run.json")
+    run_recipe(load_recipe(yaml.safe_load((out / "recipe.yaml").read_text())), from_run=out)
+    assert "[full] already trained" in capsys.readouterr().out
+    after = read_json(out / "run.json")
+    assert after["recipe_hash"] == before["recipe_hash"] and "history" not in after and after["status"] == "done"
