@@ -11,7 +11,8 @@ Inference cost: one pass over the 1,000 test images (batch 32, 1 thread), of one
 interleaved ``--repeats`` times in this process; the ratio is ensemble / single. Merge memory: a TIES merge of the
 first two and of all five, each in a fresh process: the rise of its anonymous memory against one model's size.
 
-Run: ``python bench/merge.py`` (about 6 minutes per seed on 2 CPU cores); ``--seeds 0 1 2`` for three splits.
+Run: ``python bench/merge.py`` (about 6 minutes per seed on 2 CPU cores); ``--seeds 0 1 2`` for three splits;
+``--sweep seed`` varies only the training seed (at the demo's learning rate).
 Results: ``bench/results/merge.json``.
 """
 
@@ -43,14 +44,17 @@ from transferkit.recipe import load_recipe
 from transferkit.runner import run_recipe
 
 # (learning rate, training seed offset) of the five fine-tunes; the first is the demo's own setting
-FINE_TUNES = [(0.003, 0), (0.001, 1), (0.01, 2), (0.002, 3), (0.005, 4)]
+SWEEPS = {
+    "lr_seed": [(0.003, 0), (0.001, 1), (0.01, 2), (0.002, 3), (0.005, 4)],  # learning rates and seeds
+    "seed": [(0.003, k) for k in range(5)],  # the demo's learning rate, five training seeds
+}
 
 
-def soup_recipe(seed: int) -> dict[str, Any]:
+def soup_recipe(seed: int, sweep: str = "lr_seed") -> dict[str, Any]:
     raw = yaml.safe_load(demo_recipe_path("image").read_text())
-    raw["name"] = f"soups-seed{seed}"
+    raw["name"] = f"soups-{sweep}-seed{seed}"
     raw["seed"] = seed
-    (lr0, _), rest = FINE_TUNES[0], FINE_TUNES[1:]
+    (lr0, _), rest = SWEEPS[sweep][0], SWEEPS[sweep][1:]
     raw["train"] = {**raw["train"], "lr": lr0, "seed": seed}
     raw["compare"] = [
         {
@@ -129,9 +133,9 @@ def merge_memory(run: Path, members: list[str]) -> dict[str, Any]:
     return rows
 
 
-def one_seed(seed: int, out: Path, repeats: int) -> dict[str, Any]:
+def one_seed(seed: int, out: Path, repeats: int, sweep: str = "lr_seed") -> dict[str, Any]:
     t = time.perf_counter()
-    run = run_recipe(load_recipe(soup_recipe(seed)), out=out / f"seed{seed}", overwrite=True)
+    run = run_recipe(load_recipe(soup_recipe(seed, sweep)), out=out / f"{sweep}-seed{seed}", overwrite=True)
     wall = time.perf_counter() - t
     metrics = read_json(run / "metrics.json")
     models, ensembles = metrics["models"], metrics["ensembles"]
@@ -162,10 +166,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved test passes for the inference cost")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="where the runs go (default: a temporary folder)")
+    ap.add_argument("--sweep", choices=list(SWEEPS), default="lr_seed", help="what the five fine-tunes vary")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-merge-"))
-    rows = [one_seed(s, out, args.repeats) for s in args.seeds]
+    rows = [one_seed(s, out, args.repeats, args.sweep) for s in args.seeds]
     print(f"\n{'seed':<5} {'best single':>12} {'uniform':>8} {'greedy (kept)':>14} {'ensemble':>9} {'cost x':>7}")
     for r in rows:
         print(
@@ -173,7 +178,8 @@ def main() -> None:
             f"{r['greedy_soup']['test']:>9.4f} ({r['greedy_soup']['kept']}) {r['ensemble']['test']:>9.4f} "
             f"{r['inference']['ratio']:>7.2f}"
         )
-    results = Path(__file__).resolve().parent / "results" / "merge.json"
+    tag = "" if args.sweep == "lr_seed" else f"-{args.sweep}"
+    results = Path(__file__).resolve().parent / "results" / f"merge{tag}.json"
     write_json(results, {"rows": rows, "command": " ".join(sys.argv)})
     print(f"wrote {results}")
 
