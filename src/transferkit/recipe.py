@@ -35,7 +35,7 @@ from transferkit.specs import spec_name
 def _input_problems(raw: dict[str, Any]) -> list[str]:
     """The run's inputs: a source (or candidates to rank), a source name that resolves, a dataset that exists."""
     from transferkit.data import check_dataset_spec
-    from transferkit.sources import check_source_spec
+    from transferkit.sources import check_source_spec, source_option_problems
 
     problems = []
     if raw.get("source") is None and raw.get("rank") is None and raw.get("recsys") is None:
@@ -44,6 +44,11 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     source_name = spec_name(source) if isinstance(source, (str, dict)) else None
     if source_name:
         problems += [f"source.name: {p}" for p in check_source_spec(SourceSpec(name=source_name))]
+        try:
+            spec = SourceSpec(**source) if isinstance(source, dict) else SourceSpec(name=source_name)
+        except ValidationError:
+            spec = None  # the schema reports it
+        problems += [f"source.{p}" for p in source_option_problems(spec)] if spec else []
     data = raw.get("data")
     dataset = data.get("dataset") if isinstance(data, dict) else None
     if isinstance(dataset, str):

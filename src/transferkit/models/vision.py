@@ -135,6 +135,8 @@ def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[
             f"cannot load Hugging Face model '{name}': {e}. Give a local folder with config.json, "
             "or a hub name on a machine with a network."
         ) from e
+    if weights:  # a local weights file of this architecture (the AutoModel's state_dict), by the safe loader
+        model.load_state_dict(load_state_dict(weights))
     cfg: Any = model.config  # a transformers config: its fields depend on the model type
     mean, std, size = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], getattr(cfg, "image_size", 224)
     try:

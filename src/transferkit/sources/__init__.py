@@ -85,6 +85,9 @@ def load_source(spec: str | SourceSpec | Mapping[str, Any]) -> SourceModel:
         A ``SourceModel`` whose ``origin`` maps each tensor to the source tensor it came from.
     """
     spec = _as_spec(spec)
+    problems = source_option_problems(spec)
+    if problems:
+        raise SourceError("; ".join(problems))
     name = spec.name
     prefix, _, rest = name.partition(":")
     if prefix in source_prefixes() and rest:
@@ -98,12 +101,12 @@ def load_source(spec: str | SourceSpec | Mapping[str, Any]) -> SourceModel:
         return BUILTIN_SOURCES.get(name)(spec.pretrained)
     path = Path(name).expanduser()
     if path.exists():
-        if (path / "model.json").is_file() or (path.is_file() and (path.parent / "model.json").is_file()):
+        if _is_model_path(path):
             model = load_model(path)
             model.origin = {k: f"{path}:{k}" for k in model.state_dict()}
             return model
         if path.is_dir() and (path / "config.json").is_file():
-            return load_source(SourceSpec(name=f"hf:{path}", pretrained=spec.pretrained))
+            return load_source(SourceSpec(name=f"hf:{path}", pretrained=spec.pretrained, weights=spec.weights))
         raise SourceError(
             f"'{path}' holds weights but not their architecture. Name the architecture and point at the file: "
             f"source: {{name: 'timm:ARCH', weights: '{path}'}} (or save it with transferkit to get a model folder)."
@@ -125,6 +128,40 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
         f"unknown source '{spec.name}'.{did_you_mean(spec.name, BUILTIN_SOURCES)} Use timm:NAME, torchvision:NAME, "
         f"hf:NAME_OR_FOLDER, an existing path, or a built-in: {', '.join(BUILTIN_SOURCES)}."
     ]
+
+
+def _is_model_path(path: Path) -> bool:
+    """A transferkit model folder, or a file inside one (its ``model.safetensors``): weights and architecture."""
+    return (path / "model.json").is_file() or (path.is_file() and (path.parent / "model.json").is_file())
+
+
+def source_option_problems(spec: SourceSpec) -> list[str]:
+    """Problems of ``weights`` and ``pretrained`` for a source that would not read them, each as ``KEY: reason``.
+
+    A built-in source loads the weights its package ships, and a transferkit model folder (or its weights file)
+    carries its own: a ``weights`` file given with either would be silently dropped, so it is refused instead.
+    """
+    name = spec.name
+    prefix, sep, _ = name.partition(":")
+    if sep and prefix in source_prefixes():
+        return []
+    problems = []
+    if name in BUILTIN_SOURCES:
+        if spec.weights:
+            problems.append(
+                f"weights: the built-in source '{name}' loads the weights its package ships and reads no weights "
+                "file; drop weights, or name the architecture with the file: "
+                f"{{name: 'timm:ARCH' (or 'hf:FOLDER'), weights: '{spec.weights}'}}"
+            )
+        return problems
+    path = Path(name).expanduser()
+    if _is_model_path(path) and spec.weights:
+        problems.append(
+            f"weights: '{name}' is a transferkit model and carries its own weights; a weights file is not read "
+            f"with it: drop weights, or name the architecture with the file: "
+            f"{{name: 'timm:ARCH', weights: '{spec.weights}'}}"
+        )
+    return problems
 
 
 # Built-in sources register themselves on import.

@@ -67,8 +67,10 @@ def run(ctx: RunContext) -> None:
 
 
 def check(raw: dict[str, Any]) -> list[str]:
+    from pydantic import ValidationError
+
     from transferkit.rank.candidates import SCORES
-    from transferkit.sources import check_source_spec
+    from transferkit.sources import check_source_spec, source_option_problems
 
     rank = raw.get("rank")
     if not isinstance(rank, dict):
@@ -79,6 +81,11 @@ def check(raw: dict[str, Any]) -> list[str]:
         name = spec_name(c) if isinstance(c, (str, dict)) else None
         if name:
             problems += [f"rank.candidates.{i}: {p}" for p in check_source_spec(SourceSpec(name=name))]
+            try:
+                spec = SourceSpec(**c) if isinstance(c, dict) else SourceSpec(name=name)
+            except ValidationError:
+                continue  # the schema reports it
+            problems += [f"rank.candidates.{i}.{p}" for p in source_option_problems(spec)]
     score = rank.get("score")
     if isinstance(score, str) and score not in SCORES:
         problems.append(
