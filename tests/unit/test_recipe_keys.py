@@ -88,3 +88,29 @@ def test_weights_for_a_model_folder_are_refused_at_validation(tmp_path: Path) ->
             f"source.weights: '{name}' is a transferkit model and carries its own weights; a weights file is not read "
             "with it: drop weights, or name the architecture with the file: {name: 'timm:ARCH', weights: 'w.pt'}"
         ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pretrained: false for a path
+
+
+def test_pretrained_false_for_a_model_folder_is_refused_at_validation(tmp_path: Path) -> None:
+    folder = _saved_model(tmp_path)
+    for name in (str(folder), str(folder / "model.safetensors")):
+        _, problems = validate_recipe(_recipe(source={"name": name, "pretrained": False}))
+        assert problems == [
+            f"source.pretrained: '{name}' is a transferkit model and always loads its trained weights; pretrained: "
+            "false is not read with it: to start from random weights, name its architecture: "
+            "{name: 'timm:ARCH' (or 'hf:NAME'), pretrained: false}"
+        ]
+        with pytest.raises(SourceError, match="^pretrained: "):
+            load_source({"name": name, "pretrained": False})
+
+
+def test_pretrained_false_for_a_hugging_face_folder_builds_random_weights(tmp_path: Path) -> None:
+    folder = _tiny_vit(tmp_path / "vit")
+    _, problems = validate_recipe(_recipe(source={"name": str(folder), "pretrained": False}))
+    assert problems == []
+    trained = load_source(str(folder)).backbone.state_dict()
+    fresh = load_source({"name": str(folder), "pretrained": False}).backbone.state_dict()
+    assert not torch.equal(trained["model.layers.0.mlp.fc1.weight"], fresh["model.layers.0.mlp.fc1.weight"])

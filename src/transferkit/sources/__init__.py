@@ -139,7 +139,9 @@ def source_option_problems(spec: SourceSpec) -> list[str]:
     """Problems of ``weights`` and ``pretrained`` for a source that would not read them, each as ``KEY: reason``.
 
     A built-in source loads the weights its package ships, and a transferkit model folder (or its weights file)
-    carries its own: a ``weights`` file given with either would be silently dropped, so it is refused instead.
+    carries its own: a ``weights`` file given with either would be silently dropped, so it is refused instead; so is
+    ``pretrained: false`` for a model folder, which always loads its trained weights (a Hugging Face folder reads
+    it: its architecture is built from config.json with random weights).
     """
     name = spec.name
     prefix, sep, _ = name.partition(":")
@@ -160,6 +162,12 @@ def source_option_problems(spec: SourceSpec) -> list[str]:
             f"weights: '{name}' is a transferkit model and carries its own weights; a weights file is not read "
             f"with it: drop weights, or name the architecture with the file: "
             f"{{name: 'timm:ARCH', weights: '{spec.weights}'}}"
+        )
+    if _is_model_path(path) and not spec.pretrained:
+        problems.append(
+            f"pretrained: '{name}' is a transferkit model and always loads its trained weights; pretrained: false "
+            "is not read with it: to start from random weights, name its architecture: "
+            "{name: 'timm:ARCH' (or 'hf:NAME'), pretrained: false}"
         )
     return problems
 
