@@ -114,3 +114,40 @@ def test_pretrained_false_for_a_hugging_face_folder_builds_random_weights(tmp_pa
     trained = load_source(str(folder)).backbone.state_dict()
     fresh = load_source({"name": str(folder), "pretrained": False}).backbone.state_dict()
     assert not torch.equal(trained["model.layers.0.mlp.fc1.weight"], fresh["model.layers.0.mlp.fc1.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixed_precision outside train: one accelerator per run
+
+
+def _one_accelerator(key: str, value: str, main: str) -> str:
+    return (
+        f"{key}: {value!r} differs from train.mixed_precision ({main!r}); a run makes one accelerator, from "
+        "train.mixed_precision, for every model it trains: set train.mixed_precision instead, or drop this key"
+    )
+
+
+def test_a_compare_entry_with_another_mixed_precision_is_refused() -> None:
+    compare = [{"strategy": "linear_probe", "overrides": {"mixed_precision": "bf16"}}]
+    _, problems = validate_recipe(_recipe(compare=compare))
+    assert problems == [_one_accelerator("compare.0.overrides.mixed_precision", "bf16", "auto")]
+    _, problems = validate_recipe(_recipe(train={"mixed_precision": "no"}, compare=compare))
+    assert problems == [_one_accelerator("compare.0.overrides.mixed_precision", "bf16", "no")]
+
+
+def test_pretrain_with_another_mixed_precision_is_refused() -> None:
+    pretrain = {"data": {"dataset": "mnist5k"}, "train": {"mixed_precision": "fp16"}}
+    _, problems = validate_recipe(_recipe(train={"mixed_precision": "no"}, pretrain=pretrain))
+    assert problems == [_one_accelerator("pretrain.train.mixed_precision", "fp16", "no")]
+
+
+def test_the_runs_own_mixed_precision_is_accepted_outside_train() -> None:
+    raw = _recipe(
+        train={"mixed_precision": "no"},
+        compare=[{"strategy": "linear_probe", "overrides": {"mixed_precision": "no"}}],
+        pretrain={"data": {"dataset": "mnist5k"}, "train": {"mixed_precision": "no"}},
+    )
+    _, problems = validate_recipe(raw)
+    assert problems == []
+    _, problems = validate_recipe(_recipe(compare=[{"strategy": "linear_probe", "overrides": {"epochs": 2}}]))
+    assert problems == []

@@ -173,3 +173,19 @@ def append_entry(
         problems = "; ".join(format_error(err, entry) for err in e.errors())
         raise RecipeError(f"{usage}: {problems}") from e
     return {**raw, key: [*raw.get(key, []), value.model_dump(exclude_defaults=True)]}
+
+
+def one_accelerator(key: str, value: Any, raw: dict[str, Any]) -> list[str]:
+    """A ``mixed_precision`` written outside ``train:`` (``key``) that differs from the run's, as a problem.
+
+    A run makes one accelerator, from ``train.mixed_precision``, before its stages run, and every model it trains
+    (pretraining and compare entries included) runs on it: another value there would be silently ignored.
+    """
+    train = raw.get("train")
+    main = train.get("mixed_precision", "auto") if isinstance(train, dict) else "auto"
+    if value == main:
+        return []
+    return [
+        f"{key}: {value!r} differs from train.mixed_precision ({main!r}); a run makes one accelerator, from "
+        "train.mixed_precision, for every model it trains: set train.mixed_precision instead, or drop this key"
+    ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from transferkit.config import Recipe, SourceSpec
-from transferkit.stages.base import RunContext, Stage
+from transferkit.stages.base import RunContext, Stage, one_accelerator
 
 
 def done(ctx: RunContext) -> bool:
@@ -99,6 +99,8 @@ def check(raw: dict[str, Any]) -> list[str]:
         problems += [f"pretrain.data.dataset: {p}" for p in check_dataset_spec(pre_data["dataset"])]
     if isinstance(pre_train, dict) and isinstance(pre_train.get("strategy"), (str, dict)):
         problems += [f"pretrain.train.strategy: {p}" for p in check_strategy(pre_train["strategy"])]
+    if isinstance(pre_train, dict) and "mixed_precision" in pre_train:
+        problems += one_accelerator("pretrain.train.mixed_precision", pre_train["mixed_precision"], raw)
     return problems
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from transferkit.config import CompareEntry, Recipe, TrainConfig, format_error
-from transferkit.stages.base import RunContext, Stage, append_entry
+from transferkit.stages.base import RunContext, Stage, append_entry, one_accelerator
 
 
 def _result_file(ctx: RunContext, name: str) -> Any:
@@ -192,6 +192,8 @@ def check(raw: dict[str, Any]) -> list[str]:
         if isinstance(c.get("strategy"), (str, dict)):
             problems += [f"compare.{i}.strategy: {p}" for p in check_strategy(c["strategy"])]
         overrides = c.get("overrides")
+        if isinstance(overrides, dict) and "mixed_precision" in overrides:
+            problems += one_accelerator(f"compare.{i}.overrides.mixed_precision", overrides["mixed_precision"], raw)
         if isinstance(overrides, dict):
             try:
                 TrainConfig(**{**train, **overrides, "strategy": "full"})
