@@ -189,3 +189,17 @@ def one_accelerator(key: str, value: Any, raw: dict[str, Any]) -> list[str]:
         f"{key}: {value!r} differs from train.mixed_precision ({main!r}); a run makes one accelerator, from "
         "train.mixed_precision, for every model it trains: set train.mixed_precision instead, or drop this key"
     ]
+
+
+def result_file(ctx: RunContext, name: str) -> Path:
+    """Where a model's result goes once it is done (``checkpoints/NAME/result.json``): the resume rule of every stage
+    that gives models (train, merge, recsys)."""
+    return ctx.out / "checkpoints" / name / "result.json"
+
+
+def settings_sha(settings: dict[str, Any]) -> str:
+    """A fingerprint of a model's settings: a model on disk is reused only when it was made with the same ones."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

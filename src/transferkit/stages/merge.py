@@ -13,23 +13,17 @@ same settings, is the merge (read back).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from transferkit.config import Recipe
 from transferkit.config.recipe import MergeEntry
-from transferkit.stages.base import RunContext, Stage, append_entry
-
-
-def _result_file(ctx: RunContext, entry: MergeEntry) -> Path:
-    return ctx.out / "checkpoints" / entry.name / "result.json"
+from transferkit.stages.base import RunContext, Stage, append_entry, result_file, settings_sha
 
 
 def _settings_sha(entry: MergeEntry) -> str:
-    return hashlib.sha256(json.dumps(entry.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    return settings_sha(entry.model_dump(mode="json"))
 
 
 def _members(ctx: RunContext, entry: MergeEntry) -> list[Path]:
@@ -141,7 +135,7 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
                 ctx.out / "models" / entry.name,
                 extra={"strategy": result["strategy"], "run": ctx.recipe.name, "merge": description},
             )
-        write_json(_result_file(ctx, entry), result)
+        write_json(result_file(ctx, entry.name), result)
     ctx.wait()
     return result
 
@@ -174,14 +168,14 @@ def _use(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
 
 
 def done(ctx: RunContext) -> bool:
-    return all(_result_file(ctx, e).is_file() for e in ctx.recipe.merge)
+    return all(result_file(ctx, e.name).is_file() for e in ctx.recipe.merge)
 
 
 def _read(ctx: RunContext, entry: MergeEntry) -> dict[str, Any] | None:
     from transferkit.errors import RunDirError
     from transferkit.io import read_json
 
-    path = _result_file(ctx, entry)
+    path = result_file(ctx, entry.name)
     if not path.is_file():
         return None
     result = read_json(path)

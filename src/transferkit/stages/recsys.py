@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from transferkit.config import Recipe
-from transferkit.stages.base import RunContext, Stage
+from transferkit.stages.base import RunContext, Stage, result_file
 
 
 def _data(ctx: RunContext) -> Any:
@@ -33,10 +33,6 @@ def _jobs(ctx: RunContext) -> list[tuple[str, int]]:
     return [(arm, seed) for arm in trained_arms(ctx.recipe.recsys, _data(ctx)) for seed in ctx.recipe.recsys.seeds]
 
 
-def _result_file(ctx: RunContext, arm: str, seed: int) -> Any:
-    return ctx.out / "checkpoints" / f"{arm}-s{seed}" / "result.json"
-
-
 def train(ctx: RunContext) -> None:
     """Every trained arm for every seed; one already trained (its result on disk) is read back."""
     if not ctx.main:  # a recommendation task runs in one process
@@ -48,9 +44,9 @@ def train(ctx: RunContext) -> None:
     assert cfg is not None
     arms: dict[str, dict[str, Any]] = {}
     for arm, seed in _jobs(ctx):
-        result_file = _result_file(ctx, arm, seed)
-        if ctx.resume and result_file.is_file():
-            scores = read_json(result_file)
+        done_file = result_file(ctx, f"{arm}-s{seed}")
+        if ctx.resume and done_file.is_file():
+            scores = read_json(done_file)
             ctx.log(f"[{arm} seed {seed}] already trained: test {scores['test']}")
         else:
             model, scores = train_arm(cfg, data, arm, seed)
@@ -60,7 +56,7 @@ def train(ctx: RunContext) -> None:
                 ctx.out / "models" / f"{arm}-s{seed}",
                 lambda tmp: save_recsys_model(tmp, model, extra, seen, data.titles),  # noqa: B023 (called at once)
             )
-            write_json(result_file, scores)
+            write_json(done_file, scores)
             ctx.log(f"[{arm} seed {seed}] test {scores['test']} | best epoch {scores['best_epoch']}")
         if "transfer_report" in scores:
             ctx.sections.setdefault("recsys_transfer_report", scores["transfer_report"])

@@ -11,19 +11,13 @@ stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any
 
 from pydantic import ValidationError
 
 from transferkit.config import CompareEntry, Recipe, TrainConfig, format_error
-from transferkit.stages.base import RunContext, Stage, append_entry, one_accelerator
-
-
-def _result_file(ctx: RunContext, name: str) -> Any:
-    return ctx.out / "checkpoints" / name / "result.json"
+from transferkit.stages.base import RunContext, Stage, append_entry, one_accelerator, result_file, settings_sha
 
 
 def _settings_sha(cfg: TrainConfig) -> str:
@@ -32,8 +26,7 @@ def _settings_sha(cfg: TrainConfig) -> str:
     ``checkpoints`` is left out: what is kept on disk after training does not change the model, and leaving it out
     keeps the fingerprints of runs made before the option existed.
     """
-    settings = cfg.model_dump(mode="json", exclude={"checkpoints"})
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_sha(cfg.model_dump(mode="json", exclude={"checkpoints"}))
 
 
 _RESUME_FILES = ("*.pt", "*.done.json", "*.done.safetensors")  # checkpoints, and each finished stage's weights
@@ -43,9 +36,9 @@ def _drop_checkpoints(ctx: RunContext, name: str, cfg: TrainConfig) -> None:
     """With ``checkpoints: until_done``, delete what a trained model kept to resume (``last.pt`` with the optimizer
     state, one per stage of a staged strategy, each finished stage's weights); only once its ``result.json`` is on
     disk, so an interrupted model keeps what it resumes from. The model itself is in ``models/NAME/``."""
-    if cfg.checkpoints != "until_done" or not ctx.main or not _result_file(ctx, name).is_file():
+    if cfg.checkpoints != "until_done" or not ctx.main or not result_file(ctx, name).is_file():
         return
-    folder = _result_file(ctx, name).parent
+    folder = result_file(ctx, name).parent
     for pattern in _RESUME_FILES:
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)
@@ -56,7 +49,7 @@ def _trained(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any] | N
     from transferkit.errors import RunDirError
     from transferkit.io import read_json
 
-    path = _result_file(ctx, name)
+    path = result_file(ctx, name)
     if not path.is_file():
         return None
     result = read_json(path)
@@ -69,7 +62,7 @@ def _trained(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any] | N
 
 
 def done(ctx: RunContext) -> bool:
-    return all(_result_file(ctx, name).is_file() for name, _ in ctx.recipe.trainings())
+    return all(result_file(ctx, name).is_file() for name, _ in ctx.recipe.trainings())
 
 
 def load(ctx: RunContext) -> None:
