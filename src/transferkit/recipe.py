@@ -34,7 +34,7 @@ from transferkit.specs import spec_name
 
 def _input_problems(raw: dict[str, Any]) -> list[str]:
     """The run's inputs: a source (or candidates to rank), a source name that resolves, a dataset that exists."""
-    from transferkit.data import check_dataset_spec
+    from transferkit.data import check_dataset_spec, check_unlabelled_spec
     from transferkit.sources import check_source_spec, source_option_problems
 
     problems = []
@@ -53,6 +53,10 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     dataset = data.get("dataset") if isinstance(data, dict) else None
     if isinstance(dataset, str):
         problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]
+    unlabelled = data.get("unlabelled") if isinstance(data, dict) else None
+    if isinstance(unlabelled, str):
+        per_class = data.get("per_class") if isinstance(data, dict) else None
+        problems += [f"data.unlabelled: {p}" for p in check_unlabelled_spec(unlabelled, per_class)]
     return problems
 
 

@@ -73,6 +73,14 @@ class DataConfig(_Strict):
     max_length: int | None = Field(
         default=None, ge=2, description="text: tokens kept per text (default 128, at most the source's limit)"
     )
+    unlabelled: str | None = Field(
+        default=None,
+        description="a pool of unlabelled examples: rest = the dataset's examples outside the labelled train, "
+        "validation and test splits (their labels ignored for training; the test split is never touched); or a "
+        "path: a folder of images / audio recordings (searched recursively; sub-folders need not be classes), or "
+        "for text a .txt file (one text per line) or a CSV/JSONL/Parquet file read with data.text_column (a label "
+        "column, if any, is ignored)",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
     num_workers: int = Field(default=0, ge=0)

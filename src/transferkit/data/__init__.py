@@ -13,13 +13,15 @@ from transferkit.data.images import ImageDataset, LabelledImages, build_transfor
 from transferkit.data.modality import (
     DATASETS,
     check_dataset_spec,
+    check_unlabelled_spec,
     dataset_modality,
     get_modality,
     make_batch,
     make_dataset,
     read_dataset,
+    read_unlabelled,
 )
-from transferkit.data.prepare import PreparedData, prepare_data
+from transferkit.data.prepare import Pool, PreparedData, prepare_data
 from transferkit.data.split import Labelled, Splits, split_dataset
 from transferkit.data.text import TextDataset, read_text_file
 
@@ -30,11 +32,13 @@ __all__ = [
     "ImageDataset",
     "Labelled",
     "LabelledImages",
+    "Pool",
     "PreparedData",
     "Splits",
     "TextDataset",
     "build_transform",
     "check_dataset_spec",
+    "check_unlabelled_spec",
     "dataset_modality",
     "get_modality",
     "load_image",
@@ -44,5 +48,6 @@ __all__ = [
     "read_audio_folder",
     "read_dataset",
     "read_text_file",
+    "read_unlabelled",
     "split_dataset",
 ]

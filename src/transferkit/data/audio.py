@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from transferkit.data.images import IMAGE_EXTENSIONS
-from transferkit.data.modality import register_dataset, register_modality
+from transferkit.data.modality import register_dataset, register_modality, unlabelled_files
 from transferkit.data.split import Labelled
 from transferkit.data.text import package_file
 from transferkit.errors import DataError, DataNotFoundError
@@ -169,6 +169,11 @@ def read_audio_folder(root: str | Path, strict: bool = False) -> Labelled:
     )
 
 
+def read_unlabelled_audio(spec: str, **_: Any) -> list[Path]:
+    """The recordings under the folder ``spec`` (sub-folders searched, not classes), sorted: an unlabelled pool."""
+    return unlabelled_files(spec, AUDIO_EXTENSIONS, "audio recordings")
+
+
 class AudioDataset(Dataset):
     """Recordings -> (mono waveform at the model's rate, label); ``collate`` pads a batch.
 
@@ -280,6 +285,7 @@ register_modality(
     audio_dataset,
     audio_batch,
     read=lambda spec, strict=False, **_: read_audio_folder(Path(spec).expanduser(), strict),
+    read_unlabelled=read_unlabelled_audio,
     detect=lambda path, text_column: path.is_dir() and holds_audio(path),
     summary=_audio_summary,
 )

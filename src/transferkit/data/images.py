@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from transferkit.data.modality import DATASETS, register_dataset, register_modality
+from transferkit.data.modality import DATASETS, register_dataset, register_modality, unlabelled_files
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, UnknownNameError, did_you_mean
 
@@ -148,6 +148,11 @@ def read_images(spec: str, strict: bool = False, **_: Any) -> LabelledImages:
     )
 
 
+def read_unlabelled_images(spec: str, **_: Any) -> list[Path]:
+    """The image files under the folder ``spec`` (sub-folders searched, not classes), sorted: an unlabelled pool."""
+    return unlabelled_files(spec, IMAGE_EXTENSIONS, "images")
+
+
 def image_size(preprocess: dict[str, Any], cfg: Any) -> dict[str, Any]:
     """``data.image_size`` replaces the source's input size (channels kept)."""
     if not cfg.image_size:
@@ -265,6 +270,7 @@ register_modality(
     image_dataset,
     image_batch,
     read=read_images,
+    read_unlabelled=read_unlabelled_images,
     adjust=image_size,
     summary=lambda preprocess, items: {"image_size": preprocess["input_size"][-1]},
 )

@@ -44,6 +44,8 @@ class Modality:
         batch: ``(model, inputs) -> x``, one model batch from raw inputs with the model's own preprocessing.
         read: ``(spec, strict=, text_column=, label_column=) -> Labelled`` for a dataset path (None: read as
             the default modality's paths are).
+        read_unlabelled: ``(spec, text_column=) -> items`` for a ``data.unlabelled`` path: the pool's items, of the
+            kind ``dataset`` takes (None: this modality reads no unlabelled path; only ``rest`` gives it a pool).
         detect: ``(path, text_column) -> bool``: the path holds this modality's data, judged without reading it.
         adjust: ``(preprocess, data_cfg) -> preprocess``: the data config's changes (image size, token length).
         summary: ``(preprocess, items) -> dict``: what the data summary adds for this modality.
@@ -57,6 +59,7 @@ class Modality:
     dataset: Callable[[Sequence[Any], np.ndarray, dict[str, Any], Any, Any], Dataset]
     batch: Callable[[Any, list[Any]], Any]
     read: Callable[..., Labelled] | None = None
+    read_unlabelled: Callable[..., Sequence[Any]] | None = None
     detect: Callable[[Path, str], bool] | None = None
     adjust: Callable[[dict[str, Any], Any], dict[str, Any]] = _same
     summary: Callable[[dict[str, Any], Any], dict[str, Any]] = _nothing
@@ -176,4 +179,79 @@ def check_dataset_spec(spec: str) -> list[str]:
     return [
         f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
         f"{did_you_mean(spec, DATASETS)}"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The unlabelled pool (``data.unlabelled``)
+
+UNLABELLED_REST = "rest"  # data.unlabelled: the dataset's examples outside the labelled splits
+
+
+def unlabelled_path(spec: str, what: str) -> Path:
+    """The existing path of a ``data.unlabelled`` spec; ``what`` (e.g. "a folder of images") is what the modality
+    expects there, for the message."""
+    path = Path(spec).expanduser()
+    if not spec.strip() or not path.exists():
+        raise DataError(
+            f"data.unlabelled: '{spec}' does not exist; expected {what}. Fix the path, or set data.unlabelled: "
+            f"{UNLABELLED_REST} to use the dataset's examples outside the labelled splits"
+        )
+    return path
+
+
+def unlabelled_files(spec: str, extensions: Sequence[str], kind: str) -> list[Path]:
+    """The files with ``extensions`` under the folder ``spec`` (recursively, hidden files and folders left out),
+    sorted; ``kind`` names them in messages ("images", "audio recordings")."""
+    what = f"a folder of {kind} ({', '.join(extensions)}), searched recursively"
+    root = unlabelled_path(spec, what)
+    if not root.is_dir():
+        raise DataError(
+            f"data.unlabelled: '{root}' is a file; expected {what}. Set data.unlabelled to the folder that holds them"
+        )
+    files = sorted(
+        f
+        for f in root.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in extensions
+        and not any(part.startswith(".") for part in f.relative_to(root).parts)
+    )
+    if not files:
+        raise DataError(
+            f"data.unlabelled: folder '{root}' holds no {kind} ({', '.join(extensions)}) in it or its sub-folders; "
+            f"add {kind} there or point data.unlabelled at the folder that holds them"
+        )
+    return files
+
+
+def read_unlabelled(spec: str, modality: str = DEFAULT_MODALITY, text_column: str = "text") -> Sequence[Any]:
+    """The items of an unlabelled pool at a path, read by the modality's ``read_unlabelled`` (for images a folder,
+    for audio a folder of recordings, for text a ``.txt`` file or a CSV/JSONL/Parquet file); ``rest`` is not a path
+    (``PreparedData.unlabelled`` takes it from the splits)."""
+    reader = get_modality(modality).read_unlabelled
+    if reader is None:
+        raise DataError(
+            f"data.unlabelled: {modality} data reads no unlabelled path ('{spec}'); set data.unlabelled: "
+            f"{UNLABELLED_REST} to use the dataset's examples outside the labelled splits"
+        )
+    return reader(spec, text_column=text_column)
+
+
+def check_unlabelled_spec(spec: str, per_class: int | None) -> list[str]:
+    """Problems of a ``data.unlabelled`` spec found without reading it (a recipe check): a path that does not exist;
+    ``rest`` without ``data.per_class`` (every example outside the test split is then labelled: the rest is empty)."""
+    if spec == UNLABELLED_REST:
+        if per_class is None:
+            return [
+                f"'{UNLABELLED_REST}' is empty without data.per_class: every example outside the test split is "
+                "then in train or validation. Set data.per_class (labelled training examples kept per class), or "
+                "give a folder or file of unlabelled examples"
+            ]
+        return []
+    if spec.strip() and Path(spec).expanduser().exists():
+        return []
+    return [
+        f"'{spec}' is neither '{UNLABELLED_REST}' (the dataset's examples outside the labelled splits) nor an "
+        f"existing folder or file.{did_you_mean(spec, [UNLABELLED_REST])} Fix the path or set data.unlabelled: "
+        f"{UNLABELLED_REST}"
     ]

@@ -1,15 +1,44 @@
-"""The data of a run: read, split (seeded, stratified) and with the target's preprocessing."""
+"""The data of a run: read, split (seeded, stratified) and with the target's preprocessing; the unlabelled pool."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from transferkit.config import DataConfig
-from transferkit.data.modality import DEFAULT_MODALITY, get_modality, make_dataset, read_dataset
+from transferkit.data.modality import (
+    DEFAULT_MODALITY,
+    UNLABELLED_REST,
+    get_modality,
+    make_dataset,
+    read_dataset,
+    read_unlabelled,
+)
 from transferkit.data.split import Labelled, Splits, split_dataset
+from transferkit.errors import DataError
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The unlabelled examples of a run (``data.unlabelled``).
+
+    Attributes:
+        items: the pool's items, of the kind the modality's dataset takes (paths, arrays, texts...).
+        labels: for ``rest``, the examples' true labels, kept only to measure the accuracy of pseudo-labels (never
+            for training); None for a path, whose examples have none.
+        source: ``rest`` or the path given.
+    """
+
+    items: Sequence[Any]
+    labels: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 @dataclass
@@ -21,6 +50,7 @@ class PreparedData:
     preprocess: dict[str, Any]
     cfg: DataConfig
     processor: Any = None
+    _pool: Pool | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -32,9 +62,48 @@ class PreparedData:
 
     def items(self, split: str) -> Any:
         """The raw items of a split (paths, arrays, texts...), in split order; a lazy text column stays lazy."""
-        idx = getattr(self.splits, split)
+        return self._subset(getattr(self.splits, split))
+
+    def _subset(self, idx: np.ndarray) -> Any:
         source = self.examples.items
         return source.subset(idx) if hasattr(source, "subset") else [source[int(i)] for i in idx]
+
+    def unlabelled(self) -> Pool | None:
+        """The unlabelled pool of ``data.unlabelled`` (read once, then kept), or None when it is not set.
+
+        ``rest``: the examples of the dataset (of ``data.classes``, when set) in none of train, validation and test,
+        with their true labels; a path: the items the modality reads there, without labels.
+        """
+        spec = self.cfg.unlabelled
+        if spec is None:
+            return None
+        if self._pool is None:
+            if spec == UNLABELLED_REST:
+                idx = self.splits.rest(len(self.examples))
+                if not len(idx):
+                    sizes = self.splits.sizes()
+                    raise DataError(
+                        f"data.unlabelled: {UNLABELLED_REST} holds no examples: the {len(self.examples)} examples "
+                        f"of '{self.cfg.dataset}' are all in train ({sizes['train']}), validation ({sizes['val']}) "
+                        f"or test ({sizes['test']}). Set data.per_class (or lower it) so that some are left over, "
+                        "or give a folder or file of unlabelled examples"
+                    )
+                self._pool = Pool(self._subset(idx), self.examples.labels[idx], UNLABELLED_REST)
+            else:
+                self._pool = Pool(read_unlabelled(spec, self.modality, self.cfg.text_column), None, spec)
+        return self._pool
+
+    def pool_dataset(self, train: bool = False) -> Dataset:
+        """The modality's dataset of the pool's items, every label -1 (augmented when ``train``, as ``dataset``)."""
+        pool = self.unlabelled()
+        if pool is None:
+            raise DataError(
+                f"data.unlabelled is not set: there is no unlabelled pool; set data.unlabelled: {UNLABELLED_REST} "
+                "or a folder or file of unlabelled examples"
+            )
+        augment = self.cfg.augment if train and self.cfg.augment.enabled else None
+        labels = np.full(len(pool), -1, dtype=np.int64)
+        return make_dataset(self.modality, pool.items, labels, self.preprocess, self.processor, augment)
 
     def dataset(self, split: str, train: bool = False) -> Dataset:
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None
@@ -55,6 +124,7 @@ class PreparedData:
             "num_classes": len(self.classes),
             "splits": self.splits.sizes(),
             "per_class": self.cfg.per_class,
+            **({"unlabelled": len(pool)} if (pool := self.unlabelled()) is not None else {}),
             **get_modality(self.modality).summary(self.preprocess, self.examples.items),
             "skipped": self.examples.skipped,
             "skipped_count": len(self.examples.skipped),

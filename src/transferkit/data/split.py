@@ -55,6 +55,13 @@ class Splits:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
+    def rest(self, n: int) -> np.ndarray:
+        """The sorted indices of the ``n`` examples that are in none of train, validation and test."""
+        used = np.concatenate([self.train, self.val, self.test]).astype(np.int64)
+        if len(used) and (used.min() < 0 or used.max() >= n):
+            raise ValueError(f"the splits index examples outside 0..{n - 1}")
+        return np.setdiff1d(np.arange(n, dtype=np.int64), used)
+
 
 def _per_class_counts(labels: np.ndarray, total: int, classes: np.ndarray) -> dict[int, int]:
     """Split ``total`` over classes in proportion to their size (largest remainders)."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit.data.modality import register_dataset, register_modality
+from transferkit.data.modality import register_dataset, register_modality, unlabelled_path
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, RecipeError
 
@@ -100,7 +100,6 @@ def read_text_file(
     Empty texts are skipped and counted (``strict`` makes them an error); a missing column is an error that lists
     the file's columns.
     """
-    import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -110,11 +109,7 @@ def read_text_file(
     fmt = TEXT_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"'{path}': text data must be one of {', '.join(sorted(TEXT_FORMATS))}")
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as e:  # pyarrow/pandas parse errors come in many types; all mean the same to the user
-        raise DataError(f"cannot read '{path}' as {fmt.upper()}: {e}") from e
+    table = _load_table(path, fmt)
     missing = [c for c in (text_column, label_column) if c not in table.column_names]
     if missing:
         raise DataError(
@@ -133,6 +128,52 @@ def read_text_file(
         raise DataError(f"'{path}': data row {first + 1} has no label in column '{label_column}'")
     labels = codes.astype(np.int64)
     return Labelled(path.stem, TextColumn(table, text_column, rows), labels, classes, skipped, modality="text")
+
+
+def _load_table(path: Path, fmt: str) -> Any:
+    """The file as an Arrow-backed ``datasets.Dataset`` (converted once into the ``datasets`` cache, memory-mapped)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/pandas parse errors come in many types; all mean the same to the user
+        raise DataError(f"cannot read '{path}' as {fmt.upper()}: {e}") from e
+
+
+def read_unlabelled_texts(spec: str, text_column: str = "text", **_: Any) -> Sequence[str]:
+    """An unlabelled pool of texts: a ``.txt`` file (one text per line), or a CSV/JSONL/Parquet file whose
+    ``text_column`` holds the texts (memory-mapped like a labelled file; a label column, if any, is ignored). Blank
+    lines and empty texts are left out."""
+    formats = ", ".join(sorted(TEXT_FORMATS))
+    what = f"a .txt file (one text per line) or a {formats} file with a '{text_column}' column"
+    path = unlabelled_path(spec, what)
+    suffix = path.suffix.lower()
+    if path.is_dir() or (suffix != ".txt" and suffix not in TEXT_FORMATS):
+        raise DataError(
+            f"data.unlabelled: '{path}' is a {'folder' if path.is_dir() else suffix or 'file without a suffix'}; "
+            f"text data expects {what}. Point data.unlabelled at such a file"
+        )
+    texts: Sequence[str]
+    if suffix == ".txt":
+        try:
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise DataError(f"data.unlabelled: '{path}' is not UTF-8 text ({e}); save it as UTF-8") from e
+    else:
+        table = _load_table(path, TEXT_FORMATS[suffix])
+        if text_column not in table.column_names:
+            raise DataError(
+                f"data.unlabelled: '{path}' has no column '{text_column}'; its columns are {table.column_names}. "
+                "Set data.text_column to the column holding the texts"
+            )
+        texts = TextColumn(table, text_column, np.flatnonzero(~_empty_mask(table.data.column(text_column))))
+    if not len(texts):
+        raise DataError(
+            f"data.unlabelled: '{path}' holds no texts (every line or '{text_column}' value is empty); expected "
+            f"{what}. Add texts or point data.unlabelled at another file"
+        )
+    return texts
 
 
 def _empty_mask(texts: Any) -> np.ndarray:
@@ -242,6 +283,7 @@ register_modality(
     text_dataset,
     text_batch,
     read=_read_text,
+    read_unlabelled=read_unlabelled_texts,
     detect=holds_text,
     adjust=token_length,
     summary=lambda preprocess, items: {"max_length": preprocess["max_length"]},
