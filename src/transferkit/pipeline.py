@@ -8,8 +8,10 @@ components as the stages of a recipe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,8 @@ def train(
     reference: dict[str, torch.Tensor] | None = None,
     source: SourceModel | None = None,
     on_step: Any = None,
+    train_set: Dataset | None = None,
+    objective: Callable[[ClassificationObjective], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place by ``cfg.strategy``, stage by stage; returns the summary (history, timings...).
 
@@ -81,6 +85,14 @@ def train(
             from it: every other weight, the new head first, is new (L2-SP gives it ``beta/2 ||w||^2``).
         source: the source model, used frozen by ``delta`` (default: a copy of the model at the start).
         on_step: called with the step number after each optimizer step (tests use it to interrupt).
+        train_set: what the model trains on instead of the training split (distillation: the labelled examples and
+            the unlabelled pool, with the teacher's outputs as targets).
+        objective: makes the objective from the strategy's own (its label smoothing and penalties), e.g. a
+            distillation objective. With ``train_set`` or ``objective``, every stage trains through the backbone
+            (a strategy that trains on cached features is refused).
+
+    A module the objective trains alongside the model (distillation's hint projections) is attached to it as
+    ``model.aux``: its parameters train at ``cfg.lr`` in every stage, and it is removed from the model afterwards.
 
     Stages that cache features (``linear_probe``, the probe of ``lp_ft``) train only the head, on features
     computed once: the same computation as training through a frozen backbone in eval mode.
@@ -107,6 +119,8 @@ def train(
                 reference=reference,
                 source=source,
                 on_step=on_step,
+                train_set=train_set,
+                objective=objective,
             )
         finally:
             torch.set_num_threads(threads)
@@ -117,6 +131,18 @@ def train(
     if strategy.from_scratch:
         _refuse_transferred(model, cfg.strategy_name)
     plans = plan_stages(strategy, options, model, cfg)
+    custom = train_set is not None or objective is not None
+    if custom and any(p.cached_features for p in plans):
+        raise RecipeError(
+            f"train.strategy {cfg.strategy_name!r} trains the head on cached features, but this training feeds the "
+            "model other examples or another objective (distillation) through its backbone; choose a strategy "
+            "that trains through the backbone (full, llrd, bitfit, lora, freeze...)"
+        )
+    aux = getattr(model, "aux", None)
+    if isinstance(aux, nn.Module):
+        names = [f"aux.{n}" for n, _ in aux.named_parameters()]
+        plans = [dataclasses.replace(p, groups=[*p.groups, ParamGroup("aux", names, cfg.lr)]) for p in plans]
+    make_objective = objective or (lambda base: base)
     extra = [split_spec(cfg.regularizer, "regularizer")] if cfg.regularizer else []
     specs = [name for p in plans for name, _ in p.regularizers] + [name for name, _ in extra]
     if specs:
@@ -162,7 +188,7 @@ def train(
             else:
                 result = fit(
                     model,
-                    data.dataset("train", train=True),
+                    train_set if train_set is not None else data.dataset("train", train=True),
                     data.dataset("val"),
                     stage_cfg,
                     plan,
@@ -171,11 +197,13 @@ def train(
                     accelerator=accelerator,
                     paths=stage_paths,
                     resume=resume,
-                    objective=ClassificationObjective(
-                        cfg.label_smoothing,
-                        build_penalties(
-                            plan.regularizers + extra, reference or {}, source.backbone if source else None
-                        ),
+                    objective=make_objective(
+                        ClassificationObjective(
+                            cfg.label_smoothing,
+                            build_penalties(
+                                plan.regularizers + extra, reference or {}, source.backbone if source else None
+                            ),
+                        )
                     ),
                     num_workers=data.cfg.num_workers,
                     on_step=on_step,
@@ -200,6 +228,8 @@ def train(
         trainable = max(trainable, summary["trainable_params"])
         history += [{**h, "epoch": h["epoch"] + epochs_before, "stage": summary["stage"]} for h in summary["history"]]
         epochs_before += summary["epochs_run"]
+    if isinstance(aux, nn.Module):
+        del model.aux
     finish = getattr(strategy, "finish", None)
     if finish is not None:  # e.g. LoRA's merge into plain weights
         finish(model, options)

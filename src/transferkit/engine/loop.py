@@ -115,7 +115,8 @@ def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def to_device(x: Any, device: torch.device | str) -> Any:
-    """A batch's inputs on ``device``: a tensor, or a dict of tensors (a tokenized text batch)."""
+    """A batch's inputs or targets on ``device``: a tensor, or a dict of tensors (a tokenized text batch; a
+    distillation batch's label and teacher outputs)."""
     if isinstance(x, dict):
         return {k: v.to(device) for k, v in x.items()}
     return x.to(device)
@@ -384,7 +385,7 @@ def fit(
                     sync = j + 1 == len(group)
                     ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                     with ctx, accelerator.autocast():
-                        out = objective(wrapped, to_device(gx, device), gy.to(device))
+                        out = objective(wrapped, to_device(gx, device), to_device(gy, device))
                         loss = out["loss"] / len(group)
                     accelerator.backward(loss)
                     running += loss.detach()
