@@ -69,6 +69,72 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def distill_recipe(
+    teacher_run: str, out: str, entry: dict[str, Any], student: str | None, unlabelled: str | None
+) -> Any:
+    """The recipe of a new run in which a student learns from ``teacher_run``'s selected model: the teacher run's
+    data (the same split) and training settings, the student as its source (so ``train:`` gives the same student
+    trained on the labels alone, beside the distilled one), and one ``distill:`` entry."""
+    from pathlib import Path
+
+    from transferkit.errors import RunDirError
+    from transferkit.recipe import load_recipe, read_yaml
+
+    recipe_file = Path(teacher_run) / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise RunDirError(f"'{teacher_run}' is not a transferkit run directory (recipe.yaml is missing)")
+    theirs = read_yaml(recipe_file)
+    if not isinstance(theirs.get("data"), dict):
+        raise RunDirError(f"'{teacher_run}' has no data: section (a recommendation run cannot teach a classifier)")
+    data = dict(theirs["data"])
+    if unlabelled is not None:
+        data["unlabelled"] = unlabelled
+    raw: dict[str, Any] = {
+        "name": Path(out).name,
+        "seed": theirs.get("seed", 0),
+        "source": student or theirs.get("source"),
+        "data": data,
+        "train": theirs.get("train", {}),
+        "distill": [{"teacher_runs": [str(teacher_run)], **entry}],
+    }
+    return load_recipe(raw)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import yaml
+
+    from transferkit.io import read_json
+    from transferkit.runner import add_stage, run_recipe
+
+    student = yaml.safe_load(args.student) if args.student and args.student.lstrip().startswith("{") else args.student
+    entry: dict[str, Any] = {"rounds": args.rounds, "unlabelled": not args.labels_only}
+    loss: dict[str, Any] = {"name": args.loss}
+    for key in ("temperature", "alpha", "beta", "threshold", "weight"):
+        if getattr(args, key) is not None:
+            loss[key] = getattr(args, key)
+    entry["loss"] = loss
+    entry["train"] = {k: getattr(args, k) for k in ("epochs", "lr", "strategy") if getattr(args, k) is not None}
+    if args.label:
+        entry["label"] = args.label
+    if args.out:
+        recipe = distill_recipe(args.teacher_run, args.out, entry, student, args.unlabelled)
+        out = run_recipe(recipe, out=args.out, resume=args.resume)
+    else:  # the student joins the teacher's own run, taught by its selected model
+        if args.unlabelled is not None:
+            raise TransferKitError(
+                "--unlabelled changes the run's data: give --out NEW_RUN_DIR for a new run with the teacher run's "
+                "data and this pool"
+            )
+        from pathlib import Path
+
+        entry["teacher"] = read_json(Path(args.teacher_run) / "metrics.json")["selected"]
+        if student:
+            entry["student"] = student
+        out = add_stage("distill", args.teacher_run, entry)
+    print(f"run directory: {out}\nreport: {out / 'report.html'}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from transferkit.recipe import apply_overrides, read_yaml, validate_recipe
 
@@ -116,6 +182,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from transferkit.data import DATASETS
+    from transferkit.distill.losses import LOSSES
     from transferkit.evaluation.baselines import BASELINES
     from transferkit.merge.methods import METHODS
     from transferkit.sources import BUILTIN_SOURCES, PREFIXES
@@ -132,6 +199,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         "texts, or an audio folder of WAV/FLAC/OGG)": DATASETS.describe(),
         "baselines (recipe baselines: [...])": BASELINES.describe(),
         "merge methods (recipe merge: [{method: ...}], transferkit merge)": METHODS.describe(),
+        "distillation losses (recipe distill: [{loss: ...}], transferkit distill)": LOSSES.describe(),
     }
     if args.json:
         print(json.dumps({k.split(" ")[0]: v for k, v in sections.items()}, indent=2))
@@ -273,6 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-recalibrate", action="store_true", help="keep the averaged BatchNorm statistics")
     p.add_argument("--out", help="a new run directory: a copy of the first run, with the merge added")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("distill", help="train a student from a run's selected model (labels + unlabelled pool)")
+    p.add_argument("teacher_run", help="the teacher's run directory (its selected model teaches)")
+    p.add_argument(
+        "--student",
+        help="the student's source: timm:efficientnet_lite0, or {name: ..., pretrained: false} (default: the run's)",
+    )
+    p.add_argument("--unlabelled", help="rest (the dataset's unused examples) or a folder/file of unlabelled examples")
+    p.add_argument("--labels-only", action="store_true", help="do not train on the unlabelled pool")
+    p.add_argument("--loss", default="kd", help="kd, dkd, hint or pseudo_label (default kd)")
+    p.add_argument("--temperature", type=float, help="kd, dkd, hint: the temperature T")
+    p.add_argument("--alpha", type=float, help="kd, hint: weight of the distillation term; dkd: of TCKD")
+    p.add_argument("--beta", type=float, help="dkd: weight of NCKD")
+    p.add_argument("--threshold", type=float, help="pseudo_label: the teacher confidence a pool example needs")
+    p.add_argument("--weight", type=float, help="hint: weight of the feature term")
+    p.add_argument("--rounds", type=int, default=1, help="more than 1: each round's student teaches the next")
+    p.add_argument("--epochs", type=int, help="the student's epochs (default: the teacher run's train.epochs)")
+    p.add_argument("--lr", type=float, help="the student's learning rate (default: the teacher run's)")
+    p.add_argument("--strategy", help="the student's strategy (default: the teacher run's)")
+    p.add_argument("--label", help="the student's name (default distill-LOSS)")
+    p.add_argument("--out", help="a new run directory (the teacher run's data and settings); default: add to it")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --out run")
+    p.set_defaults(func=_cmd_distill)
 
     from transferkit.stages import STAGES
 

@@ -64,7 +64,13 @@ def test_every_stage_declares_its_contract() -> None:
     for name, stage in STAGES.items():
         assert stage.name == name and stage.help, name
         assert callable(stage.run) and callable(stage.done) and callable(stage.applies)
-    assert {n for n, s in STAGES.items() if s.extend is not None} == {"train", "baselines", "evaluate", "merge"}
+    assert {n for n, s in STAGES.items() if s.extend is not None} == {
+        "train",
+        "baselines",
+        "evaluate",
+        "merge",
+        "distill",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

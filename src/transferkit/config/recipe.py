@@ -182,6 +182,53 @@ class MergeEntry(_Strict):
         return self.label or f"merge-{spec_name(self.method)}"
 
 
+class DistillEntry(_Strict):
+    """A student trained from a teacher on the labelled split and the unlabelled pool (``data.unlabelled``).
+
+    The teacher is a model of this run (``teacher``, default the main model), the selected models of other runs
+    (``teacher_runs``: several give the mean of their probabilities) or a source whose head predicts the data's
+    classes (``teacher_source``). The student is a source (``student``: another architecture, pretrained or not),
+    a copy of the teacher changed by the transfer machinery (``student_transfer``: fewer layers, another width),
+    or by default the run's own target (the source with a new head).
+    """
+
+    teacher: str | None = Field(default=None, description="a model of this run (default: the main model)")
+    teacher_runs: list[str] = Field(default_factory=list, description="run directories: their selected models teach")
+    teacher_source: SourceSpec | None = Field(default=None, description="a source whose head predicts the classes")
+    student: SourceSpec | None = Field(default=None, description="the student's source (default: the run's target)")
+    student_transfer: TransferConfig | None = Field(
+        default=None,
+        description="the student built from the teacher by the transfer machinery, e.g. "
+        "{kwargs: {num_hidden_layers: 3}, source_blocks: every_other}",
+    )
+    loss: str | dict[str, Any] = Field(
+        default="kd",
+        description="kd | dkd | hint | pseudo_label, or {name: kd, temperature: 4, alpha: 0.9} (transferkit ls)",
+    )
+    unlabelled: bool = Field(default=True, description="train on data.unlabelled too, when the data has a pool")
+    rounds: int = Field(default=1, ge=1, description="more than 1: each round's student teaches the next")
+    train: dict[str, Any] = Field(default_factory=dict, description="the student's train settings over train:")
+    label: str | None = Field(default=None, description="the student's name (default: distill-LOSS)")
+
+    @field_validator("student", "teacher_source", mode="before")
+    @classmethod
+    def _spec_from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_teacher_one_student(self) -> DistillEntry:
+        given = [k for k in ("teacher", "teacher_runs", "teacher_source") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one teacher: {', '.join(given)} are all set")
+        if self.student is not None and self.student_transfer is not None:
+            raise ValueError("give student (a source) or student_transfer (built from the teacher), not both")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.label or f"distill-{spec_name(self.loss)}"
+
+
 class RankConfig(_Strict):
     """Rank candidate sources before training; the best one becomes the run's source."""
 
@@ -246,6 +293,9 @@ class Recipe(_Strict):
     merge: list[MergeEntry] = Field(
         default_factory=list, description="after training, models merged into one (soups, TIES, DARE) or ensembled"
     )
+    distill: list[DistillEntry] = Field(
+        default_factory=list, description="students trained from a teacher on the labels and the unlabelled pool"
+    )
     recsys: RecsysConfig | None = Field(
         default=None,
         description="a recommendation task (interactions, two-tower or "
@@ -275,7 +325,7 @@ class Recipe(_Strict):
                 raise ValueError("data: required key is missing.")
             return self
         used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
-        used += [k for k in ("compare", "baselines", "evaluate", "merge") if getattr(self, k)]
+        used += [k for k in ("compare", "baselines", "evaluate", "merge", "distill") if getattr(self, k)]
         if used:
             raise ValueError(
                 f"recsys: runs a recommendation task on its own; {', '.join(used)} "
@@ -318,7 +368,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
-        names = [self.train.strategy_name] + [c.name for c in self.compare]
+        names = [self.train.strategy_name] + [c.name for c in self.compare] + [d.name for d in self.distill]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"trained models need distinct names; {dup} appear twice (give compare entries a label)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from transferkit.config import Recipe
-from transferkit.stages import baselines, evaluate, merge, pretrain, rank, recsys, select, train, transfer
+from transferkit.stages import baselines, distill, evaluate, merge, pretrain, rank, recsys, select, train, transfer
 from transferkit.stages.base import RunContext, Stage
 
 # the default order, for the stages a recipe does not write (transfer, select) and for ties
@@ -23,6 +23,7 @@ STAGES: dict[str, Stage] = {
         train.STAGE,
         baselines.STAGE,
         merge.STAGE,
+        distill.STAGE,
         evaluate.STAGE,
         select.STAGE,
         recsys.TRAIN,
