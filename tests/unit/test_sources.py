@@ -216,3 +216,15 @@ def test_torchvision_source_architecture():
     assert model.num_features == 512
     assert model.features(torch.randn(1, 3, 64, 64)).shape == (1, 512)
     assert [g for g, _ in model.layer_groups()][-1] == "head"
+
+
+@pytest.mark.parametrize("name", ["lcnet_050", "mobilenetv3_small_050"])
+def test_timm_models_with_a_pre_logits_layer_get_a_head_of_its_width(name):
+    """MobileNetV3 and LCNet pool, then widen (conv_head) before the classifier: the new head takes that width."""
+    import torch
+
+    from transferkit.transfer import build_target
+
+    model = build_target(load_source({"name": f"timm:{name}", "pretrained": False}), ["a", "b"])
+    assert model.num_features == (1024 if name.startswith("mobilenetv3") else 1280)
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 2)

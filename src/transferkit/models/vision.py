@@ -63,7 +63,10 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
     groups = []
     if hasattr(model, "group_matcher"):
         groups = _groups_from_timm(model)
-    return Backbone(model, cast(int, model.num_features), head, preprocess, groups)
+    # models with a pre-logits layer after pooling (MobileNetV3, LCNet: conv_head) give head_hidden_size features,
+    # not num_features (the width before it)
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    return Backbone(model, cast(int, width), head, preprocess, groups)
 
 
 def _groups_from_timm(model: nn.Module) -> list[tuple[str, str]]:
