@@ -82,3 +82,50 @@ def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
     )
     # the summary is printed once, by rank 0
     assert proc.stdout.count("[full] test accuracy") == 1
+
+
+DISTILL = {
+    **RECIPE,
+    "data": {**RECIPE["data"], "classes": ["0", "1"], "unlabelled": "rest", "test_size": 400},
+    "compare": [],
+    "distill": [
+        {"loss": {"name": "kd", "temperature": 2.0}, "train": {"batch_size": 32}},
+        {"loss": {"name": "hint", "groups": 2}, "train": {"batch_size": 32}, "label": "hint"},
+        {"loss": {"name": "pseudo_label", "threshold": 0.5}, "rounds": 2, "train": {"batch_size": 32}, "label": "st"},
+    ],
+}
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun is not installed",
+)
+def test_torchrun_distillation_gives_both_processes_the_same_students(tmp_path: Path):
+    """Students (with cached teacher outputs, hint projections trained beside the student, pseudo-label rounds)
+    end with identical weights on both processes; only rank 0 writes."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(DISTILL))
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFERKIT_PROGRESS": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"),
+    }
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "transferkit", "run", str(recipe), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_json(out / "metrics.json")
+    assert list(metrics["models"]) == ["full", "distill-kd", "hint", "st"]
+    for name in ("distill-kd", "hint", "st"):
+        m = metrics["models"][name]
+        assert m["rank_weights_sha256"] == [m["weights_sha256"]] * 2, name
+    assert metrics["models"]["hint"]["distill"]["teacher_outputs"] == "online"
+    assert proc.stdout.count("[distill-kd] kd student") == 1

@@ -140,7 +140,7 @@ def distill_one(ctx: RunContext, entry: DistillEntry) -> dict[str, Any]:
         accelerator=ctx.accelerator,
         paths=paths,
         resume=ctx.resume,
-        cache_dir=job_dir,
+        cache_dir=job_dir if ctx.main else None,  # the teacher's outputs: written by one process
         on_round=on_round,
     )
     job["test"] = evaluate(student, mine.dataset("test"), len(data.classes), device=device)
@@ -163,6 +163,10 @@ def distill_one(ctx: RunContext, entry: DistillEntry) -> dict[str, Any]:
     job["strategy"] = f"distill:{job['distill']['loss']}"
     job["weights_sha256"] = fingerprint(student)
     job["settings_sha256"] = _settings_sha(ctx.recipe, entry)
+    if ctx.accelerator.num_processes > 1:  # every process must end with the same student: record the evidence
+        from accelerate.utils import gather_object
+
+        job["rank_weights_sha256"] = gather_object([job["weights_sha256"]])
     if ctx.main:
         save_model(
             student,

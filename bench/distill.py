@@ -1,0 +1,168 @@
+"""Distillation and the unlabelled pool on MNIST-5k: 20 labelled images per class, the rest of the pool unlabelled.
+
+Two runs per seed of the demo recipe (``src/transferkit/recipes/demo.yaml``: 20 labelled and 20 validation images
+per class, 1,000 test images, ``freeze`` of 6 layer groups, 15 epochs, 96 px, small rotations and shifts), with
+``data.unlabelled: rest`` (the ~3,600 images outside the splits; their labels are never used for training) and
+``distill:`` entries taught by the run's labels-only model:
+
+- run ``lite0`` (source EfficientNet-Lite0; its labels-only model is the demo's): ``kd``, the same architecture
+  (ImageNet Lite0, new head) learning from the teacher's soft outputs on the labelled images and the pool (T 4,
+  alpha 0.9; with augmentation on, the teacher runs on each batch); ``noisy``, self-training (Noisy Student): the
+  teacher labels the pool images it is at least 0.8 confident about, a fresh student trains on them with
+  augmentation, two rounds (the round-1 student teaches round 2).
+- run ``lite2`` (source EfficientNet-Lite2, a larger teacher): ``lite0-kd``, an ImageNet Lite0 student (kd on the
+  pool), to compare with run ``lite0``'s labels-only Lite0 (the same split: same seed and data); ``small-kd``, a
+  small student from random weights (``--small``, default timm ``lcnet_050``) with kd on the pool, and
+  ``small-labels``, the same student on the labelled images alone (alpha 0: cross-entropy only, no pool).
+
+Every choice is made on validation data: each model's best epoch; which of ``kd`` and ``noisy`` is "the method"
+is the one with the higher mean validation accuracy over the seeds. The test split is only reported.
+
+Run: ``python bench/distill.py --seeds 0 1 2`` (see docs/benchmarks.md for the wall time); ``--runs lite0`` for one
+run; results: ``bench/results/distill.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFERKIT_PROGRESS", "0")
+
+import torch
+import yaml
+
+from transferkit.demo import demo_recipe_path
+from transferkit.io import read_json, write_json
+from transferkit.recipe import load_recipe
+from transferkit.runner import run_recipe
+
+
+def entries(epochs: int, small: str, small_epochs: int, small_lr: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """The distill entries of each run (by run name)."""
+    kd = {"name": "kd", "temperature": 4.0, "alpha": 0.9}
+    scratch = {"name": f"timm:{small}", "pretrained": False}
+    small_train = {"strategy": "full", "epochs": small_epochs, "lr": small_lr}
+    return {
+        "lite0": {
+            "kd": {"loss": kd, "train": {"epochs": epochs}, "label": "kd"},
+            "noisy": {
+                "loss": {"name": "pseudo_label", "threshold": 0.8},
+                "rounds": 2,
+                "train": {"epochs": epochs},
+                "label": "noisy",
+            },
+        },
+        "lite2": {
+            "lite0-kd": {
+                "student": {"name": "efficientnet_lite0"},
+                "loss": kd,
+                "train": {"epochs": epochs},
+                "label": "lite0-kd",
+            },
+            "small-kd": {"student": scratch, "loss": kd, "train": small_train, "label": "small-kd"},
+            "small-labels": {
+                "student": scratch,
+                "loss": {"name": "kd", "alpha": 0.0},
+                "unlabelled": False,
+                "train": small_train,
+                "label": "small-labels",
+            },
+        },
+    }
+
+
+SOURCES = {"lite0": "efficientnet_lite0", "lite2": "efficientnet_lite2"}
+
+
+def recipe(seed: int, run: str, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    raw = yaml.safe_load(demo_recipe_path("image").read_text())
+    raw["name"] = f"distill-{run}-seed{seed}"
+    raw["seed"] = seed
+    raw["source"] = SOURCES[run]
+    raw.pop("compare", None)
+    raw["data"]["unlabelled"] = "rest"
+    raw["distill"] = list(chosen.values())
+    return raw
+
+
+def _row(model: dict[str, Any]) -> dict[str, Any]:
+    out = {"val": model["val"]["accuracy"], "test": model["test"]["accuracy"]}
+    if "distill" in model:
+        out["rounds"] = model["distill"]["rounds"]
+        out["cost"] = model["cost"]
+        out["train_s"] = model["timing"]["train_s"]
+    else:
+        out["train_s"] = model["timing"]["train_s"]
+    return out
+
+
+def one_seed(seed: int, out: Path, runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"seed": seed}
+    for run, chosen in runs.items():
+        t = time.perf_counter()
+        folder = out / f"{run}-seed{seed}"
+        done = run_recipe(load_recipe(recipe(seed, run, chosen)), out=folder, resume=folder.exists())
+        metrics = read_json(done / "metrics.json")
+        row[run] = {
+            "pool": metrics["data"].get("unlabelled"),
+            "wall_s": time.perf_counter() - t,
+            "models": {n: _row(m) for n, m in metrics["models"].items()},
+        }
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation of each model's test and validation accuracy over the seeds."""
+
+    def stats(values: list[float]) -> dict[str, Any]:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"mean": statistics.mean(values), "sd": sd, "values": values}
+
+    out: dict[str, Any] = {}
+    for run in [k for k in rows[0] if k != "seed"]:
+        for name in rows[0][run]["models"]:
+            picked = [r[run]["models"][name] for r in rows]
+            out[f"{run}:{name}"] = {k: stats([p[k] for p in picked]) for k in ("test", "val")}
+    methods = [n for n in ("lite0:kd", "lite0:noisy") if n in out]
+    if methods:
+        out["method_chosen_on_val"] = max(methods, key=lambda n: out[n]["val"]["mean"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--runs", nargs="+", default=["lite0", "lite2"], choices=list(SOURCES))
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the Lite0 students (over labelled + pool)")
+    ap.add_argument("--small", default="lcnet_050", help="the small student's timm architecture (random weights)")
+    ap.add_argument("--small-epochs", type=int, default=10)
+    ap.add_argument("--small-lr", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", help="where the runs go (default: a temporary folder); an existing run resumes")
+    ap.add_argument("--tag", default="", help="results file suffix")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    every = entries(args.epochs, args.small, args.small_epochs, args.small_lr)
+    runs = {r: every[r] for r in args.runs}
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-distill-"))
+    rows = [one_seed(s, out, runs) for s in args.seeds]
+    result = {"rows": rows, "summary": summary(rows), "command": " ".join(sys.argv), "args": vars(args)}
+    print(json.dumps(result["summary"], indent=1))
+    path = Path(__file__).resolve().parent / "results" / f"distill{('-' + args.tag) if args.tag else ''}.json"
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
