@@ -270,3 +270,32 @@ def test_for_model_keeps_the_split_and_takes_the_models_preprocessing() -> None:
     mine = for_model(data, model)
     assert mine.splits is data.splits and mine.preprocess["mean"] == [0.1, 0.1, 0.1]
     assert not math.isclose(mine.dataset("val")[0][0].mean().item(), data.dataset("val")[0][0].mean().item())
+
+
+def test_a_text_student_with_every_other_layer_of_its_teacher(tmp_path) -> None:
+    """A shallower copy of the teacher built by the transfer machinery (``student_transfer``), distilled on text."""
+    from helpers import tiny_text_folder, write_reviews
+
+    from transferkit.config import DataConfig
+    from transferkit.data import prepare_data
+    from transferkit.sources import load_source
+    from transferkit.transfer.api import transfer_step
+
+    source = load_source(str(tiny_text_folder(tmp_path / "bert")))
+    data = prepare_data(
+        DataConfig(dataset=str(write_reviews(tmp_path / "r.csv")), per_class=6, val_per_class=4, test_size=8),
+        source,
+        seed=0,
+    )
+    teacher = build_target(source, data.classes)
+    student = transfer_step(teacher, {"kwargs": {"num_hidden_layers": 1}, "source_blocks": [1]}, data.classes)
+    assert student.backbone.model.config.num_hidden_layers == 1
+    taken = student.report["source_blocks"]
+    assert taken["taken"] == [1] and student.report["summary"]["coverage"] == 1.0
+    layer = dict(student.named_parameters())["backbone.model.encoder.layer.0.attention.self.query.weight"]
+    torch.testing.assert_close(
+        layer, dict(teacher.named_parameters())["backbone.model.encoder.layer.1.attention.self.query.weight"]
+    )
+    summary = distill(student, teacher, data, TrainConfig(epochs=1, batch_size=8, strategy="full"), "kd")
+    assert summary["distill"]["teacher_outputs"] == "cached"  # text: no augmentation, outputs computed once
+    assert student.backbone.model.config.num_hidden_layers == 1

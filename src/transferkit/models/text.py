@@ -63,7 +63,15 @@ def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: 
     from transformers import AutoTokenizer
 
     config_dict = kwargs.get("config")
+    # other keyword arguments change the architecture's config (e.g. num_hidden_layers: 3, a shallower copy that
+    # the transfer machinery fills from a deeper source)
+    changes = {k: v for k, v in kwargs.items() if k not in ("config", "pooling", "processor_dir")}
     try:
+        if changes:
+            from transformers import AutoConfig
+
+            config_dict = {**(config_dict or AutoConfig.from_pretrained(name).to_dict()), **changes}
+            pretrained = False  # the weights of another depth or width do not load as they are
         model = load_hf_model(name, pretrained, config_dict)
         tokenizer = AutoTokenizer.from_pretrained(kwargs.get("processor_dir") or name)
     except OSError as e:
