@@ -299,3 +299,38 @@ def test_a_text_student_with_every_other_layer_of_its_teacher(tmp_path) -> None:
     summary = distill(student, teacher, data, TrainConfig(epochs=1, batch_size=8, strategy="full"), "kd")
     assert summary["distill"]["teacher_outputs"] == "cached"  # text: no augmentation, outputs computed once
     assert student.backbone.model.config.num_hidden_layers == 1
+
+
+def test_fixmatch_labels_strong_views_with_confident_weak_predictions() -> None:
+    from transferkit.distill.losses import FixMatchConfig
+    from transferkit.distill.objective import FixMatchObjective
+
+    torch.manual_seed(3)
+    net = torch.nn.Linear(4, 3)
+    weak, strong = torch.randn(5, 4), torch.randn(5, 4)
+    labels = torch.tensor([0, 2, -1, -1, -1])
+    out = FixMatchObjective(FixMatchConfig(threshold=0.0, weight=2.0), ClassificationObjective())(
+        net, weak, {"label": labels, "strong": strong}
+    )
+    pseudo = net(weak[2:]).argmax(1)
+    want_u = F.cross_entropy(net(strong[2:]), pseudo)
+    want_ce = F.cross_entropy(net(weak[:2]), labels[:2])
+    assert out["consistency"].item() == pytest.approx(want_u.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((want_ce + 2.0 * want_u).item(), rel=1e-5)
+    none = FixMatchObjective(FixMatchConfig(threshold=0.999), ClassificationObjective())(
+        net, weak, {"label": labels, "strong": strong}
+    )
+    assert none["consistency"].item() == 0.0  # no weak prediction is that confident: no pool example is labelled
+
+
+def test_fixmatch_trains_on_weak_and_strong_views_of_the_pool_without_a_teacher() -> None:
+    data = _pool_data(rotation=10.0)
+    weak, strong = data.pool_dataset(train=True), data.strong_pool_dataset(2, 10)
+    assert weak[0][0].shape == strong[0][0].shape and not torch.equal(weak[0][0], strong[0][0])
+    student, _ = _student_and_teacher()
+    summary = distill(student, [], data, CFG.model_copy(update={"epochs": 1}), {"name": "fixmatch", "threshold": 0.5})
+    d = summary["distill"]
+    assert d["teacher_outputs"] == "none" and d["teachers"] == 0 and d["pool"] == 60
+    assert 0 <= d["rounds"][0]["kept"] <= 60 and d["rounds"][0]["threshold"] == 0.5
+    with pytest.raises(RecipeError, match="give rounds: 1"):
+        distill(student, [], data, CFG, "fixmatch", rounds=2)

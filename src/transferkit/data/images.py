@@ -248,6 +248,25 @@ def image_dataset(
     )
 
 
+def strong_image_dataset(
+    items: list[Any], labels: np.ndarray, preprocess: dict[str, Any], ops: int = 2, magnitude: int = 10
+) -> ImageDataset:
+    """The images strongly augmented, as FixMatch's strong view: RandAugment (``ops`` random operations of
+    ``magnitude`` out of 30) after the resize, then a random erased patch (Cutout) after normalising."""
+    size = int(preprocess["input_size"][-1])
+    interp = _INTERPOLATION.get(preprocess.get("interpolation", "bilinear"), T.InterpolationMode.BILINEAR)
+    transform = T.Compose(
+        [
+            T.Resize((size, size), interpolation=interp),
+            T.RandAugment(num_ops=ops, magnitude=magnitude, interpolation=interp),
+            T.ToTensor(),
+            T.Normalize(preprocess["mean"], preprocess["std"]),
+            T.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0),
+        ]
+    )
+    return ImageDataset(items, labels, transform, preprocess["input_size"][0])
+
+
 def image_batch(model: Any, images: list[Any]) -> torch.Tensor:
     """One batch from image paths, PIL images or uint8 arrays, with the model's preprocessing."""
     channels = model.preprocess["input_size"][0]
@@ -271,6 +290,7 @@ register_modality(
     image_batch,
     read=read_images,
     read_unlabelled=read_unlabelled_images,
+    strong=strong_image_dataset,
     adjust=image_size,
     summary=lambda preprocess, items: {"image_size": preprocess["input_size"][-1]},
 )

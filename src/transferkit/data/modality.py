@@ -46,6 +46,8 @@ class Modality:
             the default modality's paths are).
         read_unlabelled: ``(spec, text_column=) -> items`` for a ``data.unlabelled`` path: the pool's items, of the
             kind ``dataset`` takes (None: this modality reads no unlabelled path; only ``rest`` gives it a pool).
+        strong: ``(items, labels, preprocess, ops, magnitude) -> Dataset``: the items strongly augmented
+            (RandAugment-style, for consistency training such as FixMatch); None: the modality has no such views.
         detect: ``(path, text_column) -> bool``: the path holds this modality's data, judged without reading it.
         adjust: ``(preprocess, data_cfg) -> preprocess``: the data config's changes (image size, token length).
         summary: ``(preprocess, items) -> dict``: what the data summary adds for this modality.
@@ -60,6 +62,7 @@ class Modality:
     batch: Callable[[Any, list[Any]], Any]
     read: Callable[..., Labelled] | None = None
     read_unlabelled: Callable[..., Sequence[Any]] | None = None
+    strong: Callable[[Sequence[Any], np.ndarray, dict[str, Any], int, int], Dataset] | None = None
     detect: Callable[[Path, str], bool] | None = None
     adjust: Callable[[dict[str, Any], Any], dict[str, Any]] = _same
     summary: Callable[[dict[str, Any], Any], dict[str, Any]] = _nothing
@@ -222,6 +225,19 @@ def unlabelled_files(spec: str, extensions: Sequence[str], kind: str) -> list[Pa
             f"add {kind} there or point data.unlabelled at the folder that holds them"
         )
     return files
+
+
+def strong_dataset(
+    modality: str, items: Sequence[Any], labels: np.ndarray, preprocess: dict[str, Any], ops: int, magnitude: int
+) -> Dataset:
+    """Strongly augmented views of ``items`` (consistency training), by the modality's ``strong`` hook."""
+    hook = get_modality(modality).strong
+    if hook is None:
+        raise DataError(
+            f"consistency training (fixmatch) needs strong augmentations of the inputs; transferkit has none for "
+            f"{modality} data (images have them): use kd, dkd or pseudo_label with the unlabelled pool instead"
+        )
+    return hook(items, labels, preprocess, ops, magnitude)
 
 
 def read_unlabelled(spec: str, modality: str = DEFAULT_MODALITY, text_column: str = "text") -> Sequence[Any]:

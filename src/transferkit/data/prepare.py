@@ -17,6 +17,7 @@ from transferkit.data.modality import (
     make_dataset,
     read_dataset,
     read_unlabelled,
+    strong_dataset,
 )
 from transferkit.data.split import Labelled, Splits, split_dataset
 from transferkit.errors import DataError
@@ -104,6 +105,14 @@ class PreparedData:
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None
         labels = np.full(len(pool), -1, dtype=np.int64)
         return make_dataset(self.modality, pool.items, labels, self.preprocess, self.processor, augment)
+
+    def strong_pool_dataset(self, ops: int = 2, magnitude: int = 10) -> Dataset:
+        """The pool's items strongly augmented (FixMatch's strong view), every label -1, in pool order."""
+        pool = self.unlabelled()
+        if pool is None:
+            raise DataError("data.unlabelled is not set: there is no unlabelled pool to augment")
+        labels = np.full(len(pool), -1, dtype=np.int64)
+        return strong_dataset(self.modality, pool.items, labels, self.preprocess, ops, magnitude)
 
     def dataset(self, split: str, train: bool = False) -> Dataset:
         augment = self.cfg.augment if train and self.cfg.augment.enabled else None

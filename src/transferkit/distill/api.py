@@ -21,8 +21,15 @@ from torch.utils.data import Dataset, Subset, default_collate
 
 from transferkit.config import TrainConfig
 from transferkit.data.prepare import PreparedData, adjusted_preprocess
-from transferkit.distill.losses import UNLABELLED, HintConfig, PseudoLabelConfig, confident, loss_config
-from transferkit.distill.objective import DistillObjective, Hints
+from transferkit.distill.losses import (
+    UNLABELLED,
+    FixMatchConfig,
+    HintConfig,
+    PseudoLabelConfig,
+    confident,
+    loss_config,
+)
+from transferkit.distill.objective import DistillObjective, FixMatchObjective, Hints
 from transferkit.distill.teacher import Teacher, cached_outputs
 from transferkit.engine.loop import JobPaths, make_accelerator, make_loader, to_device
 from transferkit.errors import RecipeError
@@ -35,11 +42,19 @@ class DistillSet(Dataset):
     """Examples of datasets of one modality, in order, with their labels and per-example teacher outputs.
 
     Yields ``(input, label)``, or ``(input, {"label": ..., **extras})`` when there are extras (the teacher's
-    cached logits and features); ``collate`` batches the inputs with the first dataset's own collate.
+    cached logits and features) or second views (``strong``: another view of the same example, e.g. FixMatch's
+    strong augmentation); ``collate`` batches the inputs with the first dataset's own collate.
     """
 
-    def __init__(self, parts: Sequence[Dataset], labels: torch.Tensor, extras: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        parts: Sequence[Dataset],
+        labels: torch.Tensor,
+        extras: dict[str, torch.Tensor] | None = None,
+        views: Sequence[Dataset | None] | None = None,
+    ):
         self.parts = list(parts)
+        self.views = list(views) if views is not None else None  # per part: a second view of each example, or None
         self.ends = np.cumsum([len(cast(Any, p)) for p in self.parts])
         self.labels = labels.long()
         self.extras = extras or {}
@@ -56,9 +71,13 @@ class DistillSet(Dataset):
         part = int(np.searchsorted(self.ends, i, side="right"))
         start = int(self.ends[part - 1]) if part else 0
         x, _ = self.parts[part][i - start]
-        if not self.extras:
+        if not self.extras and self.views is None:
             return x, self.labels[i]
-        return x, {"label": self.labels[i], **{k: v[i] for k, v in self.extras.items()}}
+        target = {"label": self.labels[i], **{k: v[i] for k, v in self.extras.items()}}
+        if self.views is not None:  # the part's second view (FixMatch's strong view), else the input again
+            view = self.views[part]
+            target["strong"] = view[i - start][0] if view is not None else x
+        return x, target
 
     def collate(self, batch: list[tuple[Any, Any]]) -> tuple[Any, Any]:
         inputs, targets = [b[0] for b in batch], [b[1] for b in batch]
@@ -112,8 +131,22 @@ def _pool_accuracy(data: PreparedData, predicted: torch.Tensor, mask: torch.Tens
     return float((predicted[keep] == truth[keep]).float().mean()) if int(keep.sum()) else None
 
 
+def _confident_pool(model: SourceModel, data: PreparedData, threshold: float, device: Any) -> dict[str, Any]:
+    """How many pool examples the model predicts with at least ``threshold`` confidence (clean inputs), and how
+    many of those predictions are right where the pool has true labels."""
+    from transferkit.engine.loop import predict_logits
+
+    logits, _ = predict_logits(model, data.pool_dataset(), 64, device)
+    classes, keep = confident(F.softmax(logits, 1), threshold)
+    return {
+        "kept": int(keep.sum()),
+        "kept_per_class": torch.bincount(classes[keep], minlength=len(data.classes)).tolist(),
+        "pseudo_label_accuracy": _pool_accuracy(data, classes, keep),
+    }
+
+
 def training_set(
-    teacher: Teacher,
+    teacher: Teacher | None,
     data: PreparedData,
     loss: Any,
     *,
@@ -138,6 +171,7 @@ def training_set(
                 "loss pseudo_label labels the unlabelled pool, but the run has none: set data.unlabelled "
                 "(rest, or a folder/file of unlabelled examples) and leave the entry's unlabelled: true"
             )
+        assert teacher is not None
         pool_sets = [for_model(data, m).pool_dataset() for m in teacher.models]
         outputs = cached_outputs(teacher, pool_sets, device=device, cache_file=cache_file)
         classes, keep = confident(F.softmax(outputs["logits"], 1), cfg.threshold)
@@ -151,12 +185,24 @@ def training_set(
             teacher_pool_accuracy=_pool_accuracy(data, classes),
         )
         return DistillSet(parts, torch.cat([labelled, classes[kept]])), info
+    if isinstance(cfg, FixMatchConfig):
+        if pool is None:
+            raise RecipeError(
+                "loss fixmatch trains on the unlabelled pool, but the run has none: set data.unlabelled (rest, or "
+                "a folder of unlabelled images) and leave the entry's unlabelled: true"
+            )
+        parts.append(data.pool_dataset(train=True))  # the weak view: the run's own augmentation
+        strong = data.strong_pool_dataset(cfg.ops, cfg.magnitude)
+        labels_all = torch.cat([labelled, torch.full((len(pool.items),), UNLABELLED, dtype=torch.long)])
+        info.update(threshold=cfg.threshold)
+        return DistillSet(parts, labels_all, views=[None, strong]), info
     labels = [labelled]
     if pool is not None:
         parts.append(data.pool_dataset(train=True))
         labels.append(torch.full((len(pool.items),), UNLABELLED, dtype=torch.long))
     extras: dict[str, torch.Tensor] = {}
     if not online:
+        assert teacher is not None
         with_features = isinstance(cfg, HintConfig)
         outputs = cached_outputs(
             teacher,
@@ -215,6 +261,11 @@ def distill(
     device = accelerator.device
     name, loss_cfg = loss_config(loss)
     members = [teachers] if isinstance(teachers, SourceModel) else list(teachers)
+    teacherless = isinstance(loss_cfg, FixMatchConfig)  # the model teaches itself
+    if teacherless:
+        members = []
+        if rounds != 1:
+            raise RecipeError("loss fixmatch trains the model on its own predictions: give rounds: 1")
     check_teacher_labels(members, data.classes)
     if rounds < 1:
         raise RecipeError(f"distill rounds must be >= 1, got {rounds}")
@@ -226,7 +277,9 @@ def distill(
     summary: dict[str, Any] = {}
     previous: SourceModel | None = None
     for r in range(rounds):
-        teacher = Teacher(members if previous is None else [previous], s_data.preprocess).to(device)
+        teacher = None if teacherless else Teacher(members if previous is None else [previous], s_data.preprocess)
+        if teacher is not None:
+            teacher.to(device)
         round_paths = paths
         if paths is not None and rounds > 1:
             round_paths = JobPaths(
@@ -244,8 +297,14 @@ def distill(
             train_set, record = training_set(
                 teacher, s_data, loss_cfg, use_pool=unlabelled, online=online, device=device, cache_file=cache
             )
-            objective = None
-            if not isinstance(loss_cfg, PseudoLabelConfig):
+            objective: Any = None
+            if isinstance(loss_cfg, FixMatchConfig):
+
+                def objective(base: Any) -> FixMatchObjective:
+                    return FixMatchObjective(cast(FixMatchConfig, loss_cfg), base)
+
+            elif not isinstance(loss_cfg, PseudoLabelConfig):
+                assert teacher is not None
                 hints = None
                 if isinstance(loss_cfg, HintConfig):
                     example = next(iter(make_loader(train_set, batch_sampler=[[0, min(1, len(train_set) - 1)]])))[0]
@@ -268,6 +327,8 @@ def distill(
                 train_set=train_set,
                 objective=objective,
             )
+            if isinstance(loss_cfg, FixMatchConfig):  # what the model now labels confidently in the pool
+                record.update(_confident_pool(student, s_data, loss_cfg.threshold, device))
             record = {"round": r + 1, "val_accuracy": summary["val"].get("accuracy"), **record}
             if on_round is not None:
                 record.update(on_round(r, student))
@@ -282,7 +343,7 @@ def distill(
         "loss": name,
         "options": dataclasses.asdict(cast(Any, loss_cfg)),
         "teachers": len(members),
-        "teacher_outputs": "online" if online else "cached",
+        "teacher_outputs": "none" if teacherless else "online" if online else "cached",
         "pool": _pool_size(s_data) if unlabelled else 0,
         "rounds": records,
     }

@@ -6,6 +6,8 @@
   ``alpha`` and ``beta``, plus cross-entropy on the labels.
 - ``hint``: FitNets-style hints (Romero et al. 2015): a learned projection of student features regresses the
   teacher's (mean squared error), on top of ``kd``.
+- ``fixmatch``: consistency training (Sohn et al. 2020), images only: the model's confident prediction on a
+  weakly augmented pool image labels a strongly augmented view of it; no teacher.
 - ``pseudo_label``: self-training (Noisy Student, Xie et al. 2020): the teacher's confident predictions on the
   unlabelled pool become hard labels, the student trains on them with cross-entropy.
 
@@ -120,12 +122,43 @@ class PseudoLabelConfig:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
 
 
+@dataclass
+class FixMatchConfig:
+    """Consistency training (FixMatch, Sohn et al. 2020), images only: on a pool image the model's own confident
+    prediction for a weakly augmented view (``data.augment``) is the label of a strongly augmented view. It needs no
+    teacher: the model teaches itself.
+
+    Attributes:
+        threshold: the confidence a weak-view prediction needs to become a label (tau).
+        weight: weight of the consistency term (lambda_u).
+        ops: RandAugment operations per strong view.
+        magnitude: RandAugment magnitude (0-30).
+    """
+
+    threshold: float = 0.95
+    weight: float = 1.0
+    ops: int = 2
+    magnitude: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.weight < 0 or self.ops < 1 or not 0 <= self.magnitude <= 30:
+            raise ValueError(
+                f"weight must be >= 0, ops >= 1 and magnitude in [0, 30]; got {self.weight}, {self.ops}, "
+                f"{self.magnitude}"
+            )
+
+
 LOSSES: Registry[type] = Registry("distillation loss")
 LOSSES.register("kd", help="logit distillation: KL of temperature-softened outputs (Hinton et al. 2015)")(KDConfig)
 LOSSES.register("dkd", help="decoupled KD: target-class + non-target-class terms (Zhao et al. 2022)")(DKDConfig)
 LOSSES.register("hint", help="FitNets hints: projected student features regress the teacher's, + kd")(HintConfig)
 LOSSES.register("pseudo_label", help="self-training on the teacher's confident pool predictions (Noisy Student)")(
     PseudoLabelConfig
+)
+LOSSES.register("fixmatch", help="consistency: confident weak-view predictions label strong views (Sohn et al.)")(
+    FixMatchConfig
 )
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from transferkit.distill.losses import (
     UNLABELLED,
     DKDConfig,
+    FixMatchConfig,
     HintConfig,
     KDConfig,
     dkd_terms,
@@ -210,6 +211,48 @@ class DistillObjective(nn.Module):
                 loss = loss + cfg.weight * out["hint"]
         for p in self.penalties:
             value = p(model, features, inputs=inputs, targets=labels)
+            out[type(p).__name__.lower()] = value
+            loss = loss + value
+        out["loss"] = loss
+        return out
+
+
+class FixMatchObjective(nn.Module):
+    """Cross-entropy on the labelled examples plus FixMatch's consistency term on the pool examples.
+
+    The batch's inputs are weak views (``data.augment``); its targets hold ``strong``, a strong view of each example
+    (used for pool examples only). One forward pass runs the weak views and the pool's strong views together (so a
+    distributed model sees one call); the weak-view predictions, without gradient, that reach ``threshold`` are the
+    labels of the strong views; the term is averaged over all pool examples of the batch, as in the paper.
+    """
+
+    def __init__(self, cfg: FixMatchConfig, base: ClassificationObjective):
+        super().__init__()
+        if any(p.needs_features for p in base.penalties):
+            raise ValueError("fixmatch does not combine with penalties on features (bss)")
+        self.cfg = cfg
+        self.label_smoothing = base.label_smoothing
+        self.penalties = base.penalties
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
+        labels, strong = targets["label"], targets["strong"]
+        pool = labels == UNLABELLED
+        for p in self.penalties:
+            if hasattr(p, "prepare"):
+                cast(Any, p).prepare(model)
+        n = inputs.shape[0]
+        logits_all = model(torch.cat([inputs, strong[pool]]))
+        logits, strong_logits = logits_all[:n], logits_all[n:]
+        ce = labelled_cross_entropy(logits, labels, self.label_smoothing)
+        with torch.no_grad():
+            confidence, pseudo = F.softmax(logits[pool].detach().float(), 1).max(1)
+            mask = confidence >= self.cfg.threshold
+        per_example = F.cross_entropy(strong_logits.float(), pseudo, reduction="none") * mask
+        consistency = per_example.sum() / pool.sum().clamp(min=1)
+        loss = ce + self.cfg.weight * consistency
+        out: dict[str, Any] = {"logits": logits, "ce": ce, "consistency": consistency}
+        for p in self.penalties:
+            value = p(model, None, inputs=inputs, targets=labels)
             out[type(p).__name__.lower()] = value
             loss = loss + value
         out["loss"] = loss

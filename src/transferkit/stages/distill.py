@@ -96,6 +96,10 @@ def _student(ctx: RunContext, entry: DistillEntry, teacher: Any, classes: list[s
         source = load_source(entry.student)
         return build_target(source, classes, pretrained=entry.student.pretrained, seed=seed)
     if entry.student_transfer is not None:
+        if teacher is None:
+            from transferkit.errors import RecipeError
+
+            raise RecipeError("student_transfer builds the student from the teacher, but this loss has no teacher")
         return transfer_step(teacher, entry.student_transfer, classes, seed=seed)
     return ctx.make_target(classes)
 
@@ -110,6 +114,7 @@ def _example(data: Any) -> Any:
 def distill_one(ctx: RunContext, entry: DistillEntry) -> dict[str, Any]:
     """Train, evaluate, measure and save one entry's student; returns its entry of ``metrics.json``."""
     from transferkit.distill import distill, for_model
+    from transferkit.distill.losses import FixMatchConfig, loss_config
     from transferkit.engine.loop import JobPaths
     from transferkit.evaluation.cost import latency_ms, model_cost
     from transferkit.io import write_json
@@ -117,8 +122,9 @@ def distill_one(ctx: RunContext, entry: DistillEntry) -> dict[str, Any]:
     from transferkit.pipeline import evaluate, fingerprint
 
     data, device = ctx.data(), ctx.accelerator.device
-    teachers, described = _teachers(ctx, entry)
-    student = _student(ctx, entry, teachers[0], data.classes)
+    teacherless = isinstance(loss_config(entry.loss)[1], FixMatchConfig)  # the model teaches itself
+    teachers, described = ([], []) if teacherless else _teachers(ctx, entry)
+    student = _student(ctx, entry, teachers[0] if teachers else None, data.classes)
     mine = for_model(data, student)
     student.preprocess = mine.preprocess
     cfg = _train_config(ctx.recipe, entry)
