@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +44,74 @@ def mnist5k() -> LabelledImages:
     return LabelledImages("mnist5k", list(pixels.reshape(-1, 28, 28)), labels, [str(i) for i in range(10)])
 
 
+class _TooLarge(DataError):
+    """An image whose header claims more pixels than PIL's limit; it is refused before anything is decoded."""
+
+
+def _claimed_size(path: Path) -> tuple[int, int] | None:
+    """The width and height a file's header claims, read by PIL's format plugin without decoding any pixels.
+
+    ``Image.open`` reads the same header but raises before handing the image over when it is too large; the
+    plugins are asked directly (as ``Image.open`` asks them) so that the error can name the size.
+    """
+    Image.init()
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for fmt in Image.ID:
+                factory, accept = Image.OPEN[fmt]
+                accepted = accept is None or accept(prefix)
+                if isinstance(accepted, str) or not accepted:  # a str is PIL's reason to refuse
+                    continue
+                fp.seek(0)
+                try:
+                    w, h = factory(fp, str(path)).size
+                except Exception:  # not this format: the next is tried, as Image.open does
+                    continue
+                return int(w), int(h)
+    except OSError:
+        return None
+    return None
+
+
+def _too_large(path: Path) -> _TooLarge:
+    limit = Image.MAX_IMAGE_PIXELS
+    size = _claimed_size(path)
+    claim = f"{size[0]}x{size[1]} pixels ({size[0] * size[1]:,})" if size else "more pixels than that"
+    return _TooLarge(
+        f"too large: its header claims {claim}, over the limit of {limit:,} pixels (PIL's Image.MAX_IMAGE_PIXELS); "
+        "it is not decoded, as it could be a decompression bomb"
+    )
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` refusing an image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) with ``_TooLarge``.
+
+    PIL itself raises only past twice the limit and merely warns between once and twice it, then decodes (a 10000 x
+    10000 PNG of a few kilobytes decodes to 300 MB of RGB); here both are refused before any pixel is decoded.
+    The limit is PIL's own and is not changed (``Image.MAX_IMAGE_PIXELS = None`` turns the check off).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise _too_large(path) from None
+    with im:
+        yield im
+
+
 def _check_image(path: Path) -> str | None:
     """None if PIL can decode the file, else the reason it cannot."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.verify()
-        with Image.open(path) as im:  # verify() does not decode pixels; a truncated file fails only on load
+        with _open(path) as im:  # verify() does not decode pixels; a truncated file fails only on load
             im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _TooLarge as e:
+        return str(e)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -71,45 +133,113 @@ def _keep_readable(paths: list[Path], labels: list[int], strict: bool) -> tuple[
     return kept, kept_labels, skipped
 
 
+def _first_skipped(skipped: list[dict], paths: list[Path]) -> str:
+    """'the first, 'PATH': REASON' for the first of ``paths`` that was skipped."""
+    wanted = {str(p) for p in paths}
+    first = next(s for s in skipped if s["path"] in wanted)
+    return f"the first, '{first['path']}': {first['reason']}"
+
+
+def _no_class_folders(root: Path) -> DataError:
+    files = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if images:
+        found = f"it holds {len(images)} image(s) directly, e.g. '{sorted(images)[0].name}'"
+    elif files:
+        found = f"it holds {len(files)} file(s), none of them an image"
+    else:
+        found = "it is empty"
+    return DataError(
+        f"image folder '{root}' has no class sub-folders ({found}); expected {root}/CLASS_NAME/IMAGE.jpg: make one "
+        "sub-folder per class (at least 2) and put the images of that class in it"
+    )
+
+
 def read_image_folder(root: Path, strict: bool = False) -> LabelledImages:
     """One sub-folder per class; class names sorted; unreadable images skipped (or an error when strict)."""
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"image folder '{root}' has no class sub-folders; expected {root}/CLASS_NAME/IMAGE.jpg")
+        raise _no_class_folders(root)
     paths, labels = [], []
     for i, d in enumerate(class_dirs):
         files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
+            others = sorted({f.suffix.lower() or f.name for f in d.rglob("*") if f.is_file()})
+            found = f"; it holds only {', '.join(others)} files" if others else "; it is empty"
             raise DataError(
-                f"class folder '{d}' has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                f"class folder '{d}' has no images ({', '.join(IMAGE_EXTENSIONS)}){found}; add images or remove "
+                "the folder"
             )
         paths += files
         labels += [i] * len(files)
     kept, kept_labels, skipped = _keep_readable(paths, labels, strict)
     for i, d in enumerate(class_dirs):
         if i not in kept_labels:
+            mine = [p for p, y in zip(paths, labels) if y == i]
             raise DataError(
-                f"class folder '{d}' has no readable images (all {labels.count(i)} were skipped as "
-                "unreadable); replace them or remove the folder"
+                f"class folder '{d}' has no readable images (all {len(mine)} were skipped as unreadable; "
+                f"{_first_skipped(skipped, mine)}); replace them or remove the folder"
             )
     return LabelledImages(
         root.name, kept, np.asarray(kept_labels, dtype=np.int64), [d.name for d in class_dirs], skipped
     )
 
 
+def _manifest_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a ``path,label`` CSV (UTF-8, a byte-order mark allowed), each with the line it starts on."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            found = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in ("path", "label") if c not in found]
+            if missing:
+                raise DataError(
+                    f"CSV manifest '{path}' needs a header with columns 'path,label' (found {found}; missing "
+                    f"{' and '.join(repr(c) for c in missing)}); make the first line 'path,label' or rename the "
+                    "columns"
+                )
+            reader.fieldnames = found  # ' label' after 'path, ' is the label column
+            rows = []
+            for row in reader:  # the line a row starts on: blank lines skipped, a quoted field may span lines
+                spans = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+                rows.append((reader.line_num - spans, row))
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"CSV manifest '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+            "(in Excel: CSV UTF-8)"
+        ) from e
+    except csv.Error as e:
+        raise DataError(f"CSV manifest '{path}' cannot be parsed as CSV ({e}); check its quoting") from e
+    return rows
+
+
+def _refuse_duplicates(path: Path, entries: list[tuple[int, Path, str]]) -> None:
+    """A file listed on two rows (same label or not) is refused: a split could put it in training and test."""
+    lines: dict[Path, list[tuple[int, str]]] = {}
+    for lineno, p, label in entries:
+        lines.setdefault(p.resolve(), []).append((lineno, label))
+    repeated = [(p, rows) for p, rows in lines.items() if len(rows) > 1]
+    if not repeated:
+        return
+    p, rows = repeated[0]
+    where = ", ".join(f"{n} ('{label}')" for n, label in rows)
+    more = f" ({len(repeated) - 1} more file(s) are listed more than once)" if len(repeated) > 1 else ""
+    raise DataError(
+        f"CSV manifest '{path}': file '{p}' is listed {len(rows)} times, on lines {where}{more}; a file listed twice "
+        "could land in both the training and the test split. Keep one row per file (with its one label)."
+    )
+
+
 def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
-    """A CSV with columns ``path,label``; relative paths are relative to the CSV; classes sorted by name."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise DataError(
-                f"CSV manifest '{path}' needs a header with columns 'path,label' (found {reader.fieldnames})"
-            )
-        rows = list(reader)
+    """A CSV with columns ``path,label``; relative paths are relative to the CSV; classes sorted by name.
+
+    UTF-8 (a byte-order mark allowed); a file listed on two rows is refused.
+    """
+    rows = _manifest_rows(path)
     if not rows:
         raise DataError(f"CSV manifest '{path}' has no rows")
-    paths, names = [], []
-    for lineno, row in enumerate(rows, start=2):
+    entries: list[tuple[int, Path, str]] = []
+    for lineno, row in rows:
         label = (row.get("label") or "").strip()
         file = (row.get("path") or "").strip()
         if not label:
@@ -123,11 +253,19 @@ def read_csv_manifest(path: Path, strict: bool = False) -> LabelledImages:
                 f"CSV manifest '{path}' line {lineno}: file '{p}' does not exist; fix the path "
                 "(relative paths are relative to the CSV file) or remove the row"
             )
-        paths.append(p)
-        names.append(label)
+        entries.append((lineno, p, label))
+    _refuse_duplicates(path, entries)
+    paths, names = [p for _, p, _ in entries], [label for _, _, label in entries]
     classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     kept, kept_labels, skipped = _keep_readable(paths, [index[n] for n in names], strict)
+    for i, c in enumerate(classes):
+        if i not in kept_labels:
+            mine = [p for p, n in zip(paths, names) if n == c]
+            raise DataError(
+                f"CSV manifest '{path}': label '{c}' has no readable images (all {len(mine)} were skipped as "
+                f"unreadable; {_first_skipped(skipped, mine)}); replace them or remove the label's rows"
+            )
     return LabelledImages(path.stem, kept, np.asarray(kept_labels, dtype=np.int64), classes, skipped)
 
 
@@ -163,15 +301,39 @@ def image_size(preprocess: dict[str, Any], cfg: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG and TIFF (PIL opens 16-bit PNGs as I;16 or I)
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def as_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as ``mode`` ("L" or "RGB"), for any mode PIL opens.
+
+    16-bit images (modes I;16 and I) are scaled from 0..65535 to 0..255 (``Image.convert`` clips them instead, so
+    nearly every pixel turned white); transparent images (RGBA, LA, P or L/RGB with a transparent colour) are
+    composited on white, as a viewer shows them (the colour under a transparent pixel is arbitrary, often black);
+    CMYK and the rest are converted by PIL.
+    """
+    if im.mode in _SIXTEEN_BIT:
+        a = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        im = Image.fromarray(((a + 128) // 257).astype(np.uint8))  # v * 257 is the 16-bit v: back to exactly v
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):
+        im = im.convert("RGBA")
+    if im.mode in _ALPHA:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert(mode)
+
+
 def load_image(item: Any, channels: int = 3) -> Image.Image:
-    """A PIL image in the source's channel mode from a path or a uint8 array."""
+    """A PIL image in the source's channel mode from a path or a uint8 array (see ``as_mode``)."""
     mode = "L" if channels == 1 else "RGB"
     if isinstance(item, np.ndarray):
-        return Image.fromarray(item).convert(mode)
+        return as_mode(Image.fromarray(item), mode)
     try:
-        with Image.open(item) as im:
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError) as e:
+        with _open(item) as im:
+            return as_mode(im, mode)
+    except _TooLarge as e:
+        raise DataError(f"image '{item}' cannot be read: {e}. Replace it with a smaller (downscaled) copy.") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"image '{item}' cannot be read: {e}") from e
 
 
@@ -276,8 +438,8 @@ def image_batch(model: Any, images: list[Any]) -> torch.Tensor:
         if isinstance(item, (str, Path)) and not Path(item).is_file():
             raise DataNotFoundError(f"image '{item}' does not exist")
         img = (
-            item.convert("L" if channels == 1 else "RGB")
-            if hasattr(item, "convert")
+            as_mode(item, "L" if channels == 1 else "RGB")
+            if isinstance(item, Image.Image)
             else load_image(item if isinstance(item, np.ndarray) else Path(item), channels)
         )
         batch.append(transform(img))
