@@ -183,8 +183,14 @@ def test_distill_trains_on_the_pool_and_never_touches_the_teacher() -> None:
 def test_with_augmentation_the_teacher_runs_online_and_stays_in_eval_mode() -> None:
     data = _pool_data(hflip=True)
     student, teacher = _student_and_teacher()
+    before = fingerprint(teacher)
+    x = torch.randn(4, 3, 32, 32)
+    plain = teacher.eval()(x)
+    with Teacher(teacher).fast(x) as fast:  # channels-last, batch norms folded: the same outputs
+        torch.testing.assert_close(fast(x)[0], plain, atol=1e-4, rtol=1e-4)
     summary = distill(student, teacher, data, CFG.model_copy(update={"epochs": 1}), "dkd")
     assert summary["distill"]["teacher_outputs"] == "online"
+    assert fingerprint(teacher) == before  # the folded weights were put back
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
 
 

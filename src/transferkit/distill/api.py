@@ -8,6 +8,7 @@ augmented, and trains the student by its strategy through ``pipeline.train`` wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -315,18 +316,23 @@ def distill(
                 def objective(base: Any, hints: Hints | None = hints, teacher: Teacher = teacher) -> DistillObjective:
                     return DistillObjective(cast(Any, loss_cfg), base, teacher, hints)
 
-            summary = train(
-                student,
-                s_data,
-                cfg,
-                seed=(cfg.seed if cfg.seed is not None else seed) + 100 * r,
-                accelerator=accelerator,
-                paths=round_paths,
-                resume=resume,
-                on_step=on_step,
-                train_set=train_set,
-                objective=objective,
-            )
+            fast = contextlib.nullcontext()
+            if teacher is not None and online:  # the teacher runs on every batch: at inference speed
+                example = next(iter(make_loader(train_set, batch_sampler=[[0, min(1, len(train_set) - 1)]])))[0]
+                fast = teacher.fast(to_device(example, device))
+            with fast:
+                summary = train(
+                    student,
+                    s_data,
+                    cfg,
+                    seed=(cfg.seed if cfg.seed is not None else seed) + 100 * r,
+                    accelerator=accelerator,
+                    paths=round_paths,
+                    resume=resume,
+                    on_step=on_step,
+                    train_set=train_set,
+                    objective=objective,
+                )
             if isinstance(loss_cfg, FixMatchConfig):  # what the model now labels confidently in the pool
                 record.update(_confident_pool(student, s_data, loss_cfg.threshold, device))
             record = {"round": r + 1, "val_accuracy": summary["val"].get("accuracy"), **record}

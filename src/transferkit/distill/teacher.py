@@ -7,8 +7,9 @@ the training examples with its own preprocessing (``cached_outputs``), like the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from transferkit.engine.loop import in_order, inference_pass, to_device
+from transferkit.engine.fold import folded_batch_norms
+from transferkit.engine.loop import conv_layout, in_order, inference_pass, to_device
 from transferkit.errors import RecipeError
 from transferkit.io import safe_torch_load, torch_save
 from transferkit.models.base import SourceModel
@@ -28,6 +30,10 @@ def _image_keys(preprocess: dict[str, Any]) -> tuple[Any, ...]:
 
 
 _IMAGE_KEYS = ("input_size", "mean", "std", "channels")
+
+
+def _first(x: Any, n: int) -> Any:
+    return {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
 
 
 def same_inputs(student: dict[str, Any], teacher: dict[str, Any]) -> bool:
@@ -115,6 +121,17 @@ class Teacher(nn.Module):
             raise RecipeError("feature hints need one teacher; several teachers give averaged probabilities only")
         probs = torch.stack([F.softmax(m(self._member_input(m, x)).float(), 1) for m in self.models]).mean(0)
         return probs.clamp_min(1e-12).log(), None
+
+    @contextlib.contextmanager
+    def fast(self, example: Any) -> Iterator[Teacher]:
+        """Within the block the teacher runs as the engine's inference does: weights in channels-last layout and
+        batch norms folded into the convolutions (in place, checked on ``example``, a student batch), several
+        times faster on a CPU than as trained; put back on leaving. Hooks on its modules still see their outputs."""
+        with contextlib.ExitStack() as stack:
+            for member in self.models:
+                stack.enter_context(conv_layout(member))
+                stack.enter_context(folded_batch_norms(member))(self._member_input(member, _first(example, 2)))
+            yield self
 
     def fingerprint(self) -> str:
         """SHA-256 of the teachers' weights (a cache of their outputs is reused only for the same teachers)."""
