@@ -9,14 +9,16 @@ per class, 1,000 test images, ``freeze`` of 6 layer groups, 15 epochs, 96 px, sm
   (ImageNet Lite0, new head) learning from the teacher's soft outputs on the labelled images and the pool (T 4,
   alpha 0.9; with augmentation on, the teacher runs on each batch); ``noisy``, self-training (Noisy Student): the
   teacher labels the pool images it is at least 0.8 confident about, a fresh student trains on them with
-  augmentation, two rounds (the round-1 student teaches round 2).
+  augmentation, two rounds (the round-1 student teaches round 2); ``fixmatch``, consistency training without a
+  teacher (a confident prediction, at least 0.95, on a weakly augmented pool image labels a RandAugment + Cutout
+  view of it).
 - run ``lite2`` (source EfficientNet-Lite2, a larger teacher): ``lite0-kd``, an ImageNet Lite0 student (kd on the
   pool), to compare with run ``lite0``'s labels-only Lite0 (the same split: same seed and data); ``small-kd``, a
   small student from random weights (``--small``, default timm ``lcnet_050``) with kd on the pool, and
   ``small-labels``, the same student on the labelled images alone (alpha 0: cross-entropy only, no pool).
 
-Every choice is made on validation data: each model's best epoch; which of ``kd`` and ``noisy`` is "the method"
-is the one with the higher mean validation accuracy over the seeds. The test split is only reported.
+Every choice is made on validation data: each model's best epoch; which of ``kd``, ``noisy`` and ``fixmatch`` is
+"the method" is the one with the highest mean validation accuracy over the seeds. The test split is only reported.
 
 Text (``--runs minilm``): the text demo recipe (all-MiniLM-L6-v2, Rotten Tomatoes, 100 labelled and 50 validation
 reviews per class, 2,000 test reviews) with the rest of the corpus unlabelled (~8,400 reviews): ``kd`` (the
@@ -64,6 +66,11 @@ def entries(epochs: int, small: str, small_epochs: int, small_lr: float) -> dict
                 "rounds": 2,
                 "train": {"epochs": epochs},
                 "label": "noisy",
+            },
+            "fixmatch": {
+                "loss": {"name": "fixmatch", "threshold": 0.95},
+                "train": {"epochs": epochs},
+                "label": "fixmatch",
             },
         },
         "lite2": {
@@ -130,7 +137,10 @@ def one_seed(seed: int, out: Path, runs: dict[str, dict[str, dict[str, Any]]]) -
     for run, chosen in runs.items():
         t = time.perf_counter()
         folder = out / f"{run}-seed{seed}"
-        done = run_recipe(load_recipe(recipe(seed, run, chosen)), out=folder, resume=folder.exists())
+        status = read_json(folder / "run.json").get("status") if (folder / "run.json").is_file() else None
+        # a finished run gains the entries it lacks (--from); an interrupted one resumes
+        how = {"from_run": folder} if status == "done" else {"out": folder, "resume": status is not None}
+        done = run_recipe(load_recipe(recipe(seed, run, chosen)), **how)
         metrics = read_json(done / "metrics.json")
         row[run] = {
             "pool": metrics["data"].get("unlabelled"),
@@ -154,7 +164,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             picked = [r[run]["models"][name] for r in rows]
             out[f"{run}:{name}"] = {k: stats([p[k] for p in picked]) for k in ("test", "val")}
     for run in ("lite0", "minilm"):
-        methods = [n for n in (f"{run}:kd", f"{run}:noisy") if n in out]
+        methods = [n for n in (f"{run}:kd", f"{run}:noisy", f"{run}:fixmatch") if n in out]
         if methods:
             out[f"{run}:method_chosen_on_val"] = max(methods, key=lambda n: out[n]["val"]["mean"])
     return out
@@ -166,7 +176,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["lite0", "lite2"], choices=list(SOURCES))
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the Lite0 students (over labelled + pool)")
     ap.add_argument("--small", default="lcnet_050", help="the small student's timm architecture (random weights)")
-    ap.add_argument("--small-epochs", type=int, default=10)
+    ap.add_argument("--small-epochs", type=int, default=6)
     ap.add_argument("--small-lr", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="where the runs go (default: a temporary folder); an existing run resumes")
