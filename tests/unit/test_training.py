@@ -318,3 +318,36 @@ def test_the_config_seed_takes_the_place_of_the_seed_argument(data):
     other = build_target(tiny_source(), data.classes)
     train(other, data, cfg, seed=0)
     assert fingerprint(by_config) == fingerprint(by_argument) != fingerprint(other)
+
+
+def test_a_checkpoint_holds_every_random_stream_and_the_loss_scaler(tmp_path):
+    """Exact resume on a GPU needs the CUDA generators and the fp16 loss scaler too: both are saved and put back
+    (checked here with a CPU GradScaler standing in for the accelerator's; the CUDA list is empty on a CPU)."""
+    import random
+
+    import numpy as np
+
+    from transferkit.engine.loop import restore_random_state
+    from transferkit.io import safe_torch_load
+
+    accelerator = make_accelerator("no")
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    data = small_mnist()
+    model = build_target(tiny_source(), data.classes, seed=0)
+    cfg = TrainConfig(strategy="full", epochs=1, batch_size=8, lr=0.01)
+    strategy, options = get_strategy("full")
+    plan = strategy.plan(model, options, cfg)
+    apply_plan(model, plan)
+    paths = JobPaths(tmp_path / "last.pt", tmp_path / "m.jsonl", "full")
+    fit(model, data.dataset("train"), data.dataset("val"), cfg, plan, num_classes=10, seed=0,
+        accelerator=accelerator, paths=paths)  # fmt: skip
+    ckpt = safe_torch_load(paths.checkpoint)
+    assert ckpt["scaler"]["scale"] == 1024.0 and ckpt["scaler"]["growth_interval"] == 7
+    assert len(ckpt["cuda_rng"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert ckpt["rng"].dtype == torch.uint8 and ckpt["python_rng"] and ckpt["numpy_rng"]
+    # restoring puts every stream and the scaler back where the checkpoint was taken
+    after = (torch.rand(1), random.random(), np.random.rand())
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    restore_random_state(ckpt, accelerator)
+    assert accelerator.scaler.get_scale() == 1024.0
+    assert (torch.rand(1), random.random(), np.random.rand()) == after

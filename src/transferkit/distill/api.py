@@ -316,7 +316,7 @@ def distill(
                 def objective(base: Any, hints: Hints | None = hints, teacher: Teacher = teacher) -> DistillObjective:
                     return DistillObjective(cast(Any, loss_cfg), base, teacher, hints)
 
-            fast = contextlib.nullcontext()
+            fast: Any = contextlib.nullcontext()
             if teacher is not None and online:  # the teacher runs on every batch: at inference speed
                 example = next(iter(make_loader(train_set, batch_sampler=[[0, min(1, len(train_set) - 1)]])))[0]
                 fast = teacher.fast(to_device(example, device))

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sized
@@ -267,6 +268,45 @@ def _drop_log_lines_after(paths: JobPaths, step: int) -> None:
     write_text(paths.metrics_log, "".join(x + "\n" for x in kept))
 
 
+def random_state(accelerator: Any) -> dict[str, Any]:
+    """Every random stream a resumed run must continue: torch's CPU generator, each CUDA device's (dropout and
+    augmentation on a GPU), Python's and NumPy's global ones (libraries that draw from them), and the mixed-precision
+    loss scaler's state (its scale and growth tracker change the updates)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return {
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": json.dumps(random.getstate()),
+        "numpy_rng": json.dumps(np.random.get_state(legacy=False), default=_plain),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else int(value)
+
+
+def restore_random_state(checkpoint: dict[str, Any], accelerator: Any) -> None:
+    """Put back what ``random_state`` saved (a checkpoint of an older version holds the CPU generator only)."""
+    torch.set_rng_state(checkpoint["rng"])
+    cuda = checkpoint.get("cuda_rng") or []
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise TrainingError(
+                f"the checkpoint holds the random state of {len(cuda)} GPU(s), this machine has "
+                f"{torch.cuda.device_count()}: resume on the same number of GPUs for the same result"
+            )
+        torch.cuda.set_rng_state_all(cuda)
+    if checkpoint.get("python_rng"):
+        state = json.loads(checkpoint["python_rng"])
+        random.setstate((state[0], tuple(state[1]), state[2]))
+    if checkpoint.get("numpy_rng"):
+        np.random.set_state(json.loads(checkpoint["numpy_rng"]))
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -333,7 +373,7 @@ def fit(
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["rng"])
+            restore_random_state(ckpt, accelerator)
             best_state = ckpt["best_state"] or {k: v.detach().clone() for k, v in ckpt["model"].items()}
             state = json.loads(ckpt["state"])
             resumed_from = state["step"]
@@ -355,7 +395,7 @@ def fit(
                     "model": accelerator.unwrap_model(wrapped).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
+                    **random_state(accelerator),
                     "best_state": {} if best_is_current else best_state,
                     "state": json.dumps(state),
                 },
