@@ -9,8 +9,8 @@ per class, 1,000 test images, ``freeze`` of 6 layer groups, 15 epochs, 96 px, sm
   (ImageNet Lite0, new head) learning from the teacher's soft outputs on the labelled images and the pool (T 4,
   alpha 0.9; with augmentation on, the teacher runs on each batch); ``noisy``, self-training (Noisy Student): the
   teacher labels the pool images it is at least 0.8 confident about, a fresh student trains on them with
-  augmentation, two rounds (the round-1 student teaches round 2); ``fixmatch``, consistency training without a
-  teacher (a confident prediction, at least 0.95, on a weakly augmented pool image labels a RandAugment + Cutout
+  augmentation, two rounds (the round-1 student teaches round 2); with ``--fixmatch``, ``fixmatch``: consistency
+  training without a teacher (a confident prediction, at least 0.95, on a weakly augmented pool image labels a RandAugment + Cutout
   view of it).
 - run ``lite2`` (source EfficientNet-Lite2, a larger teacher): ``lite0-kd``, an ImageNet Lite0 student (kd on the
   pool), to compare with run ``lite0``'s labels-only Lite0 (the same split: same seed and data); ``small-kd``, a
@@ -137,9 +137,8 @@ def one_seed(seed: int, out: Path, runs: dict[str, dict[str, dict[str, Any]]]) -
     for run, chosen in runs.items():
         t = time.perf_counter()
         folder = out / f"{run}-seed{seed}"
-        status = read_json(folder / "run.json").get("status") if (folder / "run.json").is_file() else None
-        # a finished run gains the entries it lacks (--from); an interrupted one resumes
-        how = {"from_run": folder} if status == "done" else {"out": folder, "resume": status is not None}
+        # a run already there (finished or interrupted) keeps what it holds and gains what it lacks (--from)
+        how: dict[str, Any] = {"from_run": folder} if (folder / "run.json").is_file() else {"out": folder}
         done = run_recipe(load_recipe(recipe(seed, run, chosen)), **how)
         metrics = read_json(done / "metrics.json")
         row[run] = {
@@ -178,6 +177,9 @@ def main() -> None:
     ap.add_argument("--small", default="lcnet_050", help="the small student's timm architecture (random weights)")
     ap.add_argument("--small-epochs", type=int, default=6)
     ap.add_argument("--small-lr", type=float, default=0.01)
+    ap.add_argument(
+        "--fixmatch", action="store_true", help="also fixmatch in the lite0 run (two views per pool image: slow)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="where the runs go (default: a temporary folder); an existing run resumes")
     ap.add_argument("--tag", default="", help="results file suffix")
@@ -185,6 +187,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     every = entries(args.epochs, args.small, args.small_epochs, args.small_lr)
+    if not args.fixmatch:
+        every["lite0"].pop("fixmatch")
     runs = {r: every[r] for r in args.runs}
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-distill-"))
     rows = [one_seed(s, out, runs) for s in args.seeds]
