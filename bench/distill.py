@@ -10,8 +10,8 @@ per class, 1,000 test images, ``freeze`` of 6 layer groups, 15 epochs, 96 px, sm
   alpha 0.9; with augmentation on, the teacher runs on each batch); ``noisy``, self-training (Noisy Student): the
   teacher labels the pool images it is at least 0.8 confident about, a fresh student trains on them with
   augmentation, two rounds (the round-1 student teaches round 2); with ``--fixmatch``, ``fixmatch``: consistency
-  training without a teacher (a confident prediction, at least 0.95, on a weakly augmented pool image labels a RandAugment + Cutout
-  view of it).
+  training without a teacher (a confident prediction, at least 0.95, on a weakly augmented pool image labels a
+  RandAugment + Cutout view of it).
 - run ``lite2`` (source EfficientNet-Lite2, a larger teacher): ``lite0-kd``, an ImageNet Lite0 student (kd on the
   pool), to compare with run ``lite0``'s labels-only Lite0 (the same split: same seed and data); ``small-kd``, a
   small student from random weights (``--small``, default timm ``lcnet_050``) with kd on the pool, and
