@@ -232,3 +232,20 @@ def test_the_recipe_check_reports_data_unlabelled_with_its_key_path(tmp_path: Pa
     assert "Did you mean 'rest'?" in typo
     [no_per_class] = problems(unlabelled="rest")
     assert "'rest' is empty without data.per_class" in no_per_class
+
+
+def test_unlabelled_max_keeps_a_fixed_subset_of_the_pool() -> None:
+    from transferkit.config import DataConfig
+    from transferkit.data import prepare_data
+
+    def pool(limit):
+        cfg = DataConfig(
+            dataset="mnist5k", per_class=5, val_per_class=5, test_size=100, unlabelled="rest", unlabelled_max=limit
+        )
+        return prepare_data(cfg, {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}, seed=0).unlabelled()
+
+    everything, some, again = pool(None), pool(300), pool(300)
+    assert len(everything) == 5000 - 100 - 50 - 50 and len(some) == 300  # all but test, validation and training
+    assert [x.tobytes() for x in some.items] == [x.tobytes() for x in again.items]  # the same subset every time
+    full = {x.tobytes(): int(y) for x, y in zip(everything.items, everything.labels)}
+    assert all(full[x.tobytes()] == int(y) for x, y in zip(some.items, some.labels))  # items keep their true labels

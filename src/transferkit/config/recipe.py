@@ -81,6 +81,11 @@ class DataConfig(_Strict):
         "for text a .txt file (one text per line) or a CSV/JSONL/Parquet file read with data.text_column (a label "
         "column, if any, is ignored)",
     )
+    unlabelled_max: int | None = Field(
+        default=None,
+        ge=1,
+        description="keep at most this many pool examples (a fixed random subset: the same for the same pool)",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
     num_workers: int = Field(default=0, ge=0)
@@ -339,6 +344,16 @@ class Recipe(_Strict):
     def _source_from_string(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        if not v.strip() or v in (".", "..") or "/" in v or "\\" in v or "\0" in v:
+            raise ValueError(
+                "the run's name is its folder under runs/ (when --out is not given), so it must be a plain folder "
+                "name such as 'mnist-lite0': no '/', '\\', and not '.' or '..' (to write elsewhere, pass --out DIR)"
+            )
+        return v
+
     @field_validator("compare", mode="before")
     @classmethod
     def _compare_from_strings(cls, v: Any) -> Any:
@@ -426,7 +441,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"override '{text}' is not of the form key.path=value (e.g. train.epochs=5)")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    return key.strip().split("."), load_yaml(value, f"override '{text}'") if value.strip() else ""
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -470,14 +485,88 @@ def _index(part: str, items: list[Any]) -> int:
     return i
 
 
+MAX_RECIPE_NODES = 100_000  # keys, values and list items of a recipe, aliases expanded (a real one has hundreds)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        self.key, self.first, self.again = key, first, again
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base': its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(obj: Any, sizes: dict[int, int]) -> int:
+    """Keys, values and items of ``obj`` counted as if every alias were written out (each container counted once:
+    a few hundred bytes of nested aliases, a "billion laughs", are counted without being expanded)."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) in sizes:
+        if sizes[id(obj)] < 0:
+            raise RecipeError("an alias (*name) refers to the mapping or list that holds it; a recipe cannot be cyclic")
+        return sizes[id(obj)]
+    sizes[id(obj)] = -1  # in progress
+    items = [x for kv in obj.items() for x in kv] if isinstance(obj, dict) else obj
+    sizes[id(obj)] = min(1 + sum(_expanded_size(x, sizes) for x in items), MAX_RECIPE_NODES + 1)
+    return sizes[id(obj)]
+
+
+def _unshared(obj: Any) -> Any:
+    """A copy in which each alias is a copy of its anchor's value (an override then changes one place only)."""
+    if isinstance(obj, dict):
+        return {k: _unshared(v) for k, v in obj.items()}
+    return [_unshared(x) for x in obj] if isinstance(obj, list) else obj
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse recipe YAML safely: a key given twice in one mapping, a cyclic alias or aliases that expand to more than
+    ``MAX_RECIPE_NODES`` values are a RecipeError; ``where`` names the text in messages (e.g. "recipe 'r.yaml'")."""
+    try:
+        raw = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: tags that build objects are refused
+    except _DuplicateKey as e:
+        raise RecipeError(
+            f"{where}, line {e.again}: the key '{e.key}' is given twice in the same mapping (first on line "
+            f"{e.first}); YAML would silently keep only the last one. Remove one of them."
+        ) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where} is not valid YAML: {e}") from e
+    except RecursionError:
+        raise RecipeError(f"{where} nests lists or mappings too deeply to be a recipe") from None
+    if _expanded_size(raw, {}) > MAX_RECIPE_NODES:
+        raise RecipeError(
+            f"{where}: its aliases (*name) expand to more than {MAX_RECIPE_NODES:,} values (a YAML alias bomb?); "
+            "a recipe is a few hundred: write the values out, or use fewer nested aliases"
+        )
+    return _unshared(raw)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe '{p}' is not valid YAML: {e}") from e
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"recipe '{p}' is not a UTF-8 text file ({e.reason} at byte {e.start}); give a YAML recipe"
+        ) from None
+    raw = load_yaml(text, f"recipe '{p}'")
     if not isinstance(raw, dict):
         raise RecipeError(
             f"recipe '{p}' must be a mapping of keys (source:, data:, train:...), not {type(raw).__name__}"

@@ -92,6 +92,13 @@ class PreparedData:
                 self._pool = Pool(self._subset(idx), self.examples.labels[idx], UNLABELLED_REST)
             else:
                 self._pool = Pool(read_unlabelled(spec, self.modality, self.cfg.text_column), None, spec)
+            limit = self.cfg.unlabelled_max
+            if limit is not None and len(self._pool) > limit:  # a fixed random subset, kept in pool order
+                keep = np.sort(np.random.default_rng(0).permutation(len(self._pool))[:limit])
+                items = self._pool.items
+                items = items.subset(keep) if hasattr(items, "subset") else [items[int(i)] for i in keep]
+                labels = self._pool.labels[keep] if self._pool.labels is not None else None
+                self._pool = Pool(items, labels, self._pool.source)
         return self._pool
 
     def pool_dataset(self, train: bool = False) -> Dataset:
