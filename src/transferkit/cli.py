@@ -151,11 +151,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from transferkit.data.modality import MODALITIES
-    from transferkit.predict import load_run, texts_from_file
+    from transferkit.predict import load_run, path_inputs, texts_from_file
 
+    if args.top_k < 1:
+        raise RecipeError(f"--top-k {args.top_k}: give 1 or more (the number of labels listed per input)")
     predictor = load_run(args.run_dir)
     modality = MODALITIES.get(predictor.modality)
-    inputs = list(args.inputs)
+    inputs = path_inputs(args.inputs, predictor.modality) if modality is not None else list(args.inputs)
     if args.file:
         if modality is None or not modality.reads_lines:
             raise TransferKitError("--file reads one text per line, for text models; give image paths as arguments")
@@ -212,11 +214,34 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from transferkit.config import DataConfig
     from transferkit.rank.candidates import SCORE_NAMES, rank_candidates
 
-    data = DataConfig(dataset=args.data, per_class=args.per_class, image_size=args.image_size)
-    specs = [json.loads(c) if c.lstrip().startswith("{") else c for c in args.candidates]
+    flags = {"dataset": "--data", "per_class": "--per-class", "image_size": "--image-size"}
+    try:
+        data = DataConfig(dataset=args.data, per_class=args.per_class, image_size=args.image_size)
+    except ValidationError as e:
+        raise RecipeError(
+            "; ".join(
+                f"{flags.get(str(err['loc'][0]), err['loc'][0])} {err['input']}: {err['msg']}" for err in e.errors()
+            )
+        ) from None
+    if args.max_examples is not None and args.max_examples < 1:
+        raise RecipeError(f"--max-examples {args.max_examples}: give 1 or more (or leave it out: every example)")
+    specs: list[Any] = []
+    for c in args.candidates:
+        if not c.lstrip().startswith("{"):
+            specs.append(c)
+            continue
+        try:
+            specs.append(json.loads(c))
+        except json.JSONDecodeError as e:
+            raise RecipeError(
+                f"--candidates {c!r} is not valid JSON ({e.msg} at column {e.colno}); give a source name or a JSON "
+                'object with double-quoted keys, e.g. \'{"name": "timm:resnet18", "pretrained": false}\''
+            ) from None
     rows = rank_candidates(data, specs, max_examples=args.max_examples, score=args.score, seed=args.seed)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -255,8 +280,9 @@ def _parse_structured(value: str | None, what: str) -> object:
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from transferkit.config.transfer import LAYER_CHOICES
-    from transferkit.transfer.api import format_report, save_transfer, transfer
+    from transferkit.transfer.api import check_transfer_out, format_report, save_transfer, transfer
 
+    check_transfer_out(args.out, overwrite=args.overwrite)
     rules: Any = _parse_structured(args.rules, "rules")  # a file or an inline list of {from, to}
     kwargs = _parse_structured(args.kwargs, "kwargs") or {}
     if not isinstance(kwargs, dict):

@@ -7,6 +7,7 @@ never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -33,7 +34,7 @@ def safe_torch_load(path: str | Path) -> Any:
     except pickle.UnpicklingError as e:
         code = [g for g in pickle_globals(path) if not g.startswith(_HARMLESS_GLOBALS)]
         if not code:  # corrupt bytes, not code
-            raise SourceError(f"'{path}' is not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from e
+            raise _unreadable(path, e) from e
         raise UnsafeCheckpointError(
             f"refused to load '{path}': it is a pickle that would import or call code, not only tensors "
             f"(it names {', '.join(sorted(set(code))[:5])}). transferkit never runs code from a checkpoint. If you "
@@ -41,7 +42,20 @@ def safe_torch_load(path: str | Path) -> Any:
             "and load that."
         ) from e
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError) as e:
-        raise SourceError(f"'{path}' is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: BaseException) -> SourceError:
+    """A checkpoint torch.load could not read: the reason, without torch's advice to load it with weights_only=False
+    (that would run whatever code it holds)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    reason = " ".join(text.split())[:200]
+    return SourceError(
+        f"'{path}' is not a readable PyTorch checkpoint: it is corrupt or truncated, or not a checkpoint at all "
+        f"({type(e).__name__}{': ' + reason if reason else ''}). Copy, download or save it again."
+    )
 
 
 _HARMLESS_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "numpy.")
@@ -91,7 +105,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own SafetensorError
-            raise SourceError(f"'{path}' is not a valid safetensors file: {e}") from e
+            raise SourceError(
+                f"'{path}' is not a valid safetensors file: it is corrupt or truncated, or another format named "
+                f".safetensors ({e}). Copy, download or save it again."
+            ) from e
     obj = safe_torch_load(path)
     for key in ("state_dict", "model_state", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -274,7 +291,7 @@ def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
             pass  # tmp now holds the old folder
         else:
             old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(final, old)
             try:
                 os.replace(tmp, final)
@@ -284,8 +301,17 @@ def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
             tmp = old
         _fsync_dir(final.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)  # the new folder after a failure, or the old folder or file replaced
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, a file or a link, if there; errors ignored (a temporary name left behind is harmless)."""
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_json(path: str | Path) -> Any:

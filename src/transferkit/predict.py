@@ -45,6 +45,8 @@ class Predictor:
 
     def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
         """Top-k labels with probabilities, one entry per input."""
+        if top_k < 1:
+            raise DataError(f"top_k={top_k}: give 1 or more (the number of labels listed per input)")
         probs = self.predict_proba(inputs)
         k = min(top_k, probs.shape[1])
         values, idx = probs.topk(k, dim=1)
@@ -72,11 +74,48 @@ def texts_from_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"text file '{path}' does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"'{path}' is not a UTF-8 text file ({e.reason} at byte {e.start}); --file takes a text file with one "
+            "text per line"
+        ) from None
+    lines = [line.strip() for line in text.splitlines()]
     texts = [line for line in lines if line]
     if not texts:
         raise DataError(f"'{path}' holds no text (one text per line expected)")
     return texts
+
+
+def path_inputs(inputs: list[str], modality: str) -> list[Any]:
+    """Command-line inputs for a model of ``modality``: a folder given to a model that reads files (images, audio)
+    becomes the files of its kind in it (sub-folders searched, sorted); a file given to a text model is an error
+    (it would be classified as the text of its name)."""
+    m = get_modality(modality)
+    out: list[Any] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if m.reads_lines and path.exists():
+            raise DataError(
+                f"'{item}' is a {'folder' if path.is_dir() else 'file'}, but this is a {modality} model: it takes the "
+                f"texts themselves as arguments (a path would be classified as the text of its name); for a UTF-8 "
+                f"file with one text per line, give --file FILE"
+            )
+        if not path.is_dir():
+            out.append(item)
+            continue
+        if m.read_unlabelled is None:
+            raise DataError(f"'{item}' is a folder; this {modality} model takes {m.inputs_help}: give them one by one")
+        try:
+            files = list(m.read_unlabelled(str(path)))
+        except DataError:  # the reader's message speaks of data.unlabelled
+            raise DataError(
+                f"folder '{item}' holds no {m.inputs_help} (sub-folders searched, hidden files left out); give the "
+                f"folder or the files this {modality} model takes"
+            ) from None
+        out += [str(f) for f in files]
+    return out
 
 
 def load_run(path: str | Path) -> Any:

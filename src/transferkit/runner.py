@@ -65,11 +65,16 @@ def run_recipe(
     if main:
         _start(ctx, from_run is not None)
     accelerator.wait_for_everyone()
-    for stage in stage_order(recipe):
-        if ctx.resume and stage.load is not None and stage.done(ctx):
-            stage.load(ctx)
-        else:
-            stage.run(ctx)
+    try:
+        for stage in stage_order(recipe):
+            if ctx.resume and stage.load is not None and stage.done(ctx):
+                stage.load(ctx)
+            else:
+                stage.run(ctx)
+    except BaseException as e:
+        if main:
+            _mark_failed(out / "run.json", e)
+        raise
     if main:
         write_json(out / "run.json", {**read_json(out / "run.json"), "status": "done"})
     accelerator.wait_for_everyone()
@@ -114,6 +119,20 @@ def _addable(name: str) -> Any:
             f"stages that can: {', '.join(addable)}. Start a new run with it in the recipe."
         )
     return stage
+
+
+def _mark_failed(run_file: Path, error: BaseException) -> None:
+    """run.json says the run stopped (``failed`` with the error, or ``interrupted``), not ``running``; writing it
+    never hides the error itself."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    try:
+        info = read_json(run_file)
+        info.update(status="interrupted" if interrupted else "failed")
+        if not interrupted:
+            info["error"] = f"{type(error).__name__}: {error}"
+        write_json(run_file, info)
+    except Exception:  # an unreadable run.json, a full disk: the run's own error is the one to see
+        pass
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -173,7 +192,14 @@ def _start(ctx: RunContext, added: bool) -> None:
 
 
 def prepare_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """Refuse to write over a different run; ``--resume`` continues the same run, ``--overwrite`` replaces it."""
+    """Refuse to write over a different run; ``--resume`` continues the same run (a failed or interrupted one too),
+    ``--overwrite`` replaces it."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise RunDirError(
+                f"run directory '{out}': '{path}' is a file, not a folder; give --out a folder path (a new or empty "
+                "folder, or a run to --resume)"
+            )
     run_file = out / "run.json"
     if out.exists() and any(out.iterdir()):
         if overwrite:

@@ -214,6 +214,38 @@ def save_model(model: SourceModel, folder: str | Path, extra: dict[str, Any] | N
     return replace_dir(Path(folder), fill)
 
 
+_MODEL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "arch": dict,
+    "num_features": int,
+    "head": dict,
+    "labels": (list, type(None)),
+    "preprocess": dict,
+}
+
+
+def _read_model_json(path: Path) -> dict[str, Any]:
+    """``model.json``, checked: a file cut short or edited by hand is named, with what is wrong in it."""
+    fix = "copy the model folder again, or save the model again"
+    try:
+        meta = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise SourceError(f"'{path}' is corrupt or truncated: it is not valid JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise SourceError(f"'{path}' is corrupt: it holds a {type(meta).__name__}, not a mapping of keys; {fix}")
+    if meta.get("format") != MODEL_FORMAT:
+        raise SourceError(f"'{path}' has format {meta.get('format')!r}; this transferkit reads {MODEL_FORMAT}")
+    missing = [k for k in _MODEL_KEYS if k not in meta]
+    wrong = [k for k, t in _MODEL_KEYS.items() if k in meta and not isinstance(meta[k], t)]
+    if not missing and not wrong:
+        if "name" not in meta["arch"] or not isinstance(meta["head"].get("num_classes"), int):
+            wrong = ["arch.name" if "name" not in meta["arch"] else "head.num_classes"]
+    if missing or wrong:
+        what = (f"misses {', '.join(missing)}" if missing else "") + (" and " if missing and wrong else "")
+        what += f"has no valid {', '.join(wrong)}" if wrong else ""
+        raise SourceError(f"'{path}' is incomplete or corrupt: it {what}; {fix}")
+    return meta
+
+
 def load_model(folder: str | Path) -> SourceModel:
     """Rebuild a saved model from its folder alone (no recipe, no network)."""
     folder = Path(folder)
@@ -222,9 +254,7 @@ def load_model(folder: str | Path) -> SourceModel:
     meta_path = folder / "model.json"
     if not meta_path.is_file():
         raise SourceError(f"'{folder}' is not a transferkit model folder: it has no model.json")
-    meta = read_json(meta_path)
-    if meta.get("format") != MODEL_FORMAT:
-        raise SourceError(f"'{meta_path}' has format {meta.get('format')!r}; this transferkit reads {MODEL_FORMAT}")
+    meta = _read_model_json(meta_path)
     arch = meta["arch"]
     if (folder / "processor").is_dir():  # the tokenizer / feature extractor saved beside the weights
         arch = {**arch, "kwargs": {**arch.get("kwargs", {}), "processor_dir": str(folder / "processor")}}

@@ -153,7 +153,10 @@ def is_recsys_folder(path: str | Path) -> bool:
     path = Path(path)
     folder = path / "model" if (path / "model" / "model.json").is_file() else path
     meta = folder / "model.json"
-    return meta.is_file() and read_json(meta).get("task") == TASK
+    try:
+        return meta.is_file() and read_json(meta).get("task") == TASK
+    except (ValueError, UnicodeDecodeError, AttributeError):  # a corrupt model.json: load_model names the problem
+        return False
 
 
 def load_recsys_model(path: str | Path) -> tuple[TwoTower, dict[str, Any], Path]:

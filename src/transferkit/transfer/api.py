@@ -824,6 +824,48 @@ def format_report(report: Mapping[str, Any], max_rows: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
+# what save_transfer writes (a transferkit model folder, or a transformers save_pretrained folder) and its report
+_TRANSFER_FILES = {
+    "model.json",
+    "model.safetensors",
+    "processor",
+    "transfer_report.json",
+    "transfer_report.txt",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+}
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """The entries of ``folder`` that transferkit did not write: all of them when it holds neither a model.json nor
+    a transfer_report.json, else those that are not among the names a transfer's output has."""
+    names = sorted(p.name for p in folder.iterdir())
+    if not {"model.json", "transfer_report.json"} & set(names):
+        return names
+    shard = re.compile(r"model-\d+-of-\d+\.safetensors")
+    return [n for n in names if n not in _TRANSFER_FILES and not shard.fullmatch(n)]
+
+
+def check_transfer_out(out: str | Path, overwrite: bool = False) -> None:
+    """Raise RunDirError unless ``save_transfer`` may write ``out`` (checked before a transfer too, so a long
+    one is not done for nothing): a new or empty folder, or with ``overwrite`` a folder transferkit wrote."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"'{out}' is a file, not a folder; choose a folder path for --out (a new or empty one)")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"'{out}' is not empty; choose another --out or pass --overwrite")
+        foreign = _foreign_files(out)
+        if foreign:
+            raise RunDirError(
+                f"'{out}' holds files transferkit did not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); --overwrite replaces only a folder written by transferkit "
+                "(a model folder or a transfer's output: model.json, transfer_report.json...). Choose another --out, "
+                "or move those files away yourself."
+            )
+
+
 def save_transfer(model: nn.Module, report: Mapping[str, Any], out: str | Path, overwrite: bool = False) -> Path:
     """Write the target, ``transfer_report.json`` and ``transfer_report.txt`` to ``out``, swapped in whole.
 
@@ -833,7 +875,8 @@ def save_transfer(model: nn.Module, report: Mapping[str, Any], out: str | Path, 
     is built under a temporary name and replaces ``out`` only when complete (``transferkit.io.replace_dir``).
 
     Raises:
-        RunDirError: ``out`` holds files and ``overwrite`` is not set.
+        RunDirError: ``out`` is a file, or holds files and ``overwrite`` is not set, or holds files that
+            transferkit did not write (``overwrite`` replaces only a folder transferkit wrote).
         TransferError: the target is neither a transferkit nor a transformers model (no format to save it in).
     """
     from transferkit.io import replace_dir, write_json, write_text
@@ -846,8 +889,7 @@ def save_transfer(model: nn.Module, report: Mapping[str, Any], out: str | Path, 
             "(targets built from a spec such as timm:NAME) and transformers models "
             "(save_pretrained); save this one with torch.save(model.state_dict()) and keep the report"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RunDirError(f"'{out}' is not empty; choose another --out or pass --overwrite")
+    check_transfer_out(out, overwrite)
 
     def fill(tmp: Path) -> None:
         if isinstance(model, SourceModel):
