@@ -66,6 +66,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         options["label"] = args.label
     out_dir = add_stage("merge", host, options)
     print(f"run directory: {out_dir}\nreport: {out_dir / 'report.html'}")
+    label = args.label or f"merge-{args.method}"
+    tasks = read_json(out_dir / "metrics.json").get("multi_task", {}).get(label, {}).get("tasks")
+    if tasks:  # different label sets: a multi-task model, not the run's selected model
+        folder = out_dir / "models" / label
+        print(
+            f"multi-task model: {folder} (tasks: {', '.join(tasks)}); transferkit predict {folder} INPUT [--task NAME]"
+        )
     return 0
 
 
@@ -155,7 +162,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise RecipeError(f"--top-k {args.top_k}: give 1 or more (the number of labels listed per input)")
-    predictor = load_run(args.run_dir)
+    predictor = load_run(args.run_dir, task=args.task)
     modality = MODALITIES.get(predictor.modality)
     inputs = path_inputs(args.inputs, predictor.modality) if modality is not None else list(args.inputs)
     if args.file:
@@ -171,7 +178,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 0
     for p in predictions:
         top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"])
-        print(f"{p.get('file', p.get('text', p.get('user')))}: {top}")
+        task = f" [{p['task']}]" if "task" in p else ""  # a multi-task model: one line per task
+        print(f"{p.get('file', p.get('text', p.get('user')))}{task}: {top}")
     return 0
 
 
@@ -413,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--file", help="text model: a UTF-8 file with one text per line")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--task", help="multi-task model (a merge of different label sets): this task only (default all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_predict)
 

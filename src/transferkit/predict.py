@@ -1,7 +1,9 @@
 """Prediction from a saved model alone: ``load_run(RUN_DIR).predict(inputs)``.
 
 Inputs are what the model's modality takes: image paths, PIL images or uint8 arrays for an image model; strings
-for a text model (``texts_from_file`` reads a file of lines).
+for a text model (``texts_from_file`` reads a file of lines). A multi-task model (a merge of models of different
+label sets) predicts every task, or the one ``load_run(path, task=NAME)`` names; each of its predictions names its
+task.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from transferkit.data.modality import get_modality, make_batch
 from transferkit.engine.loop import inference_pass
 from transferkit.errors import DataError, DataNotFoundError
-from transferkit.models.base import SourceModel, load_model
+from transferkit.models.base import MultiTaskModel, SourceModel, load_model
 
 BATCH = 32
 
@@ -59,6 +61,26 @@ class Predictor:
                 ],
             }
             for i, (item, vals, ids) in enumerate(zip(inputs, values, idx))
+        ]
+
+
+class MultiTaskPredictor:
+    """A multi-task model's tasks (all, or the ones named), each predicted as a single-task model predicts: the
+    backbone runs once per task."""
+
+    def __init__(self, model: MultiTaskModel, tasks: list[str] | None = None):
+        self.model = model.eval()
+        self.modality = model.modality
+        self.tasks = {name: Predictor(model.task(name)) for name in tasks or model.tasks}
+
+    def predict(self, inputs: list[Any], top_k: int = 3) -> list[dict[str, Any]]:
+        """Per input, one entry per task (in the model's task order): the input, ``task`` and the top-k labels."""
+        by_task = {name: p.predict(inputs, top_k) for name, p in self.tasks.items()}
+        key = get_modality(self.modality).input_key
+        return [
+            {key: rows[i][key], "task": name, "top": rows[i]["top"]}
+            for i in range(len(inputs))
+            for name, rows in by_task.items()
         ]
 
 
@@ -118,8 +140,12 @@ def path_inputs(inputs: list[str], modality: str) -> list[Any]:
     return out
 
 
-def load_run(path: str | Path) -> Any:
-    """A Predictor from a run directory (its selected ``model/``) or a model folder."""
+def load_run(path: str | Path, task: str | None = None) -> Any:
+    """A Predictor from a run directory (its selected ``model/``) or a model folder.
+
+    Args:
+        task: a multi-task model's task to predict (default: every task); a single-task model has none to name.
+    """
     path = Path(path)
     if not path.exists():
         raise DataNotFoundError(f"run directory or model folder '{path}' does not exist")
@@ -127,5 +153,34 @@ def load_run(path: str | Path) -> Any:
     from transferkit.recsys.run import is_recsys_folder, load_recsys_run
 
     if is_recsys_folder(folder):  # a recommendation model: user ids in, top-k unseen items out
+        if task is not None:
+            raise DataError(f"'{folder}' is a recommendation model: it has no tasks to choose from (--task {task})")
         return load_recsys_run(folder)
-    return Predictor(load_model(folder))
+    model = load_model(folder)
+    if isinstance(model, MultiTaskModel):
+        return MultiTaskPredictor(model, None if task is None else [task])  # an unknown task: the tasks listed
+    if task is not None:
+        raise DataError(
+            f"'{folder}' is a single-task model (labels: {_labels(model)}): it has no tasks to choose "
+            f"from (--task {task}).{_multi_task_hint(path)} Predict without --task"
+        )
+    return Predictor(model)
+
+
+def _labels(model: SourceModel) -> str:
+    labels = model.labels or [str(i) for i in range(model.head_spec()["num_classes"])]
+    return ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+
+
+def _multi_task_hint(run: Path) -> str:
+    """Where a run directory holds multi-task models (merges of different label sets): their folders and tasks."""
+    from transferkit.io import read_json
+
+    found = []
+    for meta_path in sorted(run.glob("models/*/model.json")):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            tasks = read_json(meta_path).get("tasks")
+            if isinstance(tasks, list):
+                names = ", ".join(str(t.get("name")) for t in tasks if isinstance(t, dict))
+                found.append(f"'{meta_path.parent}' (tasks: {names})")
+    return f" This run's multi-task models: {'; '.join(found)}; give one of them with --task." if found else ""

@@ -330,7 +330,7 @@ def test_predict_a_text_model_on_a_file_says_it_takes_texts(
     import transferkit.data.text  # registers the text modality
     import transferkit.predict
 
-    monkeypatch.setattr(transferkit.predict, "load_run", lambda path: _TextPredictor())
+    monkeypatch.setattr(transferkit.predict, "load_run", lambda path, task=None: _TextPredictor())
     image = write_image(tmp_path / "x.png")
     rc, err = _cli(capsys, "predict", tmp_path / "run", image)
     assert rc == 1 and f"'{image}' is a file, but this is a text model" in err and "--file" in err

@@ -153,8 +153,11 @@ def test_only_batch_norms_whose_statistics_differ_are_recomputed(tmp_path: Path)
 def test_models_that_cannot_merge_are_refused_naming_the_difference(tmp_path: Path) -> None:
     fa, _ = _saved(tmp_path, "a", 1)
     fc, _ = _saved(tmp_path, "c", 3, labels=("a", "b", "c"))
-    with pytest.raises(DataError, match=r"predicts \['a', 'b', 'c'\].*the same labels in the same order"):
-        check_compatible([fa, fc])
+    with pytest.raises(
+        DataError, match=r"predicts \['a', 'b', 'c'\].*ensemble needs the same labels in the same order"
+    ):
+        check_compatible([fa, fc], one_label_set="ensemble")
+    assert len(check_compatible([fa, fc])) == 2  # a weight merge of two label sets: a multi-task model
     with pytest.raises(DataError, match="a merge needs at least two models, got 1"):
         check_compatible([fa])
 

@@ -1,8 +1,9 @@
 """Model fusion: several fine-tuned models into one (soups, task arithmetic, TIES, DARE) or an output ensemble.
 
 ``merge.methods`` holds the methods (declared parameters plus one pure tensor function); ``merge.api`` merges saved
-model folders tensor by tensor, recalibrates BatchNorm statistics and builds greedy soups and ensembles. The
-``merge`` stage (``stages/merge.py``) runs them on a run's models and other runs, evaluates and saves the result.
+model folders tensor by tensor (models of different label sets into a multi-task model, one head per task),
+recalibrates BatchNorm statistics and builds greedy soups and ensembles. The ``merge`` stage (``stages/merge.py``)
+runs them on a run's models and other runs, evaluates and saves the result.
 """
 
 from transferkit.merge.api import (
@@ -13,7 +14,9 @@ from transferkit.merge.api import (
     merge_state,
     merged_model,
     method_of,
+    multi_task_model,
     recalibrate_batch_norms,
+    same_labels,
 )
 from transferkit.merge.methods import METHODS, MergeConfig, merge_tensor
 
@@ -28,5 +31,7 @@ __all__ = [
     "merge_tensor",
     "merged_model",
     "method_of",
+    "multi_task_model",
     "recalibrate_batch_norms",
+    "same_labels",
 ]

@@ -1,12 +1,14 @@
 """Merging saved models: checks, a streaming weight merge, BatchNorm recalibration, soups and ensembles.
 
-``merge_models(folders, method, base)`` merges model folders (``models/NAME/`` or a run's ``model/``) that share an
+``merge_state(folders, cfg, base)`` merges model folders (``models/NAME/`` or a run's ``model/``) that share an
 architecture and a starting point: tensor by tensor, reading one tensor of each model at a time from its
 safetensors file, so that beyond the running result no more than one model's tensors are in memory. The new head
-has no shared start (every run initialises its own), so heads are averaged; integer buffers (BatchNorm step
-counters) are the first model's. BatchNorm statistics that differ between the models are recomputed on training
-data afterwards (``recalibrate_batch_norms``), since their mean is not the statistics of the merged network;
-statistics every model kept (frozen at the source's) are exact as they are.
+has no shared start (every run initialises its own), so models of one label set get the mean of their heads; models
+of different label sets (different tasks) keep each its own head beside the merged backbone, a multi-task model
+(``multi_task_model``). Integer buffers (BatchNorm step counters) are the first model's. BatchNorm statistics that
+differ between the models are recomputed on training data afterwards (``recalibrate_batch_norms``), since their mean
+is not the statistics of the merged network; statistics every model kept (frozen at the source's) are exact as they
+are.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferkit.errors import DataError, SourceError
 from transferkit.io import read_json
 from transferkit.merge.methods import METHODS, MergeConfig, Method, merge_tensor
+from transferkit.models.base import MultiTaskModel, linear_head
 from transferkit.specs import parse_spec
 
 NEW_PREFIX = "head."  # tensors every run initialises itself: averaged, no task vector
@@ -33,8 +36,16 @@ def method_of(spec: Any) -> tuple[str, Method, Any]:
     return parse_spec(spec, METHODS, lambda m: m.config)
 
 
-def check_compatible(folders: Sequence[Path]) -> list[dict[str, Any]]:
-    """The models' ``model.json``; models of other architectures, labels or tensors are a clear error."""
+def check_compatible(folders: Sequence[Path], one_label_set: str | None = None) -> list[dict[str, Any]]:
+    """The models' ``model.json``; models of other architectures or tensors are a clear error.
+
+    Models of different label sets merge into a multi-task model, so only their backbones must match (tensor by
+    tensor); their heads may differ.
+
+    Args:
+        one_label_set: the method, when it needs every model to predict the same labels (greedy soup, ensembles):
+            different label sets are then an error.
+    """
     from safetensors import safe_open
 
     if len(folders) < 2:
@@ -51,20 +62,28 @@ def check_compatible(folders: Sequence[Path]) -> list[dict[str, Any]]:
                 f"'{folder}' is a {meta['arch'].get('name')} ({meta['arch']}), '{first_folder}' a "
                 f"{first['arch'].get('name')} ({first['arch']}): merged models must share the architecture"
             )
-        if meta.get("labels") != first.get("labels"):
+        if "tasks" in meta or "tasks" in first:
             raise DataError(
-                f"'{folder}' predicts {meta.get('labels')}, '{first_folder}' {first.get('labels')}: a merge with one "
-                "head needs the same labels in the same order (models of different tasks are not merged yet)"
+                f"'{folder if 'tasks' in meta else first_folder}' is a multi-task model: merge the models it was "
+                "merged from instead"
+            )
+        if one_label_set and meta.get("labels") != first.get("labels"):
+            raise DataError(
+                f"'{folder}' predicts {meta.get('labels')}, '{first_folder}' {first.get('labels')}: {one_label_set} "
+                "needs the same labels in the same order (it compares or averages the models' predictions); a weight "
+                "merge (uniform_soup, task_arithmetic, ties, dare) of different label sets gives a multi-task model"
             )
         if meta.get("adapter") or first.get("adapter"):
             raise DataError(
                 f"'{folder if meta.get('adapter') else first_folder}' carries LoRA adapters: merge models trained "
                 "with lora merge: true (plain weights)"
             )
+    merged_heads = same_labels(metas)  # else each model keeps its head: only the backbones must match
     shapes = []
     for f in folders:
         with safe_open(str(f / "model.safetensors"), framework="pt") as sf:
-            shapes.append({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+            names = [k for k in sf.keys() if merged_heads or not k.startswith(NEW_PREFIX)]
+            shapes.append({k: tuple(sf.get_slice(k).get_shape()) for k in names})
     for shape, folder in zip(shapes[1:], folders[1:]):
         for name in sorted(set(shapes[0]) | set(shape)):
             if name not in shape or name not in shapes[0]:
@@ -78,6 +97,11 @@ def check_compatible(folders: Sequence[Path]) -> list[dict[str, Any]]:
     return metas
 
 
+def same_labels(metas: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the models (their ``model.json``) predict the same labels in the same order: their heads merge."""
+    return all(m.get("labels") == metas[0].get("labels") for m in metas[1:])
+
+
 def _is_statistic(name: str) -> bool:
     return name.endswith(("running_mean", "running_var"))
 
@@ -87,6 +111,9 @@ def merge_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """The merged tensors of ``folders`` and how each was merged (``how -> tensor names``).
 
+    Models of one label set get the mean of their heads; models of different label sets keep each its own head,
+    model ``i``'s ``head.*`` as ``heads.i.*`` (``how["task heads"]``): the tensors of ``multi_task_model``.
+
     Args:
         folders: model folders of one architecture (``check_compatible``).
         cfg: the generalised merge.
@@ -94,15 +121,16 @@ def merge_state(
     """
     from safetensors import safe_open
 
+    merged_heads = same_labels([read_json(f / "model.json") for f in folders])
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(safe_open(str(f / "model.safetensors"), framework="pt")) for f in folders]
-        return _merge_open(files, cfg, base)
+        return _merge_open(files, cfg, base, merged_heads)
 
 
 def _merge_open(
-    files: Sequence[Any], cfg: MergeConfig, base: Mapping[str, torch.Tensor] | None
+    files: Sequence[Any], cfg: MergeConfig, base: Mapping[str, torch.Tensor] | None, merged_heads: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    names = list(files[0].keys())
+    names = [n for n in files[0].keys() if merged_heads or not n.startswith(NEW_PREFIX)]
     task_vector = {
         n for n in names if base is not None and n in base and not n.startswith(NEW_PREFIX) and not _is_statistic(n)
     }
@@ -124,6 +152,12 @@ def _merge_open(
         else:
             merged[name], key = merge_tensor(torch.zeros_like(tensors[0]), tensors, mean), "averaged"
         how[key].append(name)
+    if not merged_heads:  # one head per task, as its model trained it
+        how["task heads"] = []
+        for i, f in enumerate(files):
+            for name in (n for n in f.keys() if n.startswith(NEW_PREFIX)):
+                merged[f"heads.{i}.{name.removeprefix(NEW_PREFIX)}"] = f.get_tensor(name)
+                how["task heads"].append(f"heads.{i}.{name.removeprefix(NEW_PREFIX)}")
     return merged, how
 
 
@@ -149,6 +183,24 @@ def merged_model(folder: Path, state: Mapping[str, torch.Tensor]) -> Any:
     return model.eval()
 
 
+def multi_task_model(
+    folders: Sequence[Path], tasks: Sequence[str], state: Mapping[str, torch.Tensor]
+) -> MultiTaskModel:
+    """The merge of models of different label sets (``merge_state``'s ``state``): the first model's backbone and
+    preprocessing, and model ``i``'s head and labels as task ``tasks[i]``."""
+    from transferkit.models.base import load_model
+
+    first, metas = load_model(folders[0]), [read_json(f / "model.json") for f in folders]
+    heads = [linear_head(first.num_features, m["head"]["num_classes"], m["head"].get("dropout", 0.0)) for m in metas]
+    labels = [m["labels"] for m in metas]
+    model = MultiTaskModel(
+        first.backbone, heads, tasks, labels, first.arch, first.preprocess, first.num_features, first.groups
+    )
+    model.processor = first.processor
+    model.load_state_dict(dict(state))
+    return model.eval()
+
+
 def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -160,12 +212,17 @@ def differing_norms(how: Mapping[str, Sequence[str]]) -> set[str]:
 
 @torch.no_grad()
 def recalibrate_batch_norms(
-    model: nn.Module, dataset: Dataset, batch_size: int = 32, device: Any = "cpu", only: set[str] | None = None
+    model: nn.Module,
+    dataset: Dataset | Sequence[Dataset],
+    batch_size: int = 32,
+    device: Any = "cpu",
+    only: set[str] | None = None,
 ) -> int:
     """Recompute BatchNorm running statistics on ``dataset`` (cumulative averages over one pass, the network
     otherwise in eval mode); returns the number of examples seen (0: nothing to recompute).
 
     Args:
+        dataset: one dataset, or several (each task's training split, for a multi-task merge), passed in turn.
         only: the names of the norms to recompute (default: all). Statistics that every merged model shares (kept
             frozen at the source's while fine-tuning) are exact as they are, and the weights were trained for them:
             recomputing those would change the function the models learned.
@@ -187,10 +244,12 @@ def recalibrate_batch_norms(
         m.train()
     seen = 0
     try:
-        collate = getattr(dataset, "collate", None)
-        for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-            model(to_device(x, device))
-            seen += len(_)
+        parts: list[Any] = list(dataset) if isinstance(dataset, (list, tuple)) else [dataset]
+        for part in parts:
+            collate = getattr(part, "collate", None)
+            for x, _ in DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate):
+                model(to_device(x, device))
+                seen += len(_)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -229,6 +288,7 @@ def greedy_soup(
         val_accuracy: validation accuracy of a model.
         prepare: applied to each soup, with how it was merged, before it is scored (BatchNorm recalibration).
     """
+    check_compatible(folders, one_label_set="greedy_soup")
     singles = [(val_accuracy(_load(f)), i) for i, f in enumerate(folders)]  # each model as it was trained
     order = [i for _, i in sorted(singles, key=lambda t: -t[0])]
     kept, best = [order[0]], max(singles)[0]

@@ -14,7 +14,7 @@ A backbone is described by ``arch`` (a JSON-able dict: family, name, keyword arg
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import nn
 
 from transferkit import __version__
 from transferkit.data.modality import get_modality
-from transferkit.errors import SourceError
+from transferkit.errors import SourceError, UnknownNameError, did_you_mean
 from transferkit.io import load_state_dict, read_json, replace_dir, save_tensors, write_json
 
 MODEL_FORMAT = "transferkit.model/1"
@@ -101,10 +101,7 @@ class SourceModel(nn.Module):
 
     def reset_head(self, num_outputs: int, labels: list[str] | None = None, dropout: float = 0.0) -> nn.Module:
         """Replace the head with a fresh linear classifier for ``num_outputs`` classes."""
-        linear = nn.Linear(self.num_features, num_outputs)
-        nn.init.trunc_normal_(linear.weight, std=0.01)  # small logits at start: the new head learns fast
-        nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.Dropout(dropout), linear) if dropout else linear
+        self.head = linear_head(self.num_features, num_outputs, dropout)
         self.labels = labels
         return self.head
 
@@ -126,16 +123,112 @@ class SourceModel(nn.Module):
         return out
 
     def head_spec(self) -> dict[str, Any]:
-        linear = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
-        if not linear:
-            raise SourceError("the model head has no nn.Linear; transferkit saves linear heads only")
-        dropout = [m.p for m in self.head.modules() if isinstance(m, nn.Dropout)]
-        return {
-            "type": "linear",
-            "in_features": linear[-1].in_features,
-            "num_classes": linear[-1].out_features,
-            "dropout": dropout[0] if dropout else 0.0,
-        }
+        return head_spec(self.head)
+
+
+def linear_head(num_features: int, num_outputs: int, dropout: float = 0.0) -> nn.Module:
+    """A fresh linear classifier (behind a dropout layer when ``dropout``), initialised to give small logits."""
+    linear = nn.Linear(num_features, num_outputs)
+    nn.init.trunc_normal_(linear.weight, std=0.01)  # small logits at start: the new head learns fast
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.Dropout(dropout), linear) if dropout else linear
+
+
+def head_spec(head: nn.Module) -> dict[str, Any]:
+    """What ``model.json`` records of a head (``linear_head`` rebuilds it from this)."""
+    linear = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise SourceError("the model head has no nn.Linear; transferkit saves linear heads only")
+    dropout = [m.p for m in head.modules() if isinstance(m, nn.Dropout)]
+    return {
+        "type": "linear",
+        "in_features": linear[-1].in_features,
+        "num_classes": linear[-1].out_features,
+        "dropout": dropout[0] if dropout else 0.0,
+    }
+
+
+class MultiTaskModel(nn.Module):
+    """One backbone, one head per task: inputs -> ``backbone`` -> pooled features -> ``heads[i]`` -> task i's logits.
+
+    What merging models fine-tuned on different label sets gives (``transferkit.merge``). A task is always named:
+    ``forward(x, task)``, or ``task(name)``, a SourceModel sharing this backbone and that task's head, which
+    ``evaluate``, ``Predictor`` and the engine take like any model.
+
+    Args:
+        backbone: the shared feature extractor (returns ``(batch, num_features)``).
+        heads: one linear classifier per task.
+        tasks: the tasks' names (unique), in the order of ``heads``.
+        labels: each task's class names, in output order.
+        arch, preprocess, num_features, groups: as for ``SourceModel`` (one backbone, one input format).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        heads: Sequence[nn.Module],
+        tasks: Sequence[str],
+        labels: Sequence[list[str] | None],
+        arch: dict[str, Any],
+        preprocess: dict[str, Any],
+        num_features: int,
+        groups: list[tuple[str, str]] | None = None,
+    ):
+        super().__init__()
+        if not len(heads) == len(tasks) == len(labels) or not heads:
+            raise ValueError(f"{len(tasks)} tasks, {len(heads)} heads and {len(labels)} label lists: give one each")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique, got {list(tasks)}")
+        self.backbone = backbone
+        self.heads = nn.ModuleList(heads)  # by position: a task's name may hold characters a module name cannot
+        self.tasks = list(tasks)
+        self.task_labels = list(labels)
+        self.arch = arch
+        self.preprocess = preprocess
+        self.num_features = num_features
+        self.groups = groups or []
+        self.adapter: dict[str, Any] | None = None  # never set: adapters are merged into the weights first
+        self.processor: Any = None
+
+    @property
+    def modality(self) -> str:
+        return str(self.preprocess.get("modality", "image"))
+
+    def index(self, task: str) -> int:
+        """The position of ``task``; an unknown name is an error listing the tasks there are."""
+        if task not in self.tasks:
+            raise UnknownNameError(
+                f"unknown task '{task}'.{did_you_mean(task, self.tasks)} This multi-task model has the tasks: "
+                f"{', '.join(self.tasks)}"
+            )
+        return self.tasks.index(task)
+
+    def forward(self, x: Any, task: str) -> torch.Tensor:
+        """The logits of ``task``."""
+        return self.heads[self.index(task)](self.backbone(x))
+
+    def task(self, name: str) -> SourceModel:
+        """Task ``name`` as a SourceModel: this backbone and that task's head (the same modules, not copies)."""
+        i = self.index(name)
+        view = SourceModel(
+            self.backbone,
+            self.heads[i],
+            self.arch,
+            self.preprocess,
+            self.task_labels[i],
+            self.num_features,
+            self.groups,
+        )
+        view.processor = self.processor
+        view.training = self.training
+        return view
+
+    def task_specs(self) -> list[dict[str, Any]]:
+        """What ``model.json`` records of the tasks, in order: name, labels, head."""
+        return [
+            {"name": t, "labels": labels, "head": head_spec(head)}
+            for t, labels, head in zip(self.tasks, self.task_labels, self.heads)
+        ]
 
 
 Builder = Callable[[str, bool, "str | None", dict[str, Any]], Backbone]
@@ -188,16 +281,24 @@ def _load_families() -> None:
 # Saving and loading a model folder: model.safetensors + model.json.
 
 
-def save_model(model: SourceModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/model.json`` (swapped in whole: never half-written)."""
+def save_model(model: SourceModel | MultiTaskModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/model.json`` (swapped in whole: never half-written).
+
+    A single-task model's ``model.json`` holds its ``head`` and ``labels``; a multi-task model's holds ``tasks``
+    (name, labels and head of each, in order) instead.
+    """
+    heads = (
+        {"tasks": model.task_specs()}
+        if isinstance(model, MultiTaskModel)
+        else {"head": model.head_spec(), "labels": model.labels}
+    )
     meta = {
         "format": MODEL_FORMAT,
         "task": get_modality(model.modality).task,
         "transferkit_version": __version__,
         "arch": model.arch,
         "num_features": model.num_features,
-        "head": model.head_spec(),
-        "labels": model.labels,
+        **heads,
         "preprocess": model.preprocess,
         "groups": model.groups,
         "adapter": model.adapter,
@@ -214,13 +315,9 @@ def save_model(model: SourceModel, folder: str | Path, extra: dict[str, Any] | N
     return replace_dir(Path(folder), fill)
 
 
-_MODEL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "arch": dict,
-    "num_features": int,
-    "head": dict,
-    "labels": (list, type(None)),
-    "preprocess": dict,
-}
+_MODEL_KEYS: dict[str, type | tuple[type, ...]] = {"arch": dict, "num_features": int, "preprocess": dict}
+_ONE_TASK_KEYS: dict[str, type | tuple[type, ...]] = {"head": dict, "labels": (list, type(None))}
+_TASK_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "head": dict, "labels": (list, type(None))}
 
 
 def _read_model_json(path: Path) -> dict[str, Any]:
@@ -234,11 +331,13 @@ def _read_model_json(path: Path) -> dict[str, Any]:
         raise SourceError(f"'{path}' is corrupt: it holds a {type(meta).__name__}, not a mapping of keys; {fix}")
     if meta.get("format") != MODEL_FORMAT:
         raise SourceError(f"'{path}' has format {meta.get('format')!r}; this transferkit reads {MODEL_FORMAT}")
-    missing = [k for k in _MODEL_KEYS if k not in meta]
-    wrong = [k for k, t in _MODEL_KEYS.items() if k in meta and not isinstance(meta[k], t)]
+    keys = {**_MODEL_KEYS, **({"tasks": list} if "tasks" in meta else _ONE_TASK_KEYS)}
+    missing = [k for k in keys if k not in meta]
+    wrong = [k for k, t in keys.items() if k in meta and not isinstance(meta[k], t)]
     if not missing and not wrong:
-        if "name" not in meta["arch"] or not isinstance(meta["head"].get("num_classes"), int):
-            wrong = ["arch.name" if "name" not in meta["arch"] else "head.num_classes"]
+        wrong = _wrong_heads(meta)
+        if "name" not in meta["arch"]:
+            wrong = ["arch.name"]
     if missing or wrong:
         what = (f"misses {', '.join(missing)}" if missing else "") + (" and " if missing and wrong else "")
         what += f"has no valid {', '.join(wrong)}" if wrong else ""
@@ -246,8 +345,23 @@ def _read_model_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(folder: str | Path) -> SourceModel:
-    """Rebuild a saved model from its folder alone (no recipe, no network)."""
+def _wrong_heads(meta: dict[str, Any]) -> list[str]:
+    """The first invalid head entry of a ``model.json`` whose keys have the right types ([] when all are valid)."""
+    if "head" in meta:
+        return [] if isinstance(meta["head"].get("num_classes"), int) else ["head.num_classes"]
+    tasks = meta["tasks"]
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict) or not all(isinstance(t.get(k), c) for k, c in _TASK_KEYS.items()):
+            return [f"tasks.{i} (name, labels, head)"]
+        if not isinstance(t["head"].get("num_classes"), int):
+            return [f"tasks.{i}.head.num_classes"]
+    names = [t["name"] for t in tasks]
+    return [] if names and len(set(names)) == len(names) else ["tasks (one or more, each named once)"]
+
+
+def load_model(folder: str | Path) -> SourceModel | MultiTaskModel:
+    """Rebuild a saved model from its folder alone (no recipe, no network): a ``SourceModel``, or a
+    ``MultiTaskModel`` where ``model.json`` records ``tasks``."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
@@ -259,19 +373,30 @@ def load_model(folder: str | Path) -> SourceModel:
     if (folder / "processor").is_dir():  # the tokenizer / feature extractor saved beside the weights
         arch = {**arch, "kwargs": {**arch.get("kwargs", {}), "processor_dir": str(folder / "processor")}}
     backbone = build_backbone(arch, pretrained=False)
-    head_spec = meta["head"]
-    model = SourceModel(
-        backbone.module,
-        nn.Identity(),
-        meta["arch"],
-        meta["preprocess"],
-        meta["labels"],
-        meta["num_features"],
-        [tuple(g) for g in meta.get("groups", [])],
-    )
-    model.reset_head(head_spec["num_classes"], meta["labels"], head_spec.get("dropout", 0.0))
+    groups = [tuple(g) for g in meta.get("groups", [])]
+    model: SourceModel | MultiTaskModel
+    if "tasks" in meta:
+        heads = [
+            linear_head(meta["num_features"], t["head"]["num_classes"], t["head"].get("dropout", 0.0))
+            for t in meta["tasks"]
+        ]
+        tasks, labels = [t["name"] for t in meta["tasks"]], [t["labels"] for t in meta["tasks"]]
+        model = MultiTaskModel(
+            backbone.module, heads, tasks, labels, meta["arch"], meta["preprocess"], meta["num_features"], groups
+        )
+    else:
+        model = SourceModel(
+            backbone.module,
+            nn.Identity(),
+            meta["arch"],
+            meta["preprocess"],
+            meta["labels"],
+            meta["num_features"],
+            groups,
+        )
+        model.reset_head(meta["head"]["num_classes"], meta["labels"], meta["head"].get("dropout", 0.0))
     model.processor = backbone.processor
-    if meta.get("adapter"):
+    if meta.get("adapter") and isinstance(model, SourceModel):
         from transferkit.models.adapters import inject_lora
 
         inject_lora(model, {k: v for k, v in meta["adapter"].items() if k != "type"})

@@ -102,9 +102,14 @@ def load_source(spec: str | SourceSpec | Mapping[str, Any]) -> SourceModel:
     path = Path(name).expanduser()
     if path.exists():
         if _is_model_path(path):
-            model = load_model(path)
-            model.origin = {k: f"{path}:{k}" for k in model.state_dict()}
-            return model
+            saved = load_model(path)
+            if not isinstance(saved, SourceModel):
+                raise SourceError(
+                    f"'{path}' is a multi-task model (tasks: {', '.join(saved.tasks)}): a source has one head; give "
+                    "one of the models it merged"
+                )
+            saved.origin = {k: f"{path}:{k}" for k in saved.state_dict()}
+            return saved
         if path.is_dir() and (path / "config.json").is_file():
             return load_source(SourceSpec(name=f"hf:{path}", pretrained=spec.pretrained, weights=spec.weights))
         raise SourceError(

@@ -1,10 +1,16 @@
 """``merge:``: trained models merged into one (uniform or greedy soup, task arithmetic, TIES, DARE) or ensembled.
 
 The members are models of this run (``models:``, default all) and the selected models of other runs that share
-the run's architecture, labels and source (``runs:``). The weights the members started from (the task vectors'
-base) are the run's target before training. A merged model is evaluated on the run's validation and test splits
-like a trained model, joins the models ``select`` chooses from, and is saved as ``models/NAME/``; an ensemble
-(several models kept) is evaluated and reported but not saved as one model.
+the run's architecture and source (``runs:``). The weights the members started from (the task vectors' base) are
+the run's target before training. A merged model is evaluated on the run's validation and test splits like a
+trained model, joins the models ``select`` chooses from, and is saved as ``models/NAME/``; an ensemble (several
+models kept) is evaluated and reported but not saved as one model.
+
+Members of different label sets (a weight merge only) give a multi-task model: the merged backbone with each
+member's head as one task, named after the member's run. Each task is evaluated on its own run's validation and test
+splits (that run's ``data:`` and seed, read from its recipe.yaml), beside the member itself; BatchNorm statistics are
+recomputed on every task's training split. It is saved as ``models/NAME/`` and reported (``metrics.json``
+``multi_task``), but ``select`` does not choose it: it answers several tasks, not the run's.
 
 Outputs: ``models/NAME/`` and ``checkpoints/NAME/result.json`` (the merged model, its metrics and how it was
 made), a table in report.html comparing it with its members. Resume rule: the result file on disk, made with the
@@ -14,6 +20,7 @@ same settings, is the merge (read back).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +33,9 @@ def _settings_sha(entry: MergeEntry) -> str:
     return settings_sha(entry.model_dump(mode="json"))
 
 
-def _members(ctx: RunContext, entry: MergeEntry) -> list[Path]:
-    """The model folders to merge: this run's (by name) and the selected model of each other run."""
+def _members(ctx: RunContext, entry: MergeEntry) -> list[tuple[Path, Path]]:
+    """The model folders to merge, each with its run directory: this run's (by name) and the selected model of each
+    other run."""
     from transferkit.errors import DataError
     from transferkit.io import read_json
 
@@ -36,7 +44,7 @@ def _members(ctx: RunContext, entry: MergeEntry) -> list[Path]:
     unknown = [n for n in names if n not in ctx.results]
     if unknown:
         raise DataError(f"merge: {unknown} are not models of this run; trained: {', '.join(ctx.results)}")
-    folders = [ctx.out / "models" / n for n in names]
+    members = [(ctx.out / "models" / n, ctx.out) for n in names]
     for run in map(Path, entry.runs):
         metrics = run / "metrics.json"
         source = read_json(metrics).get("source") if metrics.is_file() else None
@@ -46,8 +54,65 @@ def _members(ctx: RunContext, entry: MergeEntry) -> list[Path]:
                 f"merge: the run '{run}' started from {source!r}, this run from {here!r}: merged models must share "
                 "their source (the task vectors' base)"
             )
-        folders.append(run / "model" if (run / "model" / "model.json").is_file() else run)
-    return folders
+        members.append((run / "model" if (run / "model" / "model.json").is_file() else run, run))
+    return members
+
+
+@dataclass
+class _Task:
+    """One task of a multi-task merge: a member, its run's data (split as that run split it) and its own scores."""
+
+    name: str
+    member: Path
+    data: Any
+    scores: dict[str, Any]
+
+
+def _tasks(ctx: RunContext, members: list[tuple[Path, Path]]) -> list[_Task]:
+    """The tasks of members of different label sets: each named after its run (``_task_names``), with its run's
+    data, and the member evaluated there."""
+    from transferkit.models.base import SourceModel, load_model
+    from transferkit.pipeline import evaluate
+
+    names = _task_names([_run_and_model(ctx, folder, run) for folder, run in members])
+    tasks = []
+    for name, (folder, run) in zip(names, members):
+        model = load_model(folder)  # one member in memory at a time
+        assert isinstance(model, SourceModel)  # check_compatible refuses multi-task members
+        data = ctx.data() if run == ctx.out else _run_data(run, model)
+        device, n = ctx.accelerator.device, len(data.classes)
+        scores = {split: evaluate(model, data.dataset(split), n, device=device) for split in ("val", "test")}
+        tasks.append(_Task(name, folder, data, scores))
+    return tasks
+
+
+def _run_and_model(ctx: RunContext, folder: Path, run: Path) -> tuple[str, str]:
+    """The name of a member's run (its recipe's ``name``) and of the model in it."""
+    from transferkit.config import read_yaml
+    from transferkit.errors import RunDirError
+    from transferkit.io import read_json
+
+    if run == ctx.out:
+        return ctx.recipe.name, folder.name
+    if not (run / "recipe.yaml").is_file():
+        raise RunDirError(f"merge: '{run}' has no recipe.yaml, so the data (the split) of its task is not known")
+    return str(read_yaml(run / "recipe.yaml").get("name", run.name)), read_json(run / "metrics.json")["selected"]
+
+
+def _run_data(run: Path, model: Any) -> Any:
+    """The data of another run as it split it (its recipe's ``data:`` and seed), with ``model``'s preprocessing."""
+    from transferkit.config import DataConfig, read_yaml
+    from transferkit.data import prepare_data
+
+    theirs = read_yaml(run / "recipe.yaml")
+    return prepare_data(DataConfig.model_validate(theirs.get("data") or {}), model, int(theirs.get("seed", 0)))
+
+
+def _task_names(named: list[tuple[str, str]]) -> list[str]:
+    """Unique names from (run name, model name): the run's name; RUN-MODEL where runs share one; then -2, -3..."""
+    runs = [r for r, _ in named]
+    names = [r if runs.count(r) == 1 else f"{r}-{m}" for r, m in named]
+    return [n if names[:i].count(n) == 0 else f"{n}-{names[:i].count(n) + 1}" for i, n in enumerate(names)]
 
 
 def _base(ctx: RunContext) -> dict[str, Any]:
@@ -70,22 +135,28 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
         merge_state,
         merged_model,
         method_of,
+        multi_task_model,
         recalibrate_batch_norms,
+        same_labels,
     )
     from transferkit.models.base import load_model, save_model
     from transferkit.pipeline import evaluate, fingerprint
 
     data, device = ctx.data(), ctx.accelerator.device
-    folders = _members(ctx, entry)
-    check_compatible(folders)
+    members = _members(ctx, entry)
+    folders = [f for f, _ in members]
     name, method, options = method_of(entry.method)
+    metas = check_compatible(folders, one_label_set=name if method.kind != "weights" else None)
+    tasks = None if same_labels(metas) else _tasks(ctx, members)  # different label sets: one head per task
+    train_sets = [data.dataset("train")] if tasks is None else [task.data.dataset("train") for task in tasks]
     t = time.perf_counter()
     recalibrated = {"examples": 0, "norms": 0}
 
     def prepare(model: Any, how: Any) -> None:
         if entry.recalibrate_bn and has_batch_norm(model):
             only = differing_norms(how)
-            recalibrated["examples"] = recalibrate_batch_norms(model, data.dataset("train"), device=device, only=only)
+            net = model.task(model.tasks[0]) if tasks else model  # a task's view runs the shared backbone
+            recalibrated["examples"] = recalibrate_batch_norms(net, train_sets, device=device, only=only)
             recalibrated["norms"] = len(only)
 
     def val_accuracy(model: Any) -> float:
@@ -99,12 +170,19 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
         how = {"kept": [str(folders[i]) for i in kept], "steps": steps}
     else:
         state, tensors = merge_state(folders, method.merge_config(options, len(folders)), _base(ctx))
-        model = merged_model(folders[0], state)
+        if tasks is None:
+            model = merged_model(folders[0], state)
+        else:
+            model = multi_task_model(folders, [task.name for task in tasks], state)
         prepare(model, tensors)
         how = {"tensors": {k: len(v) for k, v in tensors.items()}}
     merge_s = time.perf_counter() - t
-    val = evaluate(model, data.dataset("val"), len(data.classes), device=device)
-    test = evaluate(model, data.dataset("test"), len(data.classes), device=device)
+    if tasks is None:
+        scores: dict[str, Any] = {
+            split: evaluate(model, data.dataset(split), len(data.classes), device=device) for split in ("val", "test")
+        }
+    else:  # each task on its own run's splits, beside the member that learned it
+        scores = {"tasks": {task.name: _task_scores(model, task, device) for task in tasks}}
     description = {
         "method": name,
         "options": dataclasses.asdict(options),
@@ -117,8 +195,7 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
         "strategy": f"merge:{name}",
         "from_scratch": False,
         "merge": description,
-        "val": val,
-        "test": test,
+        **scores,
         "history": [],
         "best_epoch": 0,
         "epochs_run": 0,
@@ -140,8 +217,21 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     return result
 
 
+def _task_scores(model: Any, task: _Task, device: Any) -> dict[str, Any]:
+    """One task of a multi-task model on its run's splits, and the member's scores there."""
+    from transferkit.pipeline import evaluate
+
+    view, n = model.task(task.name), len(task.data.classes)
+    merged = {split: evaluate(view, task.data.dataset(split), n, device=device) for split in ("val", "test")}
+    return {"member": str(task.member), **merged, "member_scores": task.scores}
+
+
 def _use(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
-    """The merged model joins the run's models (an ensemble only the report), with a table beside its members."""
+    """The merged model joins the run's models (an ensemble or a multi-task model only the report), with a table
+    beside its members."""
+    if "tasks" in result:
+        _use_multi_task(ctx, entry, result)
+        return
     if not result["strategy"].endswith(":ensemble"):
         ctx.results[entry.name] = result
     else:
@@ -165,6 +255,28 @@ def _use(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
         f"[{entry.name}] {result['merge']['method']} of {len(result['merge']['members'])} models: test accuracy "
         f"{result['test']['accuracy']:.4f} | val accuracy {result['val']['accuracy']:.4f}"
     )
+
+
+def _use_multi_task(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
+    """A multi-task model: reported task by task beside the member that learned the task; not selectable."""
+    ctx.sections.setdefault("multi_task", {})[entry.name] = result
+    tasks = result["tasks"]
+    rows = [
+        [task, t["member"], t["member_scores"]["test"]["accuracy"], t["test"]["accuracy"]] for task, t in tasks.items()
+    ]
+    ctx.tables.append(
+        {
+            "title": f"Merge {entry.name} (multi-task)",
+            "note": f"{result['merge']['method']}: one head per task; each task on its own run's test split",
+            "columns": ["task", "input model", "input test accuracy", "merged test accuracy"],
+            "rows": rows,
+        }
+    )
+    for task, t in tasks.items():
+        ctx.log(
+            f"[{entry.name}] task {task}: test accuracy {t['test']['accuracy']:.4f} merged, "
+            f"{t['member_scores']['test']['accuracy']:.4f} as trained"
+        )
 
 
 def done(ctx: RunContext) -> bool:
