@@ -30,13 +30,10 @@ RECIPE = {
 }
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-    reason="torchrun is not installed",
-)
-def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
+def _torchrun(recipe_dict: dict, tmp_path: Path, timeout: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """``torchrun --nproc_per_node 2 -m transferkit run`` on a recipe; the process and the run directory."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
+    recipe.write_text(yaml.safe_dump(recipe_dict))
     out = tmp_path / "run"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {
@@ -51,9 +48,18 @@ def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun is not installed",
+)
+def test_torchrun_two_processes_agree_and_rank0_writes(tmp_path: Path):
+    proc, out = _torchrun(RECIPE, tmp_path, 600)
 
     run = read_json(out / "run.json")
     assert run["world_size"] == 2 and run["distributed_type"] == "MULTI_CPU" and run["status"] == "done"
@@ -103,25 +109,7 @@ DISTILL = {
 def test_torchrun_distillation_gives_both_processes_the_same_students(tmp_path: Path):
     """Students (with cached teacher outputs, hint projections trained beside the student, pseudo-label rounds)
     end with identical weights on both processes; only rank 0 writes."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(DISTILL))
-    out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFERKIT_PROGRESS": "0",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"),
-    }
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "transferkit", "run", str(recipe), "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, out = _torchrun(DISTILL, tmp_path, 900)
     metrics = read_json(out / "metrics.json")
     assert list(metrics["models"]) == ["full", "distill-kd", "hint", "st"]
     for name in ("distill-kd", "hint", "st"):

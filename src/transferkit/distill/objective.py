@@ -26,7 +26,7 @@ from transferkit.distill.losses import (
     labelled_cross_entropy,
 )
 from transferkit.distill.teacher import Teacher
-from transferkit.engine.objective import ClassificationObjective
+from transferkit.engine.objective import ClassificationObjective, add_penalties, prepare_penalties
 from transferkit.strategies.regularizers import default_delta_layers, unwrap
 
 
@@ -170,9 +170,7 @@ class DistillObjective(nn.Module):
         cached_logits = targets.get("teacher") if isinstance(targets, dict) else None
         cached_features = targets.get("teacher_features") if isinstance(targets, dict) else None
         hints: Hints | None = self.__dict__.get("hints")
-        for p in self.penalties:
-            if hasattr(p, "prepare"):
-                cast(Any, p).prepare(model)
+        prepare_penalties(self.penalties, model)
         if hints is not None:
             hints.prepare(model)
         want_features = any(p.needs_features for p in self.penalties) or (hints is not None and not hints.pairs)
@@ -209,11 +207,7 @@ class DistillObjective(nn.Module):
                 assert hints is not None
                 out["hint"] = hints.loss(features, teacher_features, teacher_maps)
                 loss = loss + cfg.weight * out["hint"]
-        for p in self.penalties:
-            value = p(model, features, inputs=inputs, targets=labels)
-            out[type(p).__name__.lower()] = value
-            loss = loss + value
-        out["loss"] = loss
+        out["loss"] = loss + add_penalties(self.penalties, model, features, inputs, labels, out)
         return out
 
 
@@ -237,9 +231,7 @@ class FixMatchObjective(nn.Module):
     def forward(self, model: nn.Module, inputs: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
         labels, strong = targets["label"], targets["strong"]
         pool = labels == UNLABELLED
-        for p in self.penalties:
-            if hasattr(p, "prepare"):
-                cast(Any, p).prepare(model)
+        prepare_penalties(self.penalties, model)
         n = inputs.shape[0]
         logits_all = model(torch.cat([inputs, strong[pool]]))
         logits, strong_logits = logits_all[:n], logits_all[n:]
@@ -251,9 +243,5 @@ class FixMatchObjective(nn.Module):
         consistency = per_example.sum() / pool.sum().clamp(min=1)
         loss = ce + self.cfg.weight * consistency
         out: dict[str, Any] = {"logits": logits, "ce": ce, "consistency": consistency}
-        for p in self.penalties:
-            value = p(model, None, inputs=inputs, targets=labels)
-            out[type(p).__name__.lower()] = value
-            loss = loss + value
-        out["loss"] = loss
+        out["loss"] = loss + add_penalties(self.penalties, model, None, inputs, labels, out)
         return out

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from transferkit.models.vision import SourceModel
+
+
+def prepare_penalties(penalties: Sequence[nn.Module], model: nn.Module) -> None:
+    """Before an objective's forward pass: penalties that watch the model's layers (DELTA) set up their hooks."""
+    for p in penalties:
+        if hasattr(p, "prepare"):
+            cast("Callable[[nn.Module], None]", p.prepare)(model)
+
+
+def add_penalties(
+    penalties: Sequence[nn.Module], model: nn.Module, features: Any, inputs: Any, labels: Any, out: dict[str, Any]
+) -> torch.Tensor:
+    """Each penalty's value into ``out`` (by its class name) and their sum, to add to the loss."""
+    total = torch.zeros((), device=out["logits"].device)
+    for p in penalties:
+        value = p(model, features, inputs=inputs, targets=labels)
+        out[type(p).__name__.lower()] = value
+        total = total + value
+    return total
 
 
 class ClassificationObjective(nn.Module):
@@ -26,9 +45,7 @@ class ClassificationObjective(nn.Module):
         self.penalties = list(penalties)  # not registered: they hold references to source weights, never copies
 
     def forward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        for p in self.penalties:
-            if hasattr(p, "prepare"):
-                cast("Callable[[nn.Module], None]", p.prepare)(model)
+        prepare_penalties(self.penalties, model)
         features = None
         if any(p.needs_features for p in self.penalties):
             if isinstance(getattr(model, "module", model), SourceModel):
@@ -39,8 +56,5 @@ class ClassificationObjective(nn.Module):
             logits = model(inputs)
         ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         out = {"loss": ce, "logits": logits, "ce": ce}
-        for p in self.penalties:
-            value = p(model, features, inputs=inputs, targets=targets)
-            out[type(p).__name__.lower()] = value
-            out["loss"] = out["loss"] + value
+        out["loss"] = ce + add_penalties(self.penalties, model, features, inputs, targets, out)
         return out

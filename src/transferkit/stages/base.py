@@ -203,3 +203,25 @@ def settings_sha(settings: dict[str, Any]) -> str:
     import json
 
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_override_problems(key: str, train: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """Problems of ``overrides`` of the recipe's ``train:`` written at ``key`` (a compare entry's ``overrides``, a
+    distill entry's ``train``), each with its key path: values TrainConfig refuses, unknown strategies."""
+    from pydantic import ValidationError
+
+    from transferkit.config import TrainConfig, format_error
+    from transferkit.strategies import check_strategy
+
+    problems = []
+    if isinstance(overrides.get("strategy"), (str, dict)):
+        problems += [f"{key}.strategy: {p}" for p in check_strategy(overrides["strategy"])]
+    try:
+        TrainConfig(**{**train, **overrides, "strategy": "full"})
+    except ValidationError as e:
+        problems += [
+            f"{key}." + format_error(err, TrainConfig)
+            for err in e.errors()
+            if err["loc"] and err["loc"][0] in overrides
+        ]
+    return problems

@@ -17,11 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from transferkit.config import Recipe, TrainConfig, format_error
+from transferkit.config import Recipe, TrainConfig
 from transferkit.config.recipe import DistillEntry
-from transferkit.stages.base import RunContext, Stage, append_entry, result_file, settings_sha
+from transferkit.stages.base import (
+    RunContext,
+    Stage,
+    append_entry,
+    one_accelerator,
+    result_file,
+    settings_sha,
+    train_override_problems,
+)
 
 
 def _train_config(recipe: Recipe, entry: DistillEntry) -> TrainConfig:
@@ -269,7 +275,6 @@ def check(raw: dict[str, Any]) -> list[str]:
     """Each entry's loss against the registry; its train settings against TrainConfig and the strategies."""
     from transferkit.distill.losses import loss_config
     from transferkit.errors import RecipeError, UnknownNameError
-    from transferkit.strategies import check_strategy
 
     entries = raw.get("distill")
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
@@ -286,16 +291,9 @@ def check(raw: dict[str, Any]) -> list[str]:
                 problems.append(f"distill.{i}.loss: {err}")
         overrides = e.get("train")
         if isinstance(overrides, dict):
-            if isinstance(overrides.get("strategy"), (str, dict)):
-                problems += [f"distill.{i}.train.strategy: {p}" for p in check_strategy(overrides["strategy"])]
-            try:
-                TrainConfig(**{**train, **overrides, "strategy": "full"})
-            except ValidationError as err:
-                problems += [
-                    f"distill.{i}.train." + format_error(x, TrainConfig)
-                    for x in err.errors()
-                    if x["loc"] and x["loc"][0] in overrides
-                ]
+            problems += train_override_problems(f"distill.{i}.train", train, overrides)
+            if "mixed_precision" in overrides:  # the student trains on the run's one accelerator
+                problems += one_accelerator(f"distill.{i}.train.mixed_precision", overrides["mixed_precision"], raw)
     return problems
 
 

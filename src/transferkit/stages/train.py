@@ -14,10 +14,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import ValidationError
-
-from transferkit.config import CompareEntry, Recipe, TrainConfig, format_error
-from transferkit.stages.base import RunContext, Stage, append_entry, one_accelerator, result_file, settings_sha
+from transferkit.config import CompareEntry, Recipe, TrainConfig
+from transferkit.stages.base import (
+    RunContext,
+    Stage,
+    append_entry,
+    one_accelerator,
+    result_file,
+    settings_sha,
+    train_override_problems,
+)
 
 
 def _settings_sha(cfg: TrainConfig) -> str:
@@ -188,14 +194,7 @@ def check(raw: dict[str, Any]) -> list[str]:
         if isinstance(overrides, dict) and "mixed_precision" in overrides:
             problems += one_accelerator(f"compare.{i}.overrides.mixed_precision", overrides["mixed_precision"], raw)
         if isinstance(overrides, dict):
-            try:
-                TrainConfig(**{**train, **overrides, "strategy": "full"})
-            except ValidationError as e:
-                problems += [
-                    f"compare.{i}.overrides." + format_error(err, TrainConfig)
-                    for err in e.errors()
-                    if err["loc"] and err["loc"][0] in overrides
-                ]
+            problems += train_override_problems(f"compare.{i}.overrides", train, overrides)
     return problems
 
 
