@@ -171,6 +171,47 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The results as a Markdown table: per model, test and validation accuracy (mean ± sd over the seeds, and each
+    seed's), parameters, MACs, CPU latency at batch 1 (median over seeds) and training time."""
+    lines = [
+        "| run: model | test accuracy | val accuracy | per seed (test) | params | MACs | latency ms "
+        "| teacher / student latency | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, st in summary.items():
+        if ":" not in key or not isinstance(st, dict):
+            continue
+        run, name = key.split(":", 1)
+        models = [r[run]["models"][name] for r in rows]
+        cost = [m["cost"]["student"] for m in models if "cost" in m]
+        if not cost:  # a teacher: its cost as the students' runs measured it, beside them
+            cost = [
+                m["cost"][f"teacher {name}"]
+                for r in rows
+                for m in r[run]["models"].values()
+                if f"teacher {name}" in m.get("cost", {})
+            ]
+        params = f"{cost[0]['params'] / 1e6:.2f} M" if cost else ""
+        macs = f"{cost[0]['macs'] / 1e6:.1f} M" if cost else ""
+        latency = f"{statistics.median(c['latency_ms'] for c in cost):.1f}" if cost else ""
+        train_s = statistics.median(m["train_s"] for m in models)
+        ratios = [  # measured together, interleaved: the ratio is what machine noise leaves alone
+            m["cost"][t]["latency_ms"] / m["cost"]["student"]["latency_ms"]
+            for m in models
+            for t in m.get("cost", {})
+            if t.startswith("teacher ")
+        ]
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else ""
+        test, val = st["test"], st["val"]
+        lines.append(
+            f"| {run}: {name} | {test['mean']:.3f} ± {test['sd']:.3f} | {val['mean']:.3f} ± {val['sd']:.3f} | "
+            f"{', '.join(f'{v:.3f}' for v in test['values'])} | {params} | {macs} | {latency} | {ratio} | "
+            f"{train_s:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -196,6 +237,7 @@ def main() -> None:
     rows = [one_seed(s, out, runs) for s in args.seeds]
     result = {"rows": rows, "summary": summary(rows), "command": " ".join(sys.argv), "args": vars(args)}
     print(json.dumps(result["summary"], indent=1))
+    print(markdown(rows, result["summary"]))
     path = Path(__file__).resolve().parent / "results" / f"distill{('-' + args.tag) if args.tag else ''}.json"
     write_json(path, result)
     print(f"wrote {path}")
