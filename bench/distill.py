@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--small", default="lcnet_050", help="the small student's timm architecture (random weights)")
     ap.add_argument("--small-epochs", type=int, default=6)
     ap.add_argument("--small-lr", type=float, default=0.01)
+    ap.add_argument("--small-long", type=int, help="also small-kd with this many epochs (small-kd-eN)")
     ap.add_argument(
         "--fixmatch", action="store_true", help="also fixmatch in the lite0 run (two views per pool image: slow)"
     )
@@ -232,6 +233,13 @@ def main() -> None:
     every = entries(args.epochs, args.small, args.small_epochs, args.small_lr)
     if not args.fixmatch:
         every["lite0"].pop("fixmatch")
+    if args.small_long:  # the small student trained longer: a second configuration, compared on validation
+        long = every["lite2"]["small-kd"]
+        every["lite2"][f"small-kd-e{args.small_long}"] = {
+            **long,
+            "train": {**long["train"], "epochs": args.small_long},
+            "label": f"small-kd-e{args.small_long}",
+        }
     runs = {r: every[r] for r in args.runs}
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-distill-"))
     rows = [one_seed(s, out, runs) for s in args.seeds]
