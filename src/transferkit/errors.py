@@ -64,3 +64,9 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
         return ""
     best = max(close, key=lambda c: (difflib.SequenceMatcher(None, c, str(name)).ratio(), -names.index(c)))
     return f" Did you mean '{best}'?"
+
+
+def unusable_path(spec: str, error: BaseException, instead: str) -> str:
+    """A recipe problem for a name that the file system cannot even look up (too long, ``~user`` of no such user)."""
+    shown = spec if len(spec) <= 80 else f"{spec[:60]}...({len(spec)} characters)"
+    return f"'{shown}' cannot be looked up as a path ({error}); give {instead}"

@@ -70,7 +70,7 @@ def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:
 
     semantic = _input_problems(raw) + check_stages(raw)
     try:
-        recipe = Recipe(**raw)
+        recipe = Recipe.model_validate(raw)  # not Recipe(**raw): YAML keys may be numbers (0: x), reported as keys
     except ValidationError as e:
         return None, [format_error(err) for err in e.errors()] + semantic
     return recipe, semantic

@@ -41,7 +41,10 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        try:
+            return name in self._items
+        except TypeError:  # unhashable (a recipe's list or mapping where a name belongs): not a registered name
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

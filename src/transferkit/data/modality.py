@@ -20,7 +20,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from transferkit.data.split import Labelled
-from transferkit.errors import DataError, did_you_mean
+from transferkit.errors import DataError, did_you_mean, unusable_path
 from transferkit.registry import Registry
 
 DEFAULT_MODALITY = "image"  # what a path holds when no other modality claims it
@@ -170,14 +170,18 @@ def check_dataset_spec(spec: str) -> list[str]:
     """Problems of a dataset spec found without reading it (a recipe check): unknown names, missing paths."""
     if spec in DATASETS:
         return []
-    path = Path(spec).expanduser()
-    if (
-        path.is_dir()
-        or (path.is_file() and dataset_modality(spec) != DEFAULT_MODALITY)
-        or (path.is_file() and path.suffix.lower() == ".csv")
-    ):
-        return []
-    if path.exists():
+    try:
+        path = Path(spec).expanduser()
+        if (
+            path.is_dir()
+            or (path.is_file() and dataset_modality(spec) != DEFAULT_MODALITY)
+            or (path.is_file() and path.suffix.lower() == ".csv")
+        ):
+            return []
+        exists = path.exists()
+    except (OSError, RuntimeError) as e:  # a name too long for a path, ~user of no such user
+        return [unusable_path(spec, e, f"a built-in dataset ({', '.join(DATASETS)}) or an existing folder or file")]
+    if exists:
         return [f"'{spec}' is neither an image folder, a .csv manifest nor a CSV/JSONL/Parquet file of texts"]
     return [
         f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
@@ -264,8 +268,11 @@ def check_unlabelled_spec(spec: str, per_class: int | None) -> list[str]:
                 "give a folder or file of unlabelled examples"
             ]
         return []
-    if spec.strip() and Path(spec).expanduser().exists():
-        return []
+    try:
+        if spec.strip() and Path(spec).expanduser().exists():
+            return []
+    except (OSError, RuntimeError) as e:  # a name too long for a path, ~user of no such user
+        return [unusable_path(spec, e, f"'{UNLABELLED_REST}' or an existing folder or file")]
     return [
         f"'{spec}' is neither '{UNLABELLED_REST}' (the dataset's examples outside the labelled splits) nor an "
         f"existing folder or file.{did_you_mean(spec, [UNLABELLED_REST])} Fix the path or set data.unlabelled: "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.config import SourceSpec
-from transferkit.errors import SourceError, UnknownNameError, did_you_mean
+from transferkit.errors import SourceError, UnknownNameError, did_you_mean, unusable_path
 from transferkit.models.base import PREFIXES as PREFIXES
 from transferkit.models.base import Backbone, SourceModel, build_backbone, load_model, source_prefixes
 from transferkit.registry import Registry
@@ -127,8 +127,11 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
     prefix, sep, rest = spec.name.partition(":")
     if sep and prefix in source_prefixes():
         return [] if rest else [f"'{spec.name}' names no model after '{prefix}:'"]
-    if spec.name in BUILTIN_SOURCES or Path(spec.name).expanduser().exists():
-        return []
+    try:
+        if spec.name in BUILTIN_SOURCES or Path(spec.name).expanduser().exists():
+            return []
+    except (OSError, RuntimeError) as e:  # a name too long for a path, ~user of no such user
+        return [unusable_path(spec.name, e, "timm:NAME, torchvision:NAME, hf:NAME_OR_FOLDER or an existing path")]
     return [
         f"unknown source '{spec.name}'.{did_you_mean(spec.name, BUILTIN_SOURCES)} Use timm:NAME, torchvision:NAME, "
         f"hf:NAME_OR_FOLDER, an existing path, or a built-in: {', '.join(BUILTIN_SOURCES)}."
@@ -161,7 +164,11 @@ def source_option_problems(spec: SourceSpec) -> list[str]:
                 f"{{name: 'timm:ARCH' (or 'hf:FOLDER'), weights: '{spec.weights}'}}"
             )
         return problems
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+        _is_model_path(path)
+    except (OSError, RuntimeError):  # not a usable path: check_source_spec reports it
+        return problems
     if _is_model_path(path) and spec.weights:
         problems.append(
             f"weights: '{name}' is a transferkit model and carries its own weights; a weights file is not read "
