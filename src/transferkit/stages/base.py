@@ -217,7 +217,7 @@ def train_override_problems(key: str, train: dict[str, Any], overrides: dict[str
     if isinstance(overrides.get("strategy"), (str, dict)):
         problems += [f"{key}.strategy: {p}" for p in check_strategy(overrides["strategy"])]
     try:
-        TrainConfig(**{**train, **overrides, "strategy": "full"})
+        TrainConfig.model_validate({**train, **overrides, "strategy": "full"})  # (a key that is no string: a problem)
     except ValidationError as e:
         problems += [
             f"{key}." + format_error(err, TrainConfig)
