@@ -71,6 +71,9 @@ def test_students_join_the_run_with_their_pool_rounds_and_costs(distilled_run: P
     student = load_model(distilled_run / "models" / "noisy")
     assert student.labels == ["0", "1"]
     assert not list((distilled_run / "checkpoints" / "distill-kd").glob("teacher-round*.pt"))
+    # done: nothing kept to resume from (train.checkpoints: until_done), in one round or several
+    for name in ("distill-kd", "noisy"):
+        assert sorted(p.name for p in (distilled_run / "checkpoints" / name).iterdir()) == ["result.json"]
     assert metrics["selected"] in metrics["models"]
 
 

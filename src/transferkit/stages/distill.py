@@ -126,6 +126,7 @@ def distill_one(ctx: RunContext, entry: DistillEntry) -> dict[str, Any]:
     from transferkit.io import write_json
     from transferkit.models.base import save_model
     from transferkit.pipeline import evaluate, fingerprint
+    from transferkit.stages.train import drop_checkpoints
 
     data, device = ctx.data(), ctx.accelerator.device
     teacherless = isinstance(loss_config(entry.loss)[1], FixMatchConfig)  # the model teaches itself
@@ -186,7 +187,10 @@ def distill_one(ctx: RunContext, entry: DistillEntry) -> dict[str, Any]:
             extra={"strategy": job["strategy"], "run": ctx.recipe.name, "distill": job["distill"]},
         )
         write_json(result_file(ctx, entry.name), job)
-        for path in job_dir.glob("teacher-round*.pt"):  # the student is done: its teacher's outputs are not needed
+    # the student is done: its checkpoints (train.checkpoints: until_done) and its teacher's outputs are not needed
+    drop_checkpoints(ctx, entry.name, cfg)
+    if ctx.main:
+        for path in job_dir.glob("teacher-round*.pt"):
             path.unlink(missing_ok=True)
     ctx.wait()
     return job

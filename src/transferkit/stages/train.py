@@ -35,10 +35,11 @@ def _settings_sha(cfg: TrainConfig) -> str:
     return settings_sha(cfg.model_dump(mode="json", exclude={"checkpoints"}))
 
 
-_RESUME_FILES = ("*.pt", "*.done.json", "*.done.safetensors")  # checkpoints, and each finished stage's weights
+_RESUME_FILES = ("*.pt", "*.done.json", "*.done.safetensors", "*.round.json", "*.round.safetensors")
+# checkpoints, each finished stage's weights, each finished distillation round's
 
 
-def _drop_checkpoints(ctx: RunContext, name: str, cfg: TrainConfig) -> None:
+def drop_checkpoints(ctx: RunContext, name: str, cfg: TrainConfig) -> None:
     """With ``checkpoints: until_done``, delete what a trained model kept to resume (``last.pt`` with the optimizer
     state, one per stage of a staged strategy, each finished stage's weights); only once its ``result.json`` is on
     disk, so an interrupted model keeps what it resumes from. The model itself is in ``models/NAME/``."""
@@ -77,7 +78,7 @@ def load(ctx: RunContext) -> None:
         assert result is not None
         ctx.results[name] = result
         ctx.log(f"[{name}] already trained: test accuracy {result['test']['accuracy']:.4f}")
-        _drop_checkpoints(ctx, name, cfg)
+        drop_checkpoints(ctx, name, cfg)
 
 
 def run(ctx: RunContext) -> None:
@@ -86,10 +87,10 @@ def run(ctx: RunContext) -> None:
         if result is not None:
             ctx.results[name] = result
             ctx.log(f"[{name}] already trained: test accuracy {result['test']['accuracy']:.4f}")
-            _drop_checkpoints(ctx, name, cfg)  # e.g. interrupted between its result and the deletion
+            drop_checkpoints(ctx, name, cfg)  # e.g. interrupted between its result and the deletion
             continue
         ctx.results[name] = train_one(ctx, name, cfg)
-        _drop_checkpoints(ctx, name, cfg)
+        drop_checkpoints(ctx, name, cfg)
 
 
 def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
