@@ -132,6 +132,11 @@ def _pool_accuracy(data: PreparedData, predicted: torch.Tensor, mask: torch.Tens
     return float((predicted[keep] == truth[keep]).float().mean()) if int(keep.sum()) else None
 
 
+def _first_batch(dataset: DistillSet, device: Any) -> Any:
+    """The inputs of a batch of a dataset's first two examples (one, when it has one), on ``device``."""
+    return to_device(next(iter(make_loader(dataset, batch_sampler=[[0, min(1, len(dataset) - 1)]])))[0], device)
+
+
 def _confident_pool(model: SourceModel, data: PreparedData, threshold: float, device: Any) -> dict[str, Any]:
     """How many pool examples the model predicts with at least ``threshold`` confidence (clean inputs), and how
     many of those predictions are right where the pool has true labels."""
@@ -298,6 +303,8 @@ def distill(
             train_set, record = training_set(
                 teacher, s_data, loss_cfg, use_pool=unlabelled, online=online, device=device, cache_file=cache
             )
+            # a student batch of two examples: sizes the hint projections, checks the teacher's folding
+            example = _first_batch(train_set, device) if online or isinstance(loss_cfg, HintConfig) else None
             objective: Any = None
             if isinstance(loss_cfg, FixMatchConfig):
 
@@ -308,9 +315,8 @@ def distill(
                 assert teacher is not None
                 hints = None
                 if isinstance(loss_cfg, HintConfig):
-                    example = next(iter(make_loader(train_set, batch_sampler=[[0, min(1, len(train_set) - 1)]])))[0]
                     student.to(device)
-                    hints = Hints.build(student.eval(), teacher, loss_cfg, to_device(example, device)).to(device)
+                    hints = Hints.build(student.eval(), teacher, loss_cfg, example).to(device)
                     student.aux = hints  # trained with the student (see pipeline.train)
 
                 def objective(base: Any, hints: Hints | None = hints, teacher: Teacher = teacher) -> DistillObjective:
@@ -318,8 +324,7 @@ def distill(
 
             fast: Any = contextlib.nullcontext()
             if teacher is not None and online:  # the teacher runs on every batch: at inference speed
-                example = next(iter(make_loader(train_set, batch_sampler=[[0, min(1, len(train_set) - 1)]])))[0]
-                fast = teacher.fast(to_device(example, device))
+                fast = teacher.fast(example)
             with fast:
                 summary = train(
                     student,

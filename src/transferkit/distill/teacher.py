@@ -8,7 +8,6 @@ the training examples with its own preprocessing (``cached_outputs``), like the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -134,13 +133,10 @@ class Teacher(nn.Module):
             yield self
 
     def fingerprint(self) -> str:
-        """SHA-256 of the teachers' weights (a cache of their outputs is reused only for the same teachers)."""
-        h = hashlib.sha256()
-        for member in self.models:
-            for name, tensor in sorted(member.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """The teachers' weight fingerprints (a cache of their outputs is reused only for the same teachers)."""
+        from transferkit.pipeline import fingerprint
+
+        return ",".join(fingerprint(member) for member in self.models)
 
 
 @torch.no_grad()
