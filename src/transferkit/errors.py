@@ -53,6 +53,14 @@ class TrainingError(TransferKitError, RuntimeError):
     """Training diverged (NaN/inf loss) or cannot continue."""
 
 
+class CompressError(TransferKitError, ValueError):
+    """A model cannot be pruned, quantized or exported as asked (the reason and what can be done are named)."""
+
+
+class ExportError(CompressError):
+    """An exported model disagrees with the PyTorch model beyond the tolerance, or the export failed."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or ''.
 

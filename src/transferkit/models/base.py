@@ -400,6 +400,15 @@ def load_model(folder: str | Path) -> SourceModel | MultiTaskModel:
         from transferkit.models.adapters import inject_lora
 
         inject_lora(model, {k: v for k, v in meta["adapter"].items() if k != "type"})
+    if meta.get("pruned"):  # the pruned channel counts (and heads) recorded at pruning, before the weights go in
+        from transferkit.models.pruned import apply_shapes
+
+        apply_shapes(model, meta["pruned"]["shapes"])
+        model.num_features = int(meta["num_features"])
+    if meta.get("quantized"):  # int8 weights are not plain tensors: their own reader rebuilds them
+        from transferkit.models.quantized import load_quantized
+
+        return load_quantized(model, folder, meta["quantized"])
     state = load_state_dict(folder / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
