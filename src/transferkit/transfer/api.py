@@ -27,7 +27,14 @@ from torch import nn
 from transferkit.config.transfer import TransferConfig
 from transferkit.errors import RecipeError, RunDirError
 from transferkit.models.vision import SourceModel, build_backbone, save_model
-from transferkit.transfer.match import METHODS, TransferError, match_state_dicts, natural_key, normalize
+from transferkit.transfer.match import (
+    METHODS,
+    TransferError,
+    match_state_dicts,
+    natural_key,
+    normalize,
+    shape_role,
+)
 from transferkit.transfer.surgery import (
     SurgeryError,
     adapt_input_channels,
@@ -715,6 +722,8 @@ def _report(
             sname, method = result.pairs[name]
             transform, carried = applied[name]
             row.update({"status": "transferred", "from": src.orig(sname), "transform": transform, "match": method})
+            if method == "order":  # the names said nothing: what the shape and the place make of the tensor
+                row["role"] = shape_role(tuple(tensor.shape))
             if carried != tensor.numel():
                 row["numel_transferred"] = carried
             if list(src.state[sname].shape) != row["shape"]:

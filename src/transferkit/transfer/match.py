@@ -8,8 +8,11 @@ Three passes, tried in order, each switchable (``methods``) and recorded for the
    to the normalised source names, then matched by name; a rule that matches no source name is an error;
 3. ``structure``: the two ordered lists of (role, shape) still unmatched are aligned with a global sequence
    alignment (Needleman-Wunsch), so inserted and removed layers are skipped rather than shifting every later
-   pairing. When both sides expose layer groups (blocks), groups are aligned first, scored by the best alignment
-   of their tensors, and tensors are then aligned inside each paired group.
+   pairing. A tensor whose name carries no role (an exporter's counter such as ONNX's ``onnx::Conv_193``, keys
+   like ``w0001``) pairs by its shape and its place alone: the report marks such pairs ``order`` and says what
+   the shape makes the tensor (``shape_role``); where the order leaves a choice it is an ambiguity as any other.
+   When both sides expose layer groups (blocks), groups are aligned first, scored by the best alignment of their
+   tensors, and tensors are then aligned inside each paired group.
 
 An alignment is *ambiguous* where another alignment with the same best score pairs a target tensor differently
 (e.g. a 2-block stage into a 3-block stage: which target block stays fresh?). The choice is then deterministic
@@ -135,12 +138,38 @@ def apply_rules(names: Sequence[str], rules: Sequence[Mapping[str, str] | Sequen
     return current
 
 
+# a name that says nothing of what the tensor does: an exporter's counter (ONNX initializers ``onnx::Conv_193``,
+# ``onnx::MatMul_12``), a bare numbered key (``w0001``, ``p12``, ``193``)
+_UNINFORMATIVE = re.compile(r"^(?:onnx::)?[A-Za-z]{0,16}[_:]?\d+$")
+UNKNOWN = "?"  # the role of a tensor whose name carries none: inferred from its shape and its place
+
+
+def uninformative(name: str) -> bool:
+    """Whether ``name`` carries no role: its last part is a counter such as ``onnx::Conv_193`` or ``w0001``."""
+    return bool(_UNINFORMATIVE.match(name.rsplit(".", 1)[-1] if "::" not in name else name))
+
+
 def role(name: str, shape: Shape) -> tuple[str, int]:
     """What a tensor does, as far as names and shapes tell across implementations: last name part and rank.
 
-    ``_bn0.weight`` and ``bn1.weight`` (rank 1) are both norm scales; a 4-D ``weight`` is a convolution kernel.
+    ``_bn0.weight`` and ``bn1.weight`` (rank 1) are both norm scales; a 4-D ``weight`` is a convolution kernel. A
+    name that carries no role (``uninformative``) gives ``UNKNOWN``: only its shape and its place can pair it.
     """
+    if uninformative(name):
+        return UNKNOWN, len(shape)
     return name.rsplit(".", 1)[-1], len(shape)
+
+
+def shape_role(shape: Shape) -> str:
+    """What a tensor's shape alone says it is (how the report describes a pair matched by order and shape)."""
+    return {
+        0: "scalar",
+        1: "vector (bias, norm scale/shift or statistics)",
+        2: "matrix (linear or embedding weight)",
+        3: "conv1d kernel",
+        4: "conv2d kernel",
+        5: "conv3d kernel",
+    }.get(len(shape), f"{len(shape)}-d tensor")
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor | Sequence[int]]) -> dict[str, Shape]:
@@ -227,17 +256,26 @@ def _tensor_scores(
     src: list[tuple[str, Shape]], tgt: list[tuple[str, Shape]], adaptable: Adaptable | None
 ) -> list[list[int | None]]:
     by_role: dict[tuple[str, int], list[int]] = {}  # only same-role pairs can score: visit those alone
+    by_rank: dict[int, list[int]] = {}
     for j, (tn, ts) in enumerate(tgt):
         by_role.setdefault(role(tn, ts), []).append(j)
+        by_rank.setdefault(len(ts), []).append(j)
+    unknown = {j for j, (tn, ts) in enumerate(tgt) if role(tn, ts)[0] == UNKNOWN}
     out = []
     for sn, ss in src:
         row: list[int | None] = [None] * len(tgt)
-        for j in by_role.get(role(sn, ss), ()):
+        r = role(sn, ss)
+        for j in by_role.get(r, ()) if r[0] != UNKNOWN else ():
             tn, ts = tgt[j]
             if ss == ts:
                 row[j] = EXACT
             elif adaptable is not None and adaptable(sn, ss, tn, ts):
                 row[j] = ADAPTED
+        # a name without a role pairs by shape alone (the same shape, never adapted: nothing says it is the same
+        # kind of tensor), with any tensor of its rank; the alignment keeps the order
+        for j in by_rank.get(len(ss), ()) if r[0] == UNKNOWN else sorted(unknown & set(by_rank.get(len(ss), ()))):
+            if ss == tgt[j][1]:
+                row[j] = EXACT
         out.append(row)
     return out
 
@@ -402,8 +440,8 @@ def match_state_dicts(
         t_left = {n: s for n, s in tgt.items() if n not in result.pairs}
         if s_left and t_left:
             pairs, ambiguities = _align_structure(s_left, t_left, source_groups, target_groups, adaptable)
-            for t, s in pairs.items():
-                result.pairs[t] = (s, "structure")
+            for t, s in pairs.items():  # a pair a name could not vouch for was matched by order and shape
+                result.pairs[t] = (s, "order" if uninformative(s) or uninformative(t) else "structure")
                 taken.add(s)
             result.ambiguities = ambiguities
     if not result.pairs and src and tgt:
