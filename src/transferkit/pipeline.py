@@ -11,8 +11,8 @@ import copy
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -201,7 +201,10 @@ def train(
                         ClassificationObjective(
                             cfg.label_smoothing,
                             build_penalties(
-                                plan.regularizers + extra, reference or {}, source.backbone if source else None
+                                plan.regularizers + extra,
+                                reference or {},
+                                source.backbone if source else None,
+                                lambda n: _first_examples(data, n),
                             ),
                         )
                     ),
@@ -339,6 +342,16 @@ def _head_only(plan: TrainPlan) -> TrainPlan:
 
 def _features_dataset(features: dict[str, torch.Tensor], data: PreparedData, split: str) -> TensorDataset:
     return TensorDataset(features[split], torch.as_tensor(data.examples.labels[getattr(data.splits, split)]))
+
+
+def _first_examples(data: PreparedData, n: int) -> tuple[Any, torch.Tensor]:
+    """The first ``n`` training examples, unaugmented, as one batch ``(inputs, labels)`` (DELTA's attention)."""
+    from torch.utils.data import Subset
+
+    from transferkit.engine.loop import make_loader
+
+    train = data.dataset("train")
+    return next(iter(make_loader(Subset(train, list(range(min(n, len(cast(Sized, train)))))), n)))
 
 
 def evaluate(

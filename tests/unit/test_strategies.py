@@ -399,11 +399,60 @@ def test_delta_attention_weights_important_channels_more():
     from transferkit.strategies.regularizers import Delta
 
     source = _conv_model([1.0, 2.0])
-    delta = Delta(source.backbone, ["blocks.0"], {}, alpha=1.0, beta=0.0, attention=True)
     x, y = torch.ones(4, 1, 2, 2), torch.tensor([1, 1, 1, 1])
+    delta = Delta(source.backbone, ["blocks.0"], {}, alpha=1.0, beta=0.0, attention=True, attention_batch=(x, y))
     weights = delta._channel_attention(source.head, x, y)["blocks.0"]
     # class 1 is read from channel 1 (head weight 2): removing channel 1 hurts, removing channel 0 helps
     assert weights[1] > weights[0] and weights.sum().item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="pass attention_batch"):
+        Delta(source.backbone, ["blocks.0"], {}, alpha=1.0, beta=0.0, attention=True)
+
+
+@pytest.mark.slow
+def test_delta_attention_on_a_real_source_is_not_uniform():
+    """Issue 18, defect 4: weights from a fresh head (near-zero logits) were near uniform, so inert; a probe fitted
+    on EfficientNet-Lite0's own features first makes them tell channels apart."""
+    from transferkit.config import DataConfig, SourceSpec
+    from transferkit.data import prepare_data
+    from transferkit.pipeline import _first_examples
+    from transferkit.strategies.regularizers import Delta
+
+    source = load_source(SourceSpec(name="efficientnet_lite0"))
+    data = prepare_data(
+        DataConfig(dataset="mnist5k", per_class=4, val_per_class=1, test_size=10, image_size=48), source, 0
+    )
+    x, y = _first_examples(data, 32)
+    delta = Delta(source.backbone, ["blocks.1"], {}, 1.0, 0.0, attention=True, attention_batch=(x, y))
+    weights = delta.fit_attention("cpu")["blocks.1"]
+    assert weights.shape == (24,) and weights.sum().item() == pytest.approx(24.0, rel=1e-5)
+    assert weights.max() / weights.min() > 1.4 and weights.std() > 0.1  # measured: 1.60 and 0.16
+    fresh = build_target(source, data.classes, seed=0).head  # what the weights came from before
+    inert = delta._channel_attention(fresh, x, y)["blocks.1"]
+    assert inert.max() / inert.min() < 1.1 and inert.std() < weights.std() / 3  # measured: 1.08, 0.02
+
+
+def test_delta_attention_is_measured_once_and_kept_in_the_checkpoint(data, tmp_path, monkeypatch):
+    from transferkit.io import safe_torch_load
+    from transferkit.strategies.regularizers import Delta
+
+    strategy = {"name": "delta", "alpha": 0.1, "attention": True, "attention_examples": 8}
+    calls = []
+    measure = Delta.fit_attention
+    monkeypatch.setattr(Delta, "fit_attention", lambda self, device=None: calls.append(1) or measure(self, device))
+    reference, _ = _train(data, tmp_path / "a", strategy, epochs=2)
+    assert len(calls) == 1  # once, before the first step
+    with pytest.raises(_Interrupt):
+        _train(data, tmp_path / "b", strategy, epochs=2, stop_at=3)
+    saved = safe_torch_load(tmp_path / "b" / "ckpt" / "last.pt")["objective"]["0"]["delta_weights"]
+    assert saved and all(w.sum().item() == pytest.approx(w.numel(), rel=1e-5) for w in saved.values())
+
+    def refuse(self, device=None):
+        raise AssertionError("a resumed run must read the channel weights from its checkpoint")
+
+    monkeypatch.setattr(Delta, "fit_attention", refuse)
+    resumed, _ = _train(data, tmp_path / "b", strategy, epochs=2, resume=True)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_delta_strategy_trains_and_leaves_the_source_untouched(data):
@@ -476,6 +525,4 @@ def test_delta_on_a_text_encoder_compares_hidden_states(tmp_path):
     # only hidden unit 3 of layer 1 differs, by exactly 0.5 at every token: alpha/2 * 0.5^2
     assert delta(target, inputs=batch).item() == pytest.approx(2.0 / 2 * 0.25, rel=1e-5)
     with pytest.raises(ValueError, match="without attention"):
-        Delta(source.backbone, layers, {}, alpha=1.0, beta=0.0, attention=True)(
-            target, inputs=batch, targets=torch.tensor([0, 1])
-        )
+        Delta(source.backbone, layers, {}, 1.0, 0.0, attention=True, attention_batch=(batch, torch.tensor([0, 1])))

@@ -26,7 +26,13 @@ from transferkit.distill.losses import (
     labelled_cross_entropy,
 )
 from transferkit.distill.teacher import Teacher
-from transferkit.engine.objective import ClassificationObjective, add_penalties, prepare_penalties
+from transferkit.engine.objective import (
+    ClassificationObjective,
+    add_penalties,
+    load_penalty_states,
+    penalty_states,
+    prepare_penalties,
+)
 from transferkit.strategies.regularizers import default_delta_layers, unwrap
 
 
@@ -164,6 +170,12 @@ class DistillObjective(nn.Module):
         self.penalties = base.penalties
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, wrapped or saved
         object.__setattr__(self, "hints", hints)
+
+    def extra_state(self) -> dict[str, Any]:
+        return penalty_states(self.penalties)
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        load_penalty_states(self.penalties, state)
 
     def forward(self, model: nn.Module, inputs: Any, targets: Any) -> dict[str, torch.Tensor]:
         labels = targets["label"] if isinstance(targets, dict) else targets

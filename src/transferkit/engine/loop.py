@@ -374,6 +374,8 @@ def fit(
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             restore_random_state(ckpt, accelerator)
+            if ckpt.get("objective") and hasattr(objective, "load_extra_state"):
+                cast(Any, objective).load_extra_state(ckpt["objective"])  # e.g. DELTA's channel weights, measured once
             best_state = ckpt["best_state"] or {k: v.detach().clone() for k, v in ckpt["model"].items()}
             state = json.loads(ckpt["state"])
             resumed_from = state["step"]
@@ -398,6 +400,7 @@ def fit(
                     **random_state(accelerator),
                     "best_state": {} if best_is_current else best_state,
                     "state": json.dumps(state),
+                    "objective": cast(Any, objective).extra_state() if hasattr(objective, "extra_state") else {},
                 },
             )
 

@@ -31,6 +31,23 @@ def add_penalties(
     return total
 
 
+def penalty_states(penalties: Sequence[nn.Module]) -> dict[str, Any]:
+    """What a checkpoint keeps of the penalties (by position): state measured once at the start of training, such
+    as DELTA's channel weights, so a resumed run uses the same."""
+    states = {
+        str(i): cast("Callable[[], dict]", p.extra_state)()
+        for i, p in enumerate(penalties)
+        if hasattr(p, "extra_state")
+    }
+    return {k: v for k, v in states.items() if v}
+
+
+def load_penalty_states(penalties: Sequence[nn.Module], states: dict[str, Any]) -> None:
+    for i, p in enumerate(penalties):
+        if str(i) in states and hasattr(p, "load_extra_state"):
+            cast("Callable[[dict], None]", p.load_extra_state)(states[str(i)])
+
+
 class ClassificationObjective(nn.Module):
     """Cross-entropy (optionally label-smoothed) on the model's logits, plus penalties (regularisers).
 
@@ -43,6 +60,13 @@ class ClassificationObjective(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.penalties = list(penalties)  # not registered: they hold references to source weights, never copies
+
+    def extra_state(self) -> dict[str, Any]:
+        """What the checkpoint keeps of this objective (``fit`` saves it and gives it back on resume)."""
+        return penalty_states(self.penalties)
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        load_penalty_states(self.penalties, state)
 
     def forward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         prepare_penalties(self.penalties, model)

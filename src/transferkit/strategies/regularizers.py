@@ -116,7 +116,10 @@ class DeltaConfig:
     """DELTA (Li et al. 2019): keep the target's feature maps near the frozen source's on the same inputs,
     ``alpha/2 * sum_layers sum_channels w_c * mean ||FM_c(w, x) - FM_c(w0, x)||^2``, plus ``beta/2 ||w||^2`` on the
     new head. With ``attention``, the channel weights ``w_c`` are a softmax over how much the loss grows when the
-    channel is removed from the source network (measured once, on the first batch); otherwise all ``w_c = 1``.
+    channel is removed from the source network, as the method describes: a linear probe is fitted on the frozen
+    source's features of ``attention_examples`` training examples, then each channel of each layer is zeroed in
+    turn and the probe's loss increase on those examples measured. The weights are computed once, before the first
+    step, and kept in the checkpoint (a resumed run uses the same ones); without attention all ``w_c = 1``.
 
     Feature maps are ``(batch, channels, ...)`` for image networks. For a tokenized text batch the outputs of
     transformer layers are ``(batch, tokens, hidden)``: there the channels are the hidden units, averaged over the
@@ -128,18 +131,23 @@ class DeltaConfig:
         beta: plain L2 on weights without a source counterpart.
         layers: backbone module names whose outputs are compared; default: the outputs of the layer groups'
             last modules (for timm models, each stage).
-        attention: weight channels by their importance to the source network (costs one forward pass per
-            channel, once); image networks only.
+        attention: weight channels by their importance to the source network (costs one forward pass of the
+            attention examples per channel, once); image networks only.
+        attention_examples: the training examples (unaugmented, the first of the split) the probe is fitted on and
+            the channels are scored on.
     """
 
     alpha: float = 0.01
     beta: float = 0.01
     layers: list[str] | None = None
     attention: bool = False
+    attention_examples: int = 64
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"delta alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.attention_examples < 2:
+            raise ValueError(f"delta attention_examples must be >= 2, got {self.attention_examples}")
 
 
 class Delta(nn.Module):
@@ -152,6 +160,8 @@ class Delta(nn.Module):
         alpha: see DeltaConfig.
         beta: see DeltaConfig.
         attention: see DeltaConfig.
+        attention_batch: ``(inputs, labels)`` of training examples the channel weights are measured on (needed with
+            ``attention``).
     """
 
     needs_features = False
@@ -165,12 +175,24 @@ class Delta(nn.Module):
         alpha: float,
         beta: float,
         attention: bool = False,
+        attention_batch: tuple[Any, torch.Tensor] | None = None,
     ):
         super().__init__()
         object.__setattr__(self, "source", source)  # not a submodule: not moved, saved or wrapped with the model
         source.eval().requires_grad_(False)
+        if attention and attention_batch is None:
+            raise ValueError(
+                "delta attention measures the source's channels on training examples: pass attention_batch "
+                "(inputs, labels), or train through transferkit.train / transferkit run, which pass it"
+            )
+        if attention and isinstance(attention_batch[0] if attention_batch else None, dict):
+            raise ValueError(
+                "delta attention weighs the channels of convolutional feature maps; for a text backbone use delta "
+                "without attention"
+            )
         self.layers = layers
         self.alpha, self.beta, self.attention = alpha, beta, attention
+        self.attention_batch = attention_batch
         self.new_weights = L2SP(reference, 0.0, beta)
         self.weights: dict[str, torch.Tensor] | None = None
         self._hooked: nn.Module | None = None
@@ -201,9 +223,31 @@ class Delta(nn.Module):
                 h.remove()
         return store
 
+    def _probe(self, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+        """A linear classifier of the target's classes on the frozen source's features (L-BFGS from zeros, a little
+        L2: deterministic): what the channel scores measure the source's loss with."""
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            features = self.source(x)
+        probe = nn.Linear(features.shape[1], int(y.max()) + 1).to(features.device)
+        nn.init.zeros_(probe.weight)
+        nn.init.zeros_(probe.bias)
+        optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(probe(features), y) + 1e-3 * probe.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return probe.eval().requires_grad_(False)
+
     @torch.no_grad()
     def _channel_attention(self, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Softmax over channels of the loss increase when a channel of the source is zeroed (Li et al. 2019)."""
+        """Softmax over channels of the loss increase when a channel of the source is zeroed (Li et al. 2019), the
+        loss of ``head`` (a probe fitted on the source's features) on ``x``, ``y``."""
         import torch.nn.functional as F
 
         base = F.cross_entropy(head(self.source(x)), y)
@@ -227,6 +271,25 @@ class Delta(nn.Module):
             weights[name] = torch.softmax(increase, dim=0) * channels  # mean weight 1, like the unweighted form
         return weights
 
+    def fit_attention(self, device: Any = None) -> dict[str, torch.Tensor]:
+        """The channel weights from ``attention_batch``: a probe on the source's features, then each channel's
+        loss increase when zeroed (computed on ``device``; returned on the CPU)."""
+        from transferkit.engine.loop import to_device
+
+        assert self.attention_batch is not None
+        device = device or next(self.source.parameters()).device
+        x, y = (to_device(t, device) for t in self.attention_batch)
+        weights = self._channel_attention(self._probe(x, y), x, y)
+        return {k: v.cpu() for k, v in weights.items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this penalty: the channel weights, once measured."""
+        return {"delta_weights": self.weights} if self.weights else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("delta_weights"):
+            self.weights = dict(state["delta_weights"])
+
     def prepare(self, model: nn.Module) -> None:
         """Before the objective's forward: hooks on the trained backbone catch its feature maps during it."""
         target = unwrap(model)
@@ -245,21 +308,11 @@ class Delta(nn.Module):
     ) -> torch.Tensor:
         target = unwrap(model)
         tokens = isinstance(inputs, dict)  # a tokenized batch: hidden units are the last dimension
-        if self.weights is None:
-            if self.attention and tokens:
-                raise ValueError(
-                    "delta attention weighs the channels of convolutional feature maps; for a text "
-                    "backbone use delta without attention"
-                )
-            # with attention the inputs are a tensor: a tokenized batch (a dict) raised just above
-            self.weights = (
-                self._channel_attention(cast(nn.Module, target.head), cast(torch.Tensor, inputs), targets)
-                if self.attention and targets is not None
-                else {}
-            )
         device = next(target.parameters()).device  # where the inputs and the target's maps are
         if next(self.source.parameters()).device != device:
             self.source.to(device)
+        if self.weights is None:  # once, before the first step (a resumed run reads them from its checkpoint)
+            self.weights = self.fit_attention(device) if self.attention else {}
         source_maps = self._source_maps(inputs)
         total = torch.zeros((), device=device)
         for name in self.layers:
@@ -296,7 +349,9 @@ REGULARIZERS.register("bss", help="shrink the smallest singular values of batch 
 REGULARIZERS.register("delta", help="keep feature maps near the frozen source's (Li et al. 2019)")(
     (
         DeltaConfig,
-        lambda c, ref, src: Delta(src, c.layers or default_delta_layers(src), ref, c.alpha, c.beta, c.attention),
+        lambda c, ref, src, batch=None: Delta(
+            src, c.layers or default_delta_layers(src), ref, c.alpha, c.beta, c.attention, batch
+        ),
     )
 )
 
@@ -308,13 +363,22 @@ def regularizer_config(spec: str | dict[str, Any]) -> tuple[str, Any]:
 
 
 def build_penalties(
-    specs: list[tuple[str, dict[str, Any]]], reference: dict[str, torch.Tensor], source: nn.Module | None = None
+    specs: list[tuple[str, dict[str, Any]]],
+    reference: dict[str, torch.Tensor],
+    source: nn.Module | None = None,
+    examples: Callable[[int], tuple[Any, torch.Tensor]] | None = None,
 ) -> list[nn.Module]:
-    """Penalty modules for ``specs``; ``source`` is the frozen source backbone (needed by ``delta``)."""
+    """Penalty modules for ``specs``; ``source`` is the frozen source backbone (needed by ``delta``); ``examples(n)``
+    gives ``(inputs, labels)`` of ``n`` unaugmented training examples (``delta`` with attention measures on them)."""
     out = []
     for name, options in specs:
         _, cfg = regularizer_config({"name": name, **options})
         if name == "delta" and source is None:
             raise ValueError("delta needs the source network: pass train(..., source=...) or use transferkit run")
+        if name == "delta" and cfg.attention:
+            if examples is None:
+                raise ValueError("delta attention measures the source on training examples: pass examples")
+            out.append(REGULARIZERS.get(name)[1](cfg, reference, source, examples(cfg.attention_examples)))
+            continue
         out.append(REGULARIZERS.get(name)[1](cfg, reference, source))
     return out
