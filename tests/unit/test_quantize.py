@@ -141,6 +141,12 @@ def test_int8_text_model_saves_plain_tensors_and_reloads_with_equal_logits(text_
         assert f.get_tensor(f"{query}.qdata").dtype == torch.int8
         assert f.get_tensor("head.weight").dtype == torch.float32
 
+    save_model(target, tmp_path / "float")
+    float_bytes, int8_bytes = ((tmp_path / f / "model.safetensors").stat().st_size for f in ("float", "m"))
+    # 3 bytes fewer per int8 weight, 4 more per output channel (its scale); the float embeddings stay
+    scales = sum(text_int8.model.get_submodule(n).weight.shape[0] for n in text_int8.record["layers"])
+    assert float_bytes - int8_bytes == pytest.approx(3 * text_int8.record["int8_weights"] - 4 * scales, abs=4096)
+
     loaded = load_model(tmp_path / "m")
     batches = _batches(data.dataset("test"))
     assert torch.allclose(_logits(loaded, batches), _logits(text_int8.model, batches), atol=1e-5, rtol=0)
@@ -214,8 +220,12 @@ def test_int8_static_agrees_with_float_on_real_digits(image_target, image_int8):
 
 
 def test_int8_static_model_reloads_with_equal_logits_and_predicts(image_target, image_int8, tmp_path):
-    _, data = image_target
+    target, data = image_target
     save_model(image_int8.model, tmp_path / "s", extra={"quantized": image_int8.record})
+    save_model(target, tmp_path / "float")
+    # int8 convolution weights, float biases and scales: about a quarter of the float file (no float copy left)
+    float_bytes, int8_bytes = ((tmp_path / f / "model.safetensors").stat().st_size for f in ("float", "s"))
+    assert int8_bytes < 0.4 * float_bytes
     loaded = load_model(tmp_path / "s")
     assert isinstance(loaded.backbone, StaticInt8Backbone)
     batches = _batches(data.dataset("test"), 20)
@@ -232,6 +242,24 @@ def test_int8_static_model_reloads_with_equal_logits_and_predicts(image_target, 
     assert len(one["top"]) == 2 and one["top"][0]["label"] in data.classes
     with pytest.raises(DataError, match=r"traced for image batches of \[3, 32, 32\].*got \[2, 3, 48, 48\]"):
         loaded(torch.zeros(2, 3, 48, 48))
+
+
+@pytest.mark.slow
+def test_compiled_int8_static_model_agrees_with_the_eager_one_and_saves_the_same(image_target, image_int8, tmp_path):
+    import copy
+
+    from transferkit.compress.quantize import compile_static
+
+    _, data = image_target
+    batches = _batches(data.dataset("test"), 20)
+    eager = _logits(image_int8.model, batches)
+    model = compile_static(copy.deepcopy(image_int8.model))
+    compiled = _logits(model, batches)  # inductor's oneDNN int8 convolutions: other roundings than the eager graph
+    assert float((compiled.argmax(1) == eager.argmax(1)).float().mean()) >= 0.9
+    assert float((compiled - eager).abs().max()) < 0.1 * float(eager.abs().max())
+    assert model.state_dict().keys() == image_int8.model.state_dict().keys()
+    with pytest.raises(CompressError, match="compile_static takes an int8_static model"):
+        compile_static(image_target[0])
 
 
 @pytest.mark.slow

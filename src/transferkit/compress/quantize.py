@@ -239,10 +239,11 @@ def compile_static(model: SourceModel) -> SourceModel:
     lowers the quantize/dequantize pairs around each convolution to oneDNN int8 convolutions (x86 CPUs).
 
     The compilation happens on the first call (tens of seconds for an EfficientNet) and again for each new batch
-    size it has not seen; it needs a C++ compiler. The model is changed in place and returned; its state_dict is
+    size it has not seen; it needs a C++ compiler. Run it under ``torch.no_grad()`` (as evaluation and prediction do):
+    inductor freezes the weights only for inference. The model is changed in place and returned; its state_dict is
     unchanged (save it as before), and a reloaded model runs uncompiled until compiled again.
     """
     if not isinstance(model.backbone, StaticInt8Backbone):
         raise CompressError("compile_static takes an int8_static model (quantize(model, method='int8_static', ...))")
-    model.backbone.compiled = torch.compile(model.backbone.graph, options={"freezing": True})
+    model.backbone.compiled = torch.compile(model.backbone.graph)  # run with inductor's freezing: see forward
     return model

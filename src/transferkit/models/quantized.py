@@ -184,7 +184,14 @@ class StaticInt8Backbone(nn.Module):
                 f"width) and got {got}; resize the inputs to {self.input_size[1]}x{self.input_size[2]} (the "
                 "model's preprocess input_size), or quantize again with calibration batches of the size you need"
             )
-        return (self.compiled or self.graph)(x)
+        if self.compiled is None:
+            return self.graph(x)
+        import torch._inductor.config as inductor_config
+
+        # freezing (weights as constants) is what lets inductor prepack the int8 convolutions; it is read when a
+        # compilation happens, which is on a call (the first, and each new batch size), so it is set around calls
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
 
     def train(self, mode: bool = True) -> StaticInt8Backbone:
         self.training = mode
@@ -229,7 +236,18 @@ def trace_static(backbone: nn.Module, example: torch.Tensor, calibration: Iterab
         for x in calibration:
             prepared(x)
         converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
     return StaticInt8Backbone(converted, list(example.shape[1:]))
+
+
+def _drop_unused_tensors(graph_module: Any) -> None:
+    """Delete the parameters and buffers the converted graph no longer reads: convert_pt2e leaves the float weights
+    of the quantized convolutions in place beside their int8 copies (the saved file would be larger than float)."""
+    used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for name in [k for k in graph_module.state_dict() if k not in used]:
+        owner, _, leaf = name.rpartition(".")
+        delattr(graph_module.get_submodule(owner) if owner else graph_module, leaf)
+    graph_module.delete_all_unused_submodules()
 
 
 # ---------------------------------------------------------------------------------------------- reloading
