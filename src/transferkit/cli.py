@@ -142,6 +142,66 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def compress_sections(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe sections ``transferkit compress`` adds: ``prune:`` (with its recovery), and ``quantize:`` (torchao)
+    or, with ``--export onnx``, ``export:`` with ONNX Runtime int8."""
+    sections: dict[str, Any] = {}
+    if args.prune is None and args.macs is None and args.quantize is None and args.export is None:
+        raise RecipeError("nothing to do: give --prune RATIO (or --macs N), --quantize int8 and/or --export onnx")
+    if args.prune is not None or args.macs is not None:
+        prune: dict[str, Any] = {"ratio": args.prune} if args.prune is not None else {"macs": args.macs}
+        prune.update({k: v for k, v in (("model", args.model), ("importance", args.importance)) if v is not None})
+        if args.round_to is not None:
+            prune["round_to"] = args.round_to
+        if args.recovery_epochs == 0:
+            prune["recovery"] = None
+        elif args.recovery_epochs is not None:
+            prune["recovery"] = {"epochs": args.recovery_epochs}
+        sections["prune"] = prune
+    model = {"model": args.model} if args.model and "prune" not in sections else {}
+    if args.export is not None:
+        export: dict[str, Any] = {"format": args.export, **model}
+        if args.quantize is not None:
+            export["quantize"] = args.quantize
+        sections["export"] = export
+    elif args.quantize is not None:
+        method = "auto" if args.quantize == "int8" else args.quantize
+        sections["quantize"] = {"method": method, **model}
+    return sections
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from transferkit.errors import RunDirError
+    from transferkit.recipe import load_recipe, read_yaml
+    from transferkit.runner import run_recipe
+
+    sections = compress_sections(args)
+    host = Path(args.run_dir)
+    if not (host / "run.json").is_file() or not (host / "recipe.yaml").is_file():
+        raise RunDirError(f"'{host}' is not a finished transferkit run directory (run.json/recipe.yaml are missing)")
+    if args.out:  # a copy of the run receives the compressed models; the run itself stays as it was
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise RunDirError(f"'{out}' is not empty; choose another --out (the run is copied there, then compressed)")
+        shutil.copytree(host, out, dirs_exist_ok=True)
+        host = out
+    raw = read_yaml(host / "recipe.yaml")
+    taken = [k for k in sections if raw.get(k) is not None]
+    if taken:
+        raise RunDirError(
+            f"'{host}' already has a {', '.join(taken)}: section; compress a copy with --out NEW_DIR, or add it "
+            "with other settings through `transferkit run RECIPE --from RUN_DIR`"
+        )
+    out_dir = run_recipe(load_recipe({**raw, **sections}), from_run=host)
+    print(f"run directory: {out_dir}\nreport: {out_dir / 'report.html'}")
+    for folder in sorted((out_dir / "exports").glob("*/model.onnx")):
+        print(f"exported: {folder.parent} (transferkit predict {folder.parent} INPUT runs it with ONNX Runtime)")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from transferkit.recipe import apply_overrides, read_yaml, validate_recipe
 
@@ -156,9 +216,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_exported(args: argparse.Namespace) -> int:
+    """``transferkit predict EXPORTED_FOLDER``: ONNX Runtime with the model's own preprocessing; torch is never
+    imported on this path (``transferkit.exported``)."""
+    from transferkit.exported import OnnxPredictor, read_lines
+
+    if args.task:
+        raise TransferKitError("--task is for multi-task models; an exported folder holds one single-task model")
+    predictor = OnnxPredictor(args.run_dir)
+    inputs: list[Any] = list(args.inputs)
+    if args.file:  # one text per line (an image or audio model refuses texts, naming what it takes)
+        inputs += read_lines(args.file)
+    if not inputs:
+        raise TransferKitError("nothing to predict: give inputs (image or audio files, or texts)")
+    _print_predictions(predictor.predict(inputs, top_k=args.top_k), args.json)
+    return 0
+
+
+def _print_predictions(predictions: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(predictions, indent=2))
+        return
+    for p in predictions:
+        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"])
+        task = f" [{p['task']}]" if "task" in p else ""  # a multi-task model: one line per task
+        print(f"{p.get('file', p.get('text', p.get('user')))}{task}: {top}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from transferkit.exported import is_exported
+
+    if args.top_k < 1:
+        raise RecipeError(f"--top-k {args.top_k}: give 1 or more (the number of labels listed per input)")
+    if is_exported(args.run_dir):
+        return _predict_exported(args)
     from transferkit.data.modality import MODALITIES
-    from transferkit.predict import load_run, path_inputs, texts_from_file
+    from transferkit.exported import read_lines
+    from transferkit.predict import load_run, path_inputs
 
     if args.top_k < 1:
         raise RecipeError(f"--top-k {args.top_k}: give 1 or more (the number of labels listed per input)")
@@ -168,18 +262,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.file:
         if modality is None or not modality.reads_lines:
             raise TransferKitError("--file reads one text per line, for text models; give image paths as arguments")
-        inputs += texts_from_file(args.file)
+        inputs += read_lines(args.file)
     if not inputs:
         what = modality.inputs_help if modality is not None else "user ids"  # a recommendation model
         raise TransferKitError(f"nothing to predict: give {what}")
-    predictions = predictor.predict(inputs, top_k=args.top_k)
-    if args.json:
-        print(json.dumps(predictions, indent=2))
-        return 0
-    for p in predictions:
-        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top"])
-        task = f" [{p['task']}]" if "task" in p else ""  # a multi-task model: one line per task
-        print(f"{p.get('file', p.get('text', p.get('user')))}{task}: {top}")
+    _print_predictions(predictor.predict(inputs, top_k=args.top_k), args.json)
     return 0
 
 
@@ -398,6 +485,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="a new run directory (the teacher run's data and settings); default: add to it")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --out run")
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("compress", help="prune, quantize and export a run's model (a copy of the run, with --out)")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--prune", type=float, metavar="RATIO", help="structured pruning: the fraction of channels removed")
+    p.add_argument("--macs", type=float, help="instead of --prune: prune until the model's MACs are at most this")
+    p.add_argument("--importance", choices=["magnitude", "taylor"], help="which channels go (default magnitude)")
+    p.add_argument("--round-to", type=int, help="channel counts kept at multiples of this (default 8)")
+    p.add_argument("--recovery-epochs", type=int, help="fine-tuning after pruning (default: train.epochs; 0: none)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int8_dynamic", "int8_static"],
+        help="int8 (dynamic for text/audio, static for images): for PyTorch (torchao), or with --export for ONNX "
+        "Runtime",
+    )
+    p.add_argument("--export", choices=["onnx"], help="ONNX, checked against PyTorch; predict runs it without torch")
+    p.add_argument("--model", help="the model to compress (default: the last distilled student, else the main model)")
+    p.add_argument("--out", help="a new run directory: a copy of the run, with the compressed models added")
+    p.set_defaults(func=_cmd_compress)
 
     from transferkit.stages import STAGES
 

@@ -39,6 +39,26 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, one text per line (``predict --file``; torch-free, so the exported
+    path can read them too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"text file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"'{path}' is not a UTF-8 text file ({e.reason} at byte {e.start}); --file takes a text file with one "
+            "text per line"
+        ) from None
+    lines = [line.strip() for line in text.splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise DataError(f"'{path}' holds no text (one text per line expected)")
+    return texts
+
+
 def is_exported(folder: str | Path) -> bool:
     """Whether ``folder`` is an exported model folder (``model.onnx`` and ``model.json``)."""
     folder = Path(folder)
@@ -222,8 +242,12 @@ def _as_mode(im: Image.Image, mode: str) -> Image.Image:
 
 
 def _read_image(path: Path, mode: str) -> Image.Image:
-    if not path.is_file():
-        raise DataNotFoundError(f"image '{path}' does not exist")
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long for the file system, say: no such image either
+        found = False
+    if not found:
+        raise DataNotFoundError(f"image '{str(path)[:200]}' does not exist")
     try:
         with _open_image(path) as im:
             return _as_mode(im, mode)

@@ -1,9 +1,9 @@
 """Prediction from a saved model alone: ``load_run(RUN_DIR).predict(inputs)``.
 
 Inputs are what the model's modality takes: image paths, PIL images or uint8 arrays for an image model; strings
-for a text model (``texts_from_file`` reads a file of lines). A multi-task model (a merge of models of different
-label sets) predicts every task, or the one ``load_run(path, task=NAME)`` names; each of its predictions names its
-task.
+for a text model (``transferkit.exported.read_lines`` reads a file of lines). A multi-task model (a merge of models
+of different label sets) predicts every task, or the one ``load_run(path, task=NAME)`` names; each of its
+predictions names its task.
 """
 
 from __future__ import annotations
@@ -89,25 +89,6 @@ def _describe(item: Any, i: int, modality: str) -> str:
     if isinstance(item, (str, Path)):
         return str(item)
     return f"<{modality} {i}>"
-
-
-def texts_from_file(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one text per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"text file '{path}' does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"'{path}' is not a UTF-8 text file ({e.reason} at byte {e.start}); --file takes a text file with one "
-            "text per line"
-        ) from None
-    lines = [line.strip() for line in text.splitlines()]
-    texts = [line for line in lines if line]
-    if not texts:
-        raise DataError(f"'{path}' holds no text (one text per line expected)")
-    return texts
 
 
 def path_inputs(inputs: list[str], modality: str) -> list[Any]:

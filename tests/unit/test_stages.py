@@ -70,7 +70,22 @@ def test_every_stage_declares_its_contract() -> None:
         "evaluate",
         "merge",
         "distill",
+        "prune",
+        "quantize",
+        "export",
     }
+
+
+def test_compression_stages_run_after_what_they_compress_in_the_written_order() -> None:
+    """export is written first, yet runs after the models exist; prune and quantize (both read and give models)
+    keep their written order among themselves, after train."""
+    recipe = {
+        "export": {"quantize": "int8"},
+        **TINY,
+        "quantize": {"method": "int8_dynamic"},
+        "prune": {"ratio": 0.5},
+    }
+    assert _names(recipe) == ["transfer", "train", "quantize", "prune", "export", "select"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

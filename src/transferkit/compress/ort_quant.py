@@ -187,13 +187,28 @@ def _quantize(
     return pre
 
 
+@contextlib.contextmanager
+def _working_directory(folder: Path) -> Iterator[None]:
+    """The process's working directory is ``folder`` for the block (and put back after, even on error)."""
+    import os
+
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _pre_process(source: Path, target: Path) -> tuple[Path, str]:
     """``quant_pre_process`` into ``target`` where it succeeds (``source`` as it is, otherwise)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with _quiet():
-            quant_pre_process(str(source), str(target))
+        # its symbolic shape inference writes scratch files (sym_shape_infer_temp.onnx, UUID.data of the weights)
+        # into the working directory and leaves them there when it gives up: it runs in the scratch folder instead
+        with _quiet(), _working_directory(target.parent):
+            quant_pre_process(str(source.resolve()), str(target.resolve()))
     except Exception:  # symbolic shape inference gives up on some graphs: quantization works without it
         return source, "none (quant_pre_process failed: symbolic shape inference incomplete)"
     return target, "quant_pre_process"

@@ -234,6 +234,70 @@ class DistillEntry(_Strict):
         return self.label or f"distill-{spec_name(self.loss)}"
 
 
+class PruneConfig(_Strict):
+    """Structured pruning (torch-pruning's DepGraph) of a trained model, then recovery fine-tuning.
+
+    Whole channels (and, in a transformer text encoder, whole attention heads and FFN channels) are removed, so the
+    pruned model is smaller and faster, not only sparse. The channel counts are recorded in ``model.json``: the
+    pruned model reloads from its folder alone.
+    """
+
+    model: str | None = Field(
+        default=None, description="the model to prune (default: the last distilled student, else the main model)"
+    )
+    ratio: float | None = Field(default=None, gt=0, lt=1, description="fraction of channels removed per layer")
+    macs: float | None = Field(default=None, gt=0, description="instead of ratio: prune until MACs <= this count")
+    importance: Literal["magnitude", "taylor"] = Field(
+        default="magnitude", description="which channels go: smallest L2 norm, or smallest first-order loss change"
+    )
+    round_to: int | None = Field(default=8, ge=1, description="channel counts kept at multiples of this")
+    keep: list[str] = Field(
+        default_factory=list, description="regexes of module names never pruned (the head never is)"
+    )
+    recovery: dict[str, Any] | None = Field(
+        default_factory=dict,
+        description="fine-tuning after pruning: train settings over train: (default strategy full); null: none",
+    )
+    label: str | None = Field(default=None, description="the pruned model's name (default: MODEL-pruned)")
+
+    @model_validator(mode="after")
+    def _ratio_or_macs(self) -> PruneConfig:
+        if (self.ratio is None) == (self.macs is None):
+            raise ValueError("give one of ratio (e.g. 0.5: half the channels) or macs (a target MAC count), not both")
+        return self
+
+
+class QuantizeConfig(_Strict):
+    """int8 quantization of a trained model for PyTorch inference (torchao); saved in ``models/NAME/``."""
+
+    model: str | None = Field(default=None, description="the model to quantize (default: the pruned one, if any)")
+    method: Literal["auto", "int8_dynamic", "int8_static", "int8_weight_only"] = Field(
+        default="auto", description="auto: int8_dynamic for text and audio encoders, int8_static for conv nets"
+    )
+    calibration: int = Field(default=256, ge=1, description="training examples that calibrate a static method")
+    label: str | None = Field(default=None, description="the quantized model's name (default: MODEL-int8)")
+
+
+class ExportConfig(_Strict):
+    """ONNX export, checked against PyTorch at export time, optionally int8-quantized for ONNX Runtime.
+
+    Writes ``exports/NAME/`` (``model.onnx``, ``model.json``, the tokenizer, ``export_report.json``), which
+    ``transferkit predict`` runs with ONNX Runtime, without torch; with ``quantize``, also ``exports/NAME-int8/``.
+    """
+
+    model: str | None = Field(default=None, description="the model to export (default: the pruned one, if any)")
+    format: Literal["onnx"] = "onnx"
+    opset: int | None = Field(default=None, ge=7, description="ONNX opset (default: the exporter's)")
+    atol: float = Field(default=1e-4, gt=0, description="largest logit difference allowed, relative to the largest")
+    quantize: Literal["int8", "int8_dynamic", "int8_static"] | None = Field(
+        default=None, description="also an ONNX Runtime int8 copy (int8: dynamic for text/audio, static for images)"
+    )
+    per_channel: bool = Field(default=True, description="int8 weights scaled per output channel")
+    calibration: int = Field(default=256, ge=1, description="training examples that calibrate static int8")
+    check_examples: int = Field(default=256, ge=1, description="validation examples the parity check runs on")
+    label: str | None = Field(default=None, description="the export's folder name (default: MODEL-onnx)")
+
+
 class RankConfig(_Strict):
     """Rank candidate sources before training; the best one becomes the run's source."""
 
@@ -301,6 +365,9 @@ class Recipe(_Strict):
     distill: list[DistillEntry] = Field(
         default_factory=list, description="students trained from a teacher on the labels and the unlabelled pool"
     )
+    prune: PruneConfig | None = Field(default=None, description="structured pruning and recovery of a trained model")
+    quantize: QuantizeConfig | None = Field(default=None, description="int8 quantization for PyTorch inference")
+    export: ExportConfig | None = Field(default=None, description="ONNX export checked against PyTorch (and int8)")
     recsys: RecsysConfig | None = Field(
         default=None,
         description="a recommendation task (interactions, two-tower or "
@@ -331,6 +398,7 @@ class Recipe(_Strict):
             return self
         used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
         used += [k for k in ("compare", "baselines", "evaluate", "merge", "distill") if getattr(self, k)]
+        used += [k for k in ("prune", "quantize", "export") if getattr(self, k) is not None]
         if used:
             raise ValueError(
                 f"recsys: runs a recommendation task on its own; {', '.join(used)} "

@@ -455,4 +455,5 @@ register_modality(
     strong=strong_image_dataset,
     adjust=image_size,
     summary=lambda preprocess, items: {"image_size": preprocess["input_size"][-1]},
+    int8="static",  # conv nets: int8 activations need ranges calibrated on training images
 )

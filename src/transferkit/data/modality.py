@@ -55,6 +55,8 @@ class Modality:
         reads_lines: prediction inputs can come one per line of a text file (``predict --file``).
         inputs_help: what prediction takes, for messages.
         task: the task a classifier of this modality does, as ``model.json`` records it.
+        int8: how int8 quantization suits its models by default: ``static`` (conv nets: activation ranges calibrated
+            on training examples) or ``dynamic`` (Linear-heavy encoders: ranges measured on each batch).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Modality:
     reads_lines: bool = False
     inputs_help: str = ""
     task: str = ""
+    int8: str = "dynamic"
 
     def __post_init__(self) -> None:
         if not self.inputs_help:

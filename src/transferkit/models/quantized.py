@@ -253,6 +253,23 @@ def _drop_unused_tensors(graph_module: Any) -> None:
 # ---------------------------------------------------------------------------------------------- reloading
 
 
+@torch.no_grad()
+def _finite_for_tracing(backbone: nn.Module) -> None:
+    """Finite values in every float tensor before the graph is traced and observed again: a pruned architecture's
+    tensors are made empty at their recorded shapes (uninitialised memory, possibly NaN), and an observer that
+    sees NaN fails. The values are overwritten by the saved ones right after."""
+    generator = torch.Generator().manual_seed(0)
+    for name, t in [*backbone.named_parameters(), *backbone.named_buffers()]:
+        if not t.is_floating_point():
+            continue
+        if name.endswith("running_var"):
+            t.fill_(1.0)
+        elif name.endswith("running_mean"):
+            t.zero_()
+        else:
+            t.copy_(torch.randn(t.shape, generator=generator) * 0.02)
+
+
 def load_quantized(model: nn.Module, folder: str | Path, record: dict[str, Any]) -> Any:
     """The quantized model saved in ``folder``, from ``model`` (its float architecture rebuilt from model.json,
     weights not loaded) and ``record`` (model.json's ``quantized``). Called by ``models.base.load_model``."""
@@ -274,6 +291,7 @@ def load_quantized(model: nn.Module, folder: str | Path, record: dict[str, Any])
                 f"'{folder}/model.json' has no valid quantized.input_size (channels, height, width); {fix}"
             )
         backbone: nn.Module = model.backbone  # type: ignore[assignment]
+        _finite_for_tracing(backbone)
         example = torch.zeros(2, *size)  # any values: the traced structure is kept, its numbers are loaded below
         model.backbone = trace_static(backbone.eval(), example, [example])
     else:

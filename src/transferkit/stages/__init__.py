@@ -10,7 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from transferkit.config import Recipe
-from transferkit.stages import baselines, distill, evaluate, merge, pretrain, rank, recsys, select, train, transfer
+from transferkit.stages import (
+    baselines,
+    compress,
+    distill,
+    evaluate,
+    merge,
+    pretrain,
+    rank,
+    recsys,
+    select,
+    train,
+    transfer,
+)
 from transferkit.stages.base import RunContext, Stage
 
 # the default order, for the stages a recipe does not write (transfer, select) and for ties
@@ -24,6 +36,9 @@ STAGES: dict[str, Stage] = {
         baselines.STAGE,
         merge.STAGE,
         distill.STAGE,
+        compress.PRUNE,
+        compress.QUANTIZE,
+        compress.EXPORT,
         evaluate.STAGE,
         select.STAGE,
         recsys.TRAIN,
