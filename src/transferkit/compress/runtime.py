@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from transferkit.compress.export import ort_feed, ort_session
 
 
 class OnnxModule(nn.Module):
@@ -26,21 +27,8 @@ class OnnxModule(nn.Module):
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort_session(Path(folder) / "model.onnx", threads or torch.get_num_threads())
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def feed(self, batch: Any) -> dict[str, np.ndarray]:
-        """The session's inputs from a batch (a tensor: the one input; a dict: the inputs of those names)."""
-        if isinstance(batch, dict):
-            return {k: batch[k].detach().cpu().numpy() for k in self.inputs}
-        return {self.inputs[0]: batch.detach().cpu().numpy()}
-
     def forward(self, batch: Any) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, self.feed(batch))[0])
+        return torch.from_numpy(self.session.run(None, ort_feed(batch, self.inputs))[0])
