@@ -6,8 +6,10 @@ labelled and 50 validation reviews per class, 2,000 test reviews), without its c
 on its trained model:
 
 - ``prune:`` to half the trained model's MACs (``macs:`` = 0.5 x its count on one input; magnitude importance,
-  channel counts at multiples of 8; MiniLM: whole attention heads and FFN channels), then recovery fine-tuning
-  with the run's own train settings and strategy ``full``;
+  channel counts at multiples of 8; MiniLM: whole attention heads and FFN channels), then recovery by distillation
+  from the trained model (kd, T 4, alpha 0.9) on the labelled split and the unlabelled pool (``data.unlabelled:
+  rest``: the ~3,600 MNIST images outside the splits, 2,000 of the other reviews), the run's train settings with
+  every layer trained (strategy ``full``, the backbone at the rate the run's strategy gives it);
 - ``quantize:`` int8 for PyTorch (torchao; ``auto``: static for the conv net, dynamic for MiniLM);
 - ``export:`` ONNX (checked against PyTorch on the validation split at export time) and its ONNX Runtime int8 copy
   (static QDQ per-channel, calibrated on training images; dynamic for MiniLM).
@@ -51,6 +53,8 @@ from transferkit.models.base import load_model
 from transferkit.recipe import load_recipe
 from transferkit.runner import run_recipe
 
+POOL = {"image": None, "text": 2000}  # unlabelled_max: the images outside the splits (~3,600), 2,000 reviews
+
 
 def base_recipe(task: str, seed: int) -> dict[str, Any]:
     raw = yaml.safe_load(demo_recipe_path(task).read_text())
@@ -58,7 +62,18 @@ def base_recipe(task: str, seed: int) -> dict[str, Any]:
     raw["seed"] = seed
     raw.pop("compare", None)
     raw.pop("baselines", None)
+    raw["data"]["unlabelled"] = "rest"  # the recovery's pool; the splits are the demo's
+    if POOL[task]:
+        raw["data"]["unlabelled_max"] = POOL[task]
     return raw
+
+
+def recovery(raw: dict[str, Any]) -> dict[str, Any]:
+    """The recovery's settings: the run's own, every layer trained (``full``) with the backbone at the rate the
+    run's strategy gives it (text: 0.01 x the head's; images: full's default 0.1)."""
+    strategy = raw["train"]["strategy"]
+    scale = strategy.get("backbone_lr_scale") if isinstance(strategy, dict) else None
+    return {"strategy": {"name": "full", **({"backbone_lr_scale": scale} if scale else {})}}
 
 
 def run_data(folder: Path, model: Any) -> Any:
@@ -86,7 +101,8 @@ def one_seed(task: str, seed: int, out: Path) -> dict[str, Any]:
     model = load_model(trained / "models" / main)
     example = _val_batch(run_data(trained, model), 1)
     macs = count_macs(model, example)
-    raw["prune"] = {"model": main, "macs": 0.5 * macs, "recovery": {}}
+    kd = {"name": "kd", "temperature": 4.0, "alpha": 0.9}  # bench/distill.py's settings
+    raw["prune"] = {"model": main, "macs": 0.5 * macs, "recovery": recovery(raw), "distill": kd}
     raw["quantize"] = {"model": main, "method": "auto"}
     raw["export"] = {"model": main, "quantize": "int8"}
     done = run_recipe(load_recipe(raw), from_run=trained)

@@ -130,3 +130,20 @@ def test_recipe_problems_name_the_key() -> None:
     assert any(p.startswith("prune.recovery.epochs") for p in problems)
     _, problems = validate_recipe({**TINY, "export": {"quantize": "int4"}})
     assert any(p.startswith("export.quantize") for p in problems)
+
+
+def test_a_distilled_recovery_learns_from_the_unpruned_model_on_the_pool(tmp_path: Path) -> None:
+    recipe = {
+        **TINY,
+        "data": {**DATA, "unlabelled": "rest", "unlabelled_max": 40},
+        "prune": {"ratio": 0.5, "round_to": 4, "recovery": {"epochs": 1}, "distill": {"name": "kd", "alpha": 0.9}},
+    }
+    out = run_recipe(load_recipe(recipe), out=tmp_path / "run")
+    pruned = read_json(out / "metrics.json")["models"]["full-pruned"]
+    assert pruned["distill"]["loss"] == "kd" and pruned["distill"]["pool"] == 40
+    steps = -(-(len(DATA["classes"]) * DATA["per_class"] + 40) // TINY["train"]["batch_size"])
+    assert pruned["history"][-1]["step"] == steps  # one epoch over the labelled examples and the pool
+    assert not list((out / "checkpoints" / "full-pruned").glob("teacher-round*.pt"))
+    assert "Prune full-pruned" in [t["title"] for t in read_json(out / "metrics.json")["tables"]]
+    _, problems = validate_recipe({**recipe, "prune": {**recipe["prune"], "distill": "kdd"}})
+    assert any(p.startswith("prune.distill: unknown") for p in problems)

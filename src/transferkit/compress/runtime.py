@@ -23,11 +23,13 @@ class OnnxModule(nn.Module):
     Args:
         folder: an exported folder (``model.onnx``).
         threads: ONNX Runtime's intra-op threads (default: torch's, so the two are timed on equal terms).
+        spinning: ONNX Runtime's threads spin between runs (its default); off by default here, since a module is
+            run beside PyTorch models (evaluation, interleaved timing), whose CPU time the spinning would take.
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, spinning: bool = False):
         super().__init__()
-        self.session = ort_session(Path(folder) / "model.onnx", threads or torch.get_num_threads())
+        self.session = ort_session(Path(folder) / "model.onnx", threads or torch.get_num_threads(), spinning)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def forward(self, batch: Any) -> torch.Tensor:

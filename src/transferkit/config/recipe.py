@@ -258,12 +258,19 @@ class PruneConfig(_Strict):
         default_factory=dict,
         description="fine-tuning after pruning: train settings over train: (default strategy full); null: none",
     )
+    distill: str | dict[str, Any] | None = Field(
+        default=None,
+        description="recover by distillation from the model before pruning: kd | dkd | ... (transferkit ls), on "
+        "the labels and data.unlabelled",
+    )
     label: str | None = Field(default=None, description="the pruned model's name (default: MODEL-pruned)")
 
     @model_validator(mode="after")
     def _ratio_or_macs(self) -> PruneConfig:
         if (self.ratio is None) == (self.macs is None):
             raise ValueError("give one of ratio (e.g. 0.5: half the channels) or macs (a target MAC count), not both")
+        if self.distill is not None and self.recovery is None:
+            raise ValueError("distill: is how the recovery trains; with recovery: null there is none to distill")
         return self
 
 

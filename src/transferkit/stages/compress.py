@@ -190,12 +190,18 @@ def prune_step(ctx: RunContext) -> dict[str, Any]:
     prune_s = time.perf_counter() - t
     before = _scores(pruned.model, data, device) if cfg.recovery is not None else None
     recovery = _recovery(recipe)
+    job_dir = result_file(ctx, name).parent
     if recovery is not None:
-        paths = JobPaths(result_file(ctx, name).parent / "last.pt", ctx.out / "metrics.jsonl", name)
-        job = train(
-            pruned.model, data, recovery, seed=recipe.seed, accelerator=ctx.accelerator, paths=paths, resume=ctx.resume
-        )
-        job["test"] = _scores(pruned.model, data, device)["test"]
+        paths = JobPaths(job_dir / "last.pt", ctx.out / "metrics.jsonl", name)
+        how = {"seed": recipe.seed, "accelerator": ctx.accelerator, "paths": paths, "resume": ctx.resume}
+        if cfg.distill is not None:  # the model before pruning teaches, on the labels and the unlabelled pool
+            from transferkit.distill import distill, for_model
+
+            job = distill(pruned.model, [original], data, recovery, cfg.distill, **how, cache_dir=job_dir)
+            job["test"] = _scores(pruned.model, for_model(data, pruned.model), device)["test"]
+        else:
+            job = train(pruned.model, data, recovery, **how)
+            job["test"] = _scores(pruned.model, data, device)["test"]
     else:
         job = {**_scores(pruned.model, data, device), "history": [], "best_epoch": 0, "epochs_run": 0, "timing": {}}
     job["timing"]["prune_s"] = prune_s
@@ -223,6 +229,9 @@ def prune_step(ctx: RunContext) -> dict[str, Any]:
         from transferkit.stages.train import drop_checkpoints
 
         drop_checkpoints(ctx, name, recovery)
+        if ctx.main:
+            for path in job_dir.glob("teacher-round*.pt"):  # a distilled recovery's cached teacher outputs
+                path.unlink(missing_ok=True)
     return job
 
 
@@ -246,7 +255,8 @@ def _use_pruned(ctx: RunContext, result: dict[str, Any]) -> None:
     ctx.results[name] = result
     accuracy = {p["from"]: ctx.results[p["from"]]["test"]["accuracy"], name: result["test"]["accuracy"]}
     how = f"ratio {p['ratio']}" if p.get("ratio") is not None else f"target {p.get('target_macs'):.3g} MACs"
-    _cost_table(ctx, f"Prune {name}", f"{p['importance']} importance, {how}, then recovery", result, accuracy)
+    recovered = "distilled recovery" if "distill" in result else "recovery" if result["epochs_run"] else "no recovery"
+    _cost_table(ctx, f"Prune {name}", f"{p['importance']} importance, {how}, then {recovered}", result, accuracy)
     ctx.log(
         f"[{name}] MACs {p['macs_before'] / 1e6:.1f} M -> {p['macs_after'] / 1e6:.1f} M, parameters "
         f"{p['params_before'] / 1e6:.2f} M -> {p['params_after'] / 1e6:.2f} M | test accuracy "
@@ -475,13 +485,22 @@ def _load_export(ctx: RunContext) -> None:
 
 
 def check(raw: dict[str, Any]) -> list[str]:
-    """The recovery's train settings against TrainConfig and the strategies."""
+    """The recovery's train settings against TrainConfig and the strategies; its distillation loss."""
+    from transferkit.distill.losses import loss_config
+    from transferkit.errors import RecipeError, UnknownNameError
+
     prune = raw.get("prune")
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     assert isinstance(train, dict)
+    problems = []
     if isinstance(prune, dict) and isinstance(prune.get("recovery"), dict):
-        return train_override_problems("prune.recovery", train, prune["recovery"])
-    return []
+        problems += train_override_problems("prune.recovery", train, prune["recovery"])
+    if isinstance(prune, dict) and isinstance(prune.get("distill"), (str, dict)):
+        try:
+            loss_config(prune["distill"])
+        except (UnknownNameError, RecipeError) as e:
+            problems.append(f"prune.distill: {e}")
+    return problems
 
 
 def _extend(key: str, entry: type) -> Any:
