@@ -238,3 +238,47 @@ def test_recipe_needs_a_source_or_candidates(tmp_path: Path, capsys):
     del recipe["rank"]
     assert main(["validate", str(_write_recipe(tmp_path, recipe))]) == 1
     assert "source: required key is missing (or give rank: {candidates: [...]}" in capsys.readouterr().err
+
+
+def _kill_when(cmd: list[str], out: Path, job: str, lines: int) -> None:
+    """Start ``cmd``; SIGKILL it once ``job`` has a checkpoint and ``lines`` loss lines in metrics.jsonl."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / job / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "metrics.jsonl"
+        text = log.read_text() if log.exists() else ""
+        seen = sum('"loss"' in line and f'"job": "{job}"' in line for line in text.splitlines())
+        if ckpt.exists() and seen >= lines:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run finished before {job} could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "job"),
+    [
+        ({"prune": {"ratio": 0.5, "round_to": 4, "recovery": {"epochs": 3, "checkpoint_every": 1}}}, "full-pruned"),
+        ({"distill": [{"loss": "kd", "train": {"epochs": 3, "checkpoint_every": 1}}]}, "distill-kd"),
+    ],
+)
+def test_a_stage_killed_while_it_trains_resumes_to_the_same_model(tmp_path: Path, stage: dict, job: str):
+    """SIGKILL in the middle of a later stage's training (a pruned model's recovery, a student), then --resume:
+    the same weights and metrics as the uninterrupted run, and no half-written model folder."""
+    recipe = dict(TINY_RECIPE, compare=[], train={**TINY_RECIPE["train"], "epochs": 1}, **stage)
+    path = _write_recipe(tmp_path, recipe)
+    reference = tmp_path / "reference"
+    assert main(["run", str(path), "--out", str(reference)]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "transferkit", "run", str(path), "--out", str(out)]
+    _kill_when(cmd, out, job, 7)  # into the second epoch of that job
+    assert not (out / "metrics.json").exists() and not (out / "models" / job).exists()
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_json(reference / "metrics.json")["models"][job], read_json(out / "metrics.json")["models"][job]
+    assert b["resumed_from_step"] >= 1
+    for key in ("test", "val", "best_epoch", "weights_sha256"):
+        assert a[key] == b[key], key
