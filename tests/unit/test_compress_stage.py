@@ -68,6 +68,9 @@ def test_quantize_takes_the_pruned_model_and_export_writes_checked_folders(compr
         assert (folder / "model.onnx").is_file() and (folder / "export_report.json").is_file()
     int8_meta = read_json(compressed_run / "exports" / "full-pruned-onnx-int8" / "model.json")
     assert int8_meta["onnx_quantized"]["mode"] == "static"  # images: the modality's own kind of int8
+    # model.json says all that was done: pruned (ratio, MACs), exported, quantized
+    assert int8_meta["pruned"]["ratio"] == 0.5 and int8_meta["pruned"]["from"] == "full"
+    assert int8_meta["export"]["format"] == "onnx" and int8_meta["strategy"] == "prune:magnitude"
     tables = [t["title"] for t in metrics["tables"]]
     assert {"Prune full-pruned", "Quantize full-pruned-int8", "Export full-pruned"} <= set(tables)
 

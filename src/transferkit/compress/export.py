@@ -52,8 +52,11 @@ def export_onnx(
     opset: int | None = None,
     atol: float = 1e-4,
     dynamic_batch: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to ``folder/model.onnx`` and check it against PyTorch eager on ``examples``.
+
+    ``extra``: what ``model.json`` also records (e.g. the ``pruned`` record of a pruned model: what was done to it).
 
     Every example batch runs through ONNX Runtime (CPU) and through the model; the check fails, and no folder is
     written (an existing one is left as it was), when the largest logit difference divided by the largest
@@ -125,7 +128,7 @@ def export_onnx(
             }
         )
         _refuse_disagreement(report)
-        meta = _saved_parts(model, tmp)
+        meta = {**_saved_parts(model, tmp), **(extra or {})}
         meta["export"] = {
             "format": "onnx",
             "opset": used_opset,

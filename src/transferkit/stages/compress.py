@@ -394,7 +394,7 @@ def export_step(ctx: RunContext) -> dict[str, Any]:
     from transferkit.compress.ort_quant import quantize_onnx
     from transferkit.compress.runtime import OnnxModule
     from transferkit.evaluation.cost import latency_ms
-    from transferkit.io import write_json
+    from transferkit.io import read_json, write_json
 
     recipe, data = ctx.recipe, ctx.data()
     cfg = recipe.export
@@ -406,7 +406,9 @@ def export_step(ctx: RunContext) -> dict[str, Any]:
     result: dict[str, Any] = {"from": source_name, "settings_sha256": _export_sha(recipe), "exports": {}}
     if ctx.main:
         t = time.perf_counter()
-        report = export_onnx(model, checks, folders[name], opset=cfg.opset, atol=cfg.atol)
+        before = read_json(ctx.out / "models" / source_name / "model.json")  # what was done to it before
+        done = {k: before[k] for k in ("strategy", "run", "pruned", "distill") if k in before}
+        report = export_onnx(model, checks, folders[name], opset=cfg.opset, atol=cfg.atol, extra=done)
         result["exports"][name] = {"folder": str(folders[name]), "check": report, "export_s": time.perf_counter() - t}
         if cfg.quantize is not None:
             mode = quantize_method(cfg.quantize, model.modality).removeprefix("int8_")
