@@ -117,3 +117,40 @@ def test_runs_of_another_source_are_refused(merged_run: Path, tmp_path: Path) ->
     (other / "metrics.json").write_text(json.dumps({"source": "timm:test_resnet"}))
     with pytest.raises(DataError, match="started from 'timm:test_resnet', this run from 'timm:test_efficientnet'"):
         add_stage("merge", merged_run, {"runs": [str(other)], "label": "x"})
+
+
+def test_lora_runs_merge_with_their_adapters_folded_in(tmp_path: Path) -> None:
+    """Issue 16: a model that keeps its LoRA adapters (lora, merge: false) merges with plain models: peft folds the
+    adapters into its weights first, and the soup is the soup of the folded models."""
+    import torch
+
+    from transferkit.merge.api import plain_members
+    from transferkit.models.adapters import merge_lora
+
+    recipe = {
+        **TINY,
+        "compare": [{"strategy": {"name": "lora", "r": 4, "merge": False}, "label": "lora"}],
+        "merge": [{"method": "uniform_soup", "models": ["full", "lora"], "recalibrate_bn": False}],
+    }
+    out = run_recipe(load_recipe(recipe), out=tmp_path / "run")
+    assert read_json(out / "models" / "lora" / "model.json")["adapter"]["type"] == "lora"
+    merged = read_json(out / "metrics.json")["models"]["merge-uniform_soup"]["merge"]
+    assert merged["adapters_folded"] == [str(out / "models" / "lora")]
+    lora = load_model(out / "models" / "lora")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = lora(x)
+        merge_lora(lora)  # what plain_members does: same outputs, plain weights
+        assert torch.allclose(lora(x), before, atol=1e-5) and lora.adapter is None
+    full = load_model(out / "models" / "full").state_dict()
+    soup = load_model(out / "models" / "merge-uniform_soup").state_dict()
+    adapted = [
+        n.replace(".lora_A.default.weight", ".weight")
+        for n in load_model(out / "models" / "lora").state_dict()
+        if n.endswith("lora_A.default.weight")
+    ]
+    assert adapted  # the adapters sat on these layers: their folded weights W + scale * B A enter the soup
+    folded = lora.state_dict()
+    for w in adapted:
+        assert torch.allclose(soup[w], (full[w] + folded[w]) / 2, atol=1e-6), w
+    assert plain_members([out / "models" / "full"], tmp_path) == [out / "models" / "full"]  # plain: as it is

@@ -75,8 +75,8 @@ def check_compatible(folders: Sequence[Path], one_label_set: str | None = None) 
             )
         if meta.get("adapter") or first.get("adapter"):
             raise DataError(
-                f"'{folder if meta.get('adapter') else first_folder}' carries LoRA adapters: merge models trained "
-                "with lora merge: true (plain weights)"
+                f"'{folder if meta.get('adapter') else first_folder}' carries LoRA adapters: fold them into its "
+                "weights first (plain_members; the merge stage and transferkit merge do it)"
             )
     merged_heads = same_labels(metas)  # else each model keeps its head: only the backbones must match
     shapes = []
@@ -95,6 +95,29 @@ def check_compatible(folders: Sequence[Path], one_label_set: str | None = None) 
                     f"'{first_folder}': the models do not share a structure"
                 )
     return metas
+
+
+def plain_members(folders: Sequence[Path], scratch: Path) -> list[Path]:
+    """The members as plain-weight model folders: a model that carries LoRA adapters (trained with ``lora``,
+    ``merge: false``) is loaded, its adapters folded into the base weights by peft (``merge_lora``: W + scale * B A,
+    the model's outputs unchanged) and saved under ``scratch``; the others are returned as they are. One model is
+    in memory at a time, so the streaming merge's memory bound holds."""
+    from transferkit.models.adapters import merge_lora
+    from transferkit.models.base import SourceModel, load_model, save_model
+
+    out = []
+    for i, folder in enumerate(folders):
+        meta = read_json(folder / "model.json") if (folder / "model.json").is_file() else {}
+        if not meta.get("adapter"):
+            out.append(folder)
+            continue
+        model = load_model(folder)
+        assert isinstance(model, SourceModel)  # adapters are injected in single-task models only
+        merge_lora(model)
+        extra = {k: meta[k] for k in ("strategy", "run") if k in meta}
+        out.append(save_model(model, scratch / f"member-{i}", extra={**extra, "folded_from": str(folder)}))
+        del model
+    return out
 
 
 def same_labels(metas: Sequence[Mapping[str, Any]]) -> bool:

@@ -123,6 +123,27 @@ def _base(ctx: RunContext) -> dict[str, Any]:
 
 def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     """Merge (or ensemble) one entry's members; evaluate, save and describe the result."""
+    import tempfile
+
+    from transferkit.merge.api import plain_members
+
+    data, device = ctx.data(), ctx.accelerator.device
+    members = _members(ctx, entry)
+    named = [f for f, _ in members]  # how the report names the members
+    with tempfile.TemporaryDirectory(prefix="transferkit-merge-") as scratch:
+        folders = plain_members(named, Path(scratch))  # LoRA adapters folded into the weights (peft)
+        return _merge(ctx, entry, members, named, folders, data, device)
+
+
+def _merge(
+    ctx: RunContext,
+    entry: MergeEntry,
+    members: list[tuple[Path, Path]],
+    named: list[Path],
+    folders: list[Path],
+    data: Any,
+    device: Any,
+) -> dict[str, Any]:
     import dataclasses
 
     from transferkit.io import write_json
@@ -142,9 +163,6 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     from transferkit.models.base import load_model, save_model
     from transferkit.pipeline import evaluate, fingerprint
 
-    data, device = ctx.data(), ctx.accelerator.device
-    members = _members(ctx, entry)
-    folders = [f for f, _ in members]
     name, method, options = method_of(entry.method)
     metas = check_compatible(folders, one_label_set=name if method.kind != "weights" else None)
     tasks = None if same_labels(metas) else _tasks(ctx, members)  # different label sets: one head per task
@@ -167,7 +185,7 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
         model: Any = Ensemble([load_model(f) for f in folders], options.vote).eval()
     elif method.kind == "greedy":
         model, kept, steps = greedy_soup(folders, val_accuracy, prepare)
-        how = {"kept": [str(folders[i]) for i in kept], "steps": steps}
+        how = {"kept": [str(named[i]) for i in kept], "steps": steps}
     else:
         state, tensors = merge_state(folders, method.merge_config(options, len(folders)), _base(ctx))
         if tasks is None:
@@ -186,7 +204,8 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     description = {
         "method": name,
         "options": dataclasses.asdict(options),
-        "members": [str(f) for f in folders],
+        "members": [str(f) for f in named],
+        "adapters_folded": [str(f) for f, p in zip(named, folders) if f != p],
         "batchnorm_recalibrated_on": recalibrated["examples"],
         "batchnorms_recalibrated": recalibrated["norms"],
         **how,
