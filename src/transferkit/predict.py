@@ -137,6 +137,17 @@ def load_run(path: str | Path, task: str | None = None) -> Any:
         if task is not None:
             raise DataError(f"'{folder}' is a recommendation model: it has no tasks to choose from (--task {task})")
         return load_recsys_run(folder)
+    if task is not None and folder != path and not _is_multi_task(folder):
+        # a run whose selected model answers one task: --task names a task of the run's multi-task model
+        holders = [f for f, tasks in _multi_task_models(path) if task in tasks]
+        if len(holders) == 1:
+            folder = holders[0]
+        elif len(holders) > 1:
+            raise DataError(
+                f"'{path}' holds {len(holders)} multi-task models with the task '{task}': "
+                + ", ".join(f"'{f}'" for f in holders)
+                + "; give the one to use (transferkit predict MODEL_FOLDER INPUT --task ...)"
+            )
     model = load_model(folder)
     if isinstance(model, MultiTaskModel):
         return MultiTaskPredictor(model, None if task is None else [task])  # an unknown task: the tasks listed
@@ -153,8 +164,8 @@ def _labels(model: SourceModel) -> str:
     return ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
 
 
-def _multi_task_hint(run: Path) -> str:
-    """Where a run directory holds multi-task models (merges of different label sets): their folders and tasks."""
+def _multi_task_models(run: Path) -> list[tuple[Path, list[str]]]:
+    """The multi-task models a run directory holds (merges of different label sets): each folder and its tasks."""
     from transferkit.io import read_json
 
     found = []
@@ -162,6 +173,19 @@ def _multi_task_hint(run: Path) -> str:
         with contextlib.suppress(ValueError, OSError, AttributeError):
             tasks = read_json(meta_path).get("tasks")
             if isinstance(tasks, list):
-                names = ", ".join(str(t.get("name")) for t in tasks if isinstance(t, dict))
-                found.append(f"'{meta_path.parent}' (tasks: {names})")
+                found.append((meta_path.parent, [str(t.get("name")) for t in tasks if isinstance(t, dict)]))
+    return found
+
+
+def _is_multi_task(folder: Path) -> bool:
+    from transferkit.io import read_json
+
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return "tasks" in read_json(folder / "model.json")
+    return False
+
+
+def _multi_task_hint(run: Path) -> str:
+    """Where a run directory holds multi-task models: their folders and tasks, for an error message."""
+    found = [f"'{folder}' (tasks: {', '.join(tasks)})" for folder, tasks in _multi_task_models(run)]
     return f" This run's multi-task models: {'; '.join(found)}; give one of them with --task." if found else ""

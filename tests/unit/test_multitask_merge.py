@@ -234,8 +234,12 @@ def test_predict_refuses_tasks_that_are_not_there(
     assert "unknown task 'hihg'. Did you mean 'high'? This multi-task model has the tasks: low, high" in (
         capsys.readouterr().err
     )
-    # the run directory's selected model answers one task; the error points at the run's multi-task model
-    assert main(["predict", str(runs["ties"]), str(image), "--task", "low"]) == 1
+    # the run directory's selected model answers one task: --task finds the run's multi-task model that has it
+    assert main(["predict", str(runs["ties"]), str(image), "--task", "low", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["task"] == "low" and {t["label"] for t in row["top"]} <= set(LOW)
+    # a task no multi-task model of the run has: the selected model is single-task, and the error lists the tasks
+    assert main(["predict", str(runs["ties"]), str(image), "--task", "middle"]) == 1
     err = capsys.readouterr().err
     assert f"'{runs['ties'] / 'model'}' is a single-task model (labels: 0, 1, 2, 3, 4)" in err
     assert f"multi-task models: '{runs['ties'] / 'models' / 'merge-ties'}' (tasks: low, high)" in err
