@@ -425,6 +425,31 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_speak(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from transferkit.tts.voice import duration_s, load_voice, resolve_voice, write_wav
+
+    voice = load_voice(resolve_voice(args.voice))
+    scales = {
+        k: v
+        for k, v in (("noise_scale", args.noise_scale), ("length_scale", args.length_scale), ("noise_w", args.noise_w))
+        if v is not None
+    }
+    start = time.perf_counter()
+    wave = voice.speak(args.text, generator=torch.Generator().manual_seed(args.seed), **scales)
+    took = time.perf_counter() - start
+    out = write_wav(args.out, wave, voice.sample_rate)
+    secs = duration_s(wave, voice.sample_rate)
+    print(
+        f"wrote {out}: {secs:.2f} s of audio at {voice.sample_rate} Hz in {took:.2f} s "
+        f"(real-time factor {took / secs:.3f}; voice {voice.path.name})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferkit", description="Transfer learning on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -606,6 +631,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity-blocks", action="store_true", help="extra target blocks start as the identity")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.set_defaults(func=_cmd_transfer)
+
+    p = sub.add_parser("speak", help="text to speech with a VITS voice (default: the packaged en_US joe voice)")
+    p.add_argument(
+        "voice", nargs="?", help="a VITS .onnx voice with its .onnx.json, or a folder holding one (default: joe)"
+    )
+    p.add_argument("text", help="what to say (quote it)")
+    p.add_argument("--out", required=True, help="the WAV file to write (16-bit PCM)")
+    p.add_argument("--noise-scale", type=float, help="prior noise (default: the voice's, 0.667 for joe)")
+    p.add_argument("--length-scale", type=float, help="> 1 speaks slower (default: the voice's)")
+    p.add_argument("--noise-w", type=float, help="duration noise (default: the voice's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise, so the same text gives the same audio")
+    p.set_defaults(func=_cmd_speak)
     return parser
 
 
