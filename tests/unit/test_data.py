@@ -311,7 +311,27 @@ def test_too_few_examples_for_per_class() -> None:
 def test_a_single_class_is_an_error() -> None:
     with pytest.raises(DataError) as info:
         split_dataset(np.zeros(20, dtype=np.int64), ["only"], seed=0, test_size=0.2)
-    assert "the data has 1 class(es); classification needs at least 2" in str(info.value)
+    assert "the data has 1 class ('only'); classification needs at least 2: give the dataset a folder" in str(
+        info.value
+    )
+
+
+def test_a_folder_with_one_class_folder_is_a_problem_at_validation(tmp_path) -> None:
+    from PIL import Image
+
+    from transferkit.recipe import validate_recipe
+
+    (tmp_path / "cat").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / "cat" / f"{i}.png")
+    recipe = {"source": "efficientnet_lite0", "data": {"dataset": str(tmp_path)}}
+    _, problems = validate_recipe(recipe)
+    assert problems == [
+        f"data.dataset: '{tmp_path}' holds one class folder ('cat'): classification needs at least 2, one folder per "
+        "class (root/CLASS/file)"
+    ]
+    (tmp_path / "dog").mkdir()
+    assert validate_recipe(recipe)[1] == []
 
 
 def test_test_size_larger_than_the_data() -> None:

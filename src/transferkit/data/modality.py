@@ -175,10 +175,10 @@ def check_dataset_spec(spec: str) -> list[str]:
         return []
     try:
         path = Path(spec).expanduser()
-        if (
-            path.is_dir()
-            or (path.is_file() and dataset_modality(spec) != DEFAULT_MODALITY)
-            or (path.is_file() and path.suffix.lower() == ".csv")
+        if path.is_dir():
+            return _class_folder_problems(path)
+        if (path.is_file() and dataset_modality(spec) != DEFAULT_MODALITY) or (
+            path.is_file() and path.suffix.lower() == ".csv"
         ):
             return []
         exists = path.exists()
@@ -189,6 +189,21 @@ def check_dataset_spec(spec: str) -> list[str]:
     return [
         f"'{spec}' is not a built-in dataset ({', '.join(DATASETS)}) and no such folder or file exists."
         f"{did_you_mean(spec, DATASETS)}"
+    ]
+
+
+def _class_folder_problems(root: Path) -> list[str]:
+    """A folder dataset with a single class folder (``root/CLASS/file``) cannot train a classifier: said at
+    validation, not after the run has started. Only the first level is looked at (cheap)."""
+    try:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    if len(classes) != 1:
+        return []  # none: the reader names what it expected; two or more: a classification
+    return [
+        f"'{root}' holds one class folder ('{classes[0]}'): classification needs at least 2, one folder per class "
+        "(root/CLASS/file)"
     ]
 
 

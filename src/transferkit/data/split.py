@@ -97,7 +97,11 @@ def split_dataset(
     rng = np.random.default_rng(seed)
     present = np.unique(labels)
     if len(present) < 2:
-        raise DataError(f"the data has {len(present)} class(es); classification needs at least 2")
+        named = ", ".join(f"'{classes[i]}'" for i in present) or "none"
+        raise DataError(
+            f"the data has {len(present)} class ({named}); classification needs at least 2: give the dataset a "
+            "folder (or label) per class, or name two or more in data.classes"
+        )
     n_test = int(test_size) if test_size >= 1 else round(test_size * len(labels))
     if n_test >= len(labels):
         raise DataError(f"data.test_size={test_size} asks for {n_test} test examples but there are only {len(labels)}")
