@@ -45,6 +45,10 @@ class DataNotFoundError(TransferKitError, FileNotFoundError):
     """A data file or folder does not exist."""
 
 
+class DiskFullError(TransferKitError, OSError):
+    """A write ran out of space (or quota); what was on disk before is intact."""
+
+
 class RunDirError(TransferKitError, FileExistsError):
     """The output directory already holds a different run."""
 

@@ -8,6 +8,7 @@ never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from transferkit.errors import DataNotFoundError, SourceError, UnsafeCheckpointError
+from transferkit.errors import DataNotFoundError, DiskFullError, SourceError, UnsafeCheckpointError
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -176,11 +177,35 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
             os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _raise_if_disk_full(error: BaseException, path: Path) -> None:
+    """A write that ran out of space (or quota), as a DiskFullError saying so, what is intact and how to go on;
+    other errors are left to the caller. Libraries word it their own way (torch: "file write failed"), so the
+    cause chain is searched for the errno too."""
+    cause: BaseException | None = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _NO_SPACE):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    raise DiskFullError(
+        f"no space left on the device writing '{path}' ({free}): nothing was half-written and the previous "
+        "version of the file (the last checkpoint) is intact; free some space, or give --out a folder on another "
+        "disk, then run again with --resume to continue"
+    ) from error
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -283,8 +308,12 @@ def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(final.parent, final.name, "", _new_dir)
     try:
-        fill(tmp)
-        _fsync_tree(tmp)
+        try:
+            fill(tmp)
+            _fsync_tree(tmp)
+        except BaseException as e:
+            _raise_if_disk_full(e, final)
+            raise
         if not final.exists() and not final.is_symlink():
             os.replace(tmp, final)
         elif final.is_dir() and not final.is_symlink() and _exchange(tmp, final):

@@ -62,7 +62,10 @@ def run_recipe(
         log=print if main else _silent,
         source_spec=recipe.source,
     )
-    if main:
+    # --resume of a run that is done already (same recipe): it stays "done" whatever happens now (a full disk while
+    # its summary is rewritten must not turn a finished run back into "running" or "failed")
+    finished = (resume or from_run is not None) and _is_done(out / "run.json", recipe)
+    if main and not finished:
         _start(ctx, from_run is not None)
     accelerator.wait_for_everyone()
     try:
@@ -72,7 +75,7 @@ def run_recipe(
             else:
                 stage.run(ctx)
     except BaseException as e:
-        if main:
+        if main and not finished:
             _mark_failed(out / "run.json", e)
         raise
     if main:
@@ -119,6 +122,15 @@ def _addable(name: str) -> Any:
             f"stages that can: {', '.join(addable)}. Start a new run with it in the recipe."
         )
     return stage
+
+
+def _is_done(run_file: Path, recipe: Recipe) -> bool:
+    """Whether ``run_file`` says its run finished, with this very recipe."""
+    try:
+        info = read_json(run_file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("status") == "done" and info.get("recipe_hash") == _recipe_hash(recipe)
 
 
 def _mark_failed(run_file: Path, error: BaseException) -> None:
