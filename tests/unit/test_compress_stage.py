@@ -150,3 +150,18 @@ def test_a_distilled_recovery_learns_from_the_unpruned_model_on_the_pool(tmp_pat
     assert "Prune full-pruned" in [t["title"] for t in read_json(out / "metrics.json")["tables"]]
     _, problems = validate_recipe({**recipe, "prune": {**recipe["prune"], "distill": "kdd"}})
     assert any(p.startswith("prune.distill: unknown") for p in problems)
+
+
+def test_each_step_can_be_added_to_a_finished_run_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = run_recipe(load_recipe(TINY | {"data": DATA}), out=tmp_path / "plain")
+    assert main(["quantize", str(plain), "method=auto", "calibration=8"]) == 0
+    metrics = read_json(plain / "metrics.json")
+    assert metrics["models"]["full-int8"]["quantized"]["from"] == "full"  # no prune: the main model
+    assert load_model(plain / "models" / "full-int8").labels == DATA["classes"]
+    capsys.readouterr()
+    assert main(["export", str(plain), "model=full-int8"]) == 1  # int8 for PyTorch does not export to ONNX
+    assert "quantized for PyTorch (torchao int8), which ONNX does not carry: export the float model" in (
+        capsys.readouterr().err
+    )
+    assert main(["export", str(plain), "check_examples=6"]) == 0
+    assert "full-onnx" in read_json(plain / "metrics.json")["exports"]

@@ -90,6 +90,14 @@ def export_onnx(
         raise CompressError(f"export_onnx takes a transferkit SourceModel, got {type(model).__name__}")
     if not atol > 0:
         raise CompressError(f"atol={atol}: give a positive tolerance (1e-4 is the default)")
+    from transferkit.models.quantized import StaticInt8Backbone, is_int8_weight
+
+    if isinstance(model.backbone, StaticInt8Backbone) or any(is_int8_weight(p) for p in model.parameters()):
+        raise CompressError(
+            "this model is quantized for PyTorch (torchao int8), which ONNX does not carry: export the float model "
+            "it came from, with ONNX Runtime's int8 as part of the export (export: {quantize: int8}, or transferkit "
+            "compress --quantize int8 --export onnx)"
+        )
     batches = [_cpu(b) for b in examples]
     names = _input_names(batches)
     sample = max(batches, key=_batch_size)
