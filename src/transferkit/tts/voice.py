@@ -23,6 +23,7 @@ then ``$`` (end); clause punctuation that espeak-ng drops is put back after its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -382,8 +383,10 @@ def _settings(meta: Mapping[str, Any]) -> VoiceSettings:
 
 
 def resolve_voice(spec: str | Path | None) -> Path:
-    """The ``.onnx`` file a voice argument names: None (the packaged voice), an ``.onnx`` file, or a folder holding
-    exactly one ``NAME.onnx`` with its ``NAME.onnx.json``.
+    """The voice a voice argument names: None (the packaged voice), an ``.onnx`` file, a folder holding exactly one
+    ``NAME.onnx`` with its ``NAME.onnx.json``, or a saved (adapted) voice: a folder with ``voice.json``, or a run
+    directory holding one voice folder (``voice/`` or ``models/NAME/``). ONNX voices resolve to the ``.onnx`` file,
+    saved ones to their folder; ``load_voice`` reads both.
 
     Raises:
         DataNotFoundError: the path does not exist.
@@ -398,21 +401,27 @@ def resolve_voice(spec: str | Path | None) -> Path:
         if path.suffix != ".onnx":
             raise DataError(f"voice '{spec}' is not an .onnx file; give a VITS .onnx voice (Piper format)")
         return path
+    if (path / VOICE_JSON).is_file():
+        return path
     voices = sorted(p for p in path.glob("*.onnx") if p.with_name(p.name + ".json").is_file())
-    if len(voices) == 1:
-        return voices[0]
-    found = f"{len(voices)} voices ({', '.join(p.name for p in voices[:4])})" if voices else "no NAME.onnx voice"
+    saved = sorted(p.parent for p in [path / "voice" / VOICE_JSON, *path.glob(f"models/*/{VOICE_JSON}")] if p.is_file())
+    if len(voices) + len(saved) == 1:
+        return (voices + saved)[0]
+    everything = [p.name for p in voices] + [str(p.relative_to(path)) for p in saved]
+    found = f"{len(everything)} voices ({', '.join(everything[:4])})" if everything else "no NAME.onnx voice"
     raise DataError(
-        f"'{spec}' is a folder with {found} beside a NAME.onnx.json; give one .onnx voice file. (Run directories "
-        "of adapted voices load once the tts task of issue 17 lands.)"
+        f"'{spec}' is a folder with {found} beside a NAME.onnx.json, and no {VOICE_JSON}; give one .onnx voice "
+        f"file, or a folder of adapted voices' format ({VOICE_JSON} + {VOICE_WEIGHTS}, as save_voice writes and a "
+        "tts run keeps under models/NAME/)"
     )
 
 
 def load_voice(path: str | Path | None = None) -> Voice:
-    """Load an ONNX VITS voice (default: the packaged joe voice) into the PyTorch ``VITS``.
+    """Load an ONNX VITS voice (default: the packaged joe voice) into the PyTorch ``VITS``, or a saved one.
 
     Args:
-        path: a ``.onnx`` voice with its ``.onnx.json`` beside it (``NAME.onnx.json``).
+        path: a ``.onnx`` voice with its ``.onnx.json`` beside it (``NAME.onnx.json``), or a folder ``resolve_voice``
+            accepts (a saved/adapted voice, a run directory holding one).
 
     Returns:
         The ``Voice``; ``voice.report`` is the transfer report (every tensor is expected filled: coverage 1.0).
@@ -424,6 +433,10 @@ def load_voice(path: str | Path | None = None) -> Voice:
     from transferkit.transfer.api import transfer
 
     path = Path(path).expanduser() if path is not None else default_voice_path()
+    if path.is_dir():
+        path = resolve_voice(path)
+        if path.is_dir():
+            return load_saved_voice(path)
     if not path.is_file():
         raise DataNotFoundError(f"voice file '{path}' does not exist; give a VITS .onnx voice (Piper format)")
     meta_path = path.with_name(path.name + ".json")
@@ -466,6 +479,119 @@ def load_voice(path: str | Path | None = None) -> Voice:
         report=report,
         espeak_voice=str((meta.get("espeak") or {}).get("voice", "en-us")),
         path=path,
+        config=meta,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saved voices (an adapted voice: PyTorch weights + one JSON, no ONNX graph needed)
+
+VOICE_JSON = "voice.json"
+VOICE_WEIGHTS = "model.safetensors"
+VOICE_FORMAT = "transferkit.tts.voice"
+
+
+def _config_from_json(raw: Mapping[str, Any]) -> VitsConfig:
+    """``VitsConfig`` from its JSON form (lists back to the tuples the dataclass holds)."""
+    fields_ = {f.name for f in dataclasses.fields(VitsConfig)}
+    unknown = sorted(set(raw) - fields_)
+    if unknown:
+        raise SourceError(
+            f"the voice's architecture names unknown field(s) {unknown}; it was written by a newer "
+            "transferkit, or edited"
+        )
+    kw: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "res_dilations":
+            kw[k] = tuple(tuple(int(d) for d in row) for row in v)
+        elif isinstance(v, list):
+            kw[k] = tuple(v)
+        else:
+            kw[k] = v
+    return VitsConfig(**kw)
+
+
+def save_voice(voice: Voice, folder: str | Path, *, adaptation: Mapping[str, Any] | None = None) -> Path:
+    """Write ``voice`` as a folder ``load_voice`` reads back: ``model.safetensors`` (the ``VITS`` state dict) and
+    ``voice.json`` (architecture, phoneme map, inference settings, sample rate, espeak voice, and ``adaptation``:
+    how it was made). Each file is written atomically.
+
+    Returns:
+        The folder.
+    """
+    from transferkit.io import save_tensors, write_json
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / VOICE_WEIGHTS, voice.model.state_dict())
+    meta = {
+        "format": VOICE_FORMAT,
+        "version": 1,
+        "architecture": dataclasses.asdict(voice.model.cfg),
+        "sample_rate": voice.sample_rate,
+        "phoneme_id_map": voice.phoneme_id_map,
+        "settings": dataclasses.asdict(voice.settings),
+        "espeak_voice": voice.espeak_voice,
+        "source": str(voice.report.get("source", voice.path)),
+        "adaptation": dict(adaptation or {}),
+    }
+    write_json(folder / VOICE_JSON, meta)
+    return folder
+
+
+def load_saved_voice(folder: str | Path) -> Voice:
+    """Load a voice ``save_voice`` wrote.
+
+    Raises:
+        DataNotFoundError: ``voice.json`` or ``model.safetensors`` is missing.
+        SourceError: the JSON is not a saved voice, or the weights do not fit its architecture (naming them).
+    """
+    from transferkit.io import load_state_dict
+
+    folder = Path(folder).expanduser()
+    meta_path, weights = folder / VOICE_JSON, folder / VOICE_WEIGHTS
+    for p in (meta_path, weights):
+        if not p.is_file():
+            raise DataNotFoundError(
+                f"'{p}' is missing: a saved voice is a folder with {VOICE_JSON} and {VOICE_WEIGHTS} "
+                "(save_voice writes both); copy the whole folder"
+            )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != VOICE_FORMAT:
+            raise KeyError(f"format is {meta.get('format')!r}, not {VOICE_FORMAT!r}")
+        cfg = _config_from_json(meta["architecture"])
+        id_map = {str(k): [int(i) for i in v] for k, v in meta["phoneme_id_map"].items()}
+        rate = int(meta["sample_rate"])
+        settings = VoiceSettings(**{k: float(v) for k, v in meta["settings"].items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SourceError(f"'{meta_path}' is not a saved transferkit voice ({type(e).__name__}: {e})") from e
+    model = VITS(cfg)
+    state = load_state_dict(weights)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise SourceError(
+            f"'{weights}' does not fit the architecture in {VOICE_JSON}: "
+            + "; ".join(
+                f"{what} {', '.join(names[:3])}" + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if names
+            )
+            + "; save the voice again"
+        )
+    model.load_state_dict(state)
+    model.eval()
+    return Voice(
+        model=model,
+        sample_rate=rate,
+        phoneme_id_map=id_map,
+        settings=settings,
+        report={"source": str(folder), "saved": True, "adaptation": meta.get("adaptation", {})},
+        espeak_voice=str(meta.get("espeak_voice", "en-us")),
+        path=folder,
         config=meta,
     )
 
