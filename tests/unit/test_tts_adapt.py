@@ -161,6 +161,10 @@ def test_every_bad_input_names_the_row_and_the_fix(tmp_path):
     meta.write_text("short|too short\n")
     with pytest.raises(DataError, match=r"short\.wav' holds 20 ms of audio, under 4 frames"):
         read_tts_folder(tmp_path, 22050)
+    tone(tmp_path / "long.wav", seconds=1.5)
+    meta.write_text("long|a long one\n")
+    with pytest.raises(DataError, match=r"long\.wav' is 1\.5 s long, over max_seconds=1\.0.*split it into sentences"):
+        read_tts_folder(tmp_path, 22050, max_seconds=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,3 +438,45 @@ def test_saved_voice_errors(tmp_path):
     (tmp_path / "run" / "models" / "b" / "voice.json").write_text("{}")
     with pytest.raises(DataError, match=r"2 voices \(models/a, models/b\)"):
         resolve_voice(tmp_path / "run")
+
+
+@needs_espeak
+def test_from_scratch_reinitialises_and_trains_every_part_with_progress_shown(voice, data, monkeypatch, capsys):
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "1")
+    cfg = AdaptConfig(steps=1, init="scratch", frozen=(), **TINY)
+    res = adapt(voice, data, cfg)
+    assert res["trainable"] == ["enc_p", "dp", "flow", "dec", "enc_q"] and res["frozen"] == []
+    assert res["trainable_parameters"] == 15_650_459 + sum(p.numel() for p in res["posterior"].parameters())
+    import transferkit.tts.train as train_mod
+
+    fresh = fingerprints(train_mod._scratch(voice.model, cfg.seed))  # the re-initialised model, before its step
+    got, source = fingerprints(res["voice"].model), fingerprints(voice.model)
+    for part in ("enc_p", "dp", "flow", "dec"):
+        assert fresh[part] != source[part]  # re-initialised, not the voice's weights
+        # and trained: the duration predictor too (its loss reaches it through the spline flow's inverse)
+        assert got[part] != fresh[part]
+    assert "adapt voice" in capsys.readouterr().err
+    monkeypatch.setenv("TRANSFERKIT_PROGRESS", "0")
+    adapt(voice, data, AdaptConfig(steps=1, **TINY))
+    assert "adapt voice" not in capsys.readouterr().err
+
+
+@needs_espeak
+def test_posterior_warmup_updates_only_the_posterior_first(voice, data, monkeypatch):
+    import transferkit.tts.train as train_mod
+
+    source = fingerprints(voice.model)
+    trained: list = []  # the model adapt trains (its copy of the voice's), caught where the strategy is applied
+    real = train_mod.apply_strategy
+    monkeypatch.setattr(train_mod, "apply_strategy", lambda m, q, f: trained.extend([m, q]) or real(m, q, f))
+    seen = []
+    posterior_0 = fingerprints(voice.model, new_posterior(voice.model, AdaptConfig(**TINY)))["enc_q"]
+
+    def on_step(step, losses):
+        seen.append(fingerprints(trained[0], trained[1]))
+
+    adapt(voice, data, AdaptConfig(steps=3, posterior_warmup=2, **TINY), on_step=on_step)
+    assert [s["flow"] == source["flow"] and s["dec"] == source["dec"] for s in seen] == [True, True, False]
+    assert all(s["enc_q"] != posterior_0 for s in seen)  # the posterior trains from the first step
+    with pytest.raises(ValueError, match="posterior_warmup trains only enc_q"):
+        AdaptConfig(posterior_warmup=2, frozen=("enc_q",))

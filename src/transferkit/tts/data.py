@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +172,7 @@ def read_tts_folder(
     held_out: int | float = 0.1,
     seed: int = 0,
     hop: int = 256,
-    max_seconds: float | None = 20.0,
+    max_seconds: float | None = 30.0,
 ) -> TtsData:
     """Read a target speaker's folder (see the module docstring), resample to ``rate`` and split it.
 
@@ -183,7 +182,8 @@ def read_tts_folder(
         held_out: utterances kept out of training: a count (int) or a fraction of the folder (float in [0, 1)).
         seed: the split's seed (the same seed, the same held-out utterances).
         hop: samples per latent frame; each waveform is cut to a whole number of hops.
-        max_seconds: recordings are cut to this length (long ones cost memory and time in the alignment search).
+        max_seconds: the longest recording accepted (the alignment search's time and memory grow with frames x
+            phonemes, and a few-minute target is sentences of a few seconds); None: no limit.
 
     Raises:
         DataNotFoundError, DataError: see ``read_metadata``; also a recording shorter than a few frames, or a split
@@ -204,7 +204,12 @@ def read_tts_folder(
         )
     utts = []
     for name, text, path in rows:
-        full = load_audio(path, rate, max_seconds)
+        full = load_audio(path, rate)
+        if max_seconds is not None and len(full) > max_seconds * rate:
+            raise DataError(
+                f"'{path}' is {len(full) / rate:.1f} s long, over max_seconds={max_seconds}; cutting it would leave "
+                "its transcript longer than its audio: split it into sentences (one line each), or raise max_seconds"
+            )
         wave = np.ascontiguousarray(full[: len(full) // hop * hop])
         if len(wave) < 4 * hop:
             raise DataError(
@@ -281,8 +286,3 @@ def pad_stack(seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     longest = int(lengths.max())
     out = torch.stack([F.pad(s, (0, longest - s.shape[-1])) for s in seqs])
     return out, lengths
-
-
-def total_seconds(utts: Sequence[Utterance], rate: int) -> float:
-    """Seconds of audio in ``utts``."""
-    return math.fsum(len(u.wave) for u in utts) / rate
