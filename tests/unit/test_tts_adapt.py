@@ -321,6 +321,8 @@ def test_a_few_steps_reduce_the_loss_and_leave_the_frozen_parts(voice, data, tmp
     n_flow_dec = sum(p.numel() for m in (voice.model.flow, voice.model.dec) for p in m.parameters())
     assert res["trainable_parameters"] == n_flow_dec + sum(p.numel() for p in res["posterior"].parameters())
     assert res["seconds_per_step"] > 0 and res["out"] is None
+    with pytest.raises(ValueError, match="segment_frames=1 \\(256 samples\\) is too short.*at least 2 frames"):
+        adapt(voice, data, AdaptConfig(steps=1, **{**TINY, "segment_frames": 1}))
 
 
 def test_strategy_freezes_what_it_names():

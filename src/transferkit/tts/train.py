@@ -554,6 +554,13 @@ def adapt(
             f"the target data is at {data.rate} Hz and the voice at {voice.sample_rate} Hz; read it with "
             "read_tts_folder(root, voice.sample_rate)"
         )
+    hop = voice.model.cfg.hop
+    if cfg.segment_frames * hop <= (cfg.n_fft - hop) // 2:
+        raise ValueError(
+            f"segment_frames={cfg.segment_frames} ({cfg.segment_frames * hop} samples) is too short for the mel loss's "
+            f"STFT of {cfg.n_fft} (it pads {(cfg.n_fft - hop) // 2} samples by reflection); use at least "
+            f"{(cfg.n_fft - hop) // 2 // hop + 1} frames"
+        )
     model = _scratch(voice.model, cfg.seed) if cfg.init == "scratch" else copy.deepcopy(voice.model)
     posterior = new_posterior(model, cfg)
     params = apply_strategy(model, posterior, cfg.frozen)
