@@ -389,6 +389,8 @@ def test_adversarial_training_runs_with_its_losses(voice, data):
 
 @needs_espeak
 def test_the_adapted_voice_saves_reloads_and_speaks(voice, data, tmp_path, capsys):
+    elsewhere = adapt(voice, data, AdaptConfig(steps=1, **TINY), out=tmp_path / "c", save_to=tmp_path / "m" / "a")
+    assert elsewhere["out"] == tmp_path / "m" / "a" and (tmp_path / "m" / "a" / "voice.json").is_file()
     res = adapt(voice, data, AdaptConfig(steps=1, **TINY), out=tmp_path / "run")
     folder = res["out"]
     assert folder == tmp_path / "run" / "voice"
@@ -440,6 +442,9 @@ def test_saved_voice_errors(tmp_path):
     (tmp_path / "run" / "models" / "b" / "voice.json").write_text("{}")
     with pytest.raises(DataError, match=r"2 voices \(models/a, models/b\)"):
         resolve_voice(tmp_path / "run")
+    (tmp_path / "run" / "voice").mkdir()
+    (tmp_path / "run" / "voice" / "voice.json").write_text("{}")
+    assert resolve_voice(tmp_path / "run") == tmp_path / "run" / "voice"  # the run's own voice comes first
 
 
 @needs_espeak

@@ -520,6 +520,7 @@ def adapt(
     out: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    save_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Adapt ``voice`` to the speaker of ``data.train`` (the source voice itself is left unchanged).
 
@@ -532,6 +533,7 @@ def adapt(
         resume: continue from ``out/checkpoint.pt`` (same config required); a finished run returns at once.
         on_step: called after every step with (step, losses as floats), e.g. for logging or stopping early (an
             exception it raises ends the run; the last checkpoint stays).
+        save_to: where the adapted voice folder goes (default ``out/voice``; a run keeps it under models/NAME).
 
     Returns:
         ``voice`` (the adapted ``Voice``), ``posterior`` (the trained encoder), ``history`` (losses per step),
@@ -699,7 +701,7 @@ def adapt(
             save_tensors(tmp / POSTERIOR, posterior.state_dict())  # to continue training it later
 
         # built aside and swapped in whole: a voice folder on disk is always a complete one (a stage's done rule)
-        saved = replace_dir(out_dir / "voice", fill)
+        saved = replace_dir(Path(save_to).expanduser() if save_to is not None else out_dir / "voice", fill)
         adapted.path = saved
     return {
         "voice": adapted,

@@ -385,8 +385,8 @@ def _settings(meta: Mapping[str, Any]) -> VoiceSettings:
 def resolve_voice(spec: str | Path | None) -> Path:
     """The voice a voice argument names: None (the packaged voice), an ``.onnx`` file, a folder holding exactly one
     ``NAME.onnx`` with its ``NAME.onnx.json``, or a saved (adapted) voice: a folder with ``voice.json``, or a run
-    directory holding one voice folder (``voice/`` or ``models/NAME/``). ONNX voices resolve to the ``.onnx`` file,
-    saved ones to their folder; ``load_voice`` reads both.
+    directory holding one (``voice/`` first, else the only ``models/NAME/`` with a ``voice.json``). ONNX voices
+    resolve to the ``.onnx`` file, saved ones to their folder; ``load_voice`` reads both.
 
     Raises:
         DataNotFoundError: the path does not exist.
@@ -403,8 +403,10 @@ def resolve_voice(spec: str | Path | None) -> Path:
         return path
     if (path / VOICE_JSON).is_file():
         return path
+    if (path / "voice" / VOICE_JSON).is_file():
+        return path / "voice"  # a run directory's own voice, before the per-model ones under models/
     voices = sorted(p for p in path.glob("*.onnx") if p.with_name(p.name + ".json").is_file())
-    saved = sorted(p.parent for p in [path / "voice" / VOICE_JSON, *path.glob(f"models/*/{VOICE_JSON}")] if p.is_file())
+    saved = sorted(p.parent for p in path.glob(f"models/*/{VOICE_JSON}") if p.is_file())
     if len(voices) + len(saved) == 1:
         return (voices + saved)[0]
     everything = [p.name for p in voices] + [str(p.relative_to(path)) for p in saved]
