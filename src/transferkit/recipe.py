@@ -38,7 +38,8 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     from transferkit.sources import check_source_spec, source_option_problems
 
     problems = []
-    if raw.get("source") is None and raw.get("rank") is None and raw.get("recsys") is None:
+    own_task = raw.get("recsys") is not None or raw.get("tts") is not None  # tasks that name their own inputs
+    if raw.get("source") is None and raw.get("rank") is None and not own_task:
         problems.append("source: required key is missing (or give rank: {candidates: [...]} to choose the source).")
     source = raw.get("source")
     source_name = spec_name(source) if isinstance(source, (str, dict)) else None
@@ -57,7 +58,23 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     if isinstance(unlabelled, str):
         per_class = data.get("per_class") if isinstance(data, dict) else None
         problems += [f"data.unlabelled: {p}" for p in check_unlabelled_spec(unlabelled, per_class)]
+    tts = raw.get("tts")
+    if isinstance(tts, dict) and isinstance(tts.get("data"), str):
+        problems += [f"tts.data: {p}" for p in _tts_data_problems(tts["data"])]
     return problems
+
+
+def _tts_data_problems(spec: str) -> list[str]:
+    """A tts: data folder that cannot be read, found without reading the audio."""
+    try:
+        root = Path(spec).expanduser()
+        if not root.is_dir():
+            return [f"'{spec}' is not a folder; give the folder holding metadata.csv (file|text per line) and the WAVs"]
+        if not (root / "metadata.csv").is_file():
+            return [f"'{spec}' has no metadata.csv: write one line 'file|text' per recording (LJSpeech style)"]
+    except OSError as e:
+        return [f"'{spec}' cannot be read as a folder ({e})"]
+    return []
 
 
 def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe | None, list[str]]:

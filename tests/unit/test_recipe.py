@@ -79,7 +79,7 @@ def test_structural_problems_are_all_reported_with_key_paths_and_fixes() -> None
     assert "Did you mean 'train'?" in trian
     assert (
         "Valid keys here: name, seed, source, rank, pretrain, transfer, data, train, compare, baselines, evaluate, "
-        "merge, distill, prune, quantize, export, recsys."
+        "merge, distill, prune, quantize, export, tts, recsys."
     ) in trian
 
     per_clas = _problem(problems, "data.per_clas")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from transferkit.config.recsys import RecsysConfig
 from transferkit.config.transfer import TransferConfig
+from transferkit.config.tts import TtsConfig
 from transferkit.errors import RecipeError, did_you_mean
 from transferkit.specs import spec_name, split_spec
 
@@ -356,7 +357,7 @@ class Recipe(_Strict):
         description="build the target from the source by the "
         "transfer machinery: another architecture, in_chans, img_size, rules...",
     )
-    data: DataConfig | None = Field(default=None, description="required, except with recsys:")
+    data: DataConfig | None = Field(default=None, description="required, except with recsys: or tts:")
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: list[CompareEntry] = Field(default_factory=list)
     baselines: list[str] = Field(
@@ -375,6 +376,11 @@ class Recipe(_Strict):
     prune: PruneConfig | None = Field(default=None, description="structured pruning and recovery of a trained model")
     quantize: QuantizeConfig | None = Field(default=None, description="int8 quantization for PyTorch inference")
     export: ExportConfig | None = Field(default=None, description="ONNX export checked against PyTorch (and int8)")
+    tts: TtsConfig | None = Field(
+        default=None,
+        description="speech synthesis: a pretrained VITS voice adapted to the speaker of tts.data; data:/source: "
+        "are then not used",
+    )
     recsys: RecsysConfig | None = Field(
         default=None,
         description="a recommendation task (interactions, two-tower or "
@@ -399,18 +405,25 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _data_unless_recsys(self) -> Recipe:
-        if self.recsys is None:
+        if self.recsys is not None and self.tts is not None:
+            raise ValueError("recsys: and tts: are tasks of their own: give one of them per recipe")
+        if self.recsys is None and self.tts is None:
             if self.data is None:
                 raise ValueError("data: required key is missing.")
             return self
         used = [k for k in ("data", "source", "rank", "pretrain", "transfer") if getattr(self, k) is not None]
         used += [k for k in ("compare", "baselines", "evaluate", "merge", "distill") if getattr(self, k)]
         used += [k for k in ("prune", "quantize", "export") if getattr(self, k) is not None]
-        if used:
+        if used and self.recsys is not None:
             raise ValueError(
                 f"recsys: runs a recommendation task on its own; {', '.join(used)} "
                 f"{'is' if len(used) == 1 else 'are'} not used with it (put the source model in "
                 "recsys.source_run and the baselines in recsys.baselines)"
+            )
+        if used:
+            raise ValueError(
+                f"tts: adapts a voice on its own; {', '.join(used)} {'is' if len(used) == 1 else 'are'} not used "
+                "with it (the recordings go in tts.data, the pretrained voice in tts.voice)"
             )
         return self
 

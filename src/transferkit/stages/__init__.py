@@ -22,6 +22,7 @@ from transferkit.stages import (
     select,
     train,
     transfer,
+    tts,
 )
 from transferkit.stages.base import RunContext, Stage
 
@@ -44,6 +45,7 @@ STAGES: dict[str, Stage] = {
         recsys.TRAIN,
         recsys.BASELINES,
         recsys.SELECT,
+        tts.STAGE,
     )
 }
 
