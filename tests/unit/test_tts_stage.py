@@ -33,6 +33,12 @@ def test_a_tts_recipe_trains_both_arms_and_the_run_speaks(tmp_path: Path) -> Non
         assert (out / "models" / arm / "voice.json").is_file()
         assert not (out / "checkpoints" / arm / "checkpoint.pt").exists()
     assert (out / "voice" / "voice.json").is_file() and read_json(out / "run.json")["status"] == "done"
+    measured = metrics["measurements"]
+    assert set(measured) == {"source", "adapted", "scratch"} and measured["source"]["similarity_to_source"] == pytest.approx(1.0)
+    for m in measured.values():
+        assert -1 <= m["speaker_similarity"] <= 1 and m["wer"] >= 0 and m["mcd_db"] > 0 and m["rtf"] > 0
+    page = (out / "report.html").read_text()
+    assert page.count("<audio controls") == 4  # the held-out recording and one sample of each voice
     wav = tmp_path / "hello.wav"
     assert main(["speak", str(out), "Hello there.", "--out", str(wav)]) == 0 and wav.stat().st_size > 1000
     again = run_recipe(load_recipe(recipe), out=out, resume=True)  # read back: nothing retrained

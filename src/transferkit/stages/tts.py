@@ -120,20 +120,22 @@ def train_arm(ctx: RunContext, arm: str) -> dict[str, Any]:
 
 
 def _measure(ctx: RunContext) -> dict[str, Any]:
-    """Every arm and the source voice on the held-out sentences, and the report with their samples."""
+    """Every arm and the source voice on the held-out sentences (with their waveforms, for the report)."""
+    from transferkit.tts.metrics import compare_voices
     from transferkit.tts.voice import load_voice
 
     voice, data = _voice_and_data(ctx)
     voices = {"source": voice, **{arm: load_voice(ctx.out / "models" / arm) for arm in ctx.results}}
-    try:
-        from transferkit.tts.metrics import compare_voices
-    except ImportError:  # the measurements are not installed: training results only
-        return {}
-    return dict(compare_voices(voices, data.held_out))
+    t = time.perf_counter()
+    measured = compare_voices(voices, data.held_out, seed=ctx.recipe.seed)
+    ctx.timings["measure_s"] = time.perf_counter() - t
+    return dict(measured)
 
 
 def run(ctx: RunContext) -> None:
     from transferkit.io import write_json
+    from transferkit.tts.metrics import without_waves
+    from transferkit.tts.report import report_samples, write_tts_report
 
     cfg = ctx.recipe.tts
     assert cfg is not None
@@ -142,24 +144,36 @@ def run(ctx: RunContext) -> None:
         if result is None:
             result = train_arm(ctx, arm)
         ctx.results[arm] = result
-        last = result["final_loss"] or {}
-        ctx.log(f"[{arm}] {result['steps']} steps, {result['seconds_per_step']:.2f} s/step, final loss {last}")
+        ctx.log(f"[{arm}] {result['steps']} steps, {result['seconds_per_step']:.2f} s/step")
+    voice, data = _voice_and_data(ctx)
     measured = _measure(ctx)
+    for name, m in measured.items():
+        ctx.log(
+            f"[{name}] speaker similarity to the target {m['speaker_similarity']:.3f}, to the source voice "
+            f"{m['similarity_to_source']:.3f} | WER {m['wer']:.3f} | MCD {m['mcd_db']:.2f} dB | RTF {m['rtf']:.3f}"
+        )
     write_json(
         ctx.out / "metrics.json",
         {
             "run": ctx.recipe.name,
             "task": "tts",
-            "data": _voice_and_data(ctx)[1].summary(),
+            "voice": str(voice.path),
+            "data": data.summary(),
             "arms": ctx.results,
-            "measurements": measured,
+            "measurements": without_waves(measured),
             "timings": {**ctx.timings, "total_s": time.perf_counter() - ctx.t_start},
         },
     )
-    if measured:
-        from transferkit.tts.report import write_tts_report
-
-        write_tts_report(ctx.out, measured, measured.get("samples", {}), _voice_and_data(ctx)[0].sample_rate)
+    write_tts_report(
+        ctx.out,
+        without_waves(measured),
+        report_samples(measured, data.held_out),
+        voice.sample_rate,
+        notes=[
+            f"held-out sentences: {len(data.held_out)} of the target's recordings ({cfg.data}); the source voice is "
+            "measured unchanged; scratch is the same model trained from random weights on the same minutes"
+        ],
+    )
 
 
 def _applies(recipe: Recipe) -> bool:
