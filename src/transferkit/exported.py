@@ -102,22 +102,26 @@ class OnnxPredictor:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def _preprocessor(self) -> Any:
-        if self.modality == "image":
-            return _ImagePreprocess(self.preprocess)
-        if self.modality == "text":
-            return _TextPreprocess(self.folder / "processor", self.preprocess)
-        if self.modality == "frames":
-            return _FramesPreprocess(self.preprocess)
-        if self.modality == "audio":
-            raise CompressError(
-                f"'{self.folder}' is an audio model whose waveforms go through a transformers feature extractor "
-                "(log-mel spectrograms, normalisation) that transferkit.exported does not reimplement without "
-                "torch; predict it with transferkit.predict.load_run on the saved model, or export a frames model "
-                "(seq:gru, seq:cnn1d) over precomputed features"
-            )
+        # the torch-free counterparts of the modalities' batch hooks (transferkit.data.modality needs torch)
+        builders = {
+            "image": lambda: _ImagePreprocess(self.preprocess),
+            "text": lambda: _TextPreprocess(self.folder / "processor", self.preprocess),
+            "frames": lambda: _FramesPreprocess(self.preprocess),
+        }
+        refused = {
+            "audio": f"'{self.folder}' is an audio model whose waveforms go through a transformers feature extractor "
+            "(log-mel spectrograms, normalisation) that transferkit.exported does not reimplement without torch; "
+            "predict it with transferkit.predict.load_run on the saved model, or export a frames model (seq:gru, "
+            "seq:cnn1d) over precomputed features"
+        }
+        if self.modality in builders:
+            return builders[self.modality]()
         raise CompressError(
-            f"'{self.folder}' holds a {self.modality} model; transferkit.exported predicts image, text and frames "
-            "models"
+            refused.get(
+                self.modality,
+                f"'{self.folder}' holds a {self.modality} model; transferkit.exported predicts "
+                f"{', '.join(builders)} models",
+            )
         )
 
     def batch(self, inputs: Sequence[Any]) -> dict[str, np.ndarray]:

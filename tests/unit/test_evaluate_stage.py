@@ -29,8 +29,8 @@ def test_a_stage_that_needs_models_waits_for_training_whatever_its_place() -> No
 def test_stage_checks_report_with_key_paths() -> None:
     _, problems = validate_recipe({**TINY, "evaluate": [{"dataset": "/nowhere/at/all"}]})
     assert problems == [
-        "evaluate.0.dataset: '/nowhere/at/all' is not a built-in dataset (fsdd_digits, mnist5k, rotten_tomatoes) "
-        "and no such folder or file exists."
+        "evaluate.0.dataset: '/nowhere/at/all' is not a built-in dataset (fsdd_digits, mnist5k, rotten_tomatoes, "
+        "rotten_tomatoes_plots) and no such folder or file exists."
     ]
 
 
