@@ -61,6 +61,17 @@ METHODS = {
     "ties": [{"name": "ties", "density": 0.2, "lam": lam} for lam in (0.5, 1.0)],
     "dare": [{"name": "dare", "p": 0.9, "lam": lam, "seed": 0} for lam in (0.5, 1.0)],
 }
+# --wide: more settings per method (a second attempt at the goal; still chosen on validation)
+WIDE = {
+    "task_arithmetic": [{"name": "task_arithmetic", "lam": lam} for lam in (0.7,)],
+    "ties": [{"name": "ties", "density": d, "lam": lam} for d, lam in ((0.2, 1.5), (0.5, 1.0), (0.5, 0.7))],
+    "dare": [{"name": "dare", "p": 0.7, "lam": lam, "seed": 0} for lam in (0.7, 1.0)],
+}
+
+
+def _label(method: str, spec: dict[str, Any]) -> str:
+    extra = "".join(f"-{k[0]}{spec[k]}" for k in ("density", "p") if k in spec and spec[k] not in (0.2, 0.9))
+    return f"{method}{extra}-{spec['lam']}" if "lam" in spec else method
 
 
 def task_recipe(modality: str, task: str, seed: int) -> dict[str, Any]:
@@ -78,7 +89,7 @@ def _run(raw: dict[str, Any], folder: Path) -> Path:
     return run_recipe(load_recipe(raw), **how)
 
 
-def one_seed(modality: str, seed: int, out: Path) -> dict[str, Any]:
+def one_seed(modality: str, seed: int, out: Path, wide: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     first, second = TASKS[modality]
     runs = {task: _run(task_recipe(modality, task, seed), out / f"{task}-seed{seed}") for task in (first, second)}
@@ -89,9 +100,10 @@ def one_seed(modality: str, seed: int, out: Path) -> dict[str, Any]:
     main = read_json(runs[first] / "metrics.json")["selected"]
     entries = []
     for method, specs in METHODS.items():
-        for spec in specs:
-            label = f"{method}-{spec.get('lam', 1)}" if "lam" in spec else method
-            entries.append({"method": spec, "models": [main], "runs": [str(runs[second])], "label": label})
+        for spec in specs + (WIDE.get(method, []) if wide else []):
+            entries.append(
+                {"method": spec, "models": [main], "runs": [str(runs[second])], "label": _label(method, spec)}
+            )
     raw["merge"] = entries
     done = run_recipe(load_recipe(raw), from_run=merged_dir)
     metrics = read_json(done / "metrics.json")
@@ -162,16 +174,17 @@ def main() -> None:
     parser.add_argument("--task", choices=list(TASKS), default="image")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help="where the run directories go (default: a temporary folder)")
+    parser.add_argument("--wide", action="store_true", help="more settings per method (WIDE), chosen on validation")
     args = parser.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-merge-tasks-"))
     rows = []
     for seed in args.seeds:
-        rows.append(one_seed(args.task, seed, out))
+        rows.append(one_seed(args.task, seed, out, args.wide))
         print(json.dumps(rows[-1], indent=1), flush=True)
     s = summary(rows)
     print(markdown(s))
     result = {"task": args.task, "machine": machine(), "args": vars(args), "rows": rows, "summary": s}
-    print(f"written: {write_result(f'merge-tasks-{args.task}', result)}")
+    print(f"written: {write_result(f'merge-tasks-{args.task}' + ('-wide' if args.wide else ''), result)}")
 
 
 if __name__ == "__main__":
