@@ -93,7 +93,7 @@ def one_seed(modality: str, seed: int, out: Path, wide: bool = False) -> dict[st
     t0 = time.perf_counter()
     first, second = TASKS[modality]
     runs = {task: _run(task_recipe(modality, task, seed), out / f"{task}-seed{seed}") for task in (first, second)}
-    merged_dir = out / f"merged-seed{seed}"
+    merged_dir = out / f"merged-{modality}-seed{seed}"
     if not (merged_dir / "run.json").is_file():
         shutil.copytree(runs[first], merged_dir)
     raw = task_recipe(modality, first, seed)
