@@ -33,11 +33,23 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+def _copy_run(host: Any, out: Any, why: str) -> Any:
+    """A copy of the run directory ``host`` in ``out`` (new or empty), which later stages change instead of it."""
     import shutil
-    from pathlib import Path
 
     from transferkit.errors import RunDirError
+
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"'{out}' is not empty; choose another --out ({why})")
+    if not (host / "run.json").is_file():
+        raise RunDirError(f"'{host}' is not a transferkit run directory (run.json is missing)")
+    shutil.copytree(host, out, dirs_exist_ok=True)
+    return out
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from transferkit.runner import add_stage
 
     host, *others = args.runs
@@ -46,13 +58,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             method[key] = getattr(args, key)
     if args.out:  # a copy of the first run receives the merge; the first run stays as it was
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise RunDirError(f"'{out}' is not empty; choose another --out (the merge is added to a copy of {host})")
-        if not (Path(host) / "run.json").is_file():
-            raise RunDirError(f"'{host}' is not a transferkit run directory (run.json is missing)")
-        shutil.copytree(host, out, dirs_exist_ok=True)
-        host = str(out)
+        host = str(_copy_run(Path(host), Path(args.out), f"the merge is added to a copy of {host}"))
     from transferkit.io import read_json
 
     selected = read_json(Path(host) / "metrics.json")["selected"]  # each run gives its selected model
@@ -171,7 +177,6 @@ def compress_sections(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from transferkit.errors import RunDirError
@@ -183,11 +188,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if not (host / "run.json").is_file() or not (host / "recipe.yaml").is_file():
         raise RunDirError(f"'{host}' is not a finished transferkit run directory (run.json/recipe.yaml are missing)")
     if args.out:  # a copy of the run receives the compressed models; the run itself stays as it was
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise RunDirError(f"'{out}' is not empty; choose another --out (the run is copied there, then compressed)")
-        shutil.copytree(host, out, dirs_exist_ok=True)
-        host = out
+        host = _copy_run(host, Path(args.out), "the run is copied there, then compressed")
     raw = read_yaml(host / "recipe.yaml")
     taken = [k for k in sections if raw.get(k) is not None]
     if taken:

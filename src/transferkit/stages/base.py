@@ -162,6 +162,11 @@ def append_entry(
 ) -> dict[str, Any]:
     """The raw recipe with one more validated entry in its list section ``key`` (a compare entry, an evaluation):
     how ``Stage.extend`` adds a stage's work to a finished run. A bad option is a RecipeError naming ``usage``."""
+    return {**raw, key: [*raw.get(key, []), validated_section(entry, options, usage)]}
+
+
+def validated_section(entry: type[BaseModel], options: dict[str, Any], usage: str) -> dict[str, Any]:
+    """``options`` validated as ``entry`` (its non-default values); a bad option is a RecipeError naming ``usage``."""
     from pydantic import ValidationError
 
     from transferkit.config import format_error
@@ -172,7 +177,7 @@ def append_entry(
     except ValidationError as e:
         problems = "; ".join(format_error(err, entry) for err in e.errors())
         raise RecipeError(f"{usage}: {problems}") from e
-    return {**raw, key: [*raw.get(key, []), value.model_dump(exclude_defaults=True)]}
+    return value.model_dump(exclude_defaults=True)
 
 
 def one_accelerator(key: str, value: Any, raw: dict[str, Any]) -> list[str]:

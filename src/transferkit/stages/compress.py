@@ -21,13 +21,21 @@ checkpoint (pruning is deterministic, so the pruned architecture is rebuilt the 
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
 
 from transferkit.config import Recipe, TrainConfig
 from transferkit.config.recipe import ExportConfig, PruneConfig, QuantizeConfig
-from transferkit.stages.base import RunContext, Stage, result_file, settings_sha, train_override_problems
+from transferkit.stages.base import (
+    RunContext,
+    Stage,
+    result_file,
+    settings_sha,
+    train_override_problems,
+    validated_section,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Which model each step takes, and what it is called.
@@ -174,7 +182,8 @@ def prune_step(ctx: RunContext) -> dict[str, Any]:
     cfg = recipe.prune
     assert cfg is not None
     source_name, name = cfg.model or _default_input(recipe), prune_name(recipe)
-    model, original = _input_model(ctx, source_name, "prune"), _input_model(ctx, source_name, "prune")
+    model = _input_model(ctx, source_name, "prune")
+    original = copy.deepcopy(model)  # before pruning: the cost baseline and a distilled recovery's teacher
     example = _one_example(data)
     t = time.perf_counter()
     pruned = prune(
@@ -506,18 +515,10 @@ def check(raw: dict[str, Any]) -> list[str]:
 
 
 def _extend(key: str, entry: type) -> Any:
+    """``transferkit KEY RUN_DIR key=value...``: the section ``key`` added to a finished run's recipe."""
+
     def extend(raw: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        from pydantic import ValidationError
-
-        from transferkit.config import format_error
-        from transferkit.errors import RecipeError
-
-        try:
-            value = entry(**options)
-        except ValidationError as e:
-            problems = "; ".join(format_error(err, entry) for err in e.errors())
-            raise RecipeError(f"{key} on a finished run: {problems}") from e
-        return {**raw, key: value.model_dump(exclude_defaults=True)}
+        return {**raw, key: validated_section(entry, options, f"{key} on a finished run")}
 
     return extend
 
