@@ -274,7 +274,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from transferkit.demo import run_demo
 
-    run_demo(args.task, out=args.out, overwrite=args.overwrite)
+    run_demo(args.task, out=args.out, resume=args.resume)
     return 0
 
 
@@ -570,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="which demo (default image)",
     )
     p.add_argument("--out", default="demo_runs")
-    p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out (the default)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out instead")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("ls", help="list sources, strategies and datasets")

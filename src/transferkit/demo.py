@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from transferkit.errors import UnknownNameError, did_you_mean
+from transferkit.errors import RunDirError, UnknownNameError, did_you_mean
 from transferkit.io import read_json
 from transferkit.recipe import load_recipe
 from transferkit.runner import run_recipe
@@ -23,20 +23,34 @@ def demo_recipe_path(task: str = "image") -> Path:
 
 
 def run_demo(
-    task: str = "image", out: str | Path = "demo_runs", overwrite: bool = True, overrides: list[str] | None = None
+    task: str = "image",
+    out: str | Path = "demo_runs",
+    overwrite: bool = True,
+    overrides: list[str] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Run a demo under ``out``; prints a table (model, test accuracy, time) and the report path.
 
+    A demo starts afresh by default (``overwrite``: an earlier demo run in ``out`` is replaced), so running it
+    twice shows the same thing twice; ``resume`` continues an interrupted demo run instead (the run directory's
+    resume rule: finished models are read back, an interrupted one continues from its checkpoint).
+
     ``recsys`` is not a recipe: it runs the MovieLens 100K cross-domain scenario of ``transferkit.recsys``
     (old films -> new releases, 5 ratings per user; ``metrics.json`` and ``summary.md`` under ``out/recsys``).
+    It has no checkpoints (about a minute on two cores), so ``resume`` is refused for it.
     """
     if task == "recsys":
+        if resume:
+            raise RunDirError(
+                "the recsys demo has no checkpoints to resume from (it takes about a minute): run "
+                "`transferkit demo recsys` without --resume"
+            )
         from transferkit.recsys import run_recsys_demo
 
         run_recsys_demo(Path(out) / "recsys")
         return Path(out) / "recsys"
     recipe = load_recipe(demo_recipe_path(task), overrides)
-    run_dir = run_recipe(recipe, out=Path(out) / recipe.name, overwrite=overwrite)
+    run_dir = run_recipe(recipe, out=Path(out) / recipe.name, overwrite=overwrite and not resume, resume=resume)
     print_summary(run_dir)
     return run_dir
 
