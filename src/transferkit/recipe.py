@@ -34,7 +34,7 @@ from transferkit.specs import spec_name
 
 def _input_problems(raw: dict[str, Any]) -> list[str]:
     """The run's inputs: a source (or candidates to rank), a source name that resolves, a dataset that exists."""
-    from transferkit.data import check_dataset_spec, check_unlabelled_spec
+    from transferkit.data import check_classes_spec, check_dataset_spec, check_unlabelled_spec
     from transferkit.sources import check_source_spec, source_option_problems
 
     problems = []
@@ -54,6 +54,12 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     dataset = data.get("dataset") if isinstance(data, dict) else None
     if isinstance(dataset, str):
         problems += [f"data.dataset: {p}" for p in check_dataset_spec(dataset)]
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if isinstance(dataset, str) and isinstance(classes, list) and not check_dataset_spec(dataset):
+        label_column = data.get("label_column", "label") if isinstance(data, dict) else "label"
+        problems += [f"data.classes: {p}" for p in check_classes_spec(dataset, classes, str(label_column))]
+    if source_name:
+        problems += _freeze_problems(raw, SourceSpec(name=source_name))
     unlabelled = data.get("unlabelled") if isinstance(data, dict) else None
     if isinstance(unlabelled, str):
         per_class = data.get("per_class") if isinstance(data, dict) else None
@@ -62,6 +68,31 @@ def _input_problems(raw: dict[str, Any]) -> list[str]:
     if isinstance(tts, dict) and isinstance(tts.get("data"), str):
         problems += [f"tts.data: {p}" for p in _tts_data_problems(tts["data"])]
     return problems
+
+
+def _freeze_problems(raw: dict[str, Any], source: SourceSpec) -> list[str]:
+    """``freeze: {groups: K}`` beyond the source's backbone layer groups (it would freeze the whole network, head
+    and all), found from the architecture alone for ``timm:`` sources (``backbone_group_count``)."""
+    from transferkit.sources import backbone_group_count
+
+    entries: list[tuple[str, Any]] = [("train.strategy", (raw.get("train") or {}).get("strategy"))]
+    compare = raw.get("compare")
+    if isinstance(compare, list):
+        entries += [(f"compare.{i}.strategy", c.get("strategy")) for i, c in enumerate(compare) if isinstance(c, dict)]
+    wanted = [
+        (key, strategy["groups"])
+        for key, strategy in entries
+        if isinstance(strategy, dict) and strategy.get("name") == "freeze" and type(strategy.get("groups")) is int
+    ]
+    count = backbone_group_count(source) if wanted else None
+    if count is None:
+        return []
+    return [
+        f"{key}: freeze groups={groups} is more than '{source.name}' has: {count} backbone layer groups and a head; "
+        f"give groups from 1 to {count} ({count} freezes the whole backbone, as linear_probe does)"
+        for key, groups in wanted
+        if groups > count
+    ]
 
 
 def _tts_data_problems(spec: str) -> list[str]:

@@ -12,6 +12,7 @@ from transferkit.data.audio import AudioDataset, FramesDataset, read_audio_folde
 from transferkit.data.images import ImageDataset, LabelledImages, build_transform, load_image
 from transferkit.data.modality import (
     DATASETS,
+    check_classes_spec,
     check_dataset_spec,
     check_unlabelled_spec,
     dataset_modality,
@@ -37,6 +38,7 @@ __all__ = [
     "Splits",
     "TextDataset",
     "build_transform",
+    "check_classes_spec",
     "check_dataset_spec",
     "check_unlabelled_spec",
     "dataset_modality",

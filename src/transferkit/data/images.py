@@ -15,7 +15,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from transferkit.data.modality import DATASETS, register_dataset, register_modality, unlabelled_files
+from transferkit.data.modality import (
+    DATASETS,
+    register_dataset,
+    register_modality,
+    repeated_columns,
+    unlabelled_files,
+)
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, UnknownNameError, did_you_mean
 
@@ -197,6 +203,12 @@ def _manifest_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
                     f"CSV manifest '{path}' needs a header with columns 'path,label' (found {found}; missing "
                     f"{' and '.join(repr(c) for c in missing)}); make the first line 'path,label' or rename the "
                     "columns"
+                )
+            repeated = repeated_columns(found)
+            if repeated:
+                raise DataError(
+                    f"CSV manifest '{path}' has {repeated} in its header {found}; a row would be read with the "
+                    "last of them, silently. Keep one 'path' and one 'label' column (rename or delete the others)"
                 )
             reader.fieldnames = found  # ' label' after 'path, ' is the label column
             rows = []

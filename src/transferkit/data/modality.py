@@ -11,6 +11,7 @@ The built-in datasets live here too (``DATASETS``, with the modality each one ho
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,45 @@ def check_dataset_spec(spec: str) -> list[str]:
     ]
 
 
+def check_classes_spec(spec: str, classes: list[str], label_column: str = "label") -> list[str]:
+    """``data.classes`` naming classes the dataset does not have, found without reading its examples: the class
+    sub-folders of a folder, the label column of a CSV file (an image manifest's ``label``, a text table's
+    ``label_column``). Built-in datasets and other files are checked when they are read."""
+    try:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            have = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            have = _csv_labels(path, label_column)
+        else:
+            return []
+    except (OSError, RuntimeError, UnicodeDecodeError, csv.Error):
+        return []  # the dataset check, or the reader, names the problem with the path
+    if not have:
+        return []
+    missing = [str(c) for c in classes if str(c) not in have]
+    if not missing:
+        return []
+    shown = ", ".join(have[:20]) + (f" ... ({len(have)} in all)" if len(have) > 20 else "")
+    hint = "".join(did_you_mean(m, have) for m in missing[:3])
+    return [
+        f"names {missing}, not classes of '{spec}'.{hint} Its classes are: {shown}; list only these (or leave "
+        "data.classes unset to keep every class)"
+    ]
+
+
+def _csv_labels(path: Path, label_column: str) -> list[str]:
+    """The distinct values of a CSV's label column (an image manifest's 'label', else ``label_column``), sorted."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        names = [c.strip() for c in reader.fieldnames or []]
+        column = "label" if "path" in names and "label" in names else label_column
+        if column not in names:
+            return []
+        reader.fieldnames = names
+        return sorted({(row.get(column) or "").strip() for row in reader} - {""})
+
+
 def _class_folder_problems(root: Path) -> list[str]:
     """A folder dataset with a single class folder (``root/CLASS/file``) cannot train a classifier: said at
     validation, not after the run has started. Only the first level is looked at (cheap)."""
@@ -199,12 +239,35 @@ def _class_folder_problems(root: Path) -> list[str]:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return []
+    if not classes:
+        files = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+        found = f"it holds {len(files)} file(s) directly, e.g. '{sorted(files)[0]}'" if files else "it is empty"
+        return [
+            f"'{root}' has no class sub-folders ({found}); expected {root}/CLASS_NAME/FILE: make one sub-folder per "
+            "class (at least 2) and put the examples of that class in it"
+        ]
     if len(classes) != 1:
-        return []  # none: the reader names what it expected; two or more: a classification
+        return []  # two or more: a classification
     return [
         f"'{root}' holds one class folder ('{classes[0]}'): classification needs at least 2, one folder per class "
         "(root/CLASS/file)"
     ]
+
+
+def repeated_columns(header: list[str]) -> str:
+    """'column 'label' twice (columns 2 and 3)' for each name a header repeats, joined; '' when none repeats.
+
+    Readers of CSV keep one of two equal names without a word (csv.DictReader the last, pandas renames the second
+    'label.1'), so the file's author never learns which column was read.
+    """
+    where: dict[str, list[int]] = {}
+    for i, name in enumerate(header):
+        where.setdefault(name, []).append(i + 1)
+    return "; ".join(
+        f"column '{name}' {len(cols)} times (columns {', '.join(map(str, cols))})"
+        for name, cols in where.items()
+        if len(cols) > 1
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

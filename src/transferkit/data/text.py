@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transferkit.data.modality import register_dataset, register_modality, unlabelled_path
+from transferkit.data.modality import register_dataset, register_modality, repeated_columns, unlabelled_path
 from transferkit.data.split import Labelled
 from transferkit.errors import DataError, DataNotFoundError, RecipeError
 
@@ -149,11 +149,45 @@ def _load_table(path: Path, fmt: str) -> Any:
     """The file as an Arrow-backed ``datasets.Dataset`` (converted once into the ``datasets`` cache, memory-mapped)."""
     import datasets
 
+    if fmt == "csv":
+        _check_csv_header(path)
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # pyarrow/pandas parse errors come in many types; all mean the same to the user
+        decode = _cause(e, UnicodeDecodeError)
+        if decode is not None:
+            raise DataError(
+                f"'{path}' is not UTF-8 text ({decode.reason} at byte {decode.start}); save it as UTF-8 (in Excel: "
+                "CSV UTF-8; with pandas: to_csv(..., encoding='utf-8'))"
+            ) from e
         raise DataError(f"cannot read '{path}' as {fmt.upper()}: {e}") from e
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> Any:
+    """The first exception of ``kind`` in ``error``'s chain (``datasets`` wraps the parser's error in its own)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _check_csv_header(path: Path) -> None:
+    """Refuse a CSV header that names a column twice: pandas would rename the second ('label.1') and read the
+    first, without a word. Read with the csv module (a byte-order mark allowed), the header line only."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = [c.strip() for c in next(csv.reader(f), [])]
+    except (UnicodeDecodeError, csv.Error):
+        return  # the reader below names the encoding or quoting problem
+    repeated = repeated_columns(header)
+    if repeated:
+        raise DataError(
+            f"'{path}' has {repeated} in its header {header}; only one of them would be read. Give every column "
+            "its own name (data.text_column / data.label_column name the ones to read)"
+        )
 
 
 def read_unlabelled_texts(spec: str, text_column: str = "text", **_: Any) -> Sequence[str]:
@@ -274,7 +308,7 @@ def holds_text(path: Path, text_column: str) -> bool:
         return True
     if not path.is_file():
         return False
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # Excel's CSV UTF-8 starts with a BOM
         header = next(csv.reader(f), [])
     return text_column in header
 

@@ -155,8 +155,9 @@ def _hf_audio_backbone(name: str, pretrained: bool, weights: str | None, kwargs:
         ) from e
     if weights:
         from transferkit.io import load_state_dict
+        from transferkit.models.base import load_weights
 
-        model.load_state_dict(load_state_dict(weights))
+        load_weights(model, load_state_dict(weights), weights)
     cfg: Any = model.config  # a transformers config: its fields depend on the model type
     if getattr(model, "pooler", None) is not None:  # unused by mean pooling of the hidden states
         model.pooler = None  # type: ignore[assignment]  # torch types Module.__setattr__ without the None it accepts
@@ -296,8 +297,9 @@ def _seq_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict
     module = SequenceEncoder(name, **options)
     if weights:
         from transferkit.io import load_state_dict
+        from transferkit.models.base import load_weights
 
-        module.load_state_dict(load_state_dict(weights))
+        load_weights(module, load_state_dict(weights), weights)
     preprocess = {"modality": "frames", "normalize": "cmvn", "input_size": [options["input_dim"], None]}
     groups = [("input", r"^input\.")] + [(f"layer{i}", rf"^layers\.{i}\.") for i in range(options["layers"])]
     return Backbone(module, module.num_features, None, preprocess, groups, options)

@@ -359,6 +359,54 @@ def _wrong_heads(meta: dict[str, Any]) -> list[str]:
     return [] if names and len(set(names)) == len(names) else ["tasks (one or more, each named once)"]
 
 
+def check_tensor_kinds(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a weights file whose tensors are integers where the model holds floats (or the reverse).
+
+    A safetensors header that lies about a dtype of the same width (``I32`` for ``F32``) passes safetensors' own
+    checks, and ``load_state_dict`` would copy the integers into the float parameters without a word: the model
+    would load with garbage weights. Widths that differ are caught by safetensors (the offsets no longer add up).
+    """
+    own = module.state_dict()
+    for name, tensor in state.items():
+        target = own.get(name)
+        if target is not None and target.is_floating_point() != tensor.is_floating_point():
+            raise SourceError(
+                f"'{path}': tensor '{name}' is stored as {tensor.dtype} but the model's is {target.dtype}; the "
+                "file's header does not describe its data (a broken or hand-edited file, or weights of another "
+                "model). Save, copy or download the weights again."
+            )
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, strict: bool = True) -> Any:
+    """``module.load_state_dict(state)`` whose failures name the file, the tensor and the fix, not torch's traceback.
+
+    A header whose shapes were swapped keeps the file's length and every offset valid (safetensors reads it), but
+    ``load_state_dict`` refuses the shapes with a ``RuntimeError`` listing every mismatch; the first one is named.
+
+    Returns:
+        torch's ``(missing_keys, unexpected_keys)``.
+    """
+    check_tensor_kinds(module, state, path)
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise weights_mismatch(path, e) from e
+
+
+def weights_mismatch(path: str | Path, error: BaseException) -> SourceError:
+    """The SourceError for a ``load_state_dict`` that refused ``path``'s tensors: its first reason, and the fix."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), "")
+    more = f" ({len(lines) - 2} more line(s) of the same kind)" if first and len(lines) > 2 else ""
+    reason = (first or (lines[0] if lines else type(error).__name__)).rstrip(".")
+    return SourceError(
+        f"'{path}' does not fit the model: {reason}{more}. The file's "
+        "header gives other shapes or names than the architecture has: give the weights saved from this "
+        "architecture (or the architecture they were saved from), or save, copy or download the file again if it "
+        "was edited or damaged."
+    )
+
+
 def load_model(folder: str | Path) -> SourceModel | MultiTaskModel:
     """Rebuild a saved model from its folder alone (no recipe, no network): a ``SourceModel``, or a
     ``MultiTaskModel`` where ``model.json`` records ``tasks``."""
@@ -410,7 +458,7 @@ def load_model(folder: str | Path) -> SourceModel | MultiTaskModel:
 
         return load_quantized(model, folder, meta["quantized"])
     state = load_state_dict(folder / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = load_weights(model, state, folder / "model.safetensors", strict=False)
     if missing or unexpected:
         raise SourceError(
             f"'{folder}/model.safetensors' does not match its model.json: missing {missing[:5]}, "

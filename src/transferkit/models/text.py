@@ -81,8 +81,9 @@ def _hf_text_backbone(name: str, pretrained: bool, weights: str | None, kwargs: 
         ) from e
     if weights:
         from transferkit.io import load_state_dict
+        from transferkit.models.base import load_weights
 
-        model.load_state_dict(load_state_dict(weights))
+        load_weights(model, load_state_dict(weights), weights)
     if getattr(model, "pooler", None) is not None:  # unused by mean/cls pooling of the hidden states
         model.pooler = None  # type: ignore[assignment]  # torch types Module.__setattr__ without the None it accepts
     pooling = kwargs.get("pooling") or (sentence_transformers_pooling(name) if Path(name).is_dir() else None) or "mean"

@@ -21,10 +21,13 @@ from transferkit.models.base import (  # noqa: F401  (re-exported: the model con
     Backbone,
     SourceModel,
     build_backbone,
+    check_tensor_kinds,
     load_hf_model,
     load_model,
+    load_weights,
     register_family,
     save_model,
+    weights_mismatch,
 )
 
 
@@ -39,14 +42,19 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
         # classifier, input channels). clean_state_dict drops DDP / torch.compile prefixes, as timm's loader did.
         from timm.models import clean_state_dict
 
-        create_kwargs["pretrained_cfg_overlay"] = {"state_dict": clean_state_dict(load_state_dict(weights))}
+        state = clean_state_dict(load_state_dict(weights))
+        create_kwargs["pretrained_cfg_overlay"] = {"state_dict": state}
     try:
         model = timm.create_model(name, pretrained=pretrained or bool(weights), **create_kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             close = timm.list_models(f"*{name[:6]}*")[:8]
             raise SourceError(f"timm has no model '{name}'. Similar timm names: {', '.join(close) or 'none'}.") from e
+        if weights and "state_dict" in str(e):  # timm's load_state_dict refused the file's shapes or names
+            raise weights_mismatch(weights, e) from e
         raise
+    if weights:  # the tensors are in already (timm copied them); integers copied into floats are refused after all
+        check_tensor_kinds(model, state, weights)
     # get_classifier, reset_classifier and num_features are timm's additions to nn.Module
     head = copy.deepcopy(cast("Callable[[], nn.Module]", model.get_classifier)()) if model.num_classes else None
     if isinstance(head, nn.Identity):
@@ -62,14 +70,14 @@ def _timm_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dic
     }
     groups = []
     if hasattr(model, "group_matcher"):
-        groups = _groups_from_timm(model)
+        groups = groups_from_timm(model)
     # models with a pre-logits layer after pooling (MobileNetV3, LCNet: conv_head) give head_hidden_size features,
     # not num_features (the width before it)
     width = getattr(model, "head_hidden_size", None) or model.num_features
     return Backbone(model, cast(int, width), head, preprocess, groups)
 
 
-def _groups_from_timm(model: nn.Module) -> list[tuple[str, str]]:
+def groups_from_timm(model: nn.Module) -> list[tuple[str, str]]:
     """timm's fine-grained layer groups, as (name, exact-name regex), input to output."""
     from timm.models import group_parameters
 
@@ -93,7 +101,7 @@ def _torchvision_backbone(name: str, pretrained: bool, weights: str | None, kwar
         ) from e
     model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
     if weights:
-        model.load_state_dict(load_state_dict(weights))
+        load_weights(model, load_state_dict(weights), weights)
     attr, head = None, None
     for candidate in ("fc", "classifier", "head", "heads"):
         if isinstance(getattr(model, candidate, None), nn.Module):
@@ -139,7 +147,7 @@ def _hf_backbone(name: str, pretrained: bool, weights: str | None, kwargs: dict[
             "or a hub name on a machine with a network."
         ) from e
     if weights:  # a local weights file of this architecture (the AutoModel's state_dict), by the safe loader
-        model.load_state_dict(load_state_dict(weights))
+        load_weights(model, load_state_dict(weights), weights)
     cfg: Any = model.config  # a transformers config: its fields depend on the model type
     mean, std, size = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], getattr(cfg, "image_size", 224)
     try:

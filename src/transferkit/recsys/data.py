@@ -9,13 +9,15 @@ items by id. Optional user and item feature tables (genres, age...) travel with 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from transferkit.data.modality import repeated_columns
 from transferkit.errors import DataError, DataNotFoundError
 
 COLUMNS = ("user", "item", "rating", "timestamp")
@@ -75,12 +77,35 @@ def read_table(source: str | Path | pd.DataFrame, sep: str | None = None) -> pd.
     if suffix in (".parquet", ".pq"):
         return pd.read_parquet(path)
     if suffix in (".inter", ".item", ".user"):
-        frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+        options: dict[str, Any] = {"sep": "\t", "quoting": csv.QUOTE_NONE, "dtype": str, "keep_default_na": False}
+        frame = _read_csv(path, options, lambda c: c.split(":", 1)[0])
         frame.columns = [c.split(":", 1)[0] for c in frame.columns]
         return frame
     if suffix in (".csv", ".tsv", ".txt", ".gz", ".bz2", ".zip"):
-        return pd.read_csv(path, sep=sep or ("\t" if ".tsv" in path.suffixes else ","))
+        return _read_csv(path, {"sep": sep or ("\t" if ".tsv" in path.suffixes else ",")})
     raise DataError(f"'{path}': unknown file type '{suffix}'; use .csv, .tsv or .parquet (or pass a pandas DataFrame)")
+
+
+def _read_csv(path: Path, options: dict[str, Any], column: Callable[[str], str] = str) -> pd.DataFrame:
+    """``pd.read_csv`` (UTF-8, a byte-order mark allowed) refusing what pandas would read silently wrong: a header
+    naming a column twice (pandas renames the second 'item.1' and reads the first); and bytes that are not UTF-8
+    named by file instead of a bare ``UnicodeDecodeError``. ``column`` maps a header name to the name it is read by
+    (RecBole's ``item_id:token`` is ``item_id``)."""
+    try:
+        first = pd.read_csv(path, header=None, nrows=1, **{**options, "dtype": str, "keep_default_na": False})
+        header = [column(str(c).strip()) for c in first.iloc[0].tolist()] if len(first) else []
+        repeated = repeated_columns(header)
+        if repeated:
+            raise DataError(
+                f"'{path}' has {repeated} in its header {header}; only one of them would be read. Give every "
+                "column its own name (user_col= / item_col= / rating_col= / timestamp_col= name the ones to read)"
+            )
+        return pd.read_csv(path, **options)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 (with pandas: "
+            "to_csv(..., encoding='utf-8')), or read it yourself with its encoding and pass the DataFrame"
+        ) from e
 
 
 def _require_columns(frame: pd.DataFrame, wanted: dict[str, str | None], name: str, hint: str) -> None:

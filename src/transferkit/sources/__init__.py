@@ -126,7 +126,9 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
     """Problems with a source name that can be seen without loading it."""
     prefix, sep, rest = spec.name.partition(":")
     if sep and prefix in source_prefixes():
-        return [] if rest else [f"'{spec.name}' names no model after '{prefix}:'"]
+        if not rest:
+            return [f"'{spec.name}' names no model after '{prefix}:'"]
+        return _unknown_architecture(prefix, rest)
     try:
         if spec.name in BUILTIN_SOURCES or Path(spec.name).expanduser().exists():
             return []
@@ -136,6 +138,43 @@ def check_source_spec(spec: SourceSpec) -> list[str]:
         f"unknown source '{spec.name}'.{did_you_mean(spec.name, BUILTIN_SOURCES)} Use timm:NAME, torchvision:NAME, "
         f"hf:NAME_OR_FOLDER, an existing path, or a built-in: {', '.join(BUILTIN_SOURCES)}."
     ]
+
+
+def _unknown_architecture(prefix: str, name: str) -> list[str]:
+    """A ``timm:`` or ``torchvision:`` name its library does not know, found from the library's model list (no
+    weights, no network). Hugging Face names are not checked: a hub name is only known to the hub."""
+    if prefix == "timm":
+        import timm
+
+        if timm.is_model(name):
+            return []
+        close = timm.list_models(f"*{name[:6]}*")[:8]
+        return [f"timm has no model '{name}'. Similar timm names: {', '.join(close) or 'none'} (timm.list_models())"]
+    if prefix == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if name in names:
+            return []
+        return [f"torchvision has no model '{name}'.{did_you_mean(name, names)} (torchvision.models.list_models())"]
+    return []
+
+
+def backbone_group_count(spec: SourceSpec) -> int | None:
+    """How many backbone layer groups a ``timm:`` source has, from its architecture built on the meta device (no
+    memory, no weights: milliseconds), so that ``validate`` can check ``freeze: {groups: K}`` before any training.
+    None for other sources (built-ins, folders, Hugging Face: their groups are counted when they load)."""
+    prefix, _, name = spec.name.partition(":")
+    if prefix != "timm" or not name or _unknown_architecture("timm", name):
+        return None
+    import timm
+    import torch
+
+    from transferkit.models.vision import groups_from_timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return len(groups_from_timm(model)) if hasattr(model, "group_matcher") else None
 
 
 def _is_model_path(path: Path) -> bool:
