@@ -15,8 +15,13 @@ arithmetic), each at lambda 0.5 and 1.0; per method the lambda with the best mea
 the single-task models is reported, and "the best method" is chosen on validation the same way. The test split is
 only reported.
 
+``--refit`` adds, beside each setting, a copy with ``refit_heads: true`` (label ``...-refit``): each task's head
+fitted again by a linear probe on the merged backbone's features of its training split; the copies compete with
+the others of their method, still chosen on validation. ``--dry-run`` builds and validates the recipes (the task
+runs and the merge) without training anything.
+
 Run: ``python bench/merge_tasks.py --task image --seeds 0 1 2`` (and ``--task text``); results:
-``bench/results/merge-tasks-TASK.json``.
+``bench/results/merge-tasks-TASK.json`` (``-wide``, ``-refit`` added to the name with those flags).
 """
 
 from __future__ import annotations
@@ -89,22 +94,45 @@ def _run(raw: dict[str, Any], folder: Path) -> Path:
     return run_recipe(load_recipe(raw), **how)
 
 
-def one_seed(modality: str, seed: int, out: Path, wide: bool = False) -> dict[str, Any]:
+def merge_entries(main: str, second: Path, wide: bool = False, refit: bool = False) -> list[dict[str, Any]]:
+    """The grid: each method's settings (and WIDE's), each also with ``refit_heads: true`` when ``refit``."""
+    entries = []
+    for method, specs in METHODS.items():
+        for spec in specs + (WIDE.get(method, []) if wide else []):
+            entry = {"method": spec, "models": [main], "runs": [str(second)], "label": _label(method, spec)}
+            entries.append(entry)
+            if refit:
+                entries.append({**entry, "label": f"{entry['label']}-refit", "refit_heads": True})
+    return entries
+
+
+def merge_recipe(modality: str, seed: int, main: str, second: Path, wide: bool, refit: bool) -> dict[str, Any]:
+    """The first task's recipe with the grid of merges (the second task's run as ``runs:``)."""
+    first, _ = TASKS[modality]
+    raw = task_recipe(modality, first, seed)
+    raw["merge"] = merge_entries(main, second, wide, refit)
+    return raw
+
+
+def dry_run(modality: str, seed: int, out: Path, wide: bool, refit: bool) -> list[str]:
+    """Build and validate every recipe this benchmark runs, training nothing; returns the merges' labels."""
+    for task in TASKS[modality]:
+        load_recipe(task_recipe(modality, task, seed))
+    _, task = TASKS[modality]
+    second = out / f"{task}-seed{seed}"
+    recipe = load_recipe(merge_recipe(modality, seed, "MAIN", second, wide, refit))
+    return [e.name for e in recipe.merge]
+
+
+def one_seed(modality: str, seed: int, out: Path, wide: bool = False, refit: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     first, second = TASKS[modality]
     runs = {task: _run(task_recipe(modality, task, seed), out / f"{task}-seed{seed}") for task in (first, second)}
     merged_dir = out / f"merged-{modality}-seed{seed}"
     if not (merged_dir / "run.json").is_file():
         shutil.copytree(runs[first], merged_dir)
-    raw = task_recipe(modality, first, seed)
     main = read_json(runs[first] / "metrics.json")["selected"]
-    entries = []
-    for method, specs in METHODS.items():
-        for spec in specs + (WIDE.get(method, []) if wide else []):
-            entries.append(
-                {"method": spec, "models": [main], "runs": [str(runs[second])], "label": _label(method, spec)}
-            )
-    raw["merge"] = entries
+    raw = merge_recipe(modality, seed, main, runs[second], wide, refit)
     done = run_recipe(load_recipe(raw), from_run=merged_dir)
     metrics = read_json(done / "metrics.json")
     row: dict[str, Any] = {"seed": seed, "merges": {}}
@@ -175,16 +203,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help="where the run directories go (default: a temporary folder)")
     parser.add_argument("--wide", action="store_true", help="more settings per method (WIDE), chosen on validation")
+    parser.add_argument("--refit", action="store_true", help="each setting also with refit_heads: true")
+    parser.add_argument("--dry-run", action="store_true", help="build and validate the recipes; train nothing")
     args = parser.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-merge-tasks-"))
+    if args.dry_run:
+        for seed in args.seeds:
+            labels = dry_run(args.task, seed, out, args.wide, args.refit)
+            print(f"seed {seed}: the task recipes and {len(labels)} merges validate: {', '.join(labels)}")
+        return
     rows = []
     for seed in args.seeds:
-        rows.append(one_seed(args.task, seed, out, args.wide))
+        rows.append(one_seed(args.task, seed, out, args.wide, args.refit))
         print(json.dumps(rows[-1], indent=1), flush=True)
     s = summary(rows)
     print(markdown(s))
     result = {"task": args.task, "machine": machine(), "args": vars(args), "rows": rows, "summary": s}
-    print(f"written: {write_result(f'merge-tasks-{args.task}' + ('-wide' if args.wide else ''), result)}")
+    name = f"merge-tasks-{args.task}" + ("-wide" if args.wide else "") + ("-refit" if args.refit else "")
+    print(f"written: {write_result(name, result)}")
 
 
 if __name__ == "__main__":

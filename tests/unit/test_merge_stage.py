@@ -154,3 +154,16 @@ def test_lora_runs_merge_with_their_adapters_folded_in(tmp_path: Path) -> None:
     for w in adapted:
         assert torch.allclose(soup[w], (full[w] + folded[w]) / 2, atol=1e-6), w
     assert plain_members([out / "models" / "full"], tmp_path) == [out / "models" / "full"]  # plain: as it is
+
+
+def test_merges_made_before_the_lora_and_refit_options_keep_their_settings() -> None:
+    """A merge's settings fingerprint leaves out the options added later (lora, refit_heads...) at their defaults,
+    so a run made before them resumes; set, they make other settings."""
+    from transferkit.config.recipe import MergeEntry
+    from transferkit.stages.base import settings_sha
+    from transferkit.stages.merge import _settings_sha
+
+    before = {"method": "ties", "models": [], "runs": [], "label": None, "recalibrate_bn": True}
+    assert _settings_sha(MergeEntry(method="ties")) == settings_sha(before)
+    assert _settings_sha(MergeEntry(method="ties", refit_heads=True)) != settings_sha(before)
+    assert _settings_sha(MergeEntry(method="ties", lora="adapters")) != settings_sha(before)

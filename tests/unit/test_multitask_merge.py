@@ -243,3 +243,45 @@ def test_predict_refuses_tasks_that_are_not_there(
     err = capsys.readouterr().err
     assert f"'{runs['ties'] / 'model'}' is a single-task model (labels: 0, 1, 2, 3, 4)" in err
     assert f"multi-task models: '{runs['ties'] / 'models' / 'merge-ties'}' (tasks: low, high)" in err
+
+
+def test_a_refit_fits_each_tasks_head_on_the_merged_features(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``refit_heads``: after the merge (and BatchNorm recalibration) each task's head is fitted again by the
+    linear probe's fit (``pipeline.train`` with ``linear_probe``) on the merged backbone's features of that task's
+    training split; the backbone is left as the merge made it."""
+    import shutil
+
+    from transferkit.config import TrainConfig
+    from transferkit.pipeline import train
+    from transferkit.runner import add_stage
+
+    run = Path(shutil.copytree(runs["low"], tmp_path / "run"))
+    refit_train = {"epochs": 5, "lr": 0.05}
+    entry = {"runs": [str(runs["high"])], "method": "ties", "label": "refit", "refit_heads": True}
+    add_stage("merge", run, {**entry, "refit_train": refit_train})
+    result = read_json(run / "metrics.json")["multi_task"]["refit"]
+    refitted, merged = load_model(run / "models" / "refit"), load_model(runs["ties"] / "models" / "merge-ties")
+    assert isinstance(refitted, MultiTaskModel) and isinstance(merged, MultiTaskModel)
+    # the same merge as merge-ties (same members, method and recalibration): the backbones are equal, the heads not
+    for k, v in merged.backbone.state_dict().items():
+        assert torch.equal(refitted.backbone.state_dict()[k], v), k
+    records = {r["task"]: r for r in result["merge"]["refit_heads"]}
+    assert list(records) == ["low", "high"]
+    recipe = load_recipe(run / "recipe.yaml")
+    cfg = TrainConfig.model_validate({**recipe.train.model_dump(), "strategy": "linear_probe", **refit_train})
+    for name, folder in (("low", run), ("high", runs["high"])):
+        i = merged.tasks.index(name)
+        assert not torch.equal(refitted.heads[i].weight, merged.heads[i].weight)
+        # by hand: the same linear-probe fit, on the merged model's features of the task's split, gives this head
+        view = merged.task(name)
+        theirs = load_recipe(folder / "recipe.yaml")
+        assert theirs.data is not None
+        data = prepare_data(theirs.data, view, theirs.seed)
+        train(view, data, cfg, seed=recipe.seed)
+        assert torch.allclose(refitted.heads[i].weight, merged.heads[i].weight, atol=1e-6)
+        assert torch.allclose(refitted.heads[i].bias, merged.heads[i].bias, atol=1e-6)
+        # the accuracy on the task's training split does not drop, as recorded and as measured here
+        record = records[name]
+        assert record["train_accuracy_after"] >= record["train_accuracy_before"]
+        assert evaluate(view, data.dataset("train"))["accuracy"] == record["train_accuracy_after"]
+        assert result["tasks"][name]["val"]["accuracy"] == record["val_accuracy_after"]

@@ -12,6 +12,12 @@ splits (that run's ``data:`` and seed, read from its recipe.yaml), beside the me
 recomputed on every task's training split. It is saved as ``models/NAME/`` and reported (``metrics.json``
 ``multi_task``), but ``select`` does not choose it: it answers several tasks, not the run's.
 
+Members that kept LoRA adapters are folded into plain weights first (``lora: fold``), or, with ``lora: adapters``,
+their adapters are merged through peft into one adapter (``merge.adapters``): the merged model is a LoRA model.
+With ``refit_heads: true`` each head is fitted again after the merge (and the BatchNorm recalibration) by the
+``linear_probe`` fit on the merged backbone's features of its task's training split (``refit_heads``); the
+backbone is left as merged.
+
 Outputs: ``models/NAME/`` and ``checkpoints/NAME/result.json`` (the merged model, its metrics and how it was
 made), a table in report.html comparing it with its members. Resume rule: the result file on disk, made with the
 same settings, is the merge (read back).
@@ -28,9 +34,13 @@ from transferkit.config import Recipe
 from transferkit.config.recipe import MergeEntry
 from transferkit.stages.base import RunContext, Stage, append_entry, result_file, settings_sha
 
+# options added after runs with merges were made: left out of the settings at their defaults, so those runs resume
+_ADDED = ("lora", "lora_combination", "lora_rank", "refit_heads", "refit_train")
+
 
 def _settings_sha(entry: MergeEntry) -> str:
-    return settings_sha(entry.model_dump(mode="json"))
+    dump, defaults = entry.model_dump(mode="json"), MergeEntry().model_dump(mode="json")
+    return settings_sha({k: v for k, v in dump.items() if k not in _ADDED or v != defaults[k]})
 
 
 def _members(ctx: RunContext, entry: MergeEntry) -> list[tuple[Path, Path]]:
@@ -130,6 +140,8 @@ def merge_one(ctx: RunContext, entry: MergeEntry) -> dict[str, Any]:
     data, device = ctx.data(), ctx.accelerator.device
     members = _members(ctx, entry)
     named = [f for f, _ in members]  # how the report names the members
+    if entry.lora == "adapters":  # the adapters themselves are merged: the members stay LoRA models
+        return _merge(ctx, entry, members, named, named, data, device)
     with tempfile.TemporaryDirectory(prefix="transferkit-merge-") as scratch:
         folders = plain_members(named, Path(scratch))  # LoRA adapters folded into the weights (peft)
         return _merge(ctx, entry, members, named, folders, data, device)
@@ -146,7 +158,9 @@ def _merge(
 ) -> dict[str, Any]:
     import dataclasses
 
+    from transferkit.errors import DataError
     from transferkit.io import write_json
+    from transferkit.merge.adapters import check_adapters, combination_for, merge_adapters
     from transferkit.merge.api import (
         Ensemble,
         check_compatible,
@@ -164,7 +178,13 @@ def _merge(
     from transferkit.pipeline import evaluate, fingerprint
 
     name, method, options = method_of(entry.method)
-    metas = check_compatible(folders, one_label_set=name if method.kind != "weights" else None)
+    if entry.refit_heads and method.kind == "ensemble":
+        raise DataError(_REFIT_ENSEMBLE)
+    if entry.lora == "adapters":
+        combination = combination_for(name, method, options, entry.lora_combination)
+        metas = check_adapters(folders)  # LoRA models of one rank, targets and label set
+    else:
+        metas = check_compatible(folders, one_label_set=name if method.kind != "weights" else None)
     tasks = None if same_labels(metas) else _tasks(ctx, members)  # different label sets: one head per task
     train_sets = [data.dataset("train")] if tasks is None else [task.data.dataset("train") for task in tasks]
     t = time.perf_counter()
@@ -181,8 +201,18 @@ def _merge(
         return float(evaluate(model, data.dataset("val"), len(data.classes), device=device)["accuracy"])
 
     how: dict[str, Any] = {}
-    if method.kind == "ensemble":
-        model: Any = Ensemble([load_model(f) for f in folders], options.vote).eval()
+    if entry.lora == "adapters":
+        model: Any
+        model, adapters = merge_adapters(
+            folders, method.merge_config(options, len(folders)), combination, entry.lora_rank
+        )
+        prepare(model, {})  # the members share their base, BatchNorm statistics included: nothing to recompute
+        how = {
+            "tensors": {k: len(v) for k, v in adapters.items() if isinstance(v, list)},
+            "adapter_merge": {k: v for k, v in adapters.items() if not isinstance(v, list)},
+        }
+    elif method.kind == "ensemble":
+        model = Ensemble([load_model(f) for f in folders], options.vote).eval()
     elif method.kind == "greedy":
         model, kept, steps = greedy_soup(folders, val_accuracy, prepare)
         how = {"kept": [str(named[i]) for i in kept], "steps": steps}
@@ -194,6 +224,12 @@ def _merge(
             model = multi_task_model(folders, [task.name for task in tasks], state)
         prepare(model, tensors)
         how = {"tensors": {k: len(v) for k, v in tensors.items()}}
+    refits = None
+    if entry.refit_heads:  # the heads fitted again on the merged backbone's features, task by task
+        views: list[tuple[str | None, Any, Any]] = (
+            [(None, model, data)] if tasks is None else [(t.name, model.task(t.name), t.data) for t in tasks]
+        )
+        refits = refit_heads(views, _refit_config(ctx, entry), ctx.recipe.seed, ctx.accelerator)
     merge_s = time.perf_counter() - t
     if tasks is None:
         scores: dict[str, Any] = {
@@ -205,7 +241,10 @@ def _merge(
         "method": name,
         "options": dataclasses.asdict(options),
         "members": [str(f) for f in named],
+        "lora": entry.lora,
         "adapters_folded": [str(f) for f, p in zip(named, folders) if f != p],
+        "adapters_merged": [str(f) for f in named] if entry.lora == "adapters" else [],
+        "refit_heads": refits,
         "batchnorm_recalibrated_on": recalibrated["examples"],
         "batchnorms_recalibrated": recalibrated["norms"],
         **how,
@@ -234,6 +273,66 @@ def _merge(
         write_json(result_file(ctx, entry.name), result)
     ctx.wait()
     return result
+
+
+_REFIT_ENSEMBLE = (
+    "refit_heads refits a merged model's heads; an ensemble keeps its members' own heads: drop refit_heads, or "
+    "choose a weight merge (uniform_soup, task_arithmetic, ties, dare) or greedy_soup"
+)
+
+
+def _refit_config(ctx: RunContext, entry: MergeEntry) -> Any:
+    """The head refit's training: the run's ``train:`` with the ``linear_probe`` strategy, then ``refit_train``."""
+    from transferkit.config import TrainConfig
+
+    return TrainConfig.model_validate(
+        {**ctx.recipe.train.model_dump(), "strategy": "linear_probe", **entry.refit_train}
+    )
+
+
+def refit_heads(
+    views: list[tuple[str | None, Any, Any]], cfg: Any, seed: int, accelerator: Any
+) -> list[dict[str, Any]]:
+    """Refit each head of a merged model on the merged backbone's frozen features of its task's training split.
+
+    The merge moves the backbone's features away from what each member's head was trained on; a head fitted again
+    on the merged features (the backbone untouched) recovers part of what the merge lost. The fit is the
+    ``linear_probe`` strategy's (``pipeline.train``: features computed once, the head trained on them, the best
+    epoch on validation kept), starting from the merged head.
+
+    Args:
+        views: per head: the task's name (None for a single-task merge), a model whose ``head`` is that head (a
+            multi-task model's ``task`` view shares it) and the task's prepared data.
+        cfg: the training (``strategy: linear_probe``).
+        seed: the seed of the fit's data order.
+        accelerator: the run's.
+
+    Returns:
+        Per head: the task, its training and validation accuracy before and after, and the fit's epochs.
+    """
+    from transferkit.pipeline import evaluate, train
+
+    out = []
+    device = accelerator.device
+    for task, view, data in views:
+
+        def accuracy(split: str, view: Any = view, data: Any = data) -> float:
+            return float(evaluate(view, data.dataset(split), len(data.classes), device=device)["accuracy"])
+
+        before = {"train": accuracy("train"), "val": accuracy("val")}
+        summary = train(view, data, cfg, seed=seed, accelerator=accelerator)
+        out.append(
+            {
+                "task": task,
+                "train_accuracy_before": before["train"],
+                "train_accuracy_after": accuracy("train"),
+                "val_accuracy_before": before["val"],
+                "val_accuracy_after": accuracy("val"),
+                "epochs_run": summary["epochs_run"],
+                "best_epoch": summary["best_epoch"],
+            }
+        )
+    return out
 
 
 def _task_scores(model: Any, task: _Task, device: Any) -> dict[str, Any]:
@@ -265,7 +364,8 @@ def _use(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
     ctx.tables.append(
         {
             "title": f"Merge {entry.name}",
-            "note": f"{len(result['merge']['members'])} models; members of other runs are listed in metrics.json",
+            "note": f"{len(result['merge']['members'])} models; members of other runs are listed in metrics.json"
+            + _how_note(result["merge"]),
             "columns": ["model", "val accuracy", "test accuracy"],
             "rows": rows,
         }
@@ -274,6 +374,18 @@ def _use(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
         f"[{entry.name}] {result['merge']['method']} of {len(result['merge']['members'])} models: test accuracy "
         f"{result['test']['accuracy']:.4f} | val accuracy {result['val']['accuracy']:.4f}"
     )
+
+
+def _how_note(merge: dict[str, Any]) -> str:
+    """What the table note adds about adapters merged and heads refitted (absent from merges made before them)."""
+    note = ""
+    if merge.get("lora") == "adapters":
+        adapter = merge["adapter_merge"]
+        exact = "exact" if adapter["exact"] else "approximate"
+        note += f"; LoRA adapters merged by peft ({adapter['combination']}, {exact}), the result a LoRA model"
+    if merge.get("refit_heads"):
+        note += "; heads refitted by a linear probe on the merged features"
+    return note
 
 
 def _use_multi_task(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) -> None:
@@ -286,7 +398,8 @@ def _use_multi_task(ctx: RunContext, entry: MergeEntry, result: dict[str, Any]) 
     ctx.tables.append(
         {
             "title": f"Merge {entry.name} (multi-task)",
-            "note": f"{result['merge']['method']}: one head per task; each task on its own run's test split",
+            "note": f"{result['merge']['method']}: one head per task; each task on its own run's test split"
+            + _how_note(result["merge"]),
             "columns": ["task", "input model", "input test accuracy", "merged test accuracy"],
             "rows": rows,
         }
@@ -331,18 +444,89 @@ def run(ctx: RunContext) -> None:
 
 
 def check(raw: dict[str, Any]) -> list[str]:
-    from transferkit.errors import RecipeError, UnknownNameError
+    from transferkit.errors import DataError, RecipeError, UnknownNameError
+    from transferkit.merge.adapters import combination_for
     from transferkit.merge.api import method_of
 
     entries = raw.get("merge")
     problems = []
     for i, e in enumerate(entries if isinstance(entries, list) else []):
         method = e.get("method", "uniform_soup") if isinstance(e, dict) else None
-        if isinstance(method, (str, dict)):
+        if not isinstance(method, (str, dict)):
+            continue
+        try:
+            name, kind, options = method_of(method)
+        except (UnknownNameError, RecipeError) as err:
+            problems.append(f"merge.{i}.method: {err}")
+            continue
+        if e.get("refit_heads") and kind.kind == "ensemble":
+            problems.append(f"merge.{i}.refit_heads: {_REFIT_ENSEMBLE}")
+        if e.get("lora") == "adapters":
+            combination = e.get("lora_combination")
             try:
-                method_of(method)
-            except (UnknownNameError, RecipeError) as err:
-                problems.append(f"merge.{i}.method: {err}")
+                combination_for(name, kind, options, combination if isinstance(combination, str) else None)
+            except DataError as err:
+                problems.append(f"merge.{i}.lora: {err}")
+            problems += [f"merge.{i}.lora: {p}" for p in _adapter_members(raw, e)]
+    return problems
+
+
+def _adapter_members(raw: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    """What keeps the members of a ``lora: adapters`` merge from merging their adapters, as far as the recipe and the
+    other runs' ``model.json`` tell: a member that is no LoRA model keeping its adapters, or another rank or target
+    modules than the first member's. The merge checks the members' saved folders again (``check_adapters``)."""
+    from transferkit.io import read_json
+    from transferkit.specs import parse_spec, spec_name
+    from transferkit.strategies import STRATEGIES
+
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    assert isinstance(train, dict)
+    strategies: dict[str, Any] = {spec_name(train.get("strategy", "full")): train.get("strategy", "full")}
+    for c in raw.get("compare") or []:
+        if isinstance(c, dict) and "strategy" in c:
+            strategies[c.get("label") or spec_name(c["strategy"])] = c["strategy"]
+    found: list[tuple[str, dict[str, Any] | None]] = []  # (member, its LoRA r and targets, or None: no adapters)
+    for name in entry.get("models") or list(strategies):
+        spec = strategies.get(name)
+        if spec is None or spec_name(spec) == "auto":
+            continue  # a student, a model not in the recipe or a strategy chosen at run time: checked at the merge
+        try:
+            _, _, options = parse_spec(spec, STRATEGIES, lambda s: s.config)
+        except Exception:
+            continue  # an unknown strategy or option: the train stage's check names it
+        kept = spec_name(spec) == "lora" and not options.merge
+        found.append((f"model '{name}'", {"r": options.r, "target_modules": options.target_modules} if kept else None))
+    source = raw.get("source")
+    here = source.get("name") if isinstance(source, dict) else source
+    problems = []
+    for run in map(Path, entry.get("runs") or []):
+        theirs = read_json(run / "metrics.json").get("source") if (run / "metrics.json").is_file() else here
+        if theirs != here:
+            problems.append(
+                f"adapters merges adapters on one base, but run '{run}' started from {theirs!r}, this run from "
+                f"{here!r}: merge runs of one source"
+            )
+        folder = run / "model" if (run / "model" / "model.json").is_file() else run
+        if (folder / "model.json").is_file():
+            adapter = read_json(folder / "model.json").get("adapter") or {}
+            has = adapter.get("type") == "lora"
+            found.append((f"run '{run}'", {k: adapter.get(k) for k in ("r", "target_modules")} if has else None))
+    problems += [
+        f"adapters merges LoRA adapters, but {who} keeps none (not trained with lora, merge: false): use lora: fold "
+        "(its weights merged as they are, LoRA members folded first), or leave it out of the merge"
+        for who, lora in found
+        if lora is None
+    ]
+    loras = [(who, layout) for who, layout in found if layout is not None]
+    for who, layout in loras[1:]:
+        (first, first_layout) = loras[0]
+        for key, what in (("r", "rank"), ("target_modules", "target modules")):
+            default = key == "target_modules" and None in (layout[key], first_layout[key])  # resolved when trained
+            if layout[key] != first_layout[key] and not default:
+                problems.append(
+                    f"{who} has LoRA {what} {layout[key]!r}, {first} {first_layout[key]!r}: adapters merges "
+                    f"adapters of one {what}; use lora: fold"
+                )
     return problems
 
 
