@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from test_stages import TINY
 
 from transferkit.errors import DataError
-from transferkit.io import read_json
+from transferkit.io import load_state_dict, read_json, save_tensors
 from transferkit.merge import merge_state, merged_model, method_of
 from transferkit.merge.adapters import check_adapters, combination_for, merge_adapters
 from transferkit.merge.api import plain_members
@@ -143,6 +143,14 @@ def test_members_that_are_not_lora_models_of_one_base_are_refused(tmp_path: Path
     inject_lora(other, {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": TARGETS})
     with pytest.raises(DataError, match=r"tensor 'backbone\.\S+' differs between '.*lora' and '.*other'"):
         merge_adapters([lora, save_model(other, tmp_path / "other")], _cfg("task_arithmetic"), "cat")
+    cut = _lora_member(tmp_path / "cut", seed=1)  # a file that lost one adapter tensor
+    state = load_state_dict(cut / "model.safetensors")
+    lost = next(k for k in state if ".lora_B." in k)
+    save_tensors(cut / "model.safetensors", {k: v for k, v in state.items() if k != lost})
+    with pytest.raises(
+        DataError, match=rf"cut/model.safetensors' does not hold .*missing \['{lost.replace('default', 'member1')}'\]"
+    ):
+        merge_adapters([lora, cut], _cfg("task_arithmetic"), "cat")
     three = build_target(tiny_source(), ["a", "b", "c"], seed=0)
     inject_lora(three, {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": TARGETS})
     with pytest.raises(DataError, match="different label sets merge into a multi-task model, which carries no adapt"):

@@ -209,15 +209,19 @@ def merge_adapters(
     for name, spec in zip(names[1:], specs[1:]):
         tuner.peft_config[name] = _lora_config(spec)
         tuner.inject_adapter(tuner.model, name)
-    for i, (name, folder) in enumerate(zip(names, folders)):
+    for name, folder in zip(names, folders):
         adapters = {
             k.replace(".default.", f".{name}."): v
             for k, v in load_state_dict(folder / "model.safetensors").items()
             if _ADAPTER_KEY in k
         }
-        _, unexpected = work.load_state_dict(adapters, strict=False)
-        if unexpected:
-            raise DataError(f"'{folders[i]}' holds adapters its model.json does not describe: {unexpected[:3]}")
+        missing, unexpected = work.load_state_dict(adapters, strict=False)
+        missing = [k for k in missing if f".{name}." in k]  # this member's slots that its file left empty
+        if unexpected or missing:
+            raise DataError(
+                f"'{folder}/model.safetensors' does not hold the adapters its model.json describes (unexpected "
+                f"{unexpected[:3]}, missing {missing[:3]}): save the model again"
+            )
     weights = [float(w) for w in cfg.weights(len(folders))]
     svd_rank = rank or sum(int(s["r"]) for s in specs)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -486,7 +486,8 @@ def _adapter_members(raw: dict[str, Any], entry: dict[str, Any]) -> list[str]:
         if isinstance(c, dict) and "strategy" in c:
             strategies[c.get("label") or spec_name(c["strategy"])] = c["strategy"]
     found: list[tuple[str, dict[str, Any] | None]] = []  # (member, its LoRA r and targets, or None: no adapters)
-    for name in entry.get("models") or list(strategies):
+    models = entry.get("models")
+    for name in models if isinstance(models, list) and models else list(strategies):
         spec = strategies.get(name)
         if spec is None or spec_name(spec) == "auto":
             continue  # a student, a model not in the recipe or a strategy chosen at run time: checked at the merge
@@ -499,7 +500,8 @@ def _adapter_members(raw: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     source = raw.get("source")
     here = source.get("name") if isinstance(source, dict) else source
     problems = []
-    for run in map(Path, entry.get("runs") or []):
+    runs = entry.get("runs")
+    for run in map(Path, runs if isinstance(runs, list) else []):
         theirs = read_json(run / "metrics.json").get("source") if (run / "metrics.json").is_file() else here
         if theirs != here:
             problems.append(
