@@ -52,6 +52,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     from transferkit.runner import add_stage
 
+    if not args.refit_heads and (args.refit_epochs is not None or args.refit_lr is not None):
+        raise RecipeError("--refit-epochs and --refit-lr set the head refit: give --refit-heads as well")
     host, *others = args.runs
     method: dict[str, Any] = {"name": args.method}
     for key in ("density", "lam", "p", "scope", "combine", "vote", "seed"):
@@ -70,6 +72,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     }
     if args.label:
         options["label"] = args.label
+    for key in ("lora", "lora_combination", "lora_rank"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.refit_heads:
+        options["refit_heads"] = True
+        refit = {k: v for k, v in (("epochs", args.refit_epochs), ("lr", args.refit_lr)) if v is not None}
+        if refit:
+            options["refit_train"] = refit
     out_dir = add_stage("merge", host, options)
     print(f"run directory: {out_dir}\nreport: {out_dir / 'report.html'}")
     label = args.label or f"merge-{args.method}"
@@ -486,6 +496,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="dare: the seed of the random drop")
     p.add_argument("--label", help="the merged model's name (default merge-METHOD)")
     p.add_argument("--no-recalibrate", action="store_true", help="keep the averaged BatchNorm statistics")
+    p.add_argument(
+        "--lora",
+        choices=["fold", "adapters"],
+        help="LoRA members: fold the adapters into the weights first (default), or merge the adapters through "
+        "peft into a LoRA model",
+    )
+    p.add_argument(
+        "--lora-combination",
+        help="with --lora adapters: peft's combination (cat, svd, ties_svd, dare_linear_svd, dare_ties_svd, ...)",
+    )
+    p.add_argument("--lora-rank", type=int, help="with --lora adapters: the rank of an SVD combination's adapter")
+    p.add_argument(
+        "--refit-heads",
+        action="store_true",
+        help="refit each task's head by a linear probe on the merged backbone's training features",
+    )
+    p.add_argument("--refit-epochs", type=int, help="with --refit-heads: the probe's epochs")
+    p.add_argument("--refit-lr", type=float, help="with --refit-heads: the probe's learning rate")
     p.add_argument("--out", help="a new run directory: a copy of the first run, with the merge added")
     p.set_defaults(func=_cmd_merge)
 

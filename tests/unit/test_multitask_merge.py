@@ -285,3 +285,18 @@ def test_a_refit_fits_each_tasks_head_on_the_merged_features(runs: dict[str, Pat
         assert record["train_accuracy_after"] >= record["train_accuracy_before"]
         assert evaluate(view, data.dataset("train"))["accuracy"] == record["train_accuracy_after"]
         assert result["tasks"][name]["val"]["accuracy"] == record["val_accuracy_after"]
+
+
+def test_merge_cli_refits_heads_and_refuses_refit_settings_without_it(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``transferkit merge --refit-heads --refit-epochs N``: the options of the recipe's merge entry;
+    ``--refit-epochs`` alone is refused before anything is copied."""
+    out = tmp_path / "cli-refit"
+    base = ["merge", str(runs["low"]), str(runs["high"]), "--method", "ties", "--label", "refit"]
+    assert main([*base, "--refit-epochs", "2", "--out", str(out)]) == 2
+    assert "give --refit-heads as well" in capsys.readouterr().err and not out.exists()
+    assert main([*base, "--refit-heads", "--refit-epochs", "3", "--out", str(out)]) == 0
+    records = read_json(out / "metrics.json")["multi_task"]["refit"]["merge"]["refit_heads"]
+    assert [r["task"] for r in records] == ["low", "high"]
+    assert [r["epochs_run"] for r in records] == [3, 3]  # the run trains 1 epoch: the flag took effect

@@ -26,6 +26,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MAX_IMAGE_SIZE = 4096  # pixels a side: 3 x 4096 x 4096 float32 is 200 MB per image already
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most this; numpy's generators refuse negative seeds
+
+
+def _check_seed(v: int | None) -> int | None:
+    """A seed numpy and torch both accept: the run would otherwise fail when it first seeds, after validation."""
+    if v is not None and not 0 <= v <= MAX_SEED:
+        raise ValueError("a seed is an integer from 0 to 2**64-1 (numpy refuses negative seeds, torch larger ones)")
+    return v
+
+
 class SourceSpec(_Strict):
     """Where the pretrained weights come from.
 
@@ -91,6 +102,17 @@ class DataConfig(_Strict):
     strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
     num_workers: int = Field(default=0, ge=0)
 
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_fits(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"{v} pixels a side is over the limit of {MAX_IMAGE_SIZE}: one RGB image of that size is "
+                f"{3 * v * v * 4 / 1e9:,.1f} GB as float32 before a batch or the network sees it. Leave image_size "
+                f"unset (the source's own size) or give at most {MAX_IMAGE_SIZE}"
+            )
+        return v
+
 
 class TrainConfig(_Strict):
     """How the target is trained. ``strategy`` is a name or ``{name: ..., option: value}``."""
@@ -130,6 +152,11 @@ class TrainConfig(_Strict):
         description="the seed of this model's data order, dropout and augmentation (default: the recipe's seed; "
         "the split and the new head's initialisation keep the recipe's), e.g. fine-tunes for a soup",
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, v: int | None) -> int | None:
+        return _check_seed(v)
 
     @property
     def strategy_name(self) -> str:
@@ -182,6 +209,45 @@ class MergeEntry(_Strict):
     runs: list[str] = Field(default_factory=list, description="other run directories: their selected model joins")
     label: str | None = Field(default=None, description="the merged model's name (default: merge-METHOD)")
     recalibrate_bn: bool = Field(default=True, description="recompute BatchNorm statistics on the training split")
+    lora: Literal["fold", "adapters"] = Field(
+        default="fold",
+        description="members that kept LoRA adapters: fold them into plain weights first (fold), or merge the "
+        "adapters themselves through peft into a LoRA model (adapters: every member a LoRA run of one base, rank "
+        "and target modules)",
+    )
+    lora_combination: (
+        Literal[
+            "cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd"
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="with lora: adapters, peft's combination_type: cat, linear or svd for soups and task arithmetic "
+        "(default cat, exact), ties or ties_svd for TIES (default ties_svd), dare_linear(_svd) or dare_ties(_svd) "
+        "for DARE (default the _svd one)",
+    )
+    lora_rank: int | None = Field(
+        default=None, ge=1, description="the rank of an SVD combination's adapter (default: the members' ranks summed)"
+    )
+    refit_heads: bool = Field(
+        default=False,
+        description="after the merge (and BatchNorm recalibration), refit each task's head by a linear probe on the "
+        "merged backbone's features of that task's training split",
+    )
+    refit_train: dict[str, Any] = Field(
+        default_factory=dict, description="the head refit's train settings over train: (strategy linear_probe)"
+    )
+
+    @model_validator(mode="after")
+    def _lora_options_need_adapters(self) -> MergeEntry:
+        given = [k for k in ("lora_combination", "lora_rank") if getattr(self, k) is not None]
+        if given and self.lora != "adapters":
+            raise ValueError(
+                f"{', '.join(given)} apply to lora: adapters (a merge of the adapters); set lora: adapters"
+            )
+        if self.refit_train and not self.refit_heads:
+            raise ValueError("refit_train sets the head refit's training: set refit_heads: true too")
+        return self
 
     @property
     def name(self) -> str:
@@ -386,6 +452,12 @@ class Recipe(_Strict):
         description="a recommendation task (interactions, two-tower or "
         "MF model, transfer from source_run); data:/source: are then not used",
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, v: int) -> int:
+        _check_seed(v)
+        return v
 
     @model_validator(mode="wrap")
     @classmethod
