@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
 import stat
@@ -341,6 +342,39 @@ def _remove(path: Path) -> None:
             path.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+_TEMPORARY = re.compile(r"^\..+\.(?P<random>[0-9a-f]{8}(?P<file>\.tmp)?|old)$")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` has the name of one of the temporaries this module makes: ``atomic_write``'s
+    ``.NAME.RANDOM.tmp`` file, ``replace_dir``'s ``.NAME.RANDOM`` folder, or the ``.NAME.old`` it moves aside."""
+    match = _TEMPORARY.match(path.name)
+    if match is None:
+        return False
+    if match["random"] == "old":
+        return True
+    return path.is_file() if match["file"] else path.is_dir() and not path.is_symlink()
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries a killed process left under ``folder`` (see ``is_temporary``); returns them.
+
+    A process killed while it writes (SIGKILL, a power loss, the out-of-memory killer) cannot delete its temporary
+    file or folder, which then stays beside the real one, hidden by its leading dot but taking disk space (a
+    half-written checkpoint can be gigabytes), and a glob such as ``models/*/model.json`` would see a half-built
+    folder under it. Call this only where no other process writes, e.g. before a run resumes.
+    """
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            path = Path(root, name)
+            if is_temporary(path):
+                _remove(path)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if Path(root, d) not in removed]  # nothing to walk in a removed folder
+    return sorted(removed)
 
 
 def read_json(path: str | Path) -> Any:

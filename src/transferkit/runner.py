@@ -15,7 +15,7 @@ from typing import Any
 from transferkit import __version__
 from transferkit.config import Recipe, apply_overrides, dump_recipe, read_yaml
 from transferkit.errors import RecipeError, RunDirError, UnknownNameError, did_you_mean
-from transferkit.io import read_json, write_json, write_text
+from transferkit.io import read_json, remove_temporaries, write_json, write_text
 from transferkit.recipe import load_recipe
 from transferkit.stages import STAGES, RunContext, stage_order
 
@@ -53,6 +53,10 @@ def run_recipe(
     main = accelerator.is_main_process
     if from_run is None:
         prepare_run_dir(out, recipe, resume, overwrite, main)
+    if main and (resume or from_run is not None):
+        # what an earlier process killed mid-write left (its half-written checkpoint, a model folder it was
+        # building): nothing writes to the run now, and every stage writes its outputs again from scratch
+        remove_temporaries(out)
     accelerator.wait_for_everyone()
     ctx = RunContext(
         recipe,

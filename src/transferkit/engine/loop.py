@@ -259,13 +259,15 @@ def _drop_log_lines_after(paths: JobPaths, step: int) -> None:
     """On resume, forget log lines this job wrote after its checkpoint (they will be written again)."""
     if not paths.metrics_log.exists():
         return
+    lines = paths.metrics_log.read_text().splitlines()
     kept = []
-    for line in paths.metrics_log.read_text().splitlines():
+    for line in lines:
         rec = json.loads(line)
         if rec.get("job") == paths.job and rec.get("step", 0) > step:
             continue
         kept.append(line)
-    write_text(paths.metrics_log, "".join(x + "\n" for x in kept))
+    if len(kept) < len(lines):
+        write_text(paths.metrics_log, "".join(x + "\n" for x in kept))
 
 
 def random_state(accelerator: Any) -> dict[str, Any]:
@@ -381,6 +383,9 @@ def fit(
             resumed_from = state["step"]
             if main:
                 _drop_log_lines_after(paths, state["step"])
+        elif resume and paths is not None and main:
+            # interrupted before its first checkpoint: it starts again from step 0 and writes every line again
+            _drop_log_lines_after(paths, 0)
         accelerator.wait_for_everyone()
 
         wrapped, optimizer = accelerator.prepare(model, optimizer)
