@@ -208,7 +208,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         )
     out_dir = run_recipe(load_recipe({**raw, **sections}), from_run=host)
     print(f"run directory: {out_dir}\nreport: {out_dir / 'report.html'}")
-    for folder in sorted((out_dir / "exports").glob("*/model.onnx")):
+    from transferkit.io import is_temporary
+
+    for folder in sorted(p for p in (out_dir / "exports").glob("*/model.onnx") if not is_temporary(p.parent)):
         print(f"exported: {folder.parent} (transferkit predict {folder.parent} INPUT runs it with ONNX Runtime)")
     return 0
 

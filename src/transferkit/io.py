@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from transferkit.errors import DataNotFoundError, DiskFullError, SourceError, UnsafeCheckpointError
+from transferkit.errors import DataNotFoundError, DiskFullError, RunDirError, SourceError, UnsafeCheckpointError
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -169,8 +169,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     only in the page cache) and the folder is fsynced after it (so the rename itself survives a power loss).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path.parent, path.name, ".tmp", _new_file)
+    make_dirs(path.parent)
+    try:
+        tmp = _create_temp(path.parent, path.name, ".tmp", _new_file)
+    except OSError as e:
+        _raise_if_not_writable(e, path)
+        raise
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask (read back: no umask() call)
         write(tmp)
@@ -181,12 +185,43 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         _raise_if_disk_full(e, path)
+        _raise_if_not_writable(e, path)
         raise
     _fsync_dir(path.parent)
     return path
 
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def make_dirs(folder: str | Path) -> Path:
+    """``mkdir -p`` whose permission errors (a folder the user may not write to, a read-only file system) are a
+    RunDirError naming the folder and the fix instead of a traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _raise_if_not_writable(e, folder)
+        raise
+    return folder
+
+
+def _raise_if_not_writable(error: BaseException, path: Path) -> None:
+    """A write refused by permissions or a read-only file system, as a RunDirError naming the nearest existing
+    folder (the one to fix) and the way out; other errors are left to the caller."""
+    cause: BaseException | None = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    assert isinstance(cause, OSError)
+    folder = next((p for p in (path, *path.parents) if p.exists() and p.is_dir()), path.parent)
+    why = "a read-only file system" if cause.errno == errno.EROFS else "permission denied"
+    raise RunDirError(
+        f"cannot write '{path}' ({why} in '{folder}'): nothing was written there. Give --out a folder you can "
+        f"write to, or change the permissions of '{folder}'"
+    ) from error
 
 
 def _raise_if_disk_full(error: BaseException, path: Path) -> None:
@@ -306,14 +341,19 @@ def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
     A failure before the swap leaves the old folder untouched. Folders get the mode a plain ``mkdir`` gives.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(final.parent, final.name, "", _new_dir)
+    make_dirs(final.parent)
+    try:
+        tmp = _create_temp(final.parent, final.name, "", _new_dir)
+    except OSError as e:
+        _raise_if_not_writable(e, final)
+        raise
     try:
         try:
             fill(tmp)
             _fsync_tree(tmp)
         except BaseException as e:
             _raise_if_disk_full(e, final)
+            _raise_if_not_writable(e, final)
             raise
         if not final.exists() and not final.is_symlink():
             os.replace(tmp, final)

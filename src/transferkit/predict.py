@@ -166,10 +166,12 @@ def _labels(model: SourceModel) -> str:
 
 def _multi_task_models(run: Path) -> list[tuple[Path, list[str]]]:
     """The multi-task models a run directory holds (merges of different label sets): each folder and its tasks."""
-    from transferkit.io import read_json
+    from transferkit.io import is_temporary, read_json
 
     found = []
     for meta_path in sorted(run.glob("models/*/model.json")):
+        if is_temporary(meta_path.parent):  # a half-built folder a killed write left (the next resume removes it)
+            continue
         with contextlib.suppress(ValueError, OSError, AttributeError):
             tasks = read_json(meta_path).get("tasks")
             if isinstance(tasks, list):

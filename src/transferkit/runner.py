@@ -15,7 +15,7 @@ from typing import Any
 from transferkit import __version__
 from transferkit.config import Recipe, apply_overrides, dump_recipe, read_yaml
 from transferkit.errors import RecipeError, RunDirError, UnknownNameError, did_you_mean
-from transferkit.io import read_json, remove_temporaries, write_json, write_text
+from transferkit.io import make_dirs, read_json, remove_temporaries, write_json, write_text
 from transferkit.recipe import load_recipe
 from transferkit.stages import STAGES, RunContext, stage_order
 
@@ -184,7 +184,7 @@ def _recipe_hash(recipe: Recipe) -> str:
 def _start(ctx: RunContext, added: bool) -> None:
     """Write the resolved recipe and run.json; a recipe run on an existing run keeps the hashes it had before."""
     out, accelerator = ctx.out, ctx.accelerator
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     run_file = out / "run.json"
     history: list[str] = []
     if added:  # the hashes the run had before stages were added to it (none when the recipe is unchanged)

@@ -31,7 +31,7 @@ from transferkit.engine.fold import folded_for_pass
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.engine.plan import TrainPlan, set_train_mode
 from transferkit.engine.schedule import lr_factor
-from transferkit.errors import TrainingError
+from transferkit.errors import RunDirError, TrainingError
 from transferkit.evaluation.metrics import classification_metrics
 from transferkit.io import safe_torch_load, torch_save, write_text
 
@@ -261,8 +261,16 @@ def _drop_log_lines_after(paths: JobPaths, step: int) -> None:
         return
     lines = paths.metrics_log.read_text().splitlines()
     kept = []
-    for line in lines:
-        rec = json.loads(line)
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # a last line cut short (the process died, or the disk filled, mid-append)
+                continue
+            raise RunDirError(
+                f"{paths.metrics_log}: line {i + 1} is not JSON; the log is damaged beyond its last line. Delete "
+                "that line (or the file: the checkpoints hold what a resume needs) and run --resume again"
+            ) from None
         if rec.get("job") == paths.job and rec.get("step", 0) > step:
             continue
         kept.append(line)
@@ -478,6 +486,12 @@ def fit(
             if world > 1:
                 average_buffers(accelerator.unwrap_model(wrapped))
             val = evaluate_model(accelerator.unwrap_model(wrapped), val_set, per_rank_batch, num_classes, device)
+            if not math.isfinite(val["loss"]):  # the logged training loss can stay finite while the model diverged
+                raise TrainingError(
+                    f"the validation loss became {val['loss']} after epoch {epoch + 1} (step {state['step']}): the "
+                    f"model diverged. Lower the learning rate (train.lr={cfg.lr:g} now), set train.max_grad_norm "
+                    "(e.g. 1.0), or check the inputs for NaN values."
+                )
             parts = state.pop("epoch_loss", [])
             train_loss = sum(loss * n for loss, n in parts) / max(1, sum(n for _, n in parts))
             record = {

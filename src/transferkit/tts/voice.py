@@ -392,6 +392,8 @@ def resolve_voice(spec: str | Path | None) -> Path:
         DataNotFoundError: the path does not exist.
         DataError: the path is neither an ``.onnx`` voice nor a folder holding one (naming what was found).
     """
+    from transferkit.io import is_temporary
+
     if spec is None:
         return default_voice_path()
     path = Path(spec).expanduser()
@@ -406,7 +408,7 @@ def resolve_voice(spec: str | Path | None) -> Path:
     if (path / "voice" / VOICE_JSON).is_file():
         return path / "voice"  # a run directory's own voice, before the per-model ones under models/
     voices = sorted(p for p in path.glob("*.onnx") if p.with_name(p.name + ".json").is_file())
-    saved = sorted(p.parent for p in path.glob(f"models/*/{VOICE_JSON}") if p.is_file())
+    saved = sorted(p.parent for p in path.glob(f"models/*/{VOICE_JSON}") if p.is_file() and not is_temporary(p.parent))
     if len(voices) + len(saved) == 1:
         return (voices + saved)[0]
     everything = [p.name for p in voices] + [str(p.relative_to(path)) for p in saved]
