@@ -169,12 +169,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     only in the page cache) and the folder is fsynced after it (so the rename itself survives a power loss).
     """
     path = Path(path)
-    make_dirs(path.parent)
-    try:
-        tmp = _create_temp(path.parent, path.name, ".tmp", _new_file)
-    except OSError as e:
-        _raise_if_not_writable(e, path)
-        raise
+    tmp = _temp_beside(path, ".tmp", _new_file)
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask (read back: no umask() call)
         write(tmp)
@@ -205,6 +200,16 @@ def make_dirs(folder: str | Path) -> Path:
         _raise_if_not_writable(e, folder)
         raise
     return folder
+
+
+def _temp_beside(path: Path, suffix: str, make: Callable[[Path], None]) -> Path:
+    """A new temporary beside ``path`` (its folder made first), permission errors named as in ``make_dirs``."""
+    make_dirs(path.parent)
+    try:
+        return _create_temp(path.parent, path.name, suffix, make)
+    except OSError as e:
+        _raise_if_not_writable(e, path)
+        raise
 
 
 def _raise_if_not_writable(error: BaseException, path: Path) -> None:
@@ -341,12 +346,7 @@ def replace_dir(final: Path, fill: Callable[[Path], object]) -> Path:
     A failure before the swap leaves the old folder untouched. Folders get the mode a plain ``mkdir`` gives.
     """
     final = Path(final)
-    make_dirs(final.parent)
-    try:
-        tmp = _create_temp(final.parent, final.name, "", _new_dir)
-    except OSError as e:
-        _raise_if_not_writable(e, final)
-        raise
+    tmp = _temp_beside(final, "", _new_dir)
     try:
         try:
             fill(tmp)
