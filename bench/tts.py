@@ -36,6 +36,12 @@ sentences (about 1.5 s per sentence and voice in the smoke run) add about 4, whi
 even on one thread. ``adapt()`` reports the seconds per step of each arm; the table
 prints them, so the default can be re-derived on another machine.
 
+**Other settings, chosen on validation.** ``--attempts flow-frozen`` (see ``ATTEMPTS``) trains the adapted arm again
+with other settings on the same 5 minutes, then measures it, the default adapted voice and the source voice on 15
+*validation* sentences (``VAL_SENTENCES``: 16, one of which the product's split keeps as a training row; spoken by the same flite voice, in neither the training nor the held-out
+set) and reports the test figures of the one chosen there: the lowest validation WER among those meeting the
+similarity goals on validation. The 30 held-out sentences choose nothing.
+
 Run: ``OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 .venv/bin/python bench/tts.py`` (writes ``bench/results/tts.json``,
 the run in ``runs/bench-tts-slt-s0``). Smoke check of the script: ``--tiny`` (20 s of audio, 3 held-out sentences,
 2 steps, tiny decoder windows and posterior: a minute or two on CPU, numbers meaningless; writes
@@ -217,6 +223,37 @@ SENTENCES = [
 ]
 
 
+# Validation sentences for choosing between adaptation settings (``--attempts``): spoken by the same flite voice,
+# never among the training or held-out sentences (those come from SENTENCES and pairs of them), so the 30 held-out
+# test sentences choose nothing.
+VAL_SENTENCES = [
+    "The baker opened his shop early and the street smelled of warm bread.",
+    "A small boat drifted slowly towards the rocks at the end of the bay.",
+    "Her grandmother kept a jar of buttons on the shelf above the stove.",
+    "The children built a tall tower of blocks and then knocked it down.",
+    "We waited under the bridge until the storm had passed over the town.",
+    "The old clock in the hall stopped at exactly ten minutes past four.",
+    "He packed a sandwich, an apple and a flask of tea for the long walk.",
+    "The library was quiet except for the turning of pages.",
+    "A flock of geese flew over the field in a long uneven line.",
+    "She tied a red ribbon around the parcel and wrote the address by hand.",
+    "The garden gate creaked every time the wind blew from the north.",
+    "Our neighbour plays the piano every evening after supper.",
+    "The bus was late again, so we walked the rest of the way home.",
+    "A thin layer of frost covered the car windows in the morning.",
+    "The painter mixed blue and yellow to make the green of the hills.",
+    "They found an old map folded inside a book in the attic.",
+]
+
+# Adaptation settings tried beside the recipe's default (``--attempts``), each chosen or not on VAL_SENTENCES:
+# ``flow-frozen`` keeps the pretrained flow as well, so the fresh posterior encoder must map the new speaker into the
+# latent space the frozen prior and flow already speak from (the inference path is prior -> flow^-1 -> decoder),
+# and a warm-up trains the posterior alone first, before the decoder starts to move.
+ATTEMPTS: dict[str, dict[str, Any]] = {
+    "flow-frozen": {"frozen": ["enc_p", "dp", "flow"], "posterior_warmup": 50},
+}
+
+
 def sentence(i: int) -> str:
     """The ``i``-th sentence: the list, then pairs of its sentences (deterministic, for long ``--train-minutes``)."""
     n = len(SENTENCES)
@@ -254,8 +291,7 @@ def flite_speaker(folder: Path, voice: str, train_seconds: float, held_out: int,
         i = len(lines)
         text = sentence(i)
         wav = folder / f"{voice}_{i:04d}.wav"
-        subprocess.run([flite, "-voice", voice, "-t", text, "-o", str(wav)], check=True, timeout=60)
-        seconds.append(sf.info(str(wav)).duration)
+        seconds.append(speak_flite(flite, voice, text, wav))
         lines.append(f"{wav.stem}|{text}")
         if len(lines) > held_out:
             held = product_split(len(lines), held_out, seed)
@@ -273,6 +309,78 @@ def flite_speaker(folder: Path, voice: str, train_seconds: float, held_out: int,
     }
     stamp.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def speak_flite(flite: str, voice: str, text: str, wav: Path) -> float:
+    """``text`` spoken by flite's ``voice`` into ``wav``; returns its duration in seconds."""
+    subprocess.run([flite, "-voice", voice, "-t", text, "-o", str(wav)], check=True, timeout=60)
+    return float(sf.info(str(wav)).duration)
+
+
+def flite_validation(folder: Path, voice: str) -> Path:
+    """``folder``: VAL_SENTENCES spoken by ``voice`` with a metadata.csv (rewritten each call: a few seconds)."""
+    flite = shutil.which("flite")
+    if flite is None:
+        sys.exit("flite is not installed: apt-get install -y flite")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    lines = []
+    for i, text in enumerate(VAL_SENTENCES):
+        speak_flite(flite, voice, text, folder / f"{voice}_val{i:02d}.wav")
+        lines.append(f"{voice}_val{i:02d}|{text}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def choose_on_validation(measured: dict[str, dict[str, Any]], candidates: list[str]) -> str:
+    """The candidate to report: the lowest validation WER among those that meet the similarity goals on validation
+    (gain >= GAIN_GOAL over the source voice, closer to the target than to the source); all of them if none does."""
+    src = measured["source"]["speaker_similarity"]
+    good = [
+        c
+        for c in candidates
+        if measured[c]["speaker_similarity"] - src >= GAIN_GOAL
+        and measured[c]["speaker_similarity"] > measured[c]["similarity_to_source"]
+    ]
+    return min(good or candidates, key=lambda c: (measured[c]["wer"], -measured[c]["speaker_similarity"]))
+
+
+def run_attempts(args: argparse.Namespace, out: Path, base: dict[str, Any]) -> dict[str, Any]:
+    """Train each of ``args.attempts`` (adapted arm only, the same 5 minutes), measure it and the default adapted
+    voice on VAL_SENTENCES, choose on validation (``choose_on_validation``) and give the chosen one's test figures."""
+    from transferkit.tts.data import read_tts_folder
+    from transferkit.tts.metrics import compare_voices
+    from transferkit.tts.voice import load_voice, resolve_voice
+
+    folders = {"default": out}
+    runs: dict[str, Any] = {}
+    for name in args.attempts:
+        folder = out.parent / f"{out.name}-{name}"
+        tts = {**base, "arms": ["adapted"], **ATTEMPTS[name]}
+        recipe = load_recipe({"name": f"{out.name}-{name}", "seed": args.seed, "tts": tts})
+        t = time.perf_counter()
+        run_recipe(recipe, out=folder, resume=(folder / "run.json").is_file())
+        metrics = read_json(folder / "metrics.json")
+        runs[name] = {
+            "settings": ATTEMPTS[name],
+            "wall_s": round(time.perf_counter() - t, 1),
+            "seconds_per_step": metrics["arms"]["adapted"]["seconds_per_step"],
+            "test": {
+                k: metrics["measurements"]["adapted"][k]
+                for k in ("speaker_similarity", "similarity_to_source", "wer", "mcd_db", "rtf")
+            },
+        }
+        folders[name] = folder
+    source = load_voice(resolve_voice(None))
+    val_dir = flite_validation(out.parent / f"{out.name}-val", args.voice)
+    val = read_tts_folder(val_dir, source.sample_rate, held_out=len(VAL_SENTENCES) - 1, seed=args.seed).held_out
+    voices = {"source": source, **{n: load_voice(f / "models" / "adapted") for n, f in folders.items()}}
+    measured = compare_voices(voices, val, seed=args.seed)
+    keys = ("speaker_similarity", "similarity_to_source", "wer", "mcd_db")
+    validation = {n: {k: measured[n][k] for k in keys} for n in measured}
+    chosen = choose_on_validation(measured, list(folders))
+    return {"validation_sentences": len(val), "validation": validation, "attempts": runs, "chosen_on_val": chosen}
 
 
 def goals(m: dict[str, dict[str, Any]]) -> dict[str, bool]:
@@ -297,6 +405,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS, else 2)")
     ap.add_argument("--out", default=None, help="the run folder (default runs/bench-tts-VOICE-sSEED); continues one")
     ap.add_argument("--tiny", action="store_true", help="smoke configuration: 20 s, 3 held-out, 2 steps, tiny sizes")
+    ap.add_argument(
+        "--attempts",
+        nargs="*",
+        default=[],
+        choices=list(ATTEMPTS),
+        help="other adaptation settings (adapted arm only), chosen or not against the default on VAL_SENTENCES",
+    )
     args = ap.parse_args()
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
     torch.set_num_threads(threads)
@@ -379,6 +494,20 @@ def main() -> None:
         "timings": metrics["timings"],
         "machine": machine(),
     }
+    if args.attempts:
+        result["choice"] = choice = run_attempts(args, out, tts)
+        print(f"\n## Adaptation settings chosen on {choice['validation_sentences']} validation sentences\n")
+        val_rows = [
+            [n, *(v[k] for k in ("speaker_similarity", "similarity_to_source", "wer", "mcd_db"))]
+            for n, v in choice["validation"].items()
+        ]
+        print(table(["voice (validation)", "sim. to target", "sim. to source", "WER", "MCD dB"], val_rows))
+        chosen = choice["chosen_on_val"]
+        test = m["adapted"] if chosen == "default" else choice["attempts"][chosen]["test"]
+        result["chosen_test"] = {k: test[k] for k in ("speaker_similarity", "similarity_to_source", "wer", "mcd_db")}
+        result["chosen_goals"] = goals({"source": m["source"], "adapted": test, "scratch": m["scratch"]})
+        print(f"\nchosen on validation: {chosen}; its test figures: {result['chosen_test']}")
+        print(table(["goal (chosen settings, test)", "met"], [[k, v] for k, v in result["chosen_goals"].items()]))
     print(f"\n{write_result('tts-tiny' if args.tiny else 'tts', result)}")
 
 
