@@ -83,6 +83,8 @@ def test_pretrain_trains_the_source_then_the_target_starts_from_it(tmp_path):
     key = "backbone.conv_stem.weight"
     assert not torch.equal(pretrained[key], random_init[key])
     assert "Source pretrained in this run" in (run / "report.html").read_text()
+    # train.checkpoints: until_done (the default): the finished pretraining keeps no resume files (defect 7)
+    assert not list((run / "pretrain" / "checkpoints").glob("*.pt"))
 
 
 def test_pretrain_is_reused_on_resume(tmp_path, capsys):
@@ -93,6 +95,7 @@ def test_pretrain_is_reused_on_resume(tmp_path, capsys):
     capsys.readouterr()
     tk.run_recipe(path, out=tmp_path / "run", resume=True)
     assert "[pretrain] already trained" in capsys.readouterr().out
+    assert not list((run / "pretrain" / "checkpoints").glob("*.pt"))
     assert (run / "pretrain" / "model" / "model.safetensors").read_bytes() == before
 
 

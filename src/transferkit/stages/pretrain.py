@@ -78,6 +78,10 @@ def run(ctx: RunContext) -> None:
         extra = {"strategy": job["strategy"], "run": recipe.name, "pretrained_on": data.cfg.dataset}
         save_model(model.cpu(), folder / "model", extra=extra)
         write_json(folder / "metrics.json", summary)
+        if pretrain.train.checkpoints == "until_done":  # the source is saved: its resume files are not needed
+            from transferkit.stages.train import drop_resume_files
+
+            drop_resume_files(folder / "checkpoints")
     ctx.wait()
     ctx.log(
         f"[pretrain] test accuracy {job['test']['accuracy']:.4f} | val accuracy {job['val']['accuracy']:.4f} | "

@@ -12,6 +12,7 @@ stopped.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from transferkit.config import CompareEntry, Recipe, TrainConfig
@@ -45,7 +46,11 @@ def drop_checkpoints(ctx: RunContext, name: str, cfg: TrainConfig) -> None:
     disk, so an interrupted model keeps what it resumes from. The model itself is in ``models/NAME/``."""
     if cfg.checkpoints != "until_done" or not ctx.main or not result_file(ctx, name).is_file():
         return
-    folder = result_file(ctx, name).parent
+    drop_resume_files(result_file(ctx, name).parent)
+
+
+def drop_resume_files(folder: Path) -> None:
+    """Delete the resume files of a finished job in its checkpoint ``folder`` (``_RESUME_FILES``)."""
     for pattern in _RESUME_FILES:
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)
