@@ -246,6 +246,10 @@ def _reload(folder: Path) -> None:
         from transferkit.compress.runtime import OnnxModule
 
         OnnxModule(folder)
+    elif (folder / "seen.json").is_file():  # a recommendation model
+        from transferkit.recsys.run import load_recsys_model
+
+        load_recsys_model(folder)
     else:
         from transferkit.models.base import load_model
 
@@ -434,3 +438,60 @@ def test_a_tts_run_killed_while_it_adapts_and_while_it_measures_resumes_to_the_s
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["measurements"]) == {"source", "adapted", "scratch"}
     assert len(metrics["arms"]["adapted"]["history"]) == 6
+
+
+def _interactions(folder: Path, prefix: str, users: int, items: int, per_user: int, offset: int) -> dict[str, str]:
+    """Planted data: user u takes only items of group u % 4 (genre g{group}); interactions and item files."""
+    import pandas as pd
+
+    rng = np.random.default_rng(offset)
+    groups = 4
+    item_rows = [
+        {"item_id": f"{prefix}{g}_{k}", "genre": f"g{g}", "title": f"{prefix} film {g}-{k}"}
+        for g in range(groups)
+        for k in range(items)
+    ]
+    rows = [
+        {"userId": f"u{u}", "itemId": f"{prefix}{u % groups}_{k}", "ts": offset + t}
+        for u in range(users)
+        for t, k in enumerate(rng.choice(items, size=per_user, replace=False))
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"interactions": str(folder / f"{prefix}.csv"), "items": str(folder / f"{prefix}_items.csv")}
+    pd.DataFrame(rows).to_csv(paths["interactions"], index=False)
+    pd.DataFrame(item_rows).to_csv(paths["items"], index=False)
+    return paths
+
+
+@pytest.mark.slow
+def test_a_recommendation_run_killed_between_and_inside_its_arms_resumes_to_the_same_models(tmp_path: Path) -> None:
+    """The recsys stages (each arm and seed is one unit of work, saved with its result): killed while the arms
+    train, then while the later seeds and the run's summary are written."""
+    from transferkit.recipe import load_recipe
+    from transferkit.runner import run_recipe
+
+    def recsys(files: dict[str, str], **extra: Any) -> dict[str, Any]:
+        return {
+            "interactions": files["interactions"],
+            "user_column": "userId",
+            "item_column": "itemId",
+            "timestamp_column": "ts",
+            "item_features": {"path": files["items"], "id_column": "item_id", "columns": [], "title_column": "title"},
+            "dim": 16,
+            "epochs": 30,
+            "lr": 0.05,
+            "patience": None,
+            **extra,
+        }
+
+    source_files = _interactions(tmp_path / "data", "s", 120, 12, 10, 0)
+    target_files = _interactions(tmp_path / "data", "t", 120, 15, 4, 100)
+    source = run_recipe(load_recipe({"name": "src", "recsys": recsys(source_files, seeds=[0])}), tmp_path / "src")
+    recipe = {"name": "rec", "seed": 0, "recsys": recsys(target_files, source_run=str(source), seeds=[0, 1, 2])}
+    points: list[Lines | During] = [
+        During("file:run.json", "checkpoints/transfer-s2/result.json", low=0.1, high=0.5),
+        During(r"^\[transfer seed 2\] ", "metrics.json", low=0.1, high=0.7),
+    ]
+    out = kill_and_resume(tmp_path, recipe, points, seed=22)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["arms"]["transfer"]["seeds"]) == {"0", "1", "2"}
