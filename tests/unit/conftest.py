@@ -66,3 +66,38 @@ def tiny_model() -> Callable[..., Any]:
 def base_recipe() -> dict[str, Any]:
     """The smallest valid recipe: nothing in it needs the network or a file."""
     return {"name": "t", "source": "timm:test_efficientnet", "data": {"dataset": "mnist5k"}}
+
+
+# The bad-input corpus (docs/reliability.md): after every case, nothing half-written may be left in the test's
+# folder, whether the case ended in an error or not (issue 18: "zero files left half-written").
+_CORPUS_MODULES = {
+    "test_bad_inputs_more",
+    "test_bad_inputs_cli",
+    "test_bad_images",
+    "test_recipe",
+    "test_io",
+    "test_data",
+    "test_recsys",
+    "test_unlabelled_pool",
+    "test_audio",
+    "test_text",
+    "test_sources",
+    "test_recipe_keys",
+    "test_errors_registry",
+    "test_demo_cli",
+    "test_disk_full",
+}
+
+
+@pytest.fixture(autouse=True)
+def _nothing_half_written(request: pytest.FixtureRequest) -> Any:
+    yield
+    if request.module.__name__.rsplit(".", 1)[-1] not in _CORPUS_MODULES:
+        return
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is None:
+        return
+    from transferkit.io import is_temporary
+
+    left = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if is_temporary(p))
+    assert not left, f"half-written temporaries left behind: {left}"
