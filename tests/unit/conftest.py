@@ -86,6 +86,8 @@ _CORPUS_MODULES = {
     "test_errors_registry",
     "test_demo_cli",
     "test_disk_full",
+    "test_tts_adapt",
+    "test_tts_vits",
 }
 
 
