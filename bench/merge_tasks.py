@@ -17,8 +17,9 @@ only reported.
 
 ``--refit`` adds, beside each setting, a copy with ``refit_heads: true`` (label ``...-refit``): each task's head
 fitted again by a linear probe on the merged backbone's features of its training split; the copies compete with
-the others of their method, still chosen on validation. ``--dry-run`` builds and validates the recipes (the task
-runs and the merge) without training anything.
+the others of their method, still chosen on validation; ``--refit-only LABEL...`` adds the copies of those settings
+only (e.g. ``--wide --refit-only ties-1.5``: the wide grid's best on validation, with refitted heads).
+``--dry-run`` builds and validates the recipes (the task runs and the merge) without training anything.
 
 Run: ``python bench/merge_tasks.py --task image --seeds 0 1 2`` (and ``--task text``); results:
 ``bench/results/merge-tasks-TASK.json`` (``-wide``, ``-refit`` added to the name with those flags).
@@ -94,19 +95,22 @@ def _run(raw: dict[str, Any], folder: Path) -> Path:
     return run_recipe(load_recipe(raw), **how)
 
 
-def merge_entries(main: str, second: Path, wide: bool = False, refit: bool = False) -> list[dict[str, Any]]:
-    """The grid: each method's settings (and WIDE's), each also with ``refit_heads: true`` when ``refit``."""
+def merge_entries(main: str, second: Path, wide: bool = False, refit: bool | set[str] = False) -> list[dict[str, Any]]:
+    """The grid: each method's settings (and WIDE's), each also with ``refit_heads: true`` when ``refit`` (True:
+    every setting; a set of labels: those settings only)."""
     entries = []
     for method, specs in METHODS.items():
         for spec in specs + (WIDE.get(method, []) if wide else []):
             entry = {"method": spec, "models": [main], "runs": [str(second)], "label": _label(method, spec)}
             entries.append(entry)
-            if refit:
+            if refit is True or (isinstance(refit, set) and entry["label"] in refit):
                 entries.append({**entry, "label": f"{entry['label']}-refit", "refit_heads": True})
     return entries
 
 
-def merge_recipe(modality: str, seed: int, main: str, second: Path, wide: bool, refit: bool) -> dict[str, Any]:
+def merge_recipe(
+    modality: str, seed: int, main: str, second: Path, wide: bool, refit: bool | set[str]
+) -> dict[str, Any]:
     """The first task's recipe with the grid of merges (the second task's run as ``runs:``)."""
     first, _ = TASKS[modality]
     raw = task_recipe(modality, first, seed)
@@ -114,7 +118,7 @@ def merge_recipe(modality: str, seed: int, main: str, second: Path, wide: bool, 
     return raw
 
 
-def dry_run(modality: str, seed: int, out: Path, wide: bool, refit: bool) -> list[str]:
+def dry_run(modality: str, seed: int, out: Path, wide: bool, refit: bool | set[str]) -> list[str]:
     """Build and validate every recipe this benchmark runs, training nothing; returns the merges' labels."""
     for task in TASKS[modality]:
         load_recipe(task_recipe(modality, task, seed))
@@ -124,7 +128,7 @@ def dry_run(modality: str, seed: int, out: Path, wide: bool, refit: bool) -> lis
     return [e.name for e in recipe.merge]
 
 
-def one_seed(modality: str, seed: int, out: Path, wide: bool = False, refit: bool = False) -> dict[str, Any]:
+def one_seed(modality: str, seed: int, out: Path, wide: bool = False, refit: bool | set[str] = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     first, second = TASKS[modality]
     runs = {task: _run(task_recipe(modality, task, seed), out / f"{task}-seed{seed}") for task in (first, second)}
@@ -204,22 +208,26 @@ def main() -> None:
     parser.add_argument("--out", help="where the run directories go (default: a temporary folder)")
     parser.add_argument("--wide", action="store_true", help="more settings per method (WIDE), chosen on validation")
     parser.add_argument("--refit", action="store_true", help="each setting also with refit_heads: true")
+    parser.add_argument(
+        "--refit-only", nargs="+", metavar="LABEL", help="refit copies of these settings only (e.g. ties-1.5)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="build and validate the recipes; train nothing")
     args = parser.parse_args()
+    refit: bool | set[str] = set(args.refit_only) if args.refit_only else args.refit
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-merge-tasks-"))
     if args.dry_run:
         for seed in args.seeds:
-            labels = dry_run(args.task, seed, out, args.wide, args.refit)
+            labels = dry_run(args.task, seed, out, args.wide, refit)
             print(f"seed {seed}: the task recipes and {len(labels)} merges validate: {', '.join(labels)}")
         return
     rows = []
     for seed in args.seeds:
-        rows.append(one_seed(args.task, seed, out, args.wide, args.refit))
+        rows.append(one_seed(args.task, seed, out, args.wide, refit))
         print(json.dumps(rows[-1], indent=1), flush=True)
     s = summary(rows)
     print(markdown(s))
     result = {"task": args.task, "machine": machine(), "args": vars(args), "rows": rows, "summary": s}
-    name = f"merge-tasks-{args.task}" + ("-wide" if args.wide else "") + ("-refit" if args.refit else "")
+    name = f"merge-tasks-{args.task}" + ("-wide" if args.wide else "") + ("-refit" if refit else "")
     print(f"written: {write_result(name, result)}")
 
 
