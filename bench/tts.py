@@ -38,9 +38,10 @@ prints them, so the default can be re-derived on another machine.
 
 **Other settings, chosen on validation.** ``--attempts flow-frozen`` (see ``ATTEMPTS``) trains the adapted arm again
 with other settings on the same 5 minutes, then measures it, the default adapted voice and the source voice on 15
-*validation* sentences (``VAL_SENTENCES``: 16, one of which the product's split keeps as a training row; spoken by the same flite voice, in neither the training nor the held-out
-set) and reports the test figures of the one chosen there: the lowest validation WER among those meeting the
-similarity goals on validation. The 30 held-out sentences choose nothing.
+*validation* sentences (``VAL_SENTENCES``: 16, one of which the product's split keeps as a training row; spoken by
+the same flite voice, in neither the training nor the held-out set) and reports the test figures of the one chosen
+there: the lowest validation WER among those meeting the similarity goals on validation. The 30 held-out sentences
+choose nothing.
 
 Run: ``OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 .venv/bin/python bench/tts.py`` (writes ``bench/results/tts.json``,
 the run in ``runs/bench-tts-slt-s0``). Smoke check of the script: ``--tiny`` (20 s of audio, 3 held-out sentences,
