@@ -210,6 +210,7 @@ def train(
                     ),
                     num_workers=data.cfg.num_workers,
                     on_step=on_step,
+                    input_path=data.cfg.input,
                 )
                 model.load_state_dict(result.best_state)
             summary = {
@@ -221,6 +222,7 @@ def train(
                 "val": result.best_val,
                 "train_s": result.train_s,
                 "resumed_from_step": result.resumed_from_step,
+                "speed": result.speed,
                 "trainable_params": sum(model.get_parameter(n).numel() for n in plan.trainable()),
             }
             if done is not None and accelerator.is_main_process:
@@ -248,6 +250,7 @@ def train(
         "val": summary["val"],
         "timing": timing,
         "resumed_from_step": summary["resumed_from_step"],
+        "speed": summary.get("speed", {}),  # the last stage's: input path, precision, layout, optimizer, compile
         "stages": describe_plans(plans),
         "trainable_params": trainable,
         "total_params": sum(p.numel() for p in model.parameters()),

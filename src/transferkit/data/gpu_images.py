@@ -414,3 +414,58 @@ def cache_side(augment: TensorAugment) -> tuple[int, bool]:
     if augment.scale is None:
         return augment.size, True
     return math.ceil(augment.size * 8 / 7), False
+
+
+def choose_input(
+    dataset: Dataset, requested: str, device: torch.device | str, cache_dir: Path | None = None
+) -> tuple[Dataset, dict[str, Any]]:
+    """The training dataset ``fit`` iterates and the record of the input path chosen (``data.input``).
+
+    ``auto`` takes the tensor path only on a CUDA device and only for an ``ImageDataset`` whose transform has a
+    tensor equivalent; otherwise the dataset is returned as it is (the PIL path, the CPU default), with the reason.
+    ``gpu`` takes the tensor path on any device (on a CPU it runs on CPU tensors: what CI can test) and refuses an
+    augmentation it cannot reproduce rather than silently dropping it.
+
+    Args:
+        dataset: the training dataset built by the modality.
+        requested: ``auto``, ``pil`` or ``gpu``.
+        device: the training device.
+        cache_dir: where the uint8 cache may live (the run's ``cache/images``); None decodes every batch.
+    """
+    from transferkit.data.images import ImageDataset
+
+    device = torch.device(device)
+    if requested == "pil":
+        return dataset, {"path": "pil", "reason": "data.input: pil"}
+    if not isinstance(dataset, ImageDataset):
+        if requested == "gpu":
+            raise DataError(
+                f"data.input: gpu applies to image folders, manifests and built-in image datasets; this training "
+                f"set is a {type(dataset).__name__}. Set data.input: auto (or pil)"
+            )
+        return dataset, {"path": "pil", "reason": f"not an image dataset ({type(dataset).__name__})"}
+    if requested == "auto" and device.type != "cuda":
+        return dataset, {"path": "pil", "reason": f"the device is {device.type}: the PIL path is the CPU default"}
+    augment, why = tensor_augment(dataset.transform)
+    if augment is None:
+        if requested == "gpu":
+            raise DataError(
+                f"data.input: gpu cannot reproduce this training transform: {why}. Remove that augmentation "
+                "(only random_resized_crop and hflip have tensor versions) or set data.input: auto or pil"
+            )
+        return dataset, {"path": "pil", "reason": why}
+    side, square = cache_side(augment)
+    estimate = len(dataset) * dataset.channels * side * side * (1 if square else 2)  # 4:3 images cut to a short side
+    cache = None
+    if cache_dir is not None and estimate <= CACHE_LIMIT_BYTES:
+        cache = Uint8Cache(cache_dir, dataset.items, side, square, dataset.channels, device)
+    record: dict[str, Any] = {
+        "path": "gpu",
+        "reason": "data.input: gpu" if requested == "gpu" else "a CUDA device and crop/flip/normalise only",
+        "cache": None
+        if cache is None
+        else {"file": str(cache.data_path), "side": side, "square": square, "decoded": cache.decoded},
+    }
+    if cache is None:
+        record["no_cache"] = "no run folder" if cache_dir is None else f"over {CACHE_LIMIT_BYTES:,} bytes"
+    return TensorImageDataset(dataset.items, dataset.labels, augment, dataset.channels, device, cache), record

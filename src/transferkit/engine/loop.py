@@ -15,7 +15,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from transferkit.config import TrainConfig
+from transferkit.data.gpu_images import TensorImageDataset, choose_input
 from transferkit.engine.fold import folded_for_pass
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.engine.plan import TrainPlan, set_train_mode
@@ -101,6 +102,7 @@ class FitResult:
     steps: int = 0
     train_s: float = 0.0
     resumed_from_step: int | None = None
+    speed: dict[str, Any] = field(default_factory=dict)
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
@@ -176,7 +178,9 @@ def in_order(
     return out, lab
 
 
-def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int, seed: int = 0) -> DataLoader:
+def _loader(dataset: Dataset, batch_indices: list[np.ndarray], num_workers: int, seed: int = 0) -> Iterable[Any]:
+    if isinstance(dataset, TensorImageDataset):  # the tensor input path loads whole batches on the device itself
+        return dataset.batches([b.tolist() for b in batch_indices])
     return make_loader(dataset, batch_sampler=[b.tolist() for b in batch_indices], num_workers=num_workers, seed=seed)
 
 
@@ -230,7 +234,7 @@ def average_buffers(model: nn.Module) -> None:
             buf.div_(dist.get_world_size())
 
 
-def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     params = dict(model.named_parameters())
     groups = []
     for g in plan.groups:
@@ -244,7 +248,87 @@ def _build_optimizer(model: nn.Module, plan: TrainPlan, cfg: TrainConfig) -> tor
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups)
+    return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
+
+
+CHECKPOINT_PARAMS = 300_000_000  # gradient_checkpointing: auto turns it on for backbones larger than this, on a GPU
+
+
+def _checkpointable(model: nn.Module) -> nn.Module | None:
+    """The outermost module that can recompute its activations: a timm model (``set_grad_checkpointing``) or a
+    transformers one (``gradient_checkpointing_enable``)."""
+    for m in model.modules():
+        if hasattr(m, "set_grad_checkpointing") or hasattr(m, "gradient_checkpointing_enable"):
+            return m
+    return None
+
+
+def set_gradient_checkpointing(model: nn.Module, setting: bool | str, device: torch.device | str) -> str:
+    """Turn activation recomputation on by ``train.gradient_checkpointing``; returns what was done.
+
+    Why: it trades about a third more compute for keeping the activations of one block at a time, which pays only
+    where memory binds, so ``auto`` turns it on for large backbones on a GPU and never on a CPU (memory rarely binds
+    there and the recompute is pure cost). Off, the model is not touched at all.
+
+    Returns:
+        ``on``, ``off``, or ``unsupported: REASON`` when it was asked for and the model cannot do it.
+    """
+    inner = _checkpointable(model)
+    if setting == "auto":
+        big = sum(p.numel() for p in model.parameters()) > CHECKPOINT_PARAMS
+        setting = big and torch.device(device).type == "cuda" and inner is not None
+    if not setting:
+        return "off"
+    if inner is None:
+        raise TrainingError(
+            f"train.gradient_checkpointing: true needs a timm or transformers backbone; {type(model).__name__} has "
+            "none. Set it to auto or false"
+        )
+    try:
+        _checkpointing(inner, True)
+    except (AssertionError, NotImplementedError, ValueError) as e:  # timm asserts for models without it
+        return f"unsupported: {type(inner).__name__}: {e or 'no gradient checkpointing'}"
+    return "on"
+
+
+def _checkpointing(inner: nn.Module, on: bool) -> None:
+    m = cast(Any, inner)
+    if hasattr(m, "set_grad_checkpointing"):
+        m.set_grad_checkpointing(on)
+    elif on:  # non-reentrant: correct with frozen layers and inputs that need no gradient
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        m.gradient_checkpointing_disable()
+
+
+class _StepTimer:
+    """Wall time of the first optimizer steps (the device synchronised), for the compile time: the first step of a
+    compiled model includes the compilation, later steps do not."""
+
+    def __init__(self, device: torch.device, steps: int = 4):
+        self.device, self.steps = device, steps
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def start(self) -> None:
+        if len(self.times) < self.steps:
+            self._sync()
+            self._t = time.perf_counter()
+
+    def stop(self) -> None:
+        if len(self.times) < self.steps:
+            self._sync()
+            self.times.append(time.perf_counter() - self._t)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def compile_s(self) -> float | None:
+        """First step minus the median of the next ones; None before two steps."""
+        if len(self.times) < 2:
+            return None
+        return max(0.0, self.times[0] - float(np.median(self.times[1:])))
 
 
 def _log(paths: JobPaths | None, main: bool, record: dict[str, Any]) -> None:
@@ -332,6 +416,8 @@ def fit(
     objective: nn.Module | None = None,
     num_workers: int = 0,
     on_step: Callable[[int], None] | None = None,
+    input_path: str = "auto",
+    compile_backend: str = "inductor",
 ) -> FitResult:
     """Train ``model`` by ``plan`` and ``cfg``; keep the weights of the best validation epoch.
 
@@ -349,6 +435,9 @@ def fit(
         objective: returns {"loss", "logits"}; cross-entropy by default.
         num_workers: DataLoader worker processes.
         on_step: called with the global step after each optimizer step (tests use it to interrupt).
+        input_path: ``data.input`` (auto, pil, gpu): how training images are decoded and augmented
+            (``data.gpu_images.choose_input``).
+        compile_backend: the ``torch.compile`` backend when ``cfg.compile`` (tests use ``eager`` on a CPU).
     """
     with conv_layout(model):  # channels-last weights while training: see conv_layout
         objective = objective or ClassificationObjective(cfg.label_smoothing)
@@ -360,7 +449,8 @@ def fit(
         total_steps = steps_per_epoch * cfg.epochs
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
-        optimizer = _build_optimizer(model, plan, cfg)
+        fused = accelerator.device.type == "cuda" and cfg.optimizer == "adamw"  # one kernel for all the params
+        optimizer = _build_optimizer(model, plan, cfg, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule)
         )
@@ -398,6 +488,13 @@ def fit(
 
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
+        cache_dir = paths.metrics_log.parent / "cache" / "images" if paths is not None else None
+        train_set, input_record = choose_input(train_set, input_path, device, cache_dir)
+        checkpointing = set_gradient_checkpointing(model, cfg.gradient_checkpointing, device)
+        runner: nn.Module = wrapped
+        if cfg.compile:  # the step runs the compiled module; saving, validation and unwrap see the plain one
+            runner = cast(nn.Module, torch.compile(wrapped, backend=compile_backend))
+        timer = _StepTimer(device)
 
         def save_checkpoint() -> None:
             if paths is None or not main:
@@ -437,11 +534,12 @@ def fit(
                 if len(group) < cfg.grad_accum and i + 1 < len(batches):
                     continue
                 # one optimizer step over the micro-batches in `group` (the last group of an epoch may be shorter)
+                timer.start()
                 for j, (gx, gy) in enumerate(group):
                     sync = j + 1 == len(group)
                     ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                     with ctx, accelerator.autocast():
-                        out = objective(wrapped, to_device(gx, device), to_device(gy, device))
+                        out = objective(runner, to_device(gx, device), to_device(gy, device))
                         loss = out["loss"] / len(group)
                     accelerator.backward(loss)
                     running += loss.detach()
@@ -451,6 +549,7 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                timer.stop()
                 state["step"] += 1
                 state["batch"] = i + 1
                 seen += 1
@@ -528,6 +627,8 @@ def fit(
             save_checkpoint()
             bar.set_postfix(val=f"{value:.3f}")
         bar.close()
+        if checkpointing == "on":  # inference and later stages run without it
+            _checkpointing(cast(nn.Module, _checkpointable(model)), False)
         accelerator.wait_for_everyone()
         if accelerator.device.type != "cpu":
             accelerator.free_memory()  # give accelerator memory back; on a CPU it would only run a costly gc.collect()
@@ -539,4 +640,14 @@ def fit(
             state["step"],
             time.perf_counter() - t0,
             resumed_from,
+            {
+                "input": input_record,
+                "mixed_precision": str(accelerator.mixed_precision),
+                "channels_last": model in _CHANNELS_LAST,
+                "fused_optimizer": fused,
+                "compiled": cfg.compile,
+                **({"compile_backend": compile_backend, "compile_s": timer.compile_s()} if cfg.compile else {}),
+                "gradient_checkpointing": checkpointing,
+                "first_steps_s": [round(t, 4) for t in timer.times],
+            },
         )
