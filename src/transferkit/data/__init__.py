@@ -9,6 +9,7 @@ preprocessing from the source. Each modality (``images``, ``text``, ``audio``) r
 
 from transferkit.data import audio, images, text  # noqa: F401  (registration: every modality and built-in dataset)
 from transferkit.data.audio import AudioDataset, FramesDataset, read_audio_folder
+from transferkit.data.gpu_images import TensorAugment, TensorImageDataset, Uint8Cache, choose_input, decode_jpegs
 from transferkit.data.images import ImageDataset, LabelledImages, build_transform, load_image
 from transferkit.data.modality import (
     DATASETS,
@@ -36,12 +37,17 @@ __all__ = [
     "Pool",
     "PreparedData",
     "Splits",
+    "TensorAugment",
+    "TensorImageDataset",
     "TextDataset",
+    "Uint8Cache",
     "build_transform",
     "check_classes_spec",
     "check_dataset_spec",
     "check_unlabelled_spec",
+    "choose_input",
     "dataset_modality",
+    "decode_jpegs",
     "get_modality",
     "load_image",
     "make_batch",
