@@ -159,3 +159,27 @@ def test_gradient_checkpointing_true_without_a_backbone_is_refused():
     with pytest.raises(TrainingError, match="needs a timm or transformers backbone; Linear has none"):
         set_gradient_checkpointing(torch.nn.Linear(2, 2), True, "cpu")
     assert set_gradient_checkpointing(torch.nn.Linear(2, 2), "auto", "cuda") == "off"
+
+
+def test_the_pipeline_puts_the_record_in_the_models_summary(data):
+    from transferkit.pipeline import train
+
+    model = build_target(tiny_source(), data.classes, seed=0)
+    summary = train(model, data, TrainConfig(epochs=1, batch_size=8), seed=0, accelerator=make_accelerator("no"))
+    assert summary["speed"]["input"]["path"] == "pil" and summary["speed"]["fused_optimizer"] is False
+    assert summary["speed"]["gradient_checkpointing"] == "off" and summary["speed"]["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_on_a_cpu_trains_like_eager(data):
+    """The real backend (C++ code generated and compiled for the CPU): slow on 2 shared cores, so marked slow."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=1, batch_size=8, log_every=1)
+    plans = [TrainPlan([ParamGroup("all", [n for n, _ in m.named_parameters()], cfg.lr)]) for m in (model, twin)]
+    how = {"num_classes": 10, "seed": 0, "accelerator": make_accelerator("no")}
+    train_set, val_set = data.dataset("train"), data.dataset("val")
+    eager = fit(model, train_set, val_set, cfg, plans[0], **how)
+    compiled = fit(twin, train_set, val_set, cfg.model_copy(update={"compile": True}), plans[1], **how)
+    assert compiled.speed["compile_backend"] == "inductor" and compiled.speed["compile_s"] > 0
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
