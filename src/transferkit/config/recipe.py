@@ -101,6 +101,12 @@ class DataConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     strict: bool = Field(default=False, description="error on a corrupt image or an empty text instead of skipping it")
     num_workers: int = Field(default=0, ge=0)
+    input: Literal["auto", "pil", "gpu"] = Field(
+        default="auto",
+        description="training images: pil (decode and augment per image in DataLoader workers), gpu (batched "
+        "decode_jpeg and tensor augmentation on the training device, with a uint8 cache; also runs on a CPU), auto: "
+        "gpu on a CUDA device when the augmentation is only random_resized_crop and hflip, else pil",
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -141,6 +147,12 @@ class TrainConfig(_Strict):
         "it is trained and saved (an interrupted model keeps its own and resumes); keep: kept after training",
     )
     log_every: int = Field(default=10, ge=1)
+    compile: bool = Field(default=False, description="torch.compile the model for training (compile time reported)")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default="auto",
+        description="recompute activations in the backward pass to save memory (timm and transformers backbones); "
+        "auto: on for backbones over 300M parameters on a GPU, off on a CPU",
+    )
     threads: int | None = Field(
         default=None,
         ge=1,
