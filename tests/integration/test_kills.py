@@ -44,7 +44,16 @@ SOURCE = {"name": "timm:test_efficientnet", "pretrained": False}
 TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{8}(\.tmp)?|old)$")
 # what differs between two runs of the same recipe by design: how long things took (with report.html's tables,
 # which show latencies), and where the run resumed
-TIMING_KEYS = {"timing", "timings", "rtf", "resumed_from_step", "seconds_per_step", "tables"}
+TIMING_KEYS = {
+    "timing",
+    "timings",
+    "rtf",
+    "resumed_from_step",
+    "seconds_per_step",
+    "tables",
+    "first_steps_s",
+    "compile_s",
+}
 
 
 @dataclass(frozen=True)
