@@ -190,6 +190,16 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+def _errno_cause(error: BaseException, codes: set[int]) -> OSError | None:
+    """The OSError with one of ``codes`` in ``error``'s cause chain (libraries wrap the errno their own way)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in codes:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def make_dirs(folder: str | Path) -> Path:
     """``mkdir -p`` whose permission errors (a folder the user may not write to, a read-only file system) are a
     RunDirError naming the folder and the fix instead of a traceback."""
@@ -215,12 +225,9 @@ def _temp_beside(path: Path, suffix: str, make: Callable[[Path], None]) -> Path:
 def _raise_if_not_writable(error: BaseException, path: Path) -> None:
     """A write refused by permissions or a read-only file system, as a RunDirError naming the nearest existing
     folder (the one to fix) and the way out; other errors are left to the caller."""
-    cause: BaseException | None = error
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE):
-        cause = cause.__cause__ or cause.__context__
+    cause = _errno_cause(error, _NOT_WRITABLE)
     if cause is None:
         return
-    assert isinstance(cause, OSError)
     folder = next((p for p in (path, *path.parents) if p.exists() and p.is_dir()), path.parent)
     why = "a read-only file system" if cause.errno == errno.EROFS else "permission denied"
     raise RunDirError(
@@ -233,10 +240,7 @@ def _raise_if_disk_full(error: BaseException, path: Path) -> None:
     """A write that ran out of space (or quota), as a DiskFullError saying so, what is intact and how to go on;
     other errors are left to the caller. Libraries word it their own way (torch: "file write failed"), so the
     cause chain is searched for the errno too."""
-    cause: BaseException | None = error
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno in _NO_SPACE):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
+    if _errno_cause(error, _NO_SPACE) is None:
         return
     try:
         free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
