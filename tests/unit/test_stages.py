@@ -270,3 +270,19 @@ def test_the_same_recipe_from_a_finished_run_retrains_nothing_and_adds_no_histor
     assert "[full] already trained" in capsys.readouterr().out
     after = read_json(out / "run.json")
     assert after["recipe_hash"] == before["recipe_hash"] and "history" not in after and after["status"] == "done"
+
+
+def test_models_trained_before_compile_and_gradient_checkpointing_keep_their_settings() -> None:
+    """A trained model's fingerprint leaves out train options added later (compile, gradient_checkpointing) at
+    their defaults, so a run made before they existed resumes (``--from``); set, they make other settings. The same
+    holds for a distill entry's training settings."""
+    from transferkit.config import TrainConfig
+    from transferkit.stages.base import settings_sha
+    from transferkit.stages.train import _settings_sha
+
+    cfg = TrainConfig(strategy="freeze")
+    before = cfg.model_dump(mode="json", exclude={"checkpoints", "compile", "gradient_checkpointing"})
+    assert _settings_sha(cfg) == settings_sha(before)
+    assert _settings_sha(TrainConfig(strategy="freeze", compile=True)) != settings_sha(before)
+    assert _settings_sha(TrainConfig(strategy="freeze", gradient_checkpointing=True)) != settings_sha(before)
+    assert _settings_sha(TrainConfig(strategy="freeze", epochs=cfg.epochs + 1)) != settings_sha(before)

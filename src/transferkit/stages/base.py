@@ -210,6 +210,25 @@ def settings_sha(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def settings_of(config: BaseModel, added: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of ``config`` that a fingerprint covers: all fields but ``exclude``, and the ``added`` ones
+    (options introduced after runs were made with the model) only where they differ from their defaults, so a run
+    made before an option existed still resumes, and one that sets it does not pass for one that did not."""
+    dump = config.model_dump(mode="json", exclude=set(exclude))
+    fields = type(config).model_fields
+    return {k: v for k, v in dump.items() if k not in added or v != fields[k].get_default(call_default_factory=True)}
+
+
+# TrainConfig options added after models were trained with it, and ``checkpoints`` (what is kept on disk after
+# training does not change the model)
+TRAIN_ADDED = ("compile", "gradient_checkpointing")
+
+
+def train_settings(cfg: BaseModel) -> dict[str, Any]:
+    """The settings of a TrainConfig that a trained model's fingerprint covers (``settings_of``)."""
+    return settings_of(cfg, added=TRAIN_ADDED, exclude=("checkpoints",))
+
+
 def train_override_problems(key: str, train: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
     """Problems of ``overrides`` of the recipe's ``train:`` written at ``key`` (a compare entry's ``overrides``, a
     distill entry's ``train``), each with its key path: values TrainConfig refuses, unknown strategies."""

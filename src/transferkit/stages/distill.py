@@ -27,6 +27,7 @@ from transferkit.stages.base import (
     result_file,
     settings_sha,
     train_override_problems,
+    train_settings,
 )
 
 
@@ -35,7 +36,7 @@ def _train_config(recipe: Recipe, entry: DistillEntry) -> TrainConfig:
 
 
 def _settings_sha(recipe: Recipe, entry: DistillEntry) -> str:
-    train = _train_config(recipe, entry).model_dump(mode="json", exclude={"checkpoints"})
+    train = train_settings(_train_config(recipe, entry))
     return settings_sha({**entry.model_dump(mode="json", exclude={"train"}), "train": train})
 
 

@@ -32,15 +32,14 @@ from typing import Any
 
 from transferkit.config import Recipe
 from transferkit.config.recipe import MergeEntry
-from transferkit.stages.base import RunContext, Stage, append_entry, result_file, settings_sha
+from transferkit.stages.base import RunContext, Stage, append_entry, result_file, settings_of, settings_sha
 
 # options added after runs with merges were made: left out of the settings at their defaults, so those runs resume
 _ADDED = ("lora", "lora_combination", "lora_rank", "refit_heads", "refit_train")
 
 
 def _settings_sha(entry: MergeEntry) -> str:
-    dump, defaults = entry.model_dump(mode="json"), MergeEntry().model_dump(mode="json")
-    return settings_sha({k: v for k, v in dump.items() if k not in _ADDED or v != defaults[k]})
+    return settings_sha(settings_of(entry, added=_ADDED))
 
 
 def _members(ctx: RunContext, entry: MergeEntry) -> list[tuple[Path, Path]]:

@@ -24,16 +24,17 @@ from transferkit.stages.base import (
     result_file,
     settings_sha,
     train_override_problems,
+    train_settings,
 )
 
 
 def _settings_sha(cfg: TrainConfig) -> str:
     """A fingerprint of a model's training settings (a trained model is reused only for the same settings).
 
-    ``checkpoints`` is left out: what is kept on disk after training does not change the model, and leaving it out
-    keeps the fingerprints of runs made before the option existed.
+    ``checkpoints`` is left out (what is kept on disk after training does not change the model), and the options
+    added later at their defaults, which keeps the fingerprints of runs made before they existed (``train_settings``).
     """
-    return settings_sha(cfg.model_dump(mode="json", exclude={"checkpoints"}))
+    return settings_sha(train_settings(cfg))
 
 
 _RESUME_FILES = ("*.pt", "*.done.json", "*.done.safetensors", "*.round.json", "*.round.safetensors")
