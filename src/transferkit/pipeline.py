@@ -24,7 +24,7 @@ from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.engine.features import compute_features, feature_cache
 from transferkit.engine.loop import JobPaths, evaluate_model, fit, make_accelerator
 from transferkit.engine.objective import ClassificationObjective
-from transferkit.engine.plan import ParamGroup, TrainPlan, apply_plan
+from transferkit.engine.plan import ParamGroup, TrainPlan, apply_plan, trains_backbone
 from transferkit.errors import RecipeError
 from transferkit.io import load_state_dict, read_json, save_tensors, write_json
 from transferkit.models.base import SourceModel
@@ -197,7 +197,7 @@ def train(
                     accelerator=accelerator,
                     paths=stage_paths,
                     resume=resume,
-                    objective=make_objective(
+                    objective=(plan.objective or make_objective)(
                         ClassificationObjective(
                             cfg.label_smoothing,
                             build_penalties(
@@ -229,6 +229,8 @@ def train(
                 save_tensors(done.with_suffix(".safetensors"), model.state_dict())
                 write_json(done, summary)
             accelerator.wait_for_everyone()
+        if trains_backbone(plan):  # features cached before (or given) are of the backbone before this stage
+            features = None
         timing["train_s"] += summary["train_s"]
         trainable = max(trainable, summary["trainable_params"])
         history += [{**h, "epoch": h["epoch"] + epochs_before, "stage": summary["stage"]} for h in summary["history"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,8 @@ class TrainPlan:
         name: the stage's name (staged strategies: ``lp``, ``ft``, ``unfreeze3``...).
         epochs: epochs of this stage; None = the whole ``train.epochs``.
         regularizers: (name, options) of penalties added to the loss (see ``strategies.regularizers``).
+        objective: makes this stage's objective from the one it would have (cross-entropy with the label smoothing
+            and penalties), for a stage that learns by another loss (``contrastive``'s pair stage); None keeps it.
     """
 
     groups: list[ParamGroup]
@@ -39,9 +42,27 @@ class TrainPlan:
     name: str = "main"
     epochs: int | None = None
     regularizers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    objective: Callable[[nn.Module], nn.Module] | None = None
 
     def trainable(self) -> set[str]:
         return {p for g in self.groups for p in g.params}
+
+
+def trains_backbone(plan: TrainPlan) -> bool:
+    """Whether the stage changes weights outside the head: backbone features cached before it no longer hold."""
+    return any(not p.startswith("head.") for p in plan.trainable())
+
+
+def cached_from_start(plans: list[TrainPlan]) -> bool:
+    """Whether a stage trains the head on features of the starting backbone (computable before training, shareable
+    between the models of a run): a stage that trains on cached features comes before any stage that trains the
+    backbone. ``contrastive`` tunes the encoder first, so its head stage needs the tuned encoder's features."""
+    for plan in plans:
+        if plan.cached_features:
+            return True
+        if trains_backbone(plan):
+            return False
+    return False
 
 
 def apply_plan(model: nn.Module, plan: TrainPlan) -> None:

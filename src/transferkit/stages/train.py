@@ -106,6 +106,7 @@ def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
 
     from transferkit.engine.features import feature_cache
     from transferkit.engine.loop import JobPaths, evaluate_model
+    from transferkit.engine.plan import cached_from_start
     from transferkit.io import write_json
     from transferkit.models.base import save_model
     from transferkit.pipeline import evaluate, fingerprint, plan_stages, resolve_strategy, train
@@ -118,7 +119,7 @@ def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
     target.to(accelerator.device)
     resolved_cfg, resolved, resolved_options, _ = resolve_strategy(cfg, target, data)
     plans = plan_stages(resolved, resolved_options, target, resolved_cfg)
-    plan_caches = any(p.cached_features for p in plans)
+    plan_caches = cached_from_start(plans)  # features of the starting backbone serve it (shared in ctx.features)
     features_s = 0.0  # counted once, by the model that computed the cached features
     if plan_caches and ctx.features is None:
         t = time.perf_counter()
@@ -146,7 +147,7 @@ def train_one(ctx: RunContext, name: str, cfg: TrainConfig) -> dict[str, Any]:
     if plan_caches:
         job["timing"]["features_s"] = features_s
     t = time.perf_counter()
-    if plans[-1].cached_features:  # only the head changed: the test set's cached features serve
+    if plan_caches and plans[-1].cached_features:  # only the head changed: the test set's cached features serve
         assert ctx.features is not None
         labels = torch.as_tensor(data.examples.labels[data.splits.test])
         test_set: Dataset = TensorDataset(ctx.features["test"], labels)

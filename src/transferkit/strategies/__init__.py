@@ -32,7 +32,8 @@ def check_strategy(spec: str | dict[str, Any]) -> list[str]:
     return []
 
 
-# registering: linear_probe, full, scratch; freeze, gradual_unfreeze, llrd, lp_ft, bitfit, l2sp, bss; lora; norm
-from transferkit.strategies import auto, basic, catalogue, lora, norm  # noqa: E402, F401
+# registering: linear_probe, full, scratch; freeze, gradual_unfreeze, llrd, lp_ft, bitfit, l2sp, bss; lora; norm;
+# contrastive
+from transferkit.strategies import auto, basic, catalogue, contrastive, lora, norm  # noqa: E402, F401
 
 __all__ = ["STRATEGIES", "Strategy", "TrainPlan", "check_strategy", "get_strategy"]
