@@ -176,12 +176,16 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             picked = [r[run]["models"][name] for r in rows]
             out[f"{run}:{name}"] = {k: stats([p[k] for p in picked]) for k in ("test", "val")}
     for run in ("lite0", "minilm"):
-        methods = [n for n in (f"{run}:kd", f"{run}:noisy", f"{run}:fixmatch") if n in out]
+        methods = [n for n in out if n in (f"{run}:kd", f"{run}:fixmatch") or n.startswith(f"{run}:noisy")]
         if methods:
             out[f"{run}:method_chosen_on_val"] = max(methods, key=lambda n: out[n]["val"]["mean"])
     # the pool row: every Lite0 student that learned from the labels and the pool, whichever teacher (the run's
     # Lite0, or the Lite2 trained on the same labels), chosen on validation
-    pool = [n for n in ("lite0:kd", "lite0:noisy", "lite0:fixmatch", "lite2:lite0-kd", "lite2:lite0-noisy") if n in out]
+    pool = [  # (and the longer self-training configurations, noisy-rRe E)
+        n
+        for n in out
+        if n in ("lite0:kd", "lite0:fixmatch", "lite2:lite0-kd") or n.startswith(("lite0:noisy", "lite2:lite0-noisy"))
+    ]
     if pool:
         out["pool:lite0_student_chosen_on_val"] = max(pool, key=lambda n: out[n]["val"]["mean"])
     return out
@@ -245,6 +249,14 @@ def main() -> None:
         action="store_true",
         help="also lite0-noisy in the lite2 run: a Lite0 student self-trained on the Lite2 teacher's pseudo-labels",
     )
+    ap.add_argument(
+        "--noisy-long",
+        type=int,
+        nargs=2,
+        metavar=("ROUNDS", "EPOCHS"),
+        help="also noisy-rRe E (lite0 run; lite0-noisy-rRe E in the lite2 run with --lite2-noisy): self-training with "
+        "more rounds and epochs, a further configuration compared on validation",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="where the runs go (default: a temporary folder); an existing run resumes")
     ap.add_argument("--tag", default="", help="results file suffix")
@@ -263,6 +275,13 @@ def main() -> None:
             "train": {**long["train"], "epochs": args.small_long},
             "label": f"small-kd-e{args.small_long}",
         }
+    if args.noisy_long:  # self-training for longer: more rounds, more epochs per round
+        rounds, epochs = args.noisy_long
+        for run, name in (("lite0", "noisy"), ("lite2", "lite0-noisy"), ("minilm", "noisy")):
+            if name in every[run]:
+                longer = f"{name}-r{rounds}e{epochs}"
+                base = every[run][name]
+                every[run][longer] = {**base, "rounds": rounds, "train": {"epochs": epochs}, "label": longer}
     runs = {r: every[r] for r in args.runs}
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-distill-"))
     rows = [one_seed(s, out, runs) for s in args.seeds]
