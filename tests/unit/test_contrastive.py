@@ -97,11 +97,11 @@ def test_same_label_embeddings_get_closer_and_the_head_does_not_push_the_encoder
 # ------------------------------------------------------------------------------------------------------ the plans
 
 
-def test_contrastive_is_registered_with_setfit_defaults():
+def test_contrastive_is_registered_with_its_defaults():
     assert "contrastive" in STRATEGIES
     _, cfg = get_strategy("contrastive")
     assert (cfg.encoder_lr, cfg.pairs_per_example, cfg.pair_epochs, cfg.head_epochs, cfg.head_lr) == (
-        2e-5,
+        1e-4,
         20,
         1,
         None,
@@ -143,7 +143,7 @@ def test_pair_stage_length_follows_pairs_per_example_and_batch_size():
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("encoder_lr", 0, "encoder_lr must be a number > 0 (SetFit's body learning rate is 2e-5), got 0"),
+        ("encoder_lr", 0, "encoder_lr must be a number > 0 (1e-4 by default; SetFit's is 2e-5), got 0"),
         ("encoder_lr", float("nan"), "encoder_lr must be a number > 0"),
         ("encoder_lr", "fast", "encoder_lr must be a number > 0"),
         ("pairs_per_example", 0, "pairs_per_example must be an integer >= 1 (SetFit's num_iterations is 20), got 0"),

@@ -113,8 +113,10 @@ class ContrastiveConfig:
     """SetFit-style training: the encoder tuned on pairs of labelled examples, then the head on its features.
 
     Attributes:
-        encoder_lr: the encoder's learning rate in the pair stage (SetFit's ``body_learning_rate``, 2e-5: the
-            pretrained sentence encoder should move a little, not be relearnt from 200 examples).
+        encoder_lr: the encoder's learning rate in the pair stage. SetFit's ``body_learning_rate`` is 2e-5 over
+            its 500 steps (200 examples, R = 20, 16 pairs a step); the in-batch pairs take 78 steps (batches of 16),
+            so the encoder moves less at the same rate. Chosen on the validation split of the text demo (MiniLM,
+            Rotten Tomatoes, 100 per class, seed 0): 2e-5 0.67, 1e-4 0.77, 3e-4 0.72 (R = 60 at 2e-5: 0.69).
         pairs_per_example: ``R``, SetFit's ``num_iterations`` (20): the pair stage sees as many pairs as SetFit's
             ``2 R N``; with batches of ``B``, that is ``ceil(4 R / (B - 1))`` epochs over the training examples.
         pair_epochs: passes over that many pairs (SetFit's ``num_epochs``, 1).
@@ -122,14 +124,14 @@ class ContrastiveConfig:
         head_lr: the head's learning rate in both stages; None: ``train.lr``.
     """
 
-    encoder_lr: float = 2e-5
+    encoder_lr: float = 1e-4
     pairs_per_example: int = 20
     pair_epochs: int = 1
     head_epochs: int | None = None
     head_lr: float | None = None
 
     def __post_init__(self) -> None:
-        _positive_float("encoder_lr", self.encoder_lr, " (SetFit's body learning rate is 2e-5)")
+        _positive_float("encoder_lr", self.encoder_lr, " (1e-4 by default; SetFit's is 2e-5)")
         _positive_int("pairs_per_example", self.pairs_per_example, " (SetFit's num_iterations is 20)")
         _positive_int("pair_epochs", self.pair_epochs)
         if self.head_epochs is not None:
