@@ -9,6 +9,7 @@ For timm ResNet-50 and ViT-B/16 (random weights) and transformers BERT-base (fro
   tensor path (``data.input: gpu``, decoded every batch, and from the uint8 cache);
 - the model FLOPs of one training step (``torch.utils.flop_counter.FlopCounterMode``) over the card's peak dense
   bf16 FLOP/s: MFU;
+- the tensor augmentation alone (128 decoded 500x375 images to 224): batched ``roi_align`` against per image;
 - a resume check: ``fit`` interrupted and resumed on the GPU gives identical weights to an uninterrupted run.
 
 Reported: images (sequences) per second of each, the ratio fit / plain, MFU. Written to bench/results/gpu.json, a
@@ -40,6 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from transferkit.config import AugmentConfig, TrainConfig
+from transferkit.data.gpu_images import TensorAugment
 from transferkit.data.images import ImageDataset, build_transform
 from transferkit.engine.loop import JobPaths, fit, make_accelerator
 from transferkit.engine.plan import ParamGroup, TrainPlan
@@ -255,6 +257,36 @@ def plain_jpeg_batches(paths: list[Path], batch: int, size: int, device: torch.d
     return batches
 
 
+def augment_speed(device: torch.device, n: int, hw: tuple[int, int], size: int, reps: int = 5) -> dict[str, Any]:
+    """The tensor path's crop + resize + flip + normalise of ``n`` decoded ``hw`` images to ``size``, batched
+    (``resize_boxes``: one ``roi_align``) against per image (``resized_crop``), with the same draws: the median
+    milliseconds of each, the ratio, and their mean distance in uint8 levels (the filters differ)."""
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, *hw), dtype=np.uint8)).to(device) for _ in range(n)]
+    timed: dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
+    for batched in (False, True):
+        aug = TensorAugment(size, MEAN, STD, scale=(0.08, 1.0), hflip=0.5, batched=batched)
+        times = []
+        for _ in range(reps + 1):  # the first call warms the kernels up
+            _sync(device)
+            t = time.perf_counter()
+            out[str(batched)] = aug(images, torch.Generator().manual_seed(0))
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        timed["batched_ms" if batched else "per_image_ms"] = 1000 * float(np.median(times[1:]))
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    levels = ((out["True"] - out["False"]).abs() * std * 255).mean().item()
+    return {
+        "images": n,
+        "from": list(hw),
+        "size": size,
+        **timed,
+        "per_image_over_batched": timed["per_image_ms"] / timed["batched_ms"],
+        "mean_abs_levels": levels,
+    }
+
+
 def resume_check(paths_: list[Path], device: torch.device, accelerator: Any, folder: Path, size: int) -> dict:
     """``fit`` interrupted after step 3 and resumed equals the uninterrupted run, on the tensor input path."""
 
@@ -377,6 +409,12 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
         results["models"][name] = entry
+
+    if not over_budget("augmentation"):
+        results["augment"] = augment_speed(
+            device, 16 if smoke else 128, (60, 80) if smoke else (375, 500), 32 if smoke else 224
+        )
+        print("augment:", results["augment"], flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

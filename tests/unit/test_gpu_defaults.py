@@ -183,3 +183,51 @@ def test_compile_with_inductor_on_a_cpu_trains_like_eager(data):
     compiled = fit(twin, train_set, val_set, cfg.model_copy(update={"compile": True}), plans[1], **how)
     assert compiled.speed["compile_backend"] == "inductor" and compiled.speed["compile_s"] > 0
     assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+
+
+def test_tensor_path_batches_follow_the_models_channels_last_layout(data, tmp_path):
+    """conv_layout makes a convolutional model channels-last (on any device): the tensor path's training batches
+    then come channels-last too, and the input record says so; a model without convolutions gets plain batches."""
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(module, args):
+        if module.training:
+            x = args[0]
+            seen.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+
+    model = build_target(tiny_source(), data.classes, seed=0)
+    model.register_forward_pre_hook(spy)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3)
+    plan = TrainPlan([ParamGroup("all", [n for n, _ in model.named_parameters()], cfg.lr)])
+    apply_plan(model, plan)
+    how = {"num_classes": 10, "seed": 0, "accelerator": make_accelerator("no"), "input_path": "gpu"}
+    result = fit(model, data.dataset("train", train=True), data.dataset("val"), cfg, plan, **how)
+    record = result.speed["input"]
+    assert record["channels_last"] is True and result.speed["channels_last"] is True
+    assert record["resize"] == "per image (resized_crop)" and record["prefetch"] == "background thread"
+    assert seen == [(True, False)] * 3  # 20 examples in batches of 8, each channels-last (not NCHW-contiguous)
+
+    seen.clear()
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    flat.register_forward_pre_hook(spy)
+    plan = TrainPlan([ParamGroup("all", [n for n, _ in flat.named_parameters()], cfg.lr)])
+    result = fit(flat, data.dataset("train", train=True), data.dataset("val"), cfg, plan, **how)
+    assert result.speed["input"]["channels_last"] is False and result.speed["channels_last"] is False
+    assert seen == [(False, True)] * 3
+
+
+def test_auto_takes_the_tensor_path_on_a_cuda_device_with_batched_resize_and_stream_prefetch():
+    """The choice alone (nothing is decoded or put on the device until a batch is asked for), so it runs here."""
+    plain = small_mnist(per_class=2, val_per_class=1, test_size=10, hflip=True).dataset("train", train=True)
+    chosen, record = choose_input(plain, "auto", "cuda", channels_last=True)
+    assert isinstance(chosen, TensorImageDataset) and chosen.device == torch.device("cuda") and chosen.prefetch
+    assert record == {
+        "path": "gpu",
+        "reason": "a CUDA device and crop/flip/normalise only",
+        "resize": "batched (roi_align)",
+        "prefetch": "side CUDA stream",
+        "channels_last": True,
+        "cache": None,
+        "no_cache": "no run folder",
+    }
+    assert chosen.augment.channels_last and chosen.augment.hflip == 0.5 and chosen.augment.scale is None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
+import threading
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from transferkit.data.gpu_images import (
     Uint8Cache,
     crop_box,
     decode_jpegs,
+    resize_boxes,
     tensor_augment,
 )
 from transferkit.data.images import build_transform
@@ -169,6 +173,10 @@ def test_cache_round_trip_and_reuse_without_decoding(tmp_path):
     assert on_disk.size == sum(int(np.prod(s)) for s in cache.shapes)
     assert np.array_equal(on_disk[: cache[0].numel()], cache[0].numpy().ravel())
 
+    assert cache.sources == [tuple(decode_jpegs([p])[0].shape[1:]) for p in paths]  # the originals' sizes
+    loaded = cache.load([4, 1, 4])  # one gather into one buffer, split into the images
+    assert [torch.equal(a, cache[k]) for a, k in zip(loaded, [4, 1, 4])] == [True] * 3
+
     again = Uint8Cache(tmp_path / "cache", paths, side=20, square=False, decode=counting)
     assert calls == [2, 2, 1] and again.decoded == 0  # mapped again, nothing decoded
     assert all(torch.equal(again[k], cache[k]) for k in range(5))
@@ -201,3 +209,153 @@ def test_bytes_that_are_not_jpeg_are_refused_with_the_fix():
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     with pytest.raises(Exception, match="give a path"):
         decode_jpegs([buf.getvalue()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the batched crop and resize (resize_boxes) against the per-image antialiased reference
+
+
+def _photo(h: int, w: int, noise: float, seed: int) -> torch.Tensor:
+    """A uint8 (3, h, w) image with detail at several scales (gradients, a sine pattern, pixel noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, 127 + 100 * np.sin(xx / 7.0) * np.cos(yy / 5.0)])
+    return torch.from_numpy(np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8))
+
+
+def _reference(images, boxes, size: int) -> torch.Tensor:
+    return torch.stack(
+        [
+            F2.resized_crop(im, *b, [size, size], T.InterpolationMode.BILINEAR, antialias=True)
+            for im, b in zip(images, boxes)
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "scale,size,bound,box_bound",
+    [
+        ((0.08, 0.1), 224, 0.4, None),  # upscaling (~0.6 source pixels per output pixel): bilinear, as the reference
+        ((0.9, 1.0), 224, 1.6, None),  # shrinking ~1.7x
+        ((0.3, 0.4), 64, 1.1, 1.6),  # ~3.9x
+        ((0.9, 1.0), 32, 1.6, 3.0),  # ~11.6x: the box filter alone is more than twice as far
+    ],
+)
+def test_batched_resize_is_within_a_grey_level_or_so_of_the_antialiased_reference(scale, size, bound, box_bound):
+    """Mean absolute error in uint8 levels of resize_boxes against v2's antialiased resized_crop, on noisy 375x500
+    images (noise of std 20 levels: the hardest case for a filter's difference). Measured: 0.26, 1.37, 0.84, 1.35
+    (the box filter alone: 1.80 at 3.9x and 3.44 at 11.6x)."""
+    images = [_photo(375, 500, 20, seed) for seed in range(6)]
+    g = torch.Generator().manual_seed(0)
+    boxes = [crop_box(375, 500, scale, generator=g) for _ in images]
+    ref = _reference(images, boxes, size).float()
+    got = resize_boxes(images, boxes, size)
+    assert got.dtype == torch.uint8 and got.shape == (6, 3, size, size)
+    assert (got.float() - ref).abs().mean().item() < bound
+    if box_bound is not None:  # the tent stage is what brings it under the bound
+        box_only = resize_boxes(images, boxes, size, tent_from=math.inf)
+        assert (box_only.float() - ref).abs().mean().item() > box_bound > bound
+
+
+def test_batched_resize_of_smooth_images_is_within_a_level_even_for_large_factors():
+    images = [_photo(375, 500, 0, seed) for seed in range(4)]
+    boxes = [(0, 0, 375, 500), (10, 20, 300, 250), (100, 200, 40, 40), (0, 100, 375, 375)]
+    for size in (224, 32):
+        diff = (resize_boxes(images, boxes, size).float() - _reference(images, boxes, size).float()).abs()
+        assert diff.mean().item() < 1.2, size
+
+
+def test_images_of_different_sizes_batch_as_if_alone():
+    """Smaller images are padded by their own edge pixels: a box at the right and bottom edges of a small image
+    reads nothing of the padding that another image's size made."""
+    big, small = _photo(60, 80, 10, 0), _photo(30, 20, 10, 1)
+    boxes = [(5, 7, 50, 60), (10, 6, 20, 14)]  # the small image's box touches its bottom and right edges
+    together = resize_boxes([big, small], boxes, 16)
+    assert torch.equal(together[0], resize_boxes([big], boxes[:1], 16)[0])
+    assert torch.equal(together[1], resize_boxes([small], boxes[1:], 16)[0])
+    # zero padding would have darkened the small image's last row and column
+    assert (together[1].float() - _reference([small], boxes[1:], 16)[0].float()).abs().mean().item() < 2.0
+
+
+def test_batched_and_per_image_augment_draw_the_same_and_agree_in_pixels():
+    images = [_photo(90 + 10 * k, 120 - 5 * k, 10, k) for k in range(6)]
+    kwargs = {"size": 32, "mean": tuple(PRE["mean"]), "std": tuple(PRE["std"]), "scale": (0.3, 1.0), "hflip": 0.5}
+    batched, per_image = TensorAugment(**kwargs, batched=True), TensorAugment(**kwargs, batched=False)
+    assert batched.uses_batched(torch.device("cpu")) and not TensorAugment(**kwargs).uses_batched(torch.device("cpu"))
+    assert TensorAugment(**kwargs).uses_batched(torch.device("cuda"))
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a, b = batched(images, g1), per_image(images, g2)
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same draws, in the same order
+    levels = (a - b).abs() * torch.tensor(PRE["std"]).view(1, 3, 1, 1) * 255
+    assert levels.mean().item() < 1.5 and levels.max().item() < 8
+
+
+def test_cached_copies_are_cropped_where_the_original_would_be():
+    """With sources, the boxes are drawn on the original sizes (as the PIL path draws them) and cut from the
+    cached copy at the same place: the crops of the originals, to resampling."""
+    originals = [_photo(120, 160, 5, k) for k in range(4)]
+    cached = [F2.resize(im, 40, antialias=True) for im in originals]  # 40 x 53: what the cache keeps for size 35
+    aug = TensorAugment(24, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), scale=(0.5, 1.0), hflip=0.5, batched=True)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    from_originals = aug(originals, g1)
+    from_cache = aug(cached, g2, sources=[tuple(im.shape[-2:]) for im in originals])
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert (from_cache - from_originals).abs().mean().item() * 255 < 2.0
+    # drawn on the cached size instead, the boxes (hence the crops) differ
+    elsewhere = aug(cached, torch.Generator().manual_seed(1))
+    assert (elsewhere - from_originals).abs().mean().item() * 255 > 5.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prefetch and layout
+
+
+def _draws_between(ds: TensorImageDataset, batches: list[list[int]]) -> tuple[list[torch.Tensor], list[float]]:
+    """The batches, with a draw from the global generator after each (as a training step's dropout would)."""
+    xs, between = [], []
+    for x, _ in ds.batches(batches):
+        xs.append(x)
+        between.append(torch.rand(1).item())
+    return xs, between
+
+
+@pytest.mark.parametrize("cached,batched", [(False, False), (True, False), (True, True)])
+def test_prefetch_gives_the_same_batches_and_draws_in_the_same_order(tmp_path, cached, batched):
+    paths = _jpeg_files(tmp_path / "img", 5)
+    found, _ = tensor_augment(build_transform(PRE, AugmentConfig(random_resized_crop=(0.5, 1.0), hflip=True)))
+    assert found is not None
+    aug = dataclasses.replace(found, batched=batched)
+    cache = Uint8Cache(tmp_path / "cache", paths, side=37, square=False) if cached else None
+    order = [[3, 0], [4, 1], [2]]
+    runs = []
+    for prefetch in (False, True):
+        ds = TensorImageDataset(paths, np.arange(5), aug, cache=cache, prefetch=prefetch)
+        torch.manual_seed(11)
+        runs.append(_draws_between(ds, order))
+    (xs0, between0), (xs1, between1) = runs
+    assert between0 == between1  # the training step's draws are unchanged: the crops are drawn when asked for
+    assert [x.shape[0] for x in xs1] == [2, 2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(xs0, xs1))
+    torch.manual_seed(11)
+    first = TensorImageDataset(paths, np.arange(5), aug, cache=cache).batch([3, 0])[0]
+    assert torch.equal(first, xs1[0])
+
+
+def test_a_loop_that_stops_early_leaves_no_prefetch_thread(tmp_path):
+    paths = _jpeg_files(tmp_path, 4)
+    aug, _ = tensor_augment(build_transform(PRE))
+    assert aug is not None
+    batches = TensorImageDataset(paths, np.arange(4), aug).batches([[0], [1], [2], [3]])
+    next(batches)
+    assert any(t.name.startswith("transferkit-prefetch") for t in threading.enumerate())
+    batches.close()  # what happens when fit's loop raises or breaks
+    assert not any(t.name.startswith("transferkit-prefetch") for t in threading.enumerate())
+
+
+def test_channels_last_batches_keep_their_values():
+    images = _images(3)
+    plain = TensorAugment(32, tuple(PRE["mean"]), tuple(PRE["std"]), hflip=0.5)
+    last = TensorAugment(32, tuple(PRE["mean"]), tuple(PRE["std"]), hflip=0.5, channels_last=True)
+    a, b = plain(images, torch.Generator().manual_seed(0)), last(images, torch.Generator().manual_seed(0))
+    assert a.is_contiguous() and not a.is_contiguous(memory_format=torch.channels_last)
+    assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)

@@ -9,7 +9,14 @@ preprocessing from the source. Each modality (``images``, ``text``, ``audio``) r
 
 from transferkit.data import audio, images, text  # noqa: F401  (registration: every modality and built-in dataset)
 from transferkit.data.audio import AudioDataset, FramesDataset, read_audio_folder
-from transferkit.data.gpu_images import TensorAugment, TensorImageDataset, Uint8Cache, choose_input, decode_jpegs
+from transferkit.data.gpu_images import (
+    TensorAugment,
+    TensorImageDataset,
+    Uint8Cache,
+    choose_input,
+    decode_jpegs,
+    resize_boxes,
+)
 from transferkit.data.images import ImageDataset, LabelledImages, build_transform, load_image
 from transferkit.data.modality import (
     DATASETS,
@@ -57,5 +64,6 @@ __all__ = [
     "read_dataset",
     "read_text_file",
     "read_unlabelled",
+    "resize_boxes",
     "split_dataset",
 ]

@@ -10,17 +10,24 @@ image), ``RandomHorizontalFlip``, ``ToTensor`` (uint8 / 255) and ``Normalize``, 
 are drawn in the order the PIL path draws them (per image: the crop box, then the flip) with the rule of
 torchvision's ``RandomResizedCrop.get_params``, from torch's global generator unless another is given, so the same
 seed gives the same crops and flips as the PIL path and a resumed run (which restores torch's generator) continues
-with the same draws. Pixels differ from PIL's by resampling only (tensor antialiased resize vs PIL's filter).
+with the same draws; from the uint8 cache too, where the boxes are drawn on the original sizes and cut from the
+cached copies at the same place. Pixels differ from PIL's by resampling only: on a CPU the per-image antialiased
+``resized_crop``, on a GPU one batched ``roi_align`` per batch (``resize_boxes``: a triangle filter built from two
+box filters, about one uint8 level from the antialiased resize). The next batch is loaded (decoded or read from
+the cache, copied to the device) in a background thread, on a GPU on a side stream, while the draws stay where the
+PIL path makes them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +91,82 @@ def crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+TENT_FROM = 1.5  # downscale factor from which resize_boxes uses the two-stage (tent) filter: see resize_boxes
+_TENT = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8  # the triangle filter's weights over four half-bins (see resize_boxes)
+
+
+def _as_float_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The images as one float ``(B, C, H, W)`` tensor; smaller ones padded by repeating their last row and column,
+    so a bilinear sample near their edge reads their edge pixel (as a per-image resize clamps), never a neighbour's
+    zeros."""
+    if len({tuple(im.shape) for im in images}) == 1:
+        return torch.stack(list(images)).float()
+    height = max(int(im.shape[-2]) for im in images)
+    width = max(int(im.shape[-1]) for im in images)
+    padded = [
+        torch.nn.functional.pad(im.float(), (0, width - im.shape[-1], 0, height - im.shape[-2]), mode="replicate")
+        for im in images
+    ]
+    return torch.stack(padded)
+
+
+def resize_boxes(
+    images: Sequence[torch.Tensor], boxes: Sequence[Sequence[float]], size: int, tent_from: float = TENT_FROM
+) -> torch.Tensor:
+    """The ``boxes`` (``(top, left, h, w)``, fractional allowed) of ``images`` resized to ``size`` x ``size``, for the
+    whole batch at once: a uint8 ``(B, C, size, size)`` tensor.
+
+    Why: a per-image ``resized_crop`` is several kernel launches per image, which on a GPU costs more than the
+    pixels. ``torchvision.ops.roi_align`` (``aligned=True``: pixel ``i`` covers ``[i, i + 1)``, as a resize's
+    coordinates) cuts and resamples every box in one call. Its adaptive sampling (``sampling_ratio=0``) averages
+    ``ceil(h / size) x ceil(w / size)`` bilinear samples per output pixel: a box filter as wide as an output pixel.
+    The antialiased resize of torchvision (and PIL's bilinear) weighs a triangle twice that wide; for boxes shrunk
+    by ``tent_from`` or more the triangle is built from two box filters: ``roi_align`` to twice the size (half-bins),
+    then the weights 1, 3, 3, 1 (the triangle's integral over its four half-bins) with stride 2 in one grouped
+    convolution. That halves the distance to the antialiased reference when shrinking by 2 or more (mean 0.9-1.4
+    uint8 levels against 1.8-3.4 for the box alone on noisy images, ``tests/unit/test_gpu_images.py``); below
+    ``tent_from`` it blurs what a bilinear resize keeps, so those boxes take the single stage. The result is rounded
+    to uint8, as the per-image path's resize is.
+
+    Args:
+        images: uint8 ``(C, H, W)`` tensors on one device, any sizes.
+        boxes: one ``(top, left, h, w)`` per image, in that image's pixels.
+        size: the output side.
+        tent_from: the smaller of a box's two shrink factors from which its pixels get the triangle filter.
+    """
+    from torchvision.ops import roi_align
+
+    x = _as_float_batch(images)
+    # the boxes and the choice of filter stay on the CPU: no device synchronisation to decide what to launch
+    rois = torch.tensor([[k, left, top, left + w, top + h] for k, (top, left, h, w) in enumerate(boxes)])
+    tent = torch.minimum(rois[:, 4] - rois[:, 2], rois[:, 3] - rois[:, 1]) / size >= tent_from
+    out = torch.empty(len(boxes), x.shape[1], size, size, dtype=x.dtype, device=x.device)
+    for use_tent in (False, True):
+        chosen = tent if use_tent else ~tent
+        if not bool(chosen.any()):
+            continue
+        picked = rois[chosen].to(x)
+        if use_tent:
+            half = roi_align(x, picked, (2 * size, 2 * size), 1.0, 0, aligned=True)
+            half = torch.nn.functional.pad(half, (1, 1, 1, 1), mode="replicate")  # the box's edge, as at image edges
+            weights = (_TENT[:, None] * _TENT[None, :]).to(x).expand(x.shape[1], 1, 4, 4)
+            resized = torch.nn.functional.conv2d(half, weights, stride=2, groups=x.shape[1])
+        else:
+            resized = roi_align(x, picked, (size, size), 1.0, 0, aligned=True)
+        if bool(chosen.all()):
+            out = resized
+        else:
+            out[chosen.to(x.device)] = resized
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _scaled(box: Sequence[int], source: Sequence[int], shape: Sequence[int]) -> tuple[float, float, float, float]:
+    """``box`` drawn on an image of ``source`` (h, w) pixels, in the pixels of its copy of ``shape`` (cached)."""
+    sy, sx = shape[-2] / source[0], shape[-1] / source[1]
+    top, left, h, w = box
+    return top * sy, left * sx, h * sy, w * sx
+
+
 @dataclass(frozen=True)
 class TensorAugment:
     """The batched tensor equivalent of a ``build_transform`` pipeline made only of supported steps.
@@ -96,6 +179,12 @@ class TensorAugment:
         ratio: ``RandomResizedCrop`` aspect-ratio range.
         hflip: probability of a horizontal flip (0: no flip step, and nothing drawn for it).
         interpolation: the resize's interpolation mode.
+        batched: crop and resize the batch in one ``resize_boxes`` call (True) or per image with
+            ``resized_crop`` (False); None chooses by device: batched on a GPU, where a launch per image costs
+            more than the pixels, per image on a CPU, where launches cost nothing and ``resized_crop``'s uint8
+            kernels beat ``roi_align`` on floats (64 images 500x375 to 224 on one core: 119 ms per image against
+            618 ms batched, ``bench/gpu.py``'s ``augment_speed``).
+        channels_last: give the batch in channels-last layout (for a model whose convolutions run channels-last).
     """
 
     size: int
@@ -105,6 +194,8 @@ class TensorAugment:
     ratio: tuple[float, float] = DEFAULT_RATIO
     hflip: float = 0.0
     interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR
+    batched: bool | None = None
+    channels_last: bool = False
 
     @property
     def random(self) -> bool:
@@ -116,10 +207,15 @@ class TensorAugment:
         flip = bool(torch.rand(1, generator=generator) < self.hflip) if self.hflip > 0 else False
         return box, flip
 
-    def resize(self, image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+    def uses_batched(self, device: torch.device) -> bool:
+        """Whether the crop and resize run as one batched call on ``device`` (see ``batched``)."""
+        return self.batched if self.batched is not None else device.type == "cuda"
+
+    def resize(self, image: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
         """The uint8 image cropped to ``box`` and resized to ``size`` x ``size`` (antialiased, rounded to uint8 as
-        PIL's resize is), on the image's device."""
-        top, left, h, w = box
+        PIL's resize is), on the image's device. A fractional box (a crop drawn on the original image, mapped onto
+        its cached copy) is rounded to whole pixels: ``resized_crop`` cuts whole pixels."""
+        top, left, h, w = (round(v) for v in box)
         if (top, left, h, w) == (0, 0, *image.shape[-2:]) and tuple(image.shape[-2:]) == (self.size, self.size):
             return image
         return F2.resized_crop(image, top, left, h, w, [self.size, self.size], self.interpolation, antialias=True)
@@ -129,19 +225,41 @@ class TensorAugment:
         if any(flips):
             mask = torch.tensor(flips, device=batch.device).view(-1, 1, 1, 1)
             batch = torch.where(mask, batch.flip(-1), batch)
-        x = batch.to(torch.get_default_dtype()).div(255)  # ToTensor's scaling, to the bit
+        if self.channels_last:  # before the float copy: the layout change moves a quarter of the bytes
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        x = batch.to(torch.get_default_dtype()).div(255)  # ToTensor's scaling, to the bit; keeps the layout
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
 
-    def __call__(self, images: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The float batch of ``images`` (uint8 ``(C, H, W)`` tensors of any sizes, on one device)."""
-        crops, flips = [], []
-        for image in images:
-            box, flip = self.draw(int(image.shape[-2]), int(image.shape[-1]), generator)
-            crops.append(self.resize(image, box))
+    def __call__(
+        self,
+        images: Sequence[torch.Tensor],
+        generator: torch.Generator | None = None,
+        sources: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """The float batch of ``images`` (uint8 ``(C, H, W)`` tensors of any sizes, on one device).
+
+        Args:
+            images: the images to augment.
+            generator: random draws; None is torch's global generator.
+            sources: each image's original ``(h, w)`` when ``images`` are resized copies (the uint8 cache): the
+                boxes are drawn on the original size, as the PIL path draws them, and cut from the copy at the
+                same place, so the crops are those of the PIL path for the same seed. None: the images' own sizes.
+        """
+        boxes: list[tuple[float, ...]] = []
+        flips: list[bool] = []
+        for k, image in enumerate(images):
+            shape = tuple(int(v) for v in image.shape[-2:])
+            source = tuple(sources[k]) if sources is not None else shape
+            box, flip = self.draw(source[0], source[1], generator)
+            boxes.append(_scaled(box, source, shape) if source != shape else tuple(float(v) for v in box))
             flips.append(flip)
-        return self.normalise(torch.stack(crops), flips)
+        if images and self.uses_batched(images[0].device):
+            crops = resize_boxes(images, boxes, self.size)
+        else:
+            crops = torch.stack([self.resize(image, box) for image, box in zip(images, boxes)])
+        return self.normalise(crops, flips)
 
 
 _STEP_KEYS = {
@@ -251,7 +369,8 @@ def decode_jpegs(items: Sequence[Any], device: torch.device | str = "cpu", chann
 
 def _fingerprint(items: Sequence[Any], channels: int, side: int, square: bool) -> str:
     """What the cache's contents depend on: the items (paths with size and mtime, or array bytes) and the sizes."""
-    h = hashlib.sha256(f"{channels}:{side}:{square}:{len(items)}".encode())
+    # v2: the index holds each image's original size (the boxes are drawn on it); v1 files are rebuilt
+    h = hashlib.sha256(f"v2:{channels}:{side}:{square}:{len(items)}".encode())
     for item in items:
         if isinstance(item, (str, Path)):
             st = Path(item).stat()
@@ -267,8 +386,10 @@ class Uint8Cache:
     ``side`` is the short side the images are resized to, keeping their aspect ratio (``square=False``, for a
     random crop to cut from), or the model's size when ``square`` (no random crop: the cached image is the resized
     image the PIL path would have made). The file ``images-KEY.u8`` holds the images one after another and
-    ``images-KEY.json`` their offsets and shapes; KEY fingerprints the items and sizes, so a later epoch or a
-    later run over the same files maps the file again without decoding anything (``decoded`` counts decodes).
+    ``images-KEY.json`` their offsets, shapes and original sizes (``sources``: random crops are drawn on the
+    original size, as the PIL path draws them, then cut from the cached copy at the same place); KEY fingerprints
+    the items and sizes, so a later epoch or a later run over the same files maps the file again without decoding
+    anything (``decoded`` counts decodes).
 
     Args:
         folder: where the files live (the run's cache folder).
@@ -304,6 +425,7 @@ class Uint8Cache:
             index = self._build(items, torch.device(device), chunk, decode)
         self.offsets = np.asarray(index["offsets"], dtype=np.int64)
         self.shapes = [tuple(s) for s in index["shapes"]]
+        self.sources = [tuple(s) for s in index["sources"]]
         self._data = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=(int(index["bytes"]),))
 
     def _resized(self, image: torch.Tensor) -> torch.Tensor:
@@ -317,6 +439,7 @@ class Uint8Cache:
     def _build(self, items: Sequence[Any], device: torch.device, chunk: int, decode: Callable) -> dict[str, Any]:
         self.folder.mkdir(parents=True, exist_ok=True)
         shapes: list[tuple[int, ...]] = []
+        sources: list[tuple[int, int]] = []
         offsets: list[int] = []
         total = 0
         part = self.data_path.with_name(self.data_path.name + ".part")
@@ -328,10 +451,18 @@ class Uint8Cache:
                     small = self._resized(image).contiguous().cpu()
                     offsets.append(total)
                     shapes.append(tuple(small.shape))
+                    sources.append((int(image.shape[-2]), int(image.shape[-1])))
                     f.write(small.numpy().tobytes())
                     total += small.numel()
         part.replace(self.data_path)
-        index = {"offsets": offsets, "shapes": shapes, "bytes": total, "side": self.side, "square": self.square}
+        index = {
+            "offsets": offsets,
+            "shapes": shapes,
+            "sources": sources,
+            "bytes": total,
+            "side": self.side,
+            "square": self.square,
+        }
         write_json(self.index_path, index)  # last: its presence says the data file is complete
         return index
 
@@ -344,6 +475,18 @@ class Uint8Cache:
         start = int(self.offsets[i])
         return torch.from_numpy(np.array(self._data[start : start + int(np.prod(shape))]).reshape(shape))
 
+    def load(self, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Images ``indices`` on ``device`` with one copy: their bytes gathered into one buffer (pinned for a GPU,
+        so the copy is asynchronous on the current stream) and split into views there."""
+        device = torch.device(device)
+        sizes = [int(np.prod(self.shapes[int(i)])) for i in indices]
+        flat = np.concatenate([self._data[int(self.offsets[int(i)]) :][:n] for i, n in zip(indices, sizes)])
+        buffer = torch.from_numpy(flat)
+        if device.type == "cuda":
+            buffer = buffer.pin_memory().to(device, non_blocking=True)
+        parts = torch.split(buffer, sizes)
+        return [part.view(self.shapes[int(i)]) for part, i in zip(parts, indices)]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the dataset and its batches
@@ -355,6 +498,13 @@ class TensorImageDataset(Dataset):
     ``fit`` asks for whole batches (``batches``), so decoding and augmentation run once per batch on the device;
     ``__getitem__`` gives single examples for code that iterates a dataset (as ``ImageDataset`` does).
 
+    A batch is made in two steps: ``load`` (decode, or read the cache, and copy to the device; no random numbers)
+    and the augmentation (the crop and flip draws, then the tensor operations). With ``prefetch`` the next batch's
+    load runs in a background thread (on a GPU on a side CUDA stream, so its copies and decodes overlap the
+    training step) while the draws stay where the PIL path makes them: when the batch is asked for. So the random
+    numbers come in the same order, interleaved with the training step's, with or without prefetch, and a resumed
+    run (which restores the generator) continues with the same crops.
+
     Args:
         items: paths or uint8 arrays.
         labels: integer labels.
@@ -363,6 +513,7 @@ class TensorImageDataset(Dataset):
         device: where decoding and augmentation run and batches are put.
         cache: decoded, resized images (None: decode every batch).
         generator: random draws; None is torch's global generator (what the PIL path and a resume use).
+        prefetch: load the next batch while the current one trains.
     """
 
     def __init__(
@@ -374,6 +525,7 @@ class TensorImageDataset(Dataset):
         device: torch.device | str = "cpu",
         cache: Uint8Cache | None = None,
         generator: torch.Generator | None = None,
+        prefetch: bool = True,
     ):
         self.items = items
         self.labels = torch.as_tensor(labels, dtype=torch.long)
@@ -382,24 +534,61 @@ class TensorImageDataset(Dataset):
         self.device = torch.device(device)
         self.cache = cache
         self.generator = generator
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def images(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        """The uint8 images of ``indices`` on the device, from the cache or decoded now."""
+    def load(self, indices: Sequence[int]) -> tuple[list[torch.Tensor], list[tuple[int, ...]] | None]:
+        """The uint8 images of ``indices`` on the device, from the cache or decoded now, and their original sizes
+        when they are cached copies (None: the images are the originals). Draws no random numbers."""
         if self.cache is not None:
-            return [self.cache[int(i)].to(self.device, non_blocking=True) for i in indices]
-        return decode_jpegs([self.items[int(i)] for i in indices], self.device, self.channels)
+            return self.cache.load(indices, self.device), [self.cache.sources[int(i)] for i in indices]
+        return decode_jpegs([self.items[int(i)] for i in indices], self.device, self.channels), None
+
+    def images(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The uint8 images of ``indices`` on the device (see ``load``)."""
+        return self.load(indices)[0]
+
+    def _augmented(
+        self, indices: Sequence[int], loaded: tuple[list[torch.Tensor], Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, sources = loaded
+        x = self.augment(images, self.generator, sources)
+        return x, self.labels[torch.as_tensor(list(indices), dtype=torch.long)].to(self.device)
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.augment(self.images(indices), self.generator)
-        return x, self.labels[torch.as_tensor(list(indices), dtype=torch.long)].to(self.device)
+        return self._augmented(indices, self.load(indices))
 
     def batches(self, batch_indices: Sequence[Sequence[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``batch_indices`` in order (what ``fit`` iterates instead of a DataLoader)."""
-        for indices in batch_indices:
-            yield self.batch(indices)
+        if not self.prefetch or len(batch_indices) < 2:
+            for indices in batch_indices:
+                yield self.batch(indices)
+            return
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def load(indices: Sequence[int]) -> tuple[list[torch.Tensor], Any]:
+            if side is None:
+                return self.load(indices)
+            with torch.cuda.stream(side):
+                return self.load(indices)
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-prefetch")
+        try:
+            pending = pool.submit(load, batch_indices[0])
+            for k, indices in enumerate(batch_indices):
+                loaded = pending.result()
+                if k + 1 < len(batch_indices):
+                    pending = pool.submit(load, batch_indices[k + 1])
+                if side is not None:  # the side stream's copies and decodes finish before this stream reads them
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_stream(side)
+                    for image in loaded[0]:
+                        image.record_stream(current)  # memory made on the side stream, used on this one
+                yield self._augmented(indices, loaded)
+        finally:  # also when the training step raises or the loop stops early: no thread outlives the epoch
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch([i])
@@ -418,7 +607,11 @@ def cache_side(augment: TensorAugment) -> tuple[int, bool]:
 
 
 def choose_input(
-    dataset: Dataset, requested: str, device: torch.device | str, cache_dir: Path | None = None
+    dataset: Dataset,
+    requested: str,
+    device: torch.device | str,
+    cache_dir: Path | None = None,
+    channels_last: bool = False,
 ) -> tuple[Dataset, dict[str, Any]]:
     """The training dataset ``fit`` iterates and the record of the input path chosen (``data.input``).
 
@@ -432,6 +625,8 @@ def choose_input(
         requested: ``auto``, ``pil`` or ``gpu``.
         device: the training device.
         cache_dir: where the uint8 cache may live (the run's ``cache/images``); None decodes every batch.
+        channels_last: the model's convolutions run channels-last (``engine.loop.conv_layout``): the tensor path's
+            batches come in that layout, so the first convolution does not convert them.
     """
     from transferkit.data.images import ImageDataset
 
@@ -447,14 +642,15 @@ def choose_input(
         return dataset, {"path": "pil", "reason": f"not an image dataset ({type(dataset).__name__})"}
     if requested == "auto" and device.type != "cuda":
         return dataset, {"path": "pil", "reason": f"the device is {device.type}: the PIL path is the CPU default"}
-    augment, why = tensor_augment(dataset.transform)
-    if augment is None:
+    found, why = tensor_augment(dataset.transform)
+    if found is None:
         if requested == "gpu":
             raise DataError(
                 f"data.input: gpu cannot reproduce this training transform: {why}. Remove that augmentation "
                 "(only random_resized_crop and hflip have tensor versions) or set data.input: auto or pil"
             )
         return dataset, {"path": "pil", "reason": why}
+    augment = dataclasses.replace(found, channels_last=channels_last)
     side, square = cache_side(augment)
     estimate = len(dataset) * dataset.channels * side * side * (1 if square else 2)  # 4:3 images cut to a short side
     cache = None
@@ -465,6 +661,9 @@ def choose_input(
     record: dict[str, Any] = {
         "path": "gpu",
         "reason": "data.input: gpu" if requested == "gpu" else "a CUDA device and crop/flip/normalise only",
+        "resize": "batched (roi_align)" if augment.uses_batched(device) else "per image (resized_crop)",
+        "prefetch": "side CUDA stream" if device.type == "cuda" else "background thread",
+        "channels_last": channels_last,
         "cache": None
         if cache is None
         else {

@@ -489,7 +489,8 @@ def fit(
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         device = accelerator.device
         cache_dir = paths.metrics_log.parent / "cache" / "images" if paths is not None else None
-        train_set, input_record = choose_input(train_set, input_path, device, cache_dir)
+        # the tensor path's batches follow the model's layout (conv_layout made it channels-last if it convolves)
+        train_set, input_record = choose_input(train_set, input_path, device, cache_dir, model in _CHANNELS_LAST)
         checkpointing = set_gradient_checkpointing(model, cfg.gradient_checkpointing, device)
         runner: nn.Module = wrapped
         if cfg.compile:  # the step runs the compiled module; saving, validation and unwrap see the plain one
