@@ -338,5 +338,33 @@ def test_fixmatch_trains_on_weak_and_strong_views_of_the_pool_without_a_teacher(
     d = summary["distill"]
     assert d["teacher_outputs"] == "none" and d["teachers"] == 0 and d["pool"] == 60
     assert 0 <= d["rounds"][0]["kept"] <= 60 and d["rounds"][0]["threshold"] == 0.5
+    assert d["rounds"][0]["labelled_repeats"] == 1  # 60 pool examples for the labelled ones: under 7 per label
     with pytest.raises(RecipeError, match="give rounds: 1"):
         distill(student, [], data, CFG, "fixmatch", rounds=2)
+
+
+def test_fixmatch_repeats_the_labelled_examples_to_one_per_ratio_pool_examples() -> None:
+    """FixMatch draws one labelled example per mu unlabelled ones; a few labels in a large pool are repeated."""
+    from transferkit.distill.api import training_set
+    from transferkit.distill.losses import UNLABELLED, FixMatchConfig
+
+    assert FixMatchConfig().labelled_repeats(200, 3600) == 3  # 3,600 / (7 x 200) = 2.6
+    assert FixMatchConfig(ratio=1).labelled_repeats(200, 3600) == 18
+    assert FixMatchConfig().labelled_repeats(200, 100) == 1  # at least once
+    data = _pool_data(rotation=10.0)
+    n_labelled, n_pool = len(data.splits.train), len(data.unlabelled().items)
+    cfg = FixMatchConfig(ratio=1)
+    repeats = cfg.labelled_repeats(n_labelled, n_pool)
+    assert repeats > 1, (n_labelled, n_pool)
+    train_set, info = training_set(None, data, cfg, use_pool=True, online=True, device="cpu")
+    assert info["labelled_repeats"] == repeats
+    assert len(train_set) == repeats * n_labelled + n_pool
+    labels = train_set.labels
+    want = torch.as_tensor(data.examples.labels[data.splits.train])
+    for r in range(repeats):  # each repeat: the labelled examples in their order, with their labels
+        assert torch.equal(labels[r * n_labelled : (r + 1) * n_labelled], want)
+    assert (labels[repeats * n_labelled :] == UNLABELLED).all()
+    x, target = train_set[repeats * n_labelled]  # a pool example: its weak view and a strong one
+    assert target["label"].item() == UNLABELLED and target["strong"].shape == x.shape
+    with pytest.raises(ValueError, match="ratio .* must be an integer >= 1, got 0"):
+        FixMatchConfig(ratio=0)

@@ -197,11 +197,13 @@ def training_set(
                 "loss fixmatch trains on the unlabelled pool, but the run has none: set data.unlabelled (rest, or "
                 "a folder of unlabelled images) and leave the entry's unlabelled: true"
             )
-        parts.append(data.pool_dataset(train=True))  # the weak view: the run's own augmentation
+        repeats = cfg.labelled_repeats(len(labelled), len(pool.items))  # FixMatch's mu pool examples per label
+        parts = parts * repeats + [data.pool_dataset(train=True)]  # the weak view: the run's own augmentation
         strong = data.strong_pool_dataset(cfg.ops, cfg.magnitude)
-        labels_all = torch.cat([labelled, torch.full((len(pool.items),), UNLABELLED, dtype=torch.long)])
-        info.update(threshold=cfg.threshold)
-        return DistillSet(parts, labels_all, views=[None, strong]), info
+        unlabelled = torch.full((len(pool.items),), UNLABELLED, dtype=torch.long)
+        labels_all = torch.cat([labelled.repeat(repeats), unlabelled])
+        info.update(threshold=cfg.threshold, labelled_repeats=repeats)
+        return DistillSet(parts, labels_all, views=[*[None] * repeats, strong]), info
     labels = [labelled]
     if pool is not None:
         parts.append(data.pool_dataset(train=True))

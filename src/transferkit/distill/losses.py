@@ -133,12 +133,17 @@ class FixMatchConfig:
         weight: weight of the consistency term (lambda_u).
         ops: RandAugment operations per strong view.
         magnitude: RandAugment magnitude (0-30).
+        ratio: pool examples per labelled example in an epoch (mu): the labelled examples are repeated so an
+            epoch (one pass over the pool) holds about one per ``ratio`` pool examples, as FixMatch draws a labelled
+            batch beside every ``ratio`` unlabelled ones. Without it a few labels in a large pool reach the model too
+            rarely to learn from (200 among 3,600: under two per batch of 32, and no prediction ever confident).
     """
 
     threshold: float = 0.95
     weight: float = 1.0
     ops: int = 2
     magnitude: int = 10
+    ratio: int = 7
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold < 1:
@@ -148,6 +153,12 @@ class FixMatchConfig:
                 f"weight must be >= 0, ops >= 1 and magnitude in [0, 30]; got {self.weight}, {self.ops}, "
                 f"{self.magnitude}"
             )
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio < 1:
+            raise ValueError(f"ratio (pool examples per labelled example) must be an integer >= 1, got {self.ratio!r}")
+
+    def labelled_repeats(self, labelled: int, pool: int) -> int:
+        """How many times an epoch holds the labelled examples: about ``pool / ratio`` of them, at least once."""
+        return max(1, round(pool / (self.ratio * max(labelled, 1))))
 
 
 LOSSES: Registry[type] = Registry("distillation loss")
