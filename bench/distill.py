@@ -31,7 +31,8 @@ and ``noisy`` (two rounds of pseudo-labels at 0.8). ``--runs minilm-c``: the sam
 trained by the SetFit-style ``contrastive`` strategy, and its students ``kd`` and ``noisy-r1`` (one round).
 
 Run: ``python bench/distill.py --seeds 0 1 2`` (see docs/benchmarks.md for the wall time); ``--runs lite0`` for one
-run, ``--runs minilm --tag text`` for text; results: ``bench/results/distill[-TAG].json``.
+run, ``--runs minilm --tag text`` for text; results: ``bench/results/distill[-TAG].json``. ``--combine A.json
+B.json`` joins the runs of several commands (same seeds) into one table without training.
 """
 
 from __future__ import annotations
@@ -184,6 +185,21 @@ def one_seed(seed: int, out: Path, runs: dict[str, dict[str, dict[str, Any]]]) -
     return row
 
 
+def combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of several results files joined per seed (each file gives its runs; a run in two files is an error)."""
+    seeds = [[r["seed"] for r in res["rows"]] for res in results]
+    if any(s != seeds[0] for s in seeds):
+        raise SystemExit(f"--combine: the files hold other seeds: {seeds}")
+    rows: list[dict[str, Any]] = [{"seed": s} for s in seeds[0]]
+    for res in results:
+        for row, theirs in zip(rows, res["rows"], strict=True):
+            twice = (set(row) & set(theirs)) - {"seed"}
+            if twice:
+                raise SystemExit(f"--combine: run(s) {sorted(twice)} in two files")
+            row.update(theirs)
+    return rows
+
+
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and sample standard deviation of each model's test and validation accuracy over the seeds."""
 
@@ -278,6 +294,13 @@ def main() -> None:
         help="also noisy-rRe E (lite0 run; lite0-noisy-rRe E in the lite2 run with --lite2-noisy): self-training with "
         "more rounds and epochs, a further configuration compared on validation",
     )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RESULTS",
+        help="train nothing: join the runs of these results files (the same seeds) into one table, e.g. the lite0 "
+        "run of one command and the lite2 run of another",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="where the runs go (default: a temporary folder); an existing run resumes")
     ap.add_argument("--tag", default="", help="results file suffix")
@@ -304,8 +327,11 @@ def main() -> None:
                 base = every[run][name]
                 every[run][longer] = {**base, "rounds": rounds, "train": {"epochs": epochs}, "label": longer}
     runs = {r: every[r] for r in args.runs}
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench-distill-"))
-    rows = [one_seed(s, out, runs) for s in args.seeds]
+    if args.combine:
+        rows = combine([read_json(Path(f)) for f in args.combine])
+    else:
+        out = Path(args.out or tempfile.mkdtemp(prefix="bench-distill-"))
+        rows = [one_seed(s, out, runs) for s in args.seeds]
     result = {"rows": rows, "summary": summary(rows), "command": " ".join(sys.argv), "args": vars(args)}
     print(json.dumps(result["summary"], indent=1))
     print(markdown(rows, result["summary"]))
