@@ -359,3 +359,27 @@ def test_channels_last_batches_keep_their_values():
     a, b = plain(images, torch.Generator().manual_seed(0)), last(images, torch.Generator().manual_seed(0))
     assert a.is_contiguous() and not a.is_contiguous(memory_format=torch.channels_last)
     assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+
+
+def test_images_already_at_the_models_size_skip_the_resize_with_the_same_pixels():
+    """Without random steps, square images of the model's size (the square cache) are only stacked: what the
+    batched resize makes of them too (roi_align's one sample per pixel lands on the pixel), to the bit."""
+    images = [_photo(32, 32, 20, k) for k in range(3)]
+    aug = TensorAugment(32, tuple(PRE["mean"]), tuple(PRE["std"]), batched=True)
+    assert torch.equal(resize_boxes(images, [(0, 0, 32, 32)] * 3, 32), torch.stack(images))
+    expected = aug.normalise(torch.stack(images), [False] * 3)
+    assert torch.equal(aug(images), expected)
+    # a random flip still goes through the draws (and the batched resize)
+    flipping = dataclasses.replace(aug, hflip=1.0)
+    assert torch.equal(flipping(images), aug.normalise(torch.stack(images), [True] * 3))
+
+
+def test_a_data_loader_takes_whole_batches_from_getitems(tmp_path):
+    paths = _jpeg_files(tmp_path, 5)
+    aug, _ = tensor_augment(build_transform(PRE))
+    assert aug is not None
+    ds = TensorImageDataset(paths, np.array([3, 1, 4, 1, 5]), aug, prefetch=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=ds.collate)
+    got = list(loader)
+    assert [x.shape[0] for x, _ in got] == [2, 2, 1] and [y.tolist() for _, y in got] == [[3, 1], [4, 1], [5]]
+    assert torch.equal(torch.cat([x for x, _ in got]), ds.batch([0, 1, 2, 3, 4])[0])

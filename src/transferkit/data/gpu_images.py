@@ -16,6 +16,9 @@ cached copies at the same place. Pixels differ from PIL's by resampling only: on
 box filters, about one uint8 level from the antialiased resize). The next batch is loaded (decoded or read from
 the cache, copied to the device) in a background thread, on a GPU on a side stream, while the draws stay where the
 PIL path makes them.
+
+When the training set takes this path, ``fit`` validates on it too (``choose_eval_input``): the evaluation transform's
+plain resize, from a square uint8 cache at the model's size, a batch per ``DataLoader`` fetch (``__getitems__``).
 """
 
 from __future__ import annotations
@@ -255,7 +258,9 @@ class TensorAugment:
             box, flip = self.draw(source[0], source[1], generator)
             boxes.append(_scaled(box, source, shape) if source != shape else tuple(float(v) for v in box))
             flips.append(flip)
-        if images and self.uses_batched(images[0].device):
+        if not self.random and all(tuple(im.shape[-2:]) == (self.size, self.size) for im in images):
+            crops = torch.stack(list(images))  # already the model's size (the square cache, evaluation): no resize
+        elif images and self.uses_batched(images[0].device):
             crops = resize_boxes(images, boxes, self.size)
         else:
             crops = torch.stack([self.resize(image, box) for image, box in zip(images, boxes)])
@@ -367,10 +372,18 @@ def decode_jpegs(items: Sequence[Any], device: torch.device | str = "cpu", chann
 # the uint8 cache
 
 
-def _fingerprint(items: Sequence[Any], channels: int, side: int, square: bool) -> str:
-    """What the cache's contents depend on: the items (paths with size and mtime, or array bytes) and the sizes."""
+def _fingerprint(
+    items: Sequence[Any],
+    channels: int,
+    side: int,
+    square: bool,
+    interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
+) -> str:
+    """What the cache's contents depend on: the items (paths with size and mtime, or array bytes), the sizes and
+    the resize's filter (named only when it is not bilinear, so the bilinear caches of earlier runs keep their key)."""
     # v2: the index holds each image's original size (the boxes are drawn on it); v1 files are rebuilt
-    h = hashlib.sha256(f"v2:{channels}:{side}:{square}:{len(items)}".encode())
+    filt = "" if interpolation == T.InterpolationMode.BILINEAR else f":{interpolation.value}"
+    h = hashlib.sha256(f"v2:{channels}:{side}:{square}{filt}:{len(items)}".encode())
     for item in items:
         if isinstance(item, (str, Path)):
             st = Path(item).stat()
@@ -400,6 +413,10 @@ class Uint8Cache:
         device: where decoding and resizing run; the cache itself is on the CPU.
         chunk: images decoded per ``decode_jpegs`` call.
         decode: the decoder (tests count its calls).
+        interpolation: the resize's filter. For a ``square`` cache it is the filter of the pipeline's own resize
+            (a bicubic source's images cached with a bilinear resize would not be the images the PIL path sees);
+            ``choose_input`` keeps bilinear for the short-side copies of a random-crop cache, which are resized
+            again after the crop.
     """
 
     def __init__(
@@ -412,11 +429,13 @@ class Uint8Cache:
         device: torch.device | str = "cpu",
         chunk: int = 64,
         decode: Callable[..., list[torch.Tensor]] = decode_jpegs,
+        interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
     ):
         self.folder = Path(folder)
         self.side, self.square, self.channels = side, square, channels
+        self.interpolation = interpolation
         self.decoded = 0
-        key = _fingerprint(items, channels, side, square)
+        key = _fingerprint(items, channels, side, square, interpolation)
         self.data_path = self.folder / f"images-{key}.u8"
         self.index_path = self.folder / f"images-{key}.json"
         if self.index_path.is_file() and self.data_path.is_file():
@@ -430,11 +449,12 @@ class Uint8Cache:
 
     def _resized(self, image: torch.Tensor) -> torch.Tensor:
         if self.square:
-            return F2.resize(image, [self.side, self.side], antialias=True)
+            return F2.resize(image, [self.side, self.side], self.interpolation, antialias=True)
         h, w = image.shape[-2:]
         if min(h, w) <= self.side:  # never upscale: a crop of the original is at least as sharp
             return image
-        return F2.resize(image, self.side, antialias=True)  # an int: the short side, aspect ratio kept
+        # an int: the short side, aspect ratio kept
+        return F2.resize(image, self.side, self.interpolation, antialias=True)
 
     def _build(self, items: Sequence[Any], device: torch.device, chunk: int, decode: Callable) -> dict[str, Any]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -594,6 +614,20 @@ class TensorImageDataset(Dataset):
         x, y = self.batch([i])
         return x[0], y[0]
 
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch for a ``DataLoader``, which calls this (when a dataset has it) with the batch's indices
+        instead of ``__getitem__`` once per example: so ``engine.loop.evaluate_model`` runs the tensor path a batch at
+        a time with no change. The inputs are on the device; the labels stay on the CPU, where the PIL path's loader
+        gives them and where the metrics gather the logits."""
+        images, sources = self.load(indices)
+        return self.augment(images, self.generator, sources), self.labels[torch.as_tensor(list(indices))]
+
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loader's collate function (``make_loader`` takes a dataset's ``collate``): ``__getitems__`` already
+        made the batch."""
+        return batch
+
 
 CACHE_LIMIT_BYTES = 8 * 1024**3  # few-shot sized: the cache is used when its images take at most this much
 
@@ -651,29 +685,81 @@ def choose_input(
             )
         return dataset, {"path": "pil", "reason": why}
     augment = dataclasses.replace(found, channels_last=channels_last)
-    side, square = cache_side(augment)
-    estimate = len(dataset) * dataset.channels * side * side * (1 if square else 2)  # 4:3 images cut to a short side
-    cache = None
-    if cache_dir is not None and estimate <= CACHE_LIMIT_BYTES:
-        t = time.perf_counter()
-        cache = Uint8Cache(cache_dir, dataset.items, side, square, dataset.channels, device)
-        build_s = time.perf_counter() - t  # decoding every image once (or mapping the file of an earlier run)
+    cache, cache_record = _cache_for(dataset, augment, device, cache_dir)
     record: dict[str, Any] = {
         "path": "gpu",
         "reason": "data.input: gpu" if requested == "gpu" else "a CUDA device and crop/flip/normalise only",
         "resize": "batched (roi_align)" if augment.uses_batched(device) else "per image (resized_crop)",
         "prefetch": "side CUDA stream" if device.type == "cuda" else "background thread",
         "channels_last": channels_last,
-        "cache": None
-        if cache is None
-        else {
-            "file": str(cache.data_path),
-            "side": side,
-            "square": square,
-            "decoded": cache.decoded,
-            "build_s": round(build_s, 3),
-        },
+        **cache_record,
     }
-    if cache is None:
-        record["no_cache"] = "no run folder" if cache_dir is None else f"over {CACHE_LIMIT_BYTES:,} bytes"
     return TensorImageDataset(dataset.items, dataset.labels, augment, dataset.channels, device, cache), record
+
+
+def _cache_for(
+    dataset: Any, augment: TensorAugment, device: torch.device, cache_dir: Path | None
+) -> tuple[Uint8Cache | None, dict[str, Any]]:
+    """The uint8 cache of an ``ImageDataset``'s images for ``augment`` (None without a run folder or over
+    ``CACHE_LIMIT_BYTES``) and its part of the input record: ``cache`` and, without one, ``no_cache``."""
+    side, square = cache_side(augment)
+    estimate = len(dataset) * dataset.channels * side * side * (1 if square else 2)  # 4:3 images cut to a short side
+    if cache_dir is None or estimate > CACHE_LIMIT_BYTES:
+        why = "no run folder" if cache_dir is None else f"over {CACHE_LIMIT_BYTES:,} bytes"
+        return None, {"cache": None, "no_cache": why}
+    # a square cache holds the pipeline's resized images, so it resizes with the pipeline's filter
+    interpolation = augment.interpolation if square else T.InterpolationMode.BILINEAR
+    t = time.perf_counter()
+    cache = Uint8Cache(cache_dir, dataset.items, side, square, dataset.channels, device, interpolation=interpolation)
+    build_s = time.perf_counter() - t  # decoding every image once (or mapping the file of an earlier run)
+    record = {"file": str(cache.data_path), "side": side, "square": square, "decoded": cache.decoded}
+    return cache, {"cache": {**record, "build_s": round(build_s, 3)}}
+
+
+def choose_eval_input(
+    dataset: Dataset,
+    train_record: dict[str, Any],
+    device: torch.device | str,
+    cache_dir: Path | None = None,
+    channels_last: bool = False,
+) -> tuple[Dataset, dict[str, Any]]:
+    """The validation dataset ``fit`` evaluates each epoch, on the tensor path when the training set took it.
+
+    Why: on a GPU the PIL path decodes and resizes the validation images on the CPU every epoch, so validation is
+    CPU-bound however fast the model runs. The evaluation transform of ``build_transform`` is a plain resize of the
+    whole image to the model's square size (no centre crop), ``ToTensor`` and ``Normalize``: here the same steps on
+    tensors (``tensor_augment`` reads them from the dataset's own pipeline), with the images resized once into a
+    square uint8 cache at the model's size when there is a run folder, so later epochs only copy and normalise.
+    Nothing random is drawn, so the training draws are those of the PIL path's validation.
+
+    Args:
+        dataset: the validation dataset built by the modality.
+        train_record: ``choose_input``'s record for the training set: the tensor path only where it says ``gpu``.
+        device: the training device.
+        cache_dir: where the uint8 cache may live (the run's ``cache/images``); None decodes every epoch.
+        channels_last: the model's convolutions run channels-last, as for ``choose_input``.
+
+    Returns:
+        The dataset to evaluate (a ``TensorImageDataset`` or ``dataset`` itself) and the keys to add to the input
+        record: ``val`` (``tensor``, or ``pil: REASON``) and, on the tensor path, ``val_cache`` (as ``cache``) or
+        ``val_no_cache``; nothing when the training set took the PIL path, whose record stays as it was.
+    """
+    from transferkit.data.images import ImageDataset
+
+    if train_record.get("path") != "gpu":
+        return dataset, {}
+    if not isinstance(dataset, ImageDataset):
+        return dataset, {"val": f"pil: not an image dataset ({type(dataset).__name__})"}
+    found, why = tensor_augment(dataset.transform)
+    if found is None:
+        return dataset, {"val": f"pil: {why}"}
+    if found.random:  # an evaluation that draws would shift the training draws of the epochs after it
+        return dataset, {"val": "pil: the validation transform is random (crop or flip); evaluation has none"}
+    device = torch.device(device)
+    augment = dataclasses.replace(found, channels_last=channels_last)
+    cache, cache_record = _cache_for(dataset, augment, device, cache_dir)
+    record = {"val": "tensor", "val_cache": cache_record["cache"]}
+    if "no_cache" in cache_record:
+        record["val_no_cache"] = cache_record["no_cache"]
+    chosen = TensorImageDataset(dataset.items, dataset.labels, augment, dataset.channels, device, cache, prefetch=False)
+    return chosen, record

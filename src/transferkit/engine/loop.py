@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from transferkit.config import TrainConfig
-from transferkit.data.gpu_images import TensorImageDataset, choose_input
+from transferkit.data.gpu_images import TensorImageDataset, choose_eval_input, choose_input
 from transferkit.engine.fold import folded_for_pass
 from transferkit.engine.objective import ClassificationObjective
 from transferkit.engine.plan import TrainPlan, set_train_mode
@@ -491,6 +491,9 @@ def fit(
         cache_dir = paths.metrics_log.parent / "cache" / "images" if paths is not None else None
         # the tensor path's batches follow the model's layout (conv_layout made it channels-last if it convolves)
         train_set, input_record = choose_input(train_set, input_path, device, cache_dir, model in _CHANNELS_LAST)
+        # the validation set follows the training set onto the tensor path (no record change when it stays on PIL)
+        val_set, val_record = choose_eval_input(val_set, input_record, device, cache_dir, model in _CHANNELS_LAST)
+        input_record.update(val_record)
         checkpointing = set_gradient_checkpointing(model, cfg.gradient_checkpointing, device)
         runner: nn.Module = wrapped
         if cfg.compile:  # the step runs the compiled module; saving, validation and unwrap see the plain one
