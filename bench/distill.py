@@ -186,16 +186,14 @@ def one_seed(seed: int, out: Path, runs: dict[str, dict[str, dict[str, Any]]]) -
 
 
 def combine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of several results files joined per seed (each file gives its runs; a run in two files is an error)."""
+    """The rows of several results files joined per seed (each file gives its runs; a run in several files is taken
+    from the last of them, e.g. a later command that added entries to it)."""
     seeds = [[r["seed"] for r in res["rows"]] for res in results]
     if any(s != seeds[0] for s in seeds):
         raise SystemExit(f"--combine: the files hold other seeds: {seeds}")
     rows: list[dict[str, Any]] = [{"seed": s} for s in seeds[0]]
     for res in results:
         for row, theirs in zip(rows, res["rows"], strict=True):
-            twice = (set(row) & set(theirs)) - {"seed"}
-            if twice:
-                raise SystemExit(f"--combine: run(s) {sorted(twice)} in two files")
             row.update(theirs)
     return rows
 
@@ -223,7 +221,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for n in out
         if n in ("lite0:kd", "lite0:fixmatch", "lite2:lite0-kd") or n.startswith(("lite0:noisy", "lite2:lite0-noisy"))
     ]
-    if pool:
+    if pool:  # max keeps the first of equals: a tie goes to the configuration listed first (the cheaper one)
         out["pool:lite0_student_chosen_on_val"] = max(pool, key=lambda n: out[n]["val"]["mean"])
     return out
 
