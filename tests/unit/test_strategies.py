@@ -526,3 +526,21 @@ def test_delta_on_a_text_encoder_compares_hidden_states(tmp_path):
     assert delta(target, inputs=batch).item() == pytest.approx(2.0 / 2 * 0.25, rel=1e-5)
     with pytest.raises(ValueError, match="without attention"):
         Delta(source.backbone, layers, {}, 1.0, 0.0, attention=True, attention_batch=(batch, torch.tensor([0, 1])))
+
+
+def test_unwrap_sees_through_compile_and_ddp_wrappers_in_any_order() -> None:
+    """Penalties and objectives read parameters by name: a compiled (``_orig_mod``) or DDP-style (``module``)
+    wrapper, or both, must give back the model itself, so the names are the model's own."""
+    from transferkit.strategies.regularizers import unwrap
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to unwrap: the model as the ``module`` child
+        def __init__(self, module: torch.nn.Module):
+            super().__init__()
+            self.module = module
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    compiled = torch.compile(model)  # lazy: nothing compiles until it is called
+    assert [n for n, _ in compiled.named_parameters()] == ["_orig_mod.0.weight", "_orig_mod.0.bias"]
+    for wrapped in (model, compiled, Wrapper(model), Wrapper(compiled), torch.compile(Wrapper(model))):
+        assert unwrap(wrapped) is model
+        assert [n for n, _ in unwrap(wrapped).named_parameters()] == ["0.weight", "0.bias"]

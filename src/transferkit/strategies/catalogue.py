@@ -23,7 +23,8 @@ from transferkit.strategies.regularizers import BSSConfig, DeltaConfig, L2SPConf
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _bn_modules(model: nn.Module, prefix: str = "") -> list[str]:
+def bn_modules(model: nn.Module, prefix: str = "") -> list[str]:
+    """The names of the BatchNorm modules of ``model`` under ``prefix`` (``backbone.``: the backbone's)."""
     return [n for n, m in model.named_modules() if isinstance(m, _BN) and n.startswith(prefix)]
 
 
@@ -41,7 +42,7 @@ def _modules_all_frozen(model: nn.Module, trainable: set[str]) -> list[str]:
 
 def _frozen_bn(model: SourceModel, trainable: set[str], train_bn: bool) -> list[str]:
     """BatchNorm modules held in eval mode: all in the backbone unless ``train_bn``, else those in frozen parts."""
-    return _bn_modules(model, "backbone.") if not train_bn else _modules_all_frozen(model, trainable)
+    return bn_modules(model, "backbone.") if not train_bn else _modules_all_frozen(model, trainable)
 
 
 def _layer_lrs(groups: list[tuple[str, list[str]]], lr: float, backbone_lr: float) -> list[ParamGroup]:
@@ -272,7 +273,7 @@ def bitfit_plan(model: SourceModel, cfg: BitFitConfig, train: TrainConfig) -> Tr
         ParamGroup("biases", biases, train.lr * cfg.backbone_lr_scale, weight_decay=0.0),
         ParamGroup("head", head_params(model), train.lr),
     ]
-    return TrainPlan(groups, frozen_modules=_bn_modules(model, "backbone."))
+    return TrainPlan(groups, frozen_modules=bn_modules(model, "backbone."))
 
 
 STRATEGIES.register("bitfit", help="train only the backbone's biases and the new head")(

@@ -37,8 +37,8 @@ from transferkit.models.base import SourceModel
 from transferkit.strategies import STRATEGIES
 from transferkit.strategies.base import ParamGroup, TrainPlan
 from transferkit.strategies.basic import backbone_params, head_params
-
-_BN = (nn.modules.batchnorm._BatchNorm,)
+from transferkit.strategies.catalogue import bn_modules
+from transferkit.strategies.regularizers import unwrap
 
 
 def pair_cosine_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,12 +65,10 @@ def pair_cosine_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def _source_model(model: nn.Module) -> SourceModel:
     """The SourceModel inside what the loop runs (a DDP wrapper, a compiled module, or the model itself)."""
-    inner: Any = model
-    for _ in range(4):
-        if isinstance(inner, SourceModel):
-            return inner
-        inner = inner._orig_mod if hasattr(inner, "_orig_mod") else getattr(inner, "module", None)
-    raise TypeError(f"the contrastive objective trains a SourceModel (backbone + head), got {type(model).__name__}")
+    inner = unwrap(model)
+    if not isinstance(inner, SourceModel):
+        raise TypeError(f"the contrastive objective trains a SourceModel (backbone + head), got {type(model).__name__}")
+    return inner
 
 
 class ContrastiveObjective(nn.Module):
@@ -157,7 +155,7 @@ def contrastive_plan(model: SourceModel, cfg: ContrastiveConfig, train: TrainCon
             "not combine with; leave train.regularizer out, or choose a strategy that trains by cross-entropy"
         )
     head_lr = cfg.head_lr if cfg.head_lr is not None else train.lr
-    batch_norms = [n for n, m in model.named_modules() if isinstance(m, _BN) and n.startswith("backbone.")]
+    batch_norms = bn_modules(model, "backbone.")
     pairs = TrainPlan(
         [
             ParamGroup("backbone", backbone_params(model), cfg.encoder_lr),

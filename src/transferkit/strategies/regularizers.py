@@ -19,8 +19,14 @@ from transferkit.specs import parse_spec
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP (or similar) wrapper."""
-    return getattr(model, "module", model)
+    """The module inside its wrappers: DDP's (``module``) and ``torch.compile``'s (``_orig_mod``), in any order, so
+    what reads parameters by name sees the model's own names (``backbone.x``, not ``_orig_mod.backbone.x``)."""
+    inner = model
+    while True:
+        wrapped = next((inner._modules[k] for k in ("_orig_mod", "module") if inner._modules.get(k) is not None), None)
+        if wrapped is None:
+            return inner
+        inner = wrapped
 
 
 @dataclass
