@@ -491,9 +491,7 @@ class Uint8Cache:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         """Image ``i`` as a uint8 ``(C, H, W)`` CPU tensor (a copy: the map is read-only)."""
-        shape = self.shapes[i]
-        start = int(self.offsets[i])
-        return torch.from_numpy(np.array(self._data[start : start + int(np.prod(shape))]).reshape(shape))
+        return self.load([i])[0]
 
     def load(self, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Images ``indices`` on ``device`` with one copy: their bytes gathered into one buffer (pinned for a GPU,
@@ -566,16 +564,15 @@ class TensorImageDataset(Dataset):
             return self.cache.load(indices, self.device), [self.cache.sources[int(i)] for i in indices]
         return decode_jpegs([self.items[int(i)] for i in indices], self.device, self.channels), None
 
-    def images(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        """The uint8 images of ``indices`` on the device (see ``load``)."""
-        return self.load(indices)[0]
-
     def _augmented(
-        self, indices: Sequence[int], loaded: tuple[list[torch.Tensor], Any]
+        self, indices: Sequence[int], loaded: tuple[list[torch.Tensor], Any], labels_on: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of ``indices`` from their ``load``-ed images: the inputs augmented on the device, the labels
+        on ``labels_on`` (None: the device)."""
         images, sources = loaded
         x = self.augment(images, self.generator, sources)
-        return x, self.labels[torch.as_tensor(list(indices), dtype=torch.long)].to(self.device)
+        labels = self.labels[torch.as_tensor(list(indices), dtype=torch.long)]
+        return x, labels.to(labels_on or self.device)
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._augmented(indices, self.load(indices))
@@ -619,8 +616,7 @@ class TensorImageDataset(Dataset):
         instead of ``__getitem__`` once per example: so ``engine.loop.evaluate_model`` runs the tensor path a batch at
         a time with no change. The inputs are on the device; the labels stay on the CPU, where the PIL path's loader
         gives them and where the metrics gather the logits."""
-        images, sources = self.load(indices)
-        return self.augment(images, self.generator, sources), self.labels[torch.as_tensor(list(indices))]
+        return self._augmented(indices, self.load(indices), labels_on=torch.device("cpu"))
 
     @staticmethod
     def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
